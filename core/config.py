@@ -1,0 +1,224 @@
+"""The run configuration: attrs classes with a default for every key, read from TOML.
+
+A run's config is resolved from the defaults, then ``--config FILE.toml``, then each
+``--set section.key=value``; the result is written to the run folder as ``config.toml``,
+and passing that file back with ``--config`` repeats the run. Plugins declare their own
+attrs config class, read from ``[plugins.<name>]`` with the same strict converter.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import cattrs
+import tomli_w
+from cattrs.v import format_exception
+
+from core.errors import ConfigError
+
+T = TypeVar("T")
+
+
+@attrs.define
+class RunSection:
+    """What to run: task, strategies, length and seed."""
+
+    task: str = "dem_sr"
+    plugins: list[str] = attrs.Factory(list)
+    epochs: int = 8
+    seed: int = 0
+    out: str = ""
+    """Run folder; empty: ``runs/<task>-<timestamp>``."""
+
+
+@attrs.define
+class DataSection:
+    """Where tiles come from and how they are batched."""
+
+    dir: str = ""
+    """A folder of GeoTIFFs; empty: the embedded GLOBE default (cut on first use)."""
+    scale: int = 3
+    tile_size: int = 48
+    """HR tile size in pixels when cutting the embedded default."""
+    val_fraction: float = 0.2
+    batch_size: int = 10
+    num_workers: int = 0
+    strict: bool = False
+    """Stop at the first bad tile instead of skipping it with a warning."""
+
+
+@attrs.define
+class ModelSection:
+    """RCAN-DEM size (a preset, with optional overrides) and its norm layers."""
+
+    preset: str = "small"
+    norm: str = attrs.field(default="none", validator=attrs.validators.in_(("none", "batch")))
+    """``none`` (RCAN's default) or ``batch``, which gives ``domain_bn`` layers to swap."""
+    n_resgroups: int = 0
+    n_resblocks: int = 0
+    n_feats: int = 0
+    """Overrides of the preset; 0 keeps the preset's value."""
+
+
+@attrs.define
+class LossSection:
+    """Base weights of the five DEM loss components (the seed's ``moderate`` profile)."""
+
+    elevation: float = 1.0
+    gradient: float = 0.5
+    curvature: float = 0.2
+    edge: float = 0.2
+    spectral: float = 0.1
+
+
+@attrs.define
+class OptimSection:
+    """AdamW with a per-step schedule."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str = attrs.field(
+        default="cosine", validator=attrs.validators.in_(("cosine", "constant"))
+    )
+    """``cosine`` (to 1% of ``lr`` at the last step) or ``constant``."""
+    warmup_steps: int = 0
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    accumulation_steps: int = 1
+
+
+@attrs.define
+class TrainSection:
+    """How the loop runs: precision, checkpoints, progress and logging."""
+
+    mixed_precision: str = attrs.field(
+        default="no", validator=attrs.validators.in_(("no", "bf16", "fp16"))
+    )
+    """``no``, ``bf16`` or ``fp16`` (Accelerate's names)."""
+    cpu: bool = False
+    """Force the CPU even when an accelerator is present."""
+    max_steps_per_epoch: int = 0
+    """Stop each epoch after this many optimizer steps; 0 runs the whole epoch."""
+    checkpoint_every: int = 1
+    """Write the checkpoint every this many epochs (and always after the last)."""
+    progress: str = attrs.field(
+        default="auto", validator=attrs.validators.in_(("auto", "always", "never"))
+    )
+    """``auto`` (a bar when stderr is a terminal), ``always`` or ``never``."""
+    tensorboard: bool = False
+    max_nonfinite_steps: int = 5
+    """Stop after this many consecutive steps with a non-finite loss (each one is skipped)."""
+
+
+@attrs.define
+class Config:
+    """The whole run. Every key has a default; ``plugins`` holds raw per-plugin sections."""
+
+    run: RunSection = attrs.Factory(RunSection)
+    data: DataSection = attrs.Factory(DataSection)
+    model: ModelSection = attrs.Factory(ModelSection)
+    loss: LossSection = attrs.Factory(LossSection)
+    optim: OptimSection = attrs.Factory(OptimSection)
+    train: TrainSection = attrs.Factory(TrainSection)
+    plugins: dict[str, dict[str, Any]] = attrs.Factory(dict)
+
+
+def _strict(kind: type, accepts: tuple[type, ...]) -> Any:
+    """A structure hook that refuses silent coercion ("3" -> 3, 3.7 -> 3, 1 -> "1")."""
+
+    def structure(value: Any, _: type) -> Any:
+        if isinstance(value, bool) and kind is not bool:
+            raise TypeError(f"expected {kind.__name__}, got a boolean")
+        if not isinstance(value, accepts):
+            raise TypeError(f"expected {kind.__name__}, got {type(value).__name__} {value!r}")
+        return kind(value)
+
+    return structure
+
+
+def _make_converter() -> cattrs.Converter:
+    converter = cattrs.Converter(forbid_extra_keys=True)
+    converter.register_structure_hook(int, _strict(int, (int,)))
+    converter.register_structure_hook(float, _strict(float, (int, float)))
+    converter.register_structure_hook(bool, _strict(bool, (bool,)))
+    converter.register_structure_hook(str, _strict(str, (str,)))
+    return converter
+
+
+converter = _make_converter()
+
+
+def _describe(error: BaseException, kind: type | None) -> str:
+    """Our hooks' and attrs validators' own messages say more than cattrs' generic ones."""
+    if isinstance(error, TypeError | ValueError) and error.args:
+        return str(error.args[0])
+    return format_exception(error, kind)
+
+
+def structure(raw: dict[str, Any], cls: type[T], where: str) -> T:
+    """Build ``cls`` from ``raw``; errors name the key (``where.key``) and the expected type."""
+    try:
+        return converter.structure(raw, cls)
+    except Exception as error:  # cattrs raises exception groups; flatten them into one message
+        problems = cattrs.transform_error(error, path=where, format_exception=_describe)
+        raise ConfigError("; ".join(problems)) from None
+
+
+def unstructure(value: Any) -> Any:
+    return converter.unstructure(value)
+
+
+def parse_override(assignment: str) -> tuple[list[str], Any]:
+    """Split ``section.key=value``; the value is read as TOML, else taken as a string."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set expects section.key=value, got {assignment!r}")
+    path = key.strip().split(".")
+    if len(path) < 2 or not all(path):
+        raise ConfigError(f"--set key {key!r} must name a section and a key, e.g. data.batch_size")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return path, value
+
+
+def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: {part!r} is a value, not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
+
+
+def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the TOML file, then ``--set`` overrides, checked key by key."""
+    tree = read_toml(path) if path else {}
+    for assignment in overrides:
+        key_path, value = parse_override(assignment)
+        _set_path(tree, key_path, value)
+    plugin_sections = tree.get("plugins", {})
+    if not isinstance(plugin_sections, dict) or not all(
+        isinstance(section, dict) for section in plugin_sections.values()
+    ):
+        raise ConfigError("config: [plugins] must hold one table per plugin, [plugins.<name>]")
+    return structure(tree, Config, "config")
+
+
+def dump_config(config: Config, path: Path) -> None:
+    """Write the resolved config as TOML (every key, so the file alone repeats the run)."""
+    Path(path).write_text(tomli_w.dumps(unstructure(config)))

@@ -1,0 +1,88 @@
+"""What every hook receives as ``ctx``: the run's state, shared by the trainer and plugins."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import torch
+
+from core.terrain import TERRAINS
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from torch import nn
+
+    from core.config import Config
+    from core.plugins import PluginManager
+    from core.tasks import Task
+
+
+@attrs.define(eq=False)
+class StepInfo:
+    """The optimizer step being computed, seen from any of its micro-batches.
+
+    Counts cover every micro-batch of the step on every process, so a plugin can weight a
+    sample by its terrain's share of the whole step (``balanced_grad``) without
+    communicating itself.
+    """
+
+    terrain_counts: torch.Tensor
+    """``[len(TERRAINS)]`` float tensor: samples of each terrain in the step, all processes."""
+    micro_batch: int
+    num_micro_batches: int
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.terrain_counts.sum().item())
+
+
+@attrs.define(eq=False)
+class RunContext:
+    """The run as plugins see it. Fields marked 'set by the trainer' change as it proceeds."""
+
+    config: Config
+    accelerator: Accelerator
+    task: Task
+    plugins: PluginManager
+    run_dir: Path
+    total_epochs: int
+    model: nn.Module | None = None
+    """The trained model as Accelerate prepared it (possibly a DDP wrapper); set by the trainer."""
+    train_dataset: Any = None
+    epoch: int = 0
+    """Current 1-based epoch; set by the trainer."""
+    global_step: int = 0
+    """Optimizer steps taken so far; set by the trainer."""
+    step: StepInfo | None = None
+    """The step being computed; set by the trainer before each micro-batch."""
+    terrains: tuple[str, ...] = TERRAINS
+    _logged: dict[str, list[float]] = attrs.field(factory=lambda: defaultdict(list))
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    def plugin_config(self, name: str) -> Any:
+        """The config instance of the active plugin ``name``."""
+        return self.plugins.config(name)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward through Accelerate (mixed-precision scaling, DDP gradient sync)."""
+        self.accelerator.backward(loss)
+
+    def log(self, key: str, value: float) -> None:
+        """Record a scalar; its mean over the epoch (this process) enters ``metrics.jsonl``."""
+        self._logged[key].append(float(value))
+
+    def pop_logged(self) -> dict[str, float]:
+        """Epoch means of everything logged since the last call, then forget them."""
+        means = {key: sum(values) / len(values) for key, values in self._logged.items() if values}
+        self._logged.clear()
+        return means

@@ -1,0 +1,162 @@
+"""The hooks a training strategy can implement, grouped by when the trainer calls them.
+
+Two kinds of hook:
+
+- **exclusive** hooks (declared ``firstresult=True``) have at most one provider among the
+  active plugins. Two active plugins implementing one is a start-up error naming both; with
+  none, the task's built-in behaviour runs.
+- **composable** hooks run once per implementing plugin, in the order given to ``--plugins``.
+  Hooks that receive a value and may return a replacement (``configure_model``,
+  ``epoch_indices``, ``loss_weights``) form a chain: each plugin receives what the previous
+  one returned (``None`` means "unchanged").
+
+Every hook receives ``ctx``, the :class:`core.context.RunContext` of the run: config,
+accelerator, task, epoch, the current optimizer step and each plugin's own config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pluggy
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from core.context import RunContext
+
+PROJECT = "terraplug"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+Batch = dict[str, Any]
+
+
+# --- set-up --------------------------------------------------------------------------------
+
+
+@hookspec
+def configure_model(model: nn.Module, ctx: RunContext) -> nn.Module | None:
+    """Model surgery, once, before the optimizer is built and Accelerate wraps the model.
+
+    Composable chain. Return a replacement module, or ``None`` after changing ``model`` in
+    place. New parameters created here are trained. Example: ``domain_bn`` swaps every
+    ``BatchNorm2d`` for a terrain-adaptive norm.
+    """
+
+
+@hookspec
+def setup(ctx: RunContext) -> None:
+    """Once, after model, data, optimizer and accelerator are ready, before the first epoch.
+
+    Composable. ``ctx.model``, ``ctx.train_dataset`` and ``ctx.total_epochs`` are set; on a
+    resumed run ``ctx.epoch`` is the epoch training resumes in.
+    """
+
+
+# --- sampling ------------------------------------------------------------------------------
+
+
+@hookspec
+def on_epoch_start(epoch: int, ctx: RunContext) -> None:
+    """At the start of every training epoch (1-based ``epoch``), before sampling. Composable."""
+
+
+@hookspec
+def epoch_indices(indices: np.ndarray, epoch: int, ctx: RunContext) -> np.ndarray | None:
+    """Choose which training samples take part in ``epoch``.
+
+    Composable chain over an int64 array of dataset indices (all of them for the first
+    plugin). Return the subset to keep, or ``None`` to keep all. Must be a pure function of
+    the config and ``epoch`` so every process agrees. Example: ``curriculum``.
+    """
+
+
+@hookspec(firstresult=True)
+def batch_plan(
+    dataset: Any, indices: np.ndarray, epoch: int, ctx: RunContext
+) -> Sequence[Sequence[int]] | None:
+    """The epoch's batches, as lists of dataset indices drawn from ``indices``.
+
+    Exclusive. Called once per epoch on every process with the same arguments; the result
+    must be a pure function of ``(ctx.config.run.seed, epoch)`` because the trainer gives
+    process ``r`` of ``n`` the batches ``r, r+n, ...``. ``dataset.terrains[i]`` is the
+    terrain index of sample ``i``. Default: a seeded shuffle cut into
+    ``data.batch_size`` batches. Example: ``stratified``.
+    """
+
+
+# --- one training step ---------------------------------------------------------------------
+
+
+@hookspec
+def route_batch(model: nn.Module, batch: Batch, ctx: RunContext) -> None:
+    """Before every forward pass, training and validation, with the batch on its device.
+
+    Composable. Lets a plugin route samples to domain-specific layers (``domain_bn`` tells
+    its norms the terrain of each sample). ``model.training`` tells the two apart.
+    """
+
+
+@hookspec(firstresult=True)
+def training_forward(model: nn.Module, batch: Batch, ctx: RunContext) -> torch.Tensor | None:
+    """Run the model on a training batch and return its per-sample, per-component losses.
+
+    Exclusive. Returns a ``[B, C]`` tensor, ``C = len(ctx.task.components)``. Default: the
+    task's own forward (for ``dem_sr``, RCAN-DEM on ``batch["lr"]`` scored against
+    ``batch["hr"]``). Generative models whose sampling blocks gradients provide one
+    (``teacher_forcing``, ``straight_through``, ...).
+    """
+
+
+@hookspec
+def loss_weights(weights: torch.Tensor, batch: Batch, ctx: RunContext) -> torch.Tensor | None:
+    """Weight each sample's loss components.
+
+    Composable chain over a ``[B, C]`` tensor that starts as the ``[loss]`` config weights
+    broadcast over the batch. Return the new weights or ``None``. The per-sample loss is
+    ``(weights * losses).sum(1)``. Example: ``terrain_loss``.
+    """
+
+
+@hookspec(firstresult=True)
+def backward(per_sample_loss: torch.Tensor, batch: Batch, ctx: RunContext) -> bool | None:
+    """Turn the ``[B]`` per-sample losses of one micro-batch into gradients.
+
+    Exclusive: it owns the backward objective. Called once per micro-batch; ``ctx.step``
+    holds the terrain counts of the whole optimizer step (all micro-batches, all processes).
+    Return ``True`` after calling ``ctx.backward`` (or writing ``.grad``) yourself. Default:
+    the sample mean over the whole step. Examples: ``balanced_grad``, ``pcgrad``.
+    """
+
+
+@hookspec
+def transform_gradients(model: nn.Module, ctx: RunContext) -> None:
+    """After the step's last backward and before clipping and ``optimizer.step()``.
+
+    Composable, in place on ``p.grad``. Gradients are already synchronised across processes
+    unless the plugin that owns ``backward`` keeps its own (``pcgrad`` combines here).
+    """
+
+
+# --- validation and epoch end ----------------------------------------------------------------
+
+
+@hookspec
+def validation_metrics(model: nn.Module, ctx: RunContext) -> dict[str, Any] | None:
+    """After the task's validation, on every process; return extra metrics or ``None``.
+
+    Composable; the returned keys are merged into the epoch's ``metrics.jsonl`` row
+    (a key the row already has is an error naming the plugin). Values must be JSON-able.
+    """
+
+
+@hookspec
+def on_epoch_end(epoch: int, metrics: dict[str, Any], ctx: RunContext) -> None:
+    """After the epoch's metrics row is complete and written, before its checkpoint.
+
+    Composable; ``metrics`` is read-only by convention. Use it to log, plot or adjust state.
+    """

@@ -1,0 +1,299 @@
+"""Finding, configuring and calling plugins.
+
+Built-in strategies are listed in :data:`plugins.BUILTIN_PLUGINS`; third-party ones come from
+the ``terraplug.plugins`` entry-point group (name = the name users type, value = a plugin
+class or a module of hook functions). Only the plugins named in ``--plugins`` are imported.
+
+Pluggy calls hook implementations in reverse registration order; composable hooks here run
+in ``--plugins`` order instead, and an exclusive hook with two providers is an error.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import warnings
+from collections.abc import Callable, Iterator
+from importlib.metadata import entry_points
+from types import ModuleType
+from typing import Any, ClassVar
+
+import attrs
+import pluggy
+
+from core import hookspecs
+from core.config import structure
+from core.errors import PluginError
+
+ENTRY_POINT_GROUP = "terraplug.plugins"
+BUILTIN = "built-in"
+
+
+@attrs.frozen
+class NoConfig:
+    """The config of a plugin without options: an empty ``[plugins.<name>]`` section."""
+
+
+class Plugin:
+    """Base class of strategy plugins: a name, an attrs ``Config`` and hook implementations.
+
+    The manager builds the plugin's config from ``[plugins.<name>]`` and passes it to
+    ``__init__``; hook methods are marked with :data:`core.hookspecs.hookimpl`.
+    """
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type] = NoConfig
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+
+@attrs.frozen
+class PluginSource:
+    """Where a plugin comes from, before it is imported."""
+
+    name: str
+    origin: str
+    """``built-in``, or the distribution that registered the entry point, with its version."""
+    target: str
+    """``module:attribute`` or ``module``."""
+
+    def load(self) -> type | ModuleType:
+        """Import the plugin; any failure becomes a PluginError naming the origin."""
+        module_name, _, attribute = self.target.partition(":")
+        try:
+            obj: Any = importlib.import_module(module_name)
+            for part in filter(None, attribute.split(".")):
+                obj = getattr(obj, part)
+        except Exception as error:
+            raise PluginError(
+                f"plugin {self.name!r} from {self.origin} ({self.target}) failed to load: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        return obj
+
+
+@attrs.frozen
+class ActivePlugin:
+    """A loaded, configured and registered plugin."""
+
+    name: str
+    origin: str
+    obj: Any
+    """The registered object: a Plugin instance or a module."""
+    config: Any
+
+    @property
+    def hooks(self) -> list[str]:
+        return implemented_hooks(self.obj)
+
+
+def builtin_sources() -> dict[str, PluginSource]:
+    from plugins import BUILTIN_PLUGINS
+
+    return {name: PluginSource(name, BUILTIN, target) for name, target in BUILTIN_PLUGINS.items()}
+
+
+def discover() -> dict[str, PluginSource]:
+    """All plugins a run can name: built-ins, then entry points (a name may appear once)."""
+    sources = builtin_sources()
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        dist = entry_point.dist
+        origin = f"{dist.name} {dist.version}" if dist else "an unknown distribution"
+        if entry_point.name in sources:
+            raise PluginError(
+                f"plugin name {entry_point.name!r} from {origin} is already taken by "
+                f"{sources[entry_point.name].origin}; rename the entry point"
+            )
+        sources[entry_point.name] = PluginSource(entry_point.name, origin, entry_point.value)
+    return sources
+
+
+def unknown_plugin_message(name: str, available: list[str]) -> str:
+    message = f"unknown plugin {name!r}."
+    close = difflib.get_close_matches(name, available, n=1)
+    if close:
+        message += f" Did you mean {close[0]!r}?"
+    return message + f" Available: {', '.join(sorted(available)) or 'none'}"
+
+
+def implemented_hooks(obj: Any) -> list[str]:
+    """Names of the hooks ``obj`` implements, in hook-spec order."""
+    return [
+        name
+        for name in hook_names()
+        if hasattr(getattr(obj, name, None), f"{hookspecs.PROJECT}_impl")
+    ]
+
+
+def hook_names() -> list[str]:
+    """Every hook spec, in the order ``core.hookspecs`` defines them."""
+    marker = f"{hookspecs.PROJECT}_spec"
+    return [name for name, value in vars(hookspecs).items() if hasattr(value, marker)]
+
+
+def summary(obj: Any) -> str:
+    """The first line of the plugin's docstring."""
+    doc = inspect.getdoc(obj) or ""
+    return doc.splitlines()[0] if doc else ""
+
+
+def instantiate(name: str, origin: str, loaded: type | ModuleType, raw: dict[str, Any]) -> Any:
+    """Configure a loaded plugin: a class gets its Config instance, a module is used as is."""
+    config_class = getattr(loaded, "Config", NoConfig)
+    config = structure(raw, config_class, f"plugins.{name}")
+    if isinstance(loaded, ModuleType):
+        return loaded, config
+    if not isinstance(loaded, type):
+        raise PluginError(f"plugin {name!r} from {origin} is neither a class nor a module")
+    return loaded(config), config
+
+
+class PluginManager:
+    """The active plugins of one run, in ``--plugins`` order, and the calls into them."""
+
+    def __init__(self, active: list[ActivePlugin]) -> None:
+        self.active = active
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        for plugin in active:
+            try:
+                self.pm.register(plugin.obj, name=plugin.name)
+            except pluggy.PluginValidationError as error:
+                raise PluginError(f"plugin {plugin.name!r} from {plugin.origin}: {error}") from None
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as error:
+            raise PluginError(f"{error} (no such hook; see docs/hooks.md)") from None
+        self._order = {id(plugin.obj): position for position, plugin in enumerate(active)}
+        self._names = {id(plugin.obj): plugin.name for plugin in active}
+        self._check_exclusive()
+
+    @classmethod
+    def from_names(
+        cls,
+        names: list[str],
+        plugin_configs: dict[str, dict[str, Any]] | None = None,
+        *,
+        strict: bool = False,
+    ) -> PluginManager:
+        """Load, configure and register ``names``; a broken third-party plugin is skipped
+        with a warning naming its distribution, or is fatal with ``strict``."""
+        plugin_configs = plugin_configs or {}
+        if len(set(names)) != len(names):
+            duplicates = sorted({name for name in names if names.count(name) > 1})
+            raise PluginError(f"plugin named twice in --plugins: {', '.join(duplicates)}")
+        sources = discover()
+        unknown = [name for name in names if name not in sources]
+        if unknown:
+            raise PluginError(unknown_plugin_message(unknown[0], list(sources)))
+        for section in plugin_configs:
+            if section not in names:
+                warnings.warn(
+                    f"[plugins.{section}] is configured but {section!r} is not active",
+                    stacklevel=2,
+                )
+        active = []
+        for name in names:
+            source = sources[name]
+            try:
+                loaded = source.load()
+            except PluginError as error:
+                if strict or source.origin == BUILTIN:
+                    raise
+                warnings.warn(f"{error}; skipped (use --strict-plugins to stop)", stacklevel=2)
+                continue
+            obj, config = instantiate(name, source.origin, loaded, plugin_configs.get(name, {}))
+            active.append(ActivePlugin(name, source.origin, obj, config))
+        return cls(active)
+
+    def _impls(self, hook: str) -> list[pluggy.HookImpl]:
+        impls = getattr(self.pm.hook, hook).get_hookimpls()
+        return sorted(impls, key=lambda impl: self._order[id(impl.plugin)])
+
+    def _check_exclusive(self) -> None:
+        for hook in self.exclusive_hooks():
+            providers = [impl.plugin_name for impl in self._impls(hook)]
+            if len(providers) > 1:
+                raise PluginError(
+                    f"plugins {' and '.join(repr(p) for p in providers)} both implement the "
+                    f"exclusive hook {hook!r}; activate only one of them"
+                )
+
+    def exclusive_hooks(self) -> list[str]:
+        return [
+            name
+            for name, caller in vars(self.pm.hook).items()
+            if isinstance(caller, pluggy.HookCaller) and caller.spec.opts.get("firstresult")
+        ]
+
+    def config(self, name: str) -> Any:
+        """The config instance of the active plugin ``name``."""
+        for plugin in self.active:
+            if plugin.name == name:
+                return plugin.config
+        raise KeyError(f"plugin {name!r} is not active")
+
+    def _calls(self, hook: str) -> Iterator[tuple[str, Callable[..., Any]]]:
+        for impl in self._impls(hook):
+            yield self._names[id(impl.plugin)], impl.function
+
+    def call(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
+        """Call a composable hook in ``--plugins`` order; returns (plugin name, result) pairs."""
+        return [(name, self._guarded(name, hook, fn, kwargs)) for name, fn in self._calls(hook)]
+
+    def chain(self, hook: str, value: Any, value_arg: str, **kwargs: Any) -> Any:
+        """Thread ``value`` through a composable hook; ``None`` from a plugin keeps it."""
+        for name, fn in self._calls(hook):
+            result = self._guarded(name, hook, fn, {value_arg: value, **kwargs})
+            if result is not None:
+                value = result
+        return value
+
+    def exclusive(self, hook: str, **kwargs: Any) -> Any:
+        """Call an exclusive hook's single provider; ``None`` when no active plugin has it."""
+        for name, fn in self._calls(hook):
+            return self._guarded(name, hook, fn, kwargs)
+        return None
+
+    def provider(self, hook: str) -> str | None:
+        """The name of the active plugin implementing an exclusive hook, if any."""
+        return next((name for name, _ in self._calls(hook)), None)
+
+    @staticmethod
+    def _guarded(name: str, hook: str, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+        """Call one implementation, labelling any exception with the plugin and the hook."""
+        try:
+            return fn(**kwargs)
+        except Exception as error:
+            error.add_note(f"raised by plugin {name!r} in hook {hook!r}")
+            raise
+
+
+def describe_all() -> list[dict[str, str]]:
+    """One row per discoverable plugin for ``--list-plugins``; broken ones say why."""
+    rows = []
+    for name, source in sorted(discover().items()):
+        try:
+            loaded = source.load()
+        except PluginError as error:
+            cause = error.__cause__
+            rows.append(
+                {
+                    "name": name,
+                    "origin": source.origin,
+                    "hooks": "-",
+                    "summary": f"BROKEN: {type(cause).__name__}: {cause}",
+                }
+            )
+            continue
+        rows.append(
+            {
+                "name": name,
+                "origin": source.origin,
+                "hooks": ", ".join(implemented_hooks(loaded)) or "-",
+                "summary": summary(loaded),
+            }
+        )
+    return rows

@@ -1,0 +1,119 @@
+"""``python -m core.run``: train with a chosen mix of strategy plugins.
+
+Exit status: 0 success, 2 usage or input error (the message names the bad key, file or
+plugin), 1 anything else (130 after an interruption that saved a checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from core.config import Config, load_config
+from core.errors import UsageError
+from core.plugins import PluginManager, describe_all
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m core.run",
+        description="Train a geospatial model with a mix of training-strategy plugins.",
+    )
+    parser.add_argument("--plugins", help="plugins to activate, in this order: a,b,c")
+    parser.add_argument("--list-plugins", action="store_true", help="list plugins and exit")
+    parser.add_argument("--task", help="dem_sr (default)")
+    parser.add_argument("--config", type=Path, help="a TOML config file")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config key (repeatable); the value is read as TOML",
+    )
+    parser.add_argument("--data", help="a folder of GeoTIFFs (default: the embedded GLOBE tiles)")
+    parser.add_argument("--epochs", type=int, help="shortcut for run.epochs")
+    parser.add_argument("--out", help="run folder (shortcut for run.out)")
+    parser.add_argument("--seed", type=int, help="shortcut for run.seed")
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR", help="continue a run")
+    parser.add_argument(
+        "--strict-plugins",
+        action="store_true",
+        help="stop when a third-party plugin fails to load instead of skipping it",
+    )
+    return parser
+
+
+def shortcut_overrides(args: argparse.Namespace) -> list[str]:
+    """The shortcut options as ``--set`` assignments (JSON scalars and lists are TOML)."""
+    pairs = {
+        "run.task": args.task,
+        "run.epochs": args.epochs,
+        "run.seed": args.seed,
+        "run.out": args.out,
+        "data.dir": args.data,
+        "run.plugins": None
+        if args.plugins is None
+        else [name.strip() for name in args.plugins.split(",") if name.strip()],
+    }
+    return [f"{key}={json.dumps(value)}" for key, value in pairs.items() if value is not None]
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    overrides = [*shortcut_overrides(args), *args.set]
+    if args.resume is None:
+        return load_config(args.config, overrides)
+    saved = args.resume / "config.toml"
+    if not (args.resume / "checkpoint.pt").is_file() or not saved.is_file():
+        raise UsageError(f"--resume {args.resume}: no checkpoint.pt and config.toml to resume")
+    if args.config:
+        raise UsageError("--resume uses the run's own config.toml; drop --config")
+    return load_config(saved, [*overrides, f"run.out={json.dumps(str(args.resume))}"])
+
+
+def list_plugins(strict: bool) -> int:
+    rows = describe_all()
+    headers = {"name": "name", "origin": "origin", "hooks": "hooks", "summary": "summary"}
+    widths = {key: max(len(row[key]) for row in [headers, *rows]) for key in headers}
+    for row in [headers, *rows]:
+        print("  ".join(row[key].ljust(widths[key]) for key in headers).rstrip())
+    broken = [row["name"] for row in rows if row["summary"].startswith("BROKEN")]
+    return EXIT_USAGE if strict and broken else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.list_plugins:
+            return list_plugins(args.strict_plugins)
+        config = resolve_config(args)
+        plugins = PluginManager.from_names(
+            config.run.plugins, config.plugins, strict=args.strict_plugins
+        )
+        from core.train import Interrupted, NonFiniteLossError, Trainer
+
+        trainer = Trainer(config, plugins, resume=args.resume is not None)
+        try:
+            trainer.fit()
+        except Interrupted as signal_name:
+            print(
+                f"{signal_name}: checkpoint saved; continue with "
+                f"python -m core.run --resume {trainer.run_dir}",
+                file=sys.stderr,
+            )
+            return EXIT_INTERRUPTED
+        except NonFiniteLossError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

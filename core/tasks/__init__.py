@@ -1,0 +1,51 @@
+"""Tasks: what is trained (data, model, losses, validation). Strategies are plugins."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+from torch import nn
+
+from core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from core.config import Config
+    from core.context import RunContext
+
+Batch = dict[str, Any]
+
+
+class Task(Protocol):
+    """The contract between the trainer and a task such as ``dem_sr``."""
+
+    name: str
+    components: tuple[str, ...]
+    """Names of the per-sample loss components, the columns of ``training_forward``'s result."""
+
+    def build_datasets(self, config: Config, ctx: RunContext) -> tuple[Any, Any]:
+        """Training and validation datasets; samples carry ``terrain`` and ``idx``."""
+
+    def build_model(self, config: Config) -> nn.Module:
+        """The model, on the CPU; the trainer places and wraps it."""
+
+    def forward_losses(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Per-sample, per-component training losses ``[B, len(components)]``."""
+
+    def validate(self, model: nn.Module, batches: Iterable[Batch], ctx: RunContext) -> dict:
+        """Metrics over this process's validation batches, reduced over all processes."""
+
+    def write_plots(
+        self, run_dir: Path, rows: list[dict], model: nn.Module, ctx: RunContext
+    ) -> None:
+        """The run folder's PNGs, on the main process after each epoch."""
+
+
+def get_task(name: str) -> Task:
+    if name == "dem_sr":
+        from core.tasks.dem_sr import DemSuperResolution
+
+        return DemSuperResolution()
+    raise ConfigError(f"run.task: unknown task {name!r}; available: dem_sr")

@@ -1,0 +1,120 @@
+"""DEM super-resolution: RCAN-DEM on GeoTIFF tiles labelled with five terrain categories."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from core.config import Config
+from core.context import RunContext
+from core.data.dataset import TileDataset, train_val_split
+from core.data.globe import ensure_globe_tiles
+from core.losses import COMPONENTS, dem_loss_components
+from core.metrics import ValidationAccumulator
+from core.models.rcan import build_rcan
+from core.plots import plot_hillshade_triptych, plot_loss_curves, plot_terrain_rmse
+from core.terrain import TERRAINS
+
+Batch = dict[str, Any]
+
+
+def base_loss_weights(config: Config) -> torch.Tensor:
+    """The ``[loss]`` section as a ``[C]`` tensor in ``COMPONENTS`` order."""
+    return torch.tensor([getattr(config.loss, name) for name in COMPONENTS])
+
+
+class DemSuperResolution:
+    """RCAN-DEM trained with the seed's five loss components, validated in metres."""
+
+    name = "dem_sr"
+    components = COMPONENTS
+
+    def build_datasets(self, config: Config, ctx: RunContext) -> tuple[TileDataset, TileDataset]:
+        data = config.data
+        with ctx.accelerator.main_process_first():
+            folder = (
+                Path(data.dir)
+                if data.dir
+                else ensure_globe_tiles(
+                    tile_size=data.tile_size, quiet=not ctx.accelerator.is_main_process
+                )
+            )
+            dataset = TileDataset.from_folder(folder, data.scale, strict=data.strict)
+        self.skipped = dataset.skipped
+        train, val = train_val_split(dataset, data.val_fraction, config.run.seed)
+        self.val_dataset = val
+        return train, val
+
+    def build_model(self, config: Config) -> nn.Module:
+        overrides = {
+            key: value
+            for key in ("n_resgroups", "n_resblocks", "n_feats")
+            if (value := getattr(config.model, key))
+        }
+        return build_rcan(config.model.preset, config.data.scale, config.model.norm, **overrides)
+
+    def forward_losses(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return dem_loss_components(model(batch["lr"]), batch["hr"], batch["mask"])
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module, batches: Iterable[Batch], ctx: RunContext) -> dict:
+        """RMSE/MAE in metres and slope RMSE in degrees, per terrain; ``val_loss`` uses the
+        base ``[loss]`` weights so runs with different weighting plugins stay comparable."""
+        weights = base_loss_weights(ctx.config).to(ctx.device)
+        accumulator = ValidationAccumulator()
+        loss_sum = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+        for batch in batches:
+            ctx.plugins.call("route_batch", model=model, batch=batch, ctx=ctx)
+            with ctx.accelerator.autocast():
+                pred = model(batch["lr"])
+            pred = pred.float()
+            losses = dem_loss_components(pred, batch["hr"], batch["mask"])
+            loss_sum += torch.stack(
+                [(losses @ weights).sum().double(), loss_sum.new_tensor(len(pred))]
+            )
+            accumulator.update(
+                pred, batch["hr"], batch["mask"], batch["mean"], batch["std"],
+                batch["terrain"], batch["cell_size"],
+            )  # fmt: skip
+        accumulator.reduce(lambda t: ctx.accelerator.reduce(t.to(ctx.device), "sum"))
+        loss_sum = ctx.accelerator.reduce(loss_sum, "sum")
+        return {"val_loss": float(loss_sum[0] / loss_sum[1].clamp(min=1)), **accumulator.summary()}
+
+    @torch.no_grad()
+    def write_plots(
+        self, run_dir: Path, rows: list[dict], model: nn.Module, ctx: RunContext
+    ) -> None:
+        plot_loss_curves(rows, run_dir / "loss_curves.png")
+        plot_terrain_rmse(rows[-1], run_dir / "terrain_rmse.png")
+        plot_hillshade_triptych(self._examples(model, ctx), run_dir / "hillshade.png")
+
+    def _examples(self, model: nn.Module, ctx: RunContext) -> dict[str, tuple]:
+        """The first validation tile of each terrain, in metres: (LR, prediction, HR, cell)."""
+        examples: dict[str, tuple] = {}
+        was_training = model.training
+        model.eval()
+        for terrain_id in np.unique(self.val_dataset.terrains):
+            position = int(np.flatnonzero(self.val_dataset.terrains == terrain_id)[0])
+            sample = self.val_dataset[position]
+            batch = {
+                key: value.unsqueeze(0).to(ctx.device) if torch.is_tensor(value) else [value]
+                for key, value in sample.items()
+            }
+            ctx.plugins.call("route_batch", model=model, batch=batch, ctx=ctx)
+            pred = model(batch["lr"]).float()[0, 0]
+            mean, std = sample["mean"].item(), sample["std"].item()
+            hr = (sample["hr"][0] * std + mean).numpy()
+            hr[~sample["mask"][0].numpy()] = np.nan
+            examples[TERRAINS[terrain_id]] = (
+                (sample["lr"][0] * std + mean).numpy(),
+                (pred.cpu() * std + mean).numpy(),
+                hr,
+                tuple(sample["cell_size"].tolist()),
+            )
+        model.train(was_training)
+        return examples

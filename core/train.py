@@ -1,0 +1,493 @@
+"""The training loop: Accelerate underneath, plugin hooks at every decision point.
+
+One optimizer step, as data flows through it::
+
+    batch_plan (hook) -> micro-batches -> route_batch (hook) -> training_forward (hook)
+      -> [B, C] losses x loss_weights (hook) -> backward (hook)
+      -> transform_gradients (hook) -> clip -> optimizer.step
+
+The trainer cuts each epoch's plan into per-process shares itself (process ``r`` of ``n``
+gets batches ``r, r+n, ...``), so a plan that is a pure function of (seed, epoch) gives
+every process its own tiles with no repeats, and no sampler needs ``set_epoch``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from core.config import Config, dump_config
+from core.context import RunContext, StepInfo
+from core.errors import UsageError
+from core.metrics import count_loss_spikes
+from core.plugins import PluginManager
+from core.tasks import get_task
+from core.terrain import TERRAINS
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive optimizer steps had a non-finite loss or gradient."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; the trainer saved a checkpoint before raising this."""
+
+
+def default_plan(indices: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """A shuffle seeded by (seed, epoch), cut into batches (the last may be short)."""
+    order = np.random.default_rng([seed, epoch]).permutation(indices)
+    return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
+
+def plan_statistics(plan: Sequence[np.ndarray], terrains: np.ndarray, active: np.ndarray) -> dict:
+    """Terrain counts of the batches run and how many lacked one of the epoch's terrains."""
+    counts = np.zeros(len(TERRAINS), dtype=np.int64)
+    missing = 0
+    for batch in plan:
+        present = np.bincount(terrains[batch], minlength=len(TERRAINS))
+        counts += present
+        missing += int(np.any(present[active] == 0))
+    return {
+        "terrain_counts": {TERRAINS[i]: int(n) for i, n in enumerate(counts) if n},
+        "batches_missing_a_terrain": missing,
+        "active_terrains": [TERRAINS[i] for i in active],
+    }
+
+
+def lr_at(config: Config, progress: float, step: int) -> float:
+    """Learning rate at ``progress`` in [0, 1] through the run (linear warm-up, then cosine)."""
+    optim = config.optim
+    warmup = min(1.0, (step + 1) / optim.warmup_steps) if optim.warmup_steps else 1.0
+    if optim.schedule == "constant":
+        return optim.lr * warmup
+    floor = 0.01 * optim.lr
+    return warmup * (floor + (optim.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {
+        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+    }
+
+
+def chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def atomic_write_bytes(path: Path, write: Any) -> None:
+    """Write through a temporary file and rename, so a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+class Trainer:
+    """Runs one configured training job in ``run_dir``."""
+
+    def __init__(self, config: Config, plugins: PluginManager, *, resume: bool = False) -> None:
+        self.config = config
+        self.resume = resume
+        self.accelerator = Accelerator(
+            mixed_precision=config.train.mixed_precision,
+            cpu=config.train.cpu,
+            log_with="tensorboard" if config.train.tensorboard else None,
+        )
+        run_dir = self.run_dir = self.resolve_run_dir()
+        self.accelerator.project_configuration.set_directories(str(run_dir))
+        self.ctx = RunContext(
+            config=config,
+            accelerator=self.accelerator,
+            task=get_task(config.run.task),
+            plugins=plugins,
+            run_dir=run_dir,
+            total_epochs=config.run.epochs,
+        )
+        self.rows: list[dict[str, Any]] = []
+        self.step_losses: list[float] = []
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self.stop_signal: int | None = None
+        self.partial: dict[int, tuple[torch.Tensor, list[float]]] = {}
+
+    # --- set-up ------------------------------------------------------------------------
+
+    def resolve_run_dir(self) -> Path:
+        """``run.out``, or a timestamped folder chosen by the main process and shared.
+
+        A folder that already holds a run is refused unless resuming: nothing is overwritten.
+        """
+        if self.config.run.out:
+            run_dir = Path(self.config.run.out)
+        else:
+            choice = [f"runs/{self.config.run.task}-{time.strftime('%Y%m%d-%H%M%S')}"]
+            run_dir = Path(broadcast_object_list(choice)[0])
+        if not self.resume and (run_dir / "metrics.jsonl").exists():
+            raise UsageError(
+                f"run folder {run_dir} already holds a run; continue it with --resume "
+                f"{run_dir} or choose another --out"
+            )
+        if self.accelerator.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        self.config.run.out = str(run_dir)
+        return run_dir
+
+    def setup(self) -> int:
+        """Build data, model and optimizer; returns the epoch to start from."""
+        config, ctx, accelerator = self.config, self.ctx, self.accelerator
+        set_seed(config.run.seed)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        train, val = ctx.task.build_datasets(config, ctx)
+        ctx.train_dataset, self.val_dataset = train, val
+        model = ctx.task.build_model(config)
+        model = ctx.plugins.chain("configure_model", model, "model", ctx=ctx)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay
+        )
+        self.model, self.optimizer = accelerator.prepare(model, optimizer)
+        ctx.model = self.model
+        start_epoch = 1
+        if self.resume:
+            start_epoch = self.load_checkpoint()
+        elif accelerator.is_main_process:
+            dump_config(config, self.run_dir / "config.toml")
+        ctx.epoch = start_epoch
+        if config.train.tensorboard:
+            accelerator.init_trackers("tensorboard")
+        ctx.plugins.call("setup", ctx=ctx)
+        self.report_setup(train, val)
+        return start_epoch
+
+    def report_setup(self, train: Any, val: Any) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        n_params = sum(p.numel() for p in self.model.parameters())
+        counts = np.bincount(train.terrains, minlength=len(TERRAINS))
+        names = ", ".join(p.name for p in self.ctx.plugins.active) or "none"
+        print(
+            f"terraplug: {self.ctx.task.name}, {n_params / 1e6:.2f} M parameters, "
+            f"{len(train)} training / {len(val)} validation tiles "
+            f"({', '.join(f'{t} {n}' for t, n in zip(TERRAINS, counts, strict=True) if n)}), "
+            f"plugins: {names}, {self.accelerator.num_processes} process(es) on "
+            f"{self.accelerator.device}, run folder {self.run_dir}",
+            flush=True,
+        )
+
+    # --- the loop ----------------------------------------------------------------------
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Train to ``run.epochs``; SIGINT/SIGTERM save a checkpoint and raise Interrupted."""
+        start_epoch = self.setup()
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in previous:
+            signal.signal(sig, self.request_stop)
+        try:
+            for epoch in range(start_epoch, self.config.run.epochs + 1):
+                self.ctx.epoch = epoch
+                row = self.run_epoch(epoch)
+                self.end_epoch(epoch, row)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        self.finish()
+        return self.rows
+
+    def epoch_plan(self, epoch: int) -> tuple[list[np.ndarray], dict]:
+        """Every process's batches for ``epoch`` and their statistics (identical everywhere)."""
+        ctx, config = self.ctx, self.config
+        dataset = ctx.train_dataset
+        indices = np.arange(len(dataset), dtype=np.int64)
+        indices = np.asarray(
+            ctx.plugins.chain("epoch_indices", indices, "indices", epoch=epoch, ctx=ctx),
+            dtype=np.int64,
+        )
+        if len(indices) == 0:
+            raise RuntimeError(f"epoch {epoch}: the epoch_indices hooks left no training tiles")
+        plan = ctx.plugins.exclusive(
+            "batch_plan", dataset=dataset, indices=indices, epoch=epoch, ctx=ctx
+        )
+        if plan is None:
+            plan = default_plan(indices, config.data.batch_size, config.run.seed, epoch)
+        plan = [np.asarray(batch, dtype=np.int64) for batch in plan if len(batch)]
+        world = ctx.world_size
+        per_step = world * config.optim.accumulation_steps
+        if config.train.max_steps_per_epoch:
+            plan = plan[: config.train.max_steps_per_epoch * per_step]
+        plan = plan[: len(plan) // world * world]  # every process runs the same number of batches
+        if not plan:
+            raise RuntimeError(
+                f"epoch {epoch}: fewer batches than processes ({world}); lower data.batch_size"
+            )
+        active = np.unique(dataset.terrains[indices])
+        return plan, plan_statistics(plan, dataset.terrains, active)
+
+    def run_epoch(self, epoch: int) -> dict[str, Any]:
+        ctx, config, accelerator = self.ctx, self.config, self.accelerator
+        started = time.perf_counter()
+        ctx.plugins.call("on_epoch_start", epoch=epoch, ctx=ctx)
+        plan, stats = self.epoch_plan(epoch)
+        local = plan[accelerator.process_index :: ctx.world_size]
+        steps = list(chunks(local, config.optim.accumulation_steps))
+        sums, epoch_losses = self.partial.pop(epoch, (None, []))
+        if sums is None:
+            sums = torch.zeros(2 + len(ctx.task.components), dtype=torch.float64)
+        done = len(epoch_losses)  # steps completed before an interruption, replayed from here
+        loader = DataLoader(
+            ctx.train_dataset,
+            batch_sampler=[batch.tolist() for step in steps[done:] for batch in step],
+            num_workers=config.data.num_workers,
+            pin_memory=accelerator.device.type == "cuda",
+        )
+        batches = iter(loader)
+        self.model.train()
+        bar = tqdm(
+            total=len(steps),
+            initial=done,
+            desc=f"epoch {epoch}/{config.run.epochs}",
+            disable=not self.show_progress(),
+            leave=False,
+        )
+        for step_index in range(done, len(steps)):
+            micro = [to_device(next(batches), accelerator.device) for _ in steps[step_index]]
+            progress = (epoch - 1 + step_index / len(steps)) / config.run.epochs
+            step_sums = self.optimizer_step(micro, progress)
+            sums += step_sums
+            loss = float(step_sums[0] / max(step_sums[1], 1))
+            epoch_losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.update()
+            if self.stop_signal is not None:
+                bar.close()
+                self.partial[epoch] = (sums, epoch_losses)
+                self.save_checkpoint(epoch - 1)
+                raise Interrupted(signal.Signals(self.stop_signal).name)
+        bar.close()
+        sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
+        count = max(float(sums[1]), 1.0)
+        row: dict[str, Any] = {"epoch": epoch, "train_loss": float(sums[0]) / count}
+        for i, component in enumerate(ctx.task.components):
+            row[f"train_loss_{component}"] = float(sums[2 + i]) / count
+        row.update(self.validate())
+        row.update(stats)
+        row.update(
+            lr=self.optimizer.param_groups[0]["lr"],
+            steps=len(steps),
+            loss_spikes=count_loss_spikes(self.step_losses + epoch_losses)
+            - count_loss_spikes(self.step_losses),
+            nonfinite_steps=self.nonfinite_total,
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        self.step_losses.extend(epoch_losses)
+        row.update(ctx.pop_logged())
+        for name, extra in ctx.plugins.call("validation_metrics", model=self.model, ctx=ctx):
+            clash = set(extra or {}) & set(row)
+            if clash:
+                raise RuntimeError(f"plugin {name!r} returned metric keys that exist: {clash}")
+            row.update(extra or {})
+        return row
+
+    def optimizer_step(self, micro: list[dict[str, Any]], progress: float) -> torch.Tensor:
+        """One optimizer step over ``micro``; returns local [loss sum, samples, component sums]."""
+        ctx, accelerator, model = self.ctx, self.accelerator, self.model
+        counts = torch.zeros(len(TERRAINS), device=accelerator.device)
+        for batch in micro:
+            counts += torch.bincount(batch["terrain"], minlength=len(TERRAINS)).float()
+        counts = accelerator.reduce(counts, "sum") if ctx.world_size > 1 else counts
+        base = torch.tensor(
+            [getattr(self.config.loss, c, 1.0) for c in ctx.task.components],
+            device=accelerator.device,
+        )
+        sums = torch.zeros(2 + len(ctx.task.components), dtype=torch.float64)
+        for index, batch in enumerate(micro):
+            ctx.step = StepInfo(counts, index, len(micro))
+            last = index == len(micro) - 1
+            with contextlib.nullcontext() if last else accelerator.no_sync(model):
+                ctx.plugins.call("route_batch", model=model, batch=batch, ctx=ctx)
+                losses = ctx.plugins.exclusive(
+                    "training_forward", model=model, batch=batch, ctx=ctx
+                )
+                if losses is None:
+                    losses = ctx.task.forward_losses(model, batch)
+                losses = losses.float()
+                weights = base.expand_as(losses).clone()
+                weights = ctx.plugins.chain(
+                    "loss_weights", weights, "weights", batch=batch, ctx=ctx
+                )
+                per_sample = (weights * losses).sum(1)
+                if not ctx.plugins.exclusive(
+                    "backward", per_sample_loss=per_sample, batch=batch, ctx=ctx
+                ):
+                    ctx.backward(per_sample.sum() * ctx.world_size / ctx.step.num_samples)
+            detached = per_sample.detach()
+            sums += torch.cat(
+                [detached.sum().reshape(1), detached.new_tensor([len(detached)]),
+                 losses.detach().sum(0)]
+            ).double().cpu()  # fmt: skip
+        ctx.plugins.call("transform_gradients", model=model, ctx=ctx)
+        if self.gradients_finite(sums):
+            if self.config.optim.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), self.config.optim.grad_clip)
+            lr = lr_at(self.config, progress, ctx.global_step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            self.optimizer.step()
+            ctx.global_step += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        return sums
+
+    def gradients_finite(self, sums: torch.Tensor) -> bool:
+        """Skip and count a step whose loss or gradient is not finite; stop after too many.
+
+        Gradients are synchronised by now, so every process reaches the same verdict.
+        """
+        finite = [p.grad.isfinite().all() for p in self.model.parameters() if p.grad is not None]
+        ok = bool(torch.stack(finite).all()) if finite else True
+        ok = ok and bool(torch.isfinite(sums[0]))
+        if ok:
+            self.nonfinite_in_a_row = 0
+            return True
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        limit = self.config.train.max_nonfinite_steps
+        if self.nonfinite_in_a_row >= limit:
+            raise NonFiniteLossError(
+                f"{limit} optimizer steps in a row had a non-finite loss or gradient "
+                f"(epoch {self.ctx.epoch}); lower optim.lr, enable optim.grad_clip, or check "
+                "the data for NaN/inf values"
+            )
+        return False
+
+    def validate(self) -> dict[str, Any]:
+        model = self.accelerator.unwrap_model(self.model)
+        model.eval()
+        val = self.val_dataset
+        rank, world = self.accelerator.process_index, self.ctx.world_size
+        share = list(range(rank, len(val), world))
+        loader = DataLoader(
+            val,
+            batch_sampler=list(chunks(share, self.config.data.batch_size)),
+            num_workers=self.config.data.num_workers,
+        )
+        batches = (to_device(batch, self.accelerator.device) for batch in loader)
+        metrics = self.ctx.task.validate(model, batches, self.ctx)
+        model.train()
+        return metrics
+
+    # --- epoch end, checkpoints --------------------------------------------------------
+
+    def end_epoch(self, epoch: int, row: dict[str, Any]) -> None:
+        ctx, accelerator = self.ctx, self.accelerator
+        self.rows.append(row)
+        if accelerator.is_main_process:
+            with open(self.run_dir / "metrics.jsonl", "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            self.print_epoch(row)
+            model = accelerator.unwrap_model(self.model)
+            ctx.task.write_plots(self.run_dir, self.rows, model, ctx)
+        if self.config.train.tensorboard:
+            scalars = {k: v for k, v in row.items() if isinstance(v, int | float)}
+            accelerator.log(scalars, step=epoch)
+        ctx.plugins.call("on_epoch_end", epoch=epoch, metrics=row, ctx=ctx)
+        every = self.config.train.checkpoint_every
+        if epoch % every == 0 or epoch == self.config.run.epochs:
+            self.save_checkpoint(epoch)
+
+    def print_epoch(self, row: dict[str, Any]) -> None:
+        by_terrain = " ".join(f"{t} {v:.1f}" for t, v in row["val_rmse_m_by_terrain"].items())
+        print(
+            f"epoch {row['epoch']}/{self.config.run.epochs}: train_loss {row['train_loss']:.4f} "
+            f"val_loss {row['val_loss']:.4f} val_rmse {row['val_rmse_m']:.2f} m "
+            f"({by_terrain}) spikes {row['loss_spikes']} {row['seconds']:.1f} s",
+            flush=True,
+        )
+
+    def save_checkpoint(self, completed_epoch: int) -> None:
+        """The last checkpoint, written atomically by the main process.
+
+        ``self.partial`` carries the loss sums of an epoch interrupted by a signal, so a
+        resumed run skips the finished steps and ends with the same metrics.
+        """
+        self.accelerator.wait_for_everyone()
+        if not self.accelerator.is_main_process:
+            return
+        state = {
+            "epoch": completed_epoch,
+            "partial": self.partial,
+            "global_step": self.ctx.global_step,
+            "model": self.accelerator.unwrap_model(self.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rows": self.rows,
+            "step_losses": self.step_losses,
+            "nonfinite_total": self.nonfinite_total,
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+            },
+        }
+        atomic_write_bytes(self.run_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+
+    def load_checkpoint(self) -> int:
+        """Restore everything :meth:`save_checkpoint` wrote; returns the epoch to run next."""
+        state = torch.load(self.run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
+        self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.partial = state["partial"]
+        self.rows = state["rows"]
+        self.step_losses = state["step_losses"]
+        self.nonfinite_total = state["nonfinite_total"]
+        self.ctx.global_step = state["global_step"]
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if self.accelerator.is_main_process:
+            with open(self.run_dir / "metrics.jsonl", "w") as handle:
+                handle.writelines(json.dumps(row) + "\n" for row in self.rows)
+        return state["epoch"] + 1
+
+    # --- signals, progress, end ----------------------------------------------------------
+
+    def request_stop(self, signum: int, _frame: Any) -> None:
+        """Signal handler: finish the current step, then checkpoint and stop."""
+        self.stop_signal = signum
+
+    def show_progress(self) -> bool:
+        mode = self.config.train.progress
+        if not self.accelerator.is_main_process or mode == "never":
+            return False
+        return mode == "always" or sys.stderr.isatty()
+
+    def finish(self) -> None:
+        if self.config.train.tensorboard:
+            self.accelerator.end_training()
+        if not self.accelerator.is_main_process:
+            return
+        summary = {
+            "epochs": len(self.rows),
+            "final": self.rows[-1] if self.rows else None,
+            "loss_spikes_total": sum(row["loss_spikes"] for row in self.rows),
+            "nonfinite_steps": self.nonfinite_total,
+            "skipped_tiles": [
+                {"path": path, "reason": reason}
+                for path, reason in getattr(self.ctx.task, "skipped", [])
+            ],
+        }
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

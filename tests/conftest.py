@@ -1,0 +1,60 @@
+"""Shared fixtures: procedural tiles and a fast training helper."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from accelerate.state import AcceleratorState, PartialState
+
+from core.config import load_config
+from core.plugins import ActivePlugin, PluginManager
+from core.train import Trainer
+
+FAST = [
+    "model.n_resgroups=1",
+    "model.n_resblocks=1",
+    "model.n_feats=8",
+    "data.batch_size=8",
+    "train.progress='never'",
+]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerator_state():
+    """Accelerate keeps process-wide singletons; each in-process run starts clean."""
+    yield
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture
+def train_run(tmp_path: Path, procedural_dir: Path) -> Callable[..., list[dict[str, Any]]]:
+    """Train in-process on procedural tiles with probe plugin objects; returns metric rows."""
+
+    def run(*plugin_objects: Any, out: str = "run", overrides: tuple[str, ...] = ()) -> list:
+        config = load_config(
+            None,
+            [
+                *FAST,
+                f"data.dir='{procedural_dir}'",
+                f"run.out='{tmp_path / out}'",
+                "run.epochs=2",
+                *overrides,
+            ],
+        )
+        active = [
+            ActivePlugin(getattr(obj, "name", type(obj).__name__), "test", obj, None)
+            for obj in plugin_objects
+        ]
+        Trainer(config, PluginManager(active)).fit()
+        return read_metrics(tmp_path / out)
+
+    return run

@@ -1,0 +1,73 @@
+"""Config: strict structuring, overrides, and the resolved file repeating a run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from core.config import Config, dump_config, load_config, parse_override
+from core.errors import ConfigError
+
+
+def test_every_key_has_a_default():
+    config = load_config()
+    assert config == Config()
+    assert config.run.task == "dem_sr" and config.data.batch_size >= 5
+
+
+def test_toml_then_overrides(tmp_path: Path):
+    path = tmp_path / "c.toml"
+    path.write_text('[run]\nepochs = 7\nplugins = ["a"]\n[data]\nbatch_size = 12\n')
+    config = load_config(path, ["data.batch_size=20", "optim.lr=0.5", "plugins.x.k=1"])
+    assert config.run.epochs == 7
+    assert config.run.plugins == ["a"]
+    assert config.data.batch_size == 20
+    assert config.optim.lr == 0.5
+    assert config.plugins == {"x": {"k": 1}}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("run.epoch=3", r"extra fields found \(epoch\) @ config.run"),
+        ("nosuch.key=1", r"extra fields found \(nosuch\) @ config"),
+        ('run.epochs="3"', r"expected int, got str '3' @ config.run.epochs"),
+        ("run.epochs=2.5", r"expected int, got float 2.5 @ config.run.epochs"),
+        ("data.strict=1", r"expected bool, got int 1 @ config.data.strict"),
+        ("loss.edge=true", r"expected float, got a boolean @ config.loss.edge"),
+        ("optim.schedule='linear'", r"'schedule' must be in .*'linear'"),
+        ("model.norm=layer", r"'norm' must be in"),
+        ("run.plugins=[1]", r"expected str.*config.run.plugins"),
+    ],
+)
+def test_bad_values_name_the_key_and_type(override: str, message: str):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_malformed_override_and_file(tmp_path: Path):
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, ["epochs"])
+    with pytest.raises(ConfigError, match="must name a section"):
+        load_config(None, ["epochs=3"])
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[run\n")
+    with pytest.raises(ConfigError, match=r"bad.toml is not valid TOML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="one table per plugin"):
+        load_config(None, ["plugins.stratified=3"])
+
+
+def test_override_value_parsing():
+    assert parse_override("a.b=3") == (["a", "b"], 3)
+    assert parse_override("a.b=plain words") == (["a", "b"], "plain words")
+    assert parse_override("a.b.c=[1, 2]") == (["a", "b", "c"], [1, 2])
+
+
+def test_resolved_config_round_trips(tmp_path: Path):
+    config = load_config(None, ["run.plugins=['x', 'y']", "plugins.x.scales={edge=2.0}"])
+    dump_config(config, tmp_path / "config.toml")
+    assert load_config(tmp_path / "config.toml") == config

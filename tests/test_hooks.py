@@ -1,0 +1,231 @@
+"""Every hook spec is exercised by a real training run with a probe plugin.
+
+``test_every_hook_has_a_test`` fails when a hook is added to ``core.hookspecs`` without a
+``test_hook_<name>`` here (as datasette does for its plugin hooks).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from core.hookspecs import hookimpl
+from core.plugins import hook_names
+from core.terrain import TERRAINS, terrain_index
+
+
+def test_every_hook_has_a_test():
+    module = sys.modules[__name__]
+    missing = [name for name in hook_names() if not hasattr(module, f"test_hook_{name}")]
+    assert not missing, f"hooks without a test: {missing}"
+
+
+def parameters_of(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_hook_configure_model(train_run):
+    class AddBias:
+        @hookimpl
+        def configure_model(self, model, ctx):
+            self.bias = nn.Parameter(torch.zeros(()))
+            model.register_parameter("probe_bias", self.bias)
+            forward = model.forward
+            model.forward = lambda x: forward(x) + model.probe_bias
+            return model
+
+    probe = AddBias()
+    train_run(probe)
+    assert probe.bias.item() != 0.0, "a parameter added by configure_model must be trained"
+
+
+def test_hook_setup(train_run):
+    class Setup:
+        calls: list = []
+
+        @hookimpl
+        def setup(self, ctx):
+            self.calls.append((ctx.model is not None, len(ctx.train_dataset), ctx.total_epochs))
+
+    probe = Setup()
+    train_run(probe)
+    assert len(probe.calls) == 1
+    has_model, n_train, epochs = probe.calls[0]
+    assert has_model and n_train > 0 and epochs == 2
+
+
+def test_hook_on_epoch_start(train_run):
+    class Starts:
+        epochs: list = []
+
+        @hookimpl
+        def on_epoch_start(self, epoch, ctx):
+            self.epochs.append((epoch, ctx.epoch))
+
+    probe = Starts()
+    train_run(probe, overrides=("run.epochs=3",))
+    assert probe.epochs == [(1, 1), (2, 2), (3, 3)]
+
+
+def test_hook_epoch_indices(train_run):
+    class OnlyFlat:
+        @hookimpl
+        def epoch_indices(self, indices, epoch, ctx):
+            terrains = ctx.train_dataset.terrains[indices]
+            return indices[terrains == terrain_index("flat")]
+
+    rows = train_run(OnlyFlat())
+    for row in rows:
+        assert row["active_terrains"] == ["flat"]
+        assert set(row["terrain_counts"]) == {"flat"}
+
+
+def test_hook_batch_plan(train_run):
+    class FixedPlan:
+        seen: list = []
+
+        @hookimpl
+        def batch_plan(self, dataset, indices, epoch, ctx):
+            return [indices[:3], indices[3:5]]
+
+        @hookimpl
+        def route_batch(self, model, batch, ctx):
+            if model.training:
+                self.seen.append(batch["idx"].tolist())
+
+    probe = FixedPlan()
+    rows = train_run(probe)
+    assert probe.seen == [[0, 1, 2], [3, 4]] * 2
+    assert all(row["steps"] == 2 for row in rows)
+
+
+def test_hook_route_batch(train_run):
+    class Router:
+        train_tiles: set = set()
+        val_tiles: set = set()
+
+        @hookimpl
+        def route_batch(self, model, batch, ctx):
+            assert batch["lr"].device == ctx.device
+            target = self.train_tiles if model.training else self.val_tiles
+            target.update(batch["tile_id"])
+
+    probe = Router()
+    train_run(probe)
+    assert probe.train_tiles and probe.val_tiles
+    assert not probe.train_tiles & probe.val_tiles, "validation tiles must not be trained on"
+
+
+def test_hook_training_forward(train_run):
+    class ConstantLoss:
+        @hookimpl
+        def training_forward(self, model, batch, ctx):
+            out = model(batch["lr"])
+            per_sample = out.mean(dim=(1, 2, 3)) * 0 + 2.0
+            return per_sample[:, None].expand(-1, len(ctx.task.components))
+
+    rows = train_run(ConstantLoss())
+    base = 1.0 + 0.5 + 0.2 + 0.2 + 0.1
+    assert rows[-1]["train_loss"] == pytest.approx(2.0 * base)
+    assert rows[-1]["train_loss_edge"] == pytest.approx(2.0)
+
+
+def test_hook_loss_weights(train_run):
+    class ElevationOnly:
+        @hookimpl
+        def loss_weights(self, weights, batch, ctx):
+            assert weights.shape == (len(batch["idx"]), len(ctx.task.components))
+            keep = torch.zeros_like(weights)
+            keep[:, 0] = 3.0
+            return keep
+
+    rows = train_run(ElevationOnly())
+    for row in rows:
+        assert row["train_loss"] == pytest.approx(3.0 * row["train_loss_elevation"], rel=1e-6)
+
+
+def test_hook_backward(train_run):
+    class NoBackward:
+        counts: list = []
+
+        @hookimpl
+        def setup(self, ctx):
+            self.before = parameters_of(ctx.model)
+            self.model = ctx.model
+
+        @hookimpl
+        def backward(self, per_sample_loss, batch, ctx):
+            assert per_sample_loss.shape == (len(batch["idx"]),)
+            self.counts.append((ctx.step.num_samples, len(batch["idx"])))
+            return True
+
+    probe = NoBackward()
+    train_run(probe)
+    assert all(total == size for total, size in probe.counts)
+    for before, after in zip(probe.before, parameters_of(probe.model), strict=True):
+        assert torch.equal(before, after), "without a backward pass nothing may change"
+
+
+def test_hook_transform_gradients(train_run):
+    class ZeroGradients:
+        @hookimpl
+        def setup(self, ctx):
+            self.before = parameters_of(ctx.model)
+            self.model = ctx.model
+
+        @hookimpl
+        def transform_gradients(self, model, ctx):
+            for p in model.parameters():
+                assert p.grad is not None
+                p.grad.zero_()
+
+    probe = ZeroGradients()
+    train_run(probe)
+    for before, after in zip(probe.before, parameters_of(probe.model), strict=True):
+        assert torch.equal(before, after)
+
+
+def test_hook_validation_metrics(train_run):
+    class Extra:
+        @hookimpl
+        def validation_metrics(self, model, ctx):
+            return {"probe_epoch": ctx.epoch}
+
+    rows = train_run(Extra())
+    assert [row["probe_epoch"] for row in rows] == [1, 2]
+
+
+def test_validation_metrics_may_not_overwrite(train_run):
+    class Clash:
+        @hookimpl
+        def validation_metrics(self, model, ctx):
+            return {"val_loss": 0.0}
+
+    with pytest.raises(RuntimeError, match="val_loss"):
+        train_run(Clash())
+
+
+def test_hook_on_epoch_end(train_run):
+    class Ends:
+        rows: list = []
+
+        @hookimpl
+        def on_epoch_end(self, epoch, metrics, ctx):
+            self.rows.append(dict(metrics))
+
+    probe = Ends()
+    rows = train_run(probe)
+    assert probe.rows == rows
+    for row in rows:
+        for key in (
+            "epoch", "train_loss", "val_loss", "val_rmse_m", "val_rmse_m_by_terrain",
+            "val_slope_rmse_deg_by_terrain", "terrain_counts", "batches_missing_a_terrain",
+            "active_terrains", "lr", "seconds",
+        ):  # fmt: skip
+            assert key in row
+        assert set(row["val_rmse_m_by_terrain"]) <= set(TERRAINS)
+        assert np.isfinite(row["val_rmse_m"])
