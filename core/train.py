@@ -430,6 +430,7 @@ class Trainer:
             return
         state = {
             "epoch": completed_epoch,
+            "lr_shape": tuple(self.ctx.train_dataset[0]["lr"].shape[-2:]),
             "partial": self.partial,
             "global_step": self.ctx.global_step,
             "model": self.accelerator.unwrap_model(self.model).state_dict(),

@@ -66,24 +66,18 @@ class DemSuperResolution:
         """RMSE/MAE in metres and slope RMSE in degrees, per terrain; ``val_loss`` uses the
         base ``[loss]`` weights so runs with different weighting plugins stay comparable."""
         weights = base_loss_weights(ctx.config).to(ctx.device)
-        accumulator = ValidationAccumulator()
-        loss_sum = torch.zeros(2, dtype=torch.float64, device=ctx.device)
+        accumulator = ValidationAccumulator(device=ctx.device)
         for batch in batches:
             ctx.plugins.call("route_batch", model=model, batch=batch, ctx=ctx)
             with ctx.accelerator.autocast():
-                pred = model(batch["lr"])
-            pred = pred.float()
+                pred = model(batch["lr"]).float()
             losses = dem_loss_components(pred, batch["hr"], batch["mask"])
-            loss_sum += torch.stack(
-                [(losses @ weights).sum().double(), loss_sum.new_tensor(len(pred))]
-            )
             accumulator.update(
                 pred, batch["hr"], batch["mask"], batch["mean"], batch["std"],
-                batch["terrain"], batch["cell_size"],
+                batch["terrain"], batch["cell_size"], loss=losses @ weights,
             )  # fmt: skip
-        accumulator.reduce(lambda t: ctx.accelerator.reduce(t.to(ctx.device), "sum"))
-        loss_sum = ctx.accelerator.reduce(loss_sum, "sum")
-        return {"val_loss": float(loss_sum[0] / loss_sum[1].clamp(min=1)), **accumulator.summary()}
+        accumulator.reduce(lambda t: ctx.accelerator.reduce(t, "sum"))
+        return accumulator.summary()
 
     @torch.no_grad()
     def write_plots(

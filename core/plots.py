@@ -1,0 +1,193 @@
+"""PNG plots for a run folder: loss curves, per-terrain errors and hillshade comparisons.
+
+Built on ``matplotlib.figure.Figure`` with the Agg canvas, never ``pyplot``: no global figure
+state, no GUI backend, safe to call from a training loop or a test.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from os import PathLike
+from typing import Any
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from core.losses import COMPONENTS
+from core.metrics import spike_steps
+from core.terrain import TERRAINS
+
+DPI = 110
+
+HillshadeExample = tuple[np.ndarray, np.ndarray, np.ndarray, tuple[float, float]]
+"""(LR input, prediction, truth) in metres and the HR cell size (dy, dx) in metres."""
+
+
+def _save(fig: Figure, path: str | PathLike[str]) -> None:
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=DPI)
+
+
+def _series(rows: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    """(epochs, values) for the rows that have a finite ``key``."""
+    points = [
+        (float(row.get("epoch", i + 1)), float(row[key]))
+        for i, row in enumerate(rows)
+        if isinstance(row.get(key), (int, float)) and math.isfinite(row[key])
+    ]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _log_if_positive(ax: Any, values: Sequence[float]) -> None:
+    """Log y when every value is positive: losses span decades and spikes stay readable."""
+    if values and min(values) > 0:
+        ax.set_yscale("log")
+
+
+def plot_loss_curves(rows: Sequence[Mapping[str, Any]], path: str | PathLike[str]) -> None:
+    """Per-epoch total and per-component losses; per-step losses with spikes, if present.
+
+    ``rows`` are ``metrics.jsonl`` objects. Panels: train/val total loss; each
+    ``train_loss_<component>`` (solid) and ``val_loss_<component>`` (dashed) that exists; and,
+    when rows carry ``step_losses`` (that epoch's per-step losses), the concatenated step
+    series with ``spike_steps`` marked.
+    """
+    steps = [float(v) for row in rows for v in row.get("step_losses", ())]
+    fig = Figure(figsize=(15 if steps else 10, 4.2), layout="constrained")
+    axes = fig.subplots(1, 3 if steps else 2)
+
+    ax = axes[0]
+    plotted: list[float] = []
+    for key, style in (("train_loss", "-o"), ("val_loss", "--s")):
+        epochs, values = _series(rows, key)
+        if values:
+            ax.plot(epochs, values, style, ms=3, label=key)
+            plotted += values
+    _log_if_positive(ax, plotted)
+    ax.set(title="total loss", xlabel="epoch", ylabel="loss")
+
+    ax = axes[1]
+    plotted = []
+    for i, component in enumerate(COMPONENTS):
+        for split, style in (("train", "-"), ("val", "--")):
+            epochs, values = _series(rows, f"{split}_loss_{component}")
+            if values:
+                ax.plot(epochs, values, style, color=f"C{i}", label=f"{split} {component}")
+                plotted += values
+    _log_if_positive(ax, plotted)
+    ax.set(title="loss components", xlabel="epoch")
+
+    if steps:
+        ax = axes[2]
+        ax.plot(steps, lw=0.8, color="C0", label="step loss")
+        spikes = spike_steps(steps)
+        finite_spikes = [s for s in spikes if math.isfinite(steps[s])]
+        ax.plot(
+            finite_spikes,
+            [steps[s] for s in finite_spikes],
+            "v",
+            color="C3",
+            label=f"spikes ({len(spikes)})",
+        )
+        _log_if_positive(ax, [v for v in steps if math.isfinite(v)])
+        ax.set(title="per-step loss", xlabel="step")
+
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def _terrain_order(names: Sequence[str]) -> list[str]:
+    """Known terrains in canonical order, then any others in first-seen order, each once."""
+    others = [name for name in dict.fromkeys(names) if name not in TERRAINS]
+    return [name for name in TERRAINS if name in names] + others
+
+
+def plot_terrain_rmse(row: Mapping[str, Any], path: str | PathLike[str]) -> None:
+    """Bars per terrain: elevation RMSE (and MAE, if present) in metres; slope RMSE in degrees."""
+    panels = (
+        ("elevation error (m)", ("val_rmse_m_by_terrain", "val_mae_m_by_terrain")),
+        ("slope RMSE (°)", ("val_slope_rmse_deg_by_terrain",)),
+    )
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, (title, keys) in zip(axes, panels, strict=True):
+        present = [k for k in keys if row.get(k)]
+        names = _terrain_order([name for key in present for name in row[key]])
+        width = 0.8 / max(1, len(present))
+        x = np.arange(len(names))
+        for j, key in enumerate(present):
+            values = [float(row[key].get(name, math.nan)) for name in names]
+            label = key.removeprefix("val_").removesuffix("_by_terrain")
+            bars = ax.bar(x + (j - (len(present) - 1) / 2) * width, values, width, label=label)
+            ax.bar_label(bars, fmt="%.2f", fontsize=7)
+        ax.set_xticks(x, names)
+        ax.set_title(title)
+        ax.grid(axis="y", alpha=0.3)
+        if present:
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+    if "epoch" in row:
+        fig.suptitle(f"validation by terrain, epoch {row['epoch']}")
+    _save(fig, path)
+
+
+def hillshade(dem_m: np.ndarray, cell_size: tuple[float, float]) -> np.ndarray:
+    """Lambertian hillshade in [0, 1], sun at azimuth 315°, altitude 45°, true (dy, dx) spacing.
+
+    Unlike ``LightSource.hillshade`` there is no per-image contrast stretch, so the panels of a
+    triptych are shaded on one scale. Rows run south, so north is minus the row direction.
+    """
+    dy, dx = cell_size
+    dz_drow, dz_dx = np.gradient(np.asarray(dem_m, dtype=np.float64), dy, dx)
+    dz_dnorth = -dz_drow
+    azimuth, altitude = np.deg2rad(315.0), np.deg2rad(45.0)
+    sun = np.array(
+        [np.cos(altitude) * np.sin(azimuth), np.cos(altitude) * np.cos(azimuth), np.sin(altitude)]
+    )
+    shade = (-dz_dx * sun[0] - dz_dnorth * sun[1] + sun[2]) / np.sqrt(1 + dz_dx**2 + dz_dnorth**2)
+    return np.clip(shade, 0.0, 1.0)
+
+
+def plot_hillshade_triptych(
+    examples: Mapping[str, HillshadeExample], path: str | PathLike[str]
+) -> None:
+    """One row per terrain: LR input, prediction and truth as hillshades, titled with RMSE.
+
+    Arrays are 2-D elevations in metres. The LR hillshade uses the HR cell size times the
+    scale (HR size / LR size), so all three show the same relief; the RMSE (prediction vs
+    truth, metres) skips non-finite pixels, which stay blank.
+    """
+    names = _terrain_order(list(examples))
+    fig = Figure(figsize=(9, 3 * max(1, len(names))), layout="constrained")
+    if not names:
+        fig.text(0.5, 0.5, "no examples", ha="center", va="center")
+        _save(fig, path)
+        return
+    axes = fig.subplots(len(names), 3, squeeze=False)
+    for row_axes, name in zip(axes, names, strict=True):
+        lr, pred, hr, (dy, dx) = examples[name]
+        scale_y, scale_x = hr.shape[0] / lr.shape[0], hr.shape[1] / lr.shape[1]
+        err = np.asarray(pred, dtype=np.float64) - np.asarray(hr, dtype=np.float64)
+        err = err[np.isfinite(err)]
+        rmse = math.sqrt(float(np.mean(err**2))) if err.size else math.nan
+        panels = (
+            ("input LR", hillshade(lr, (dy * scale_y, dx * scale_x))),
+            (f"prediction, RMSE {rmse:.2f} m", hillshade(pred, (dy, dx))),
+            ("truth", hillshade(hr, (dy, dx))),
+        )
+        # One grey stretch per row, from the truth: subdued relief stays visible, and the
+        # three panels stay comparable.
+        truth = panels[2][1][np.isfinite(panels[2][1])]
+        low, high = np.percentile(truth, [1, 99]) if truth.size else (0.0, 1.0)
+        low, high = min(low, high - 0.05), max(high, low + 0.05)
+        for ax, (label, shade) in zip(row_axes, panels, strict=True):
+            ax.imshow(shade, cmap="gray", vmin=low, vmax=high, interpolation="nearest")
+            ax.set_title(f"{name}: {label}", fontsize=9)
+            ax.set_axis_off()
+    _save(fig, path)
