@@ -108,6 +108,8 @@ class TrainSection:
         default="auto", validator=attrs.validators.in_(("auto", "always", "never"))
     )
     """``auto`` (a bar when stderr is a terminal), ``always`` or ``never``."""
+    plot_every: int = 0
+    """Redraw the run's PNGs every this many epochs; 0 draws them after the last epoch."""
     tensorboard: bool = False
     max_nonfinite_steps: int = 5
     """Stop after this many consecutive steps with a non-finite loss (each one is skipped)."""

@@ -51,6 +51,12 @@ class Interrupted(Exception):
     """SIGINT or SIGTERM arrived; the trainer saved a checkpoint before raising this."""
 
 
+def launched_without_gpus() -> bool:
+    """Several processes (``accelerate launch --multi_gpu``, ``torchrun``) but no GPU: use
+    the CPU with gloo, rather than each process training alone."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
 def default_plan(indices: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
     """A shuffle seeded by (seed, epoch), cut into batches (the last may be short)."""
     order = np.random.default_rng([seed, epoch]).permutation(indices)
@@ -88,6 +94,17 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     }
 
 
+def json_safe(value: Any) -> Any:
+    """NaN and inf become null, so metrics.jsonl is strict JSON for any reader."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
+
+
 def chunks(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -108,7 +125,7 @@ class Trainer:
         self.resume = resume
         self.accelerator = Accelerator(
             mixed_precision=config.train.mixed_precision,
-            cpu=config.train.cpu,
+            cpu=config.train.cpu or launched_without_gpus(),
             log_with="tensorboard" if config.train.tensorboard else None,
         )
         run_dir = self.run_dir = self.resolve_run_dir()
@@ -154,7 +171,6 @@ class Trainer:
         """Build data, model and optimizer; returns the epoch to start from."""
         config, ctx, accelerator = self.config, self.ctx, self.accelerator
         set_seed(config.run.seed)
-        torch.use_deterministic_algorithms(True, warn_only=True)
         train, val = ctx.task.build_datasets(config, ctx)
         ctx.train_dataset, self.val_dataset = train, val
         model = ctx.task.build_model(config)
@@ -395,13 +411,17 @@ class Trainer:
 
     def end_epoch(self, epoch: int, row: dict[str, Any]) -> None:
         ctx, accelerator = self.ctx, self.accelerator
+        row = json_safe(row)
         self.rows.append(row)
         if accelerator.is_main_process:
             with open(self.run_dir / "metrics.jsonl", "a") as handle:
                 handle.write(json.dumps(row) + "\n")
             self.print_epoch(row)
-            model = accelerator.unwrap_model(self.model)
-            ctx.task.write_plots(self.run_dir, self.rows, model, ctx)
+            every = self.config.train.plot_every
+            if epoch == self.config.run.epochs or (every and epoch % every == 0):
+                ctx.task.write_plots(
+                    self.run_dir, self.rows, accelerator.unwrap_model(self.model), ctx
+                )
         if self.config.train.tensorboard:
             scalars = {k: v for k, v in row.items() if isinstance(v, int | float)}
             accelerator.log(scalars, step=epoch)

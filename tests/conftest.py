@@ -11,6 +11,7 @@ import pytest
 from accelerate.state import AcceleratorState, PartialState
 
 from core.config import load_config
+from core.data.procedural import write_procedural_tiles
 from core.plugins import ActivePlugin, PluginManager
 from core.train import Trainer
 
@@ -58,3 +59,9 @@ def train_run(tmp_path: Path, procedural_dir: Path) -> Callable[..., list[dict[s
         return read_metrics(tmp_path / out)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def procedural_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Procedural tiles, 8 per terrain (48 x 48 at 30 m, UTM), written once per session."""
+    return write_procedural_tiles(tmp_path_factory.mktemp("procedural"))

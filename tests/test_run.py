@@ -1,0 +1,168 @@
+"""``python -m core.run`` end to end: run folder, exit codes, determinism, resume, processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.run import main
+from tests.conftest import FAST, read_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+REQUIRED_KEYS = {
+    "epoch", "train_loss", "val_loss", "val_rmse_m", "val_rmse_m_by_terrain",
+    "val_slope_rmse_deg_by_terrain", "terrain_counts", "batches_missing_a_terrain",
+    "active_terrains", "lr", "seconds",
+}  # fmt: skip
+
+
+def fast_args(data: Path, out: Path, *extra: str) -> list[str]:
+    args = ["--data", str(data), "--out", str(out), "--epochs", "2", *extra]
+    for assignment in FAST:
+        args += ["--set", assignment]
+    return args
+
+
+def without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def test_run_folder_contract(procedural_dir: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    assert main(fast_args(procedural_dir, out)) == 0
+    rows = read_metrics(out)
+    assert [row["epoch"] for row in rows] == [1, 2]
+    for row in rows:
+        assert REQUIRED_KEYS <= set(row)
+    for name in ("config.toml", "checkpoint.pt", "summary.json", "loss_curves.png",
+                 "terrain_rmse.png", "hillshade.png"):  # fmt: skip
+        assert (out / name).stat().st_size > 0, name
+
+
+def test_same_seed_same_metrics_and_config_repeats_run(procedural_dir: Path, tmp_path: Path):
+    assert main(fast_args(procedural_dir, tmp_path / "a", "--seed", "3")) == 0
+    assert main(fast_args(procedural_dir, tmp_path / "b", "--seed", "3")) == 0
+    repeat = ["--config", str(tmp_path / "a" / "config.toml"), "--out", str(tmp_path / "c")]
+    assert main(repeat) == 0
+    reference = without_timing(read_metrics(tmp_path / "a"))
+    assert without_timing(read_metrics(tmp_path / "b")) == reference
+    assert without_timing(read_metrics(tmp_path / "c")) == reference
+    assert main(fast_args(procedural_dir, tmp_path / "d", "--seed", "4")) == 0
+    assert without_timing(read_metrics(tmp_path / "d")) != reference
+
+
+def test_resume_continues_to_more_epochs(procedural_dir: Path, tmp_path: Path):
+    straight = tmp_path / "straight"
+    assert main(fast_args(procedural_dir, straight, "--epochs", "3")) == 0
+    resumed = tmp_path / "resumed"
+    assert main(fast_args(procedural_dir, resumed, "--epochs", "2")) == 0
+    assert main(["--resume", str(resumed), "--epochs", "3"]) == 0
+    assert without_timing(read_metrics(resumed)) == without_timing(read_metrics(straight))
+
+
+def test_existing_run_folder_is_not_overwritten(procedural_dir: Path, tmp_path: Path, capsys):
+    out = tmp_path / "run"
+    assert main(fast_args(procedural_dir, out)) == 0
+    before = (out / "metrics.jsonl").read_text()
+    assert main(fast_args(procedural_dir, out)) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--plugins", "no_such_plugin"], "unknown plugin 'no_such_plugin'"),
+        (["--set", "run.epoch=3"], "extra fields found (epoch) @ config.run"),
+        (["--set", "data.batch_size='ten'"], "expected int, got str 'ten'"),
+        (["--task", "segmentation"], "unknown task 'segmentation'"),
+        (["--data", "/no/such/folder"], "/no/such/folder"),
+        (["--resume", "/no/such/run"], "/no/such/run"),
+    ],
+)
+def test_usage_errors_exit_2_naming_the_problem(args, message, tmp_path, capsys):
+    assert main([*args, "--out", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_list_plugins_prints_name_origin_hooks_summary(capsys):
+    assert main(["--list-plugins"]) == 0
+    header = capsys.readouterr().out.splitlines()[0].split()
+    assert header == ["name", "origin", "hooks", "summary"]
+
+
+def run_cli(*args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def template_plugin_installed():
+    """pip-install the template third-party distribution for real, remove it afterwards."""
+    template = REPO / "entrypoints" / "terraplug-example"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run(
+        [*pip, "install", "--no-deps", "--no-build-isolation", str(template)],
+        check=True,
+        capture_output=True,
+    )
+    yield
+    subprocess.run([*pip, "uninstall", "-y", "terraplug-example"], check=True, capture_output=True)
+
+
+@pytest.mark.slow
+def test_template_plugin_installs_and_runs_by_name(
+    template_plugin_installed, procedural_dir: Path, tmp_path: Path
+):
+    listing = run_cli(sys.executable, "-m", "core.run", "--list-plugins")
+    assert listing.returncode == 0, listing.stderr
+    line = next(line for line in listing.stdout.splitlines() if line.startswith("component_scale"))
+    assert "terraplug-example 0.1.0" in line and "loss_weights" in line
+
+    out = tmp_path / "run"
+    args = fast_args(procedural_dir, out, "--plugins", "component_scale", "--epochs", "1")
+    result = run_cli(sys.executable, "-m", "core.run", *args, "--set",
+                     "plugins.component_scale.scales={edge=0.0, spectral=0.0}")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    config = (out / "config.toml").read_text()
+    assert "component_scale" in config and "spectral = 0.0" in config
+    row = read_metrics(out)[0]
+    weighted = 1.0 * row["train_loss_elevation"] + 0.5 * row["train_loss_gradient"]
+    weighted += 0.2 * row["train_loss_curvature"]
+    assert row["train_loss"] == pytest.approx(weighted, rel=1e-5)
+
+    bad = run_cli(sys.executable, "-m", "core.run", *fast_args(procedural_dir, tmp_path / "bad"),
+                  "--plugins", "component_scale", "--set",
+                  "plugins.component_scale.scales={edgy=2.0}")  # fmt: skip
+    assert bad.returncode == 2 and "edgy" in bad.stderr
+
+
+@pytest.mark.slow
+def test_two_process_accelerate_launch(procedural_dir: Path, tmp_path: Path):
+    out = tmp_path / "ddp"
+    accelerate = Path(sys.executable).with_name("accelerate")
+    result = run_cli(
+        str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "-m", "core.run", *fast_args(procedural_dir, out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    rows = read_metrics(out)
+    assert [row["epoch"] for row in rows] == [1, 2]
+    single = tmp_path / "single"
+    assert main(fast_args(procedural_dir, single)) == 0
+    # Both runs see the same plan; two processes split it and each runs half the steps.
+    for multi_row, single_row in zip(rows, read_metrics(single), strict=True):
+        plan_size = sum(single_row["terrain_counts"].values())
+        assert sum(multi_row["terrain_counts"].values()) <= plan_size
+        assert multi_row["steps"] == single_row["steps"] // 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 2
