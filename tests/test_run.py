@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -56,13 +58,37 @@ def test_same_seed_same_metrics_and_config_repeats_run(procedural_dir: Path, tmp
     assert without_timing(read_metrics(tmp_path / "d")) != reference
 
 
-def test_resume_continues_to_more_epochs(procedural_dir: Path, tmp_path: Path):
+def interrupt_after_first_epoch(args: list[str], sig: signal.Signals) -> int:
+    """Start a real run, send ``sig`` once epoch 1 is written, return its exit status."""
+    out = Path(args[args.index("--out") + 1])
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "core.run", *args], cwd=REPO, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().count("\n") >= 1:
+            process.send_signal(sig)
+            break
+        time.sleep(0.02)
+    process.wait(timeout=240)
+    return process.returncode
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT])
+def test_interrupted_run_resumes_to_the_same_metrics(procedural_dir, tmp_path, sig):
+    epochs = ["--epochs", "4"]
     straight = tmp_path / "straight"
-    assert main(fast_args(procedural_dir, straight, "--epochs", "3")) == 0
-    resumed = tmp_path / "resumed"
-    assert main(fast_args(procedural_dir, resumed, "--epochs", "2")) == 0
-    assert main(["--resume", str(resumed), "--epochs", "3"]) == 0
-    assert without_timing(read_metrics(resumed)) == without_timing(read_metrics(straight))
+    assert main(fast_args(procedural_dir, straight, *epochs)) == 0
+    interrupted = tmp_path / "interrupted"
+    status = interrupt_after_first_epoch(fast_args(procedural_dir, interrupted, *epochs), sig)
+    assert status == (-signal.SIGKILL if sig == signal.SIGKILL else 130)
+    assert len(read_metrics(interrupted)) < 4, "the run must really have been interrupted"
+    assert main(["--resume", str(interrupted)]) == 0
+    assert without_timing(read_metrics(interrupted)) == without_timing(read_metrics(straight))
 
 
 def test_existing_run_folder_is_not_overwritten(procedural_dir: Path, tmp_path: Path, capsys):
