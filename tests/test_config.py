@@ -47,7 +47,7 @@ def test_bad_values_name_the_key_and_type(override: str, message: str):
 
 
 def test_malformed_override_and_file(tmp_path: Path):
-    with pytest.raises(ConfigError, match="section.key=value"):
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
         load_config(None, ["epochs"])
     with pytest.raises(ConfigError, match="must name a section"):
         load_config(None, ["epochs=3"])

@@ -44,7 +44,9 @@ class KeepSame:
 
 def manager(*objs, names: list[str] | None = None) -> PluginManager:
     names = names or [type(o).__name__ for o in objs]
-    return PluginManager([ActivePlugin(n, "test", o, None) for n, o in zip(names, objs)])
+    return PluginManager(
+        [ActivePlugin(n, "test", o, None) for n, o in zip(names, objs, strict=True)]
+    )
 
 
 def chain_weights(pm: PluginManager) -> torch.Tensor:
