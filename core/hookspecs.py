@@ -137,8 +137,8 @@ def backward(per_sample_loss: torch.Tensor, batch: Batch, ctx: RunContext) -> bo
 def transform_gradients(model: nn.Module, ctx: RunContext) -> None:
     """After the step's last backward and before clipping and ``optimizer.step()``.
 
-    Composable, in place on ``p.grad``. Gradients are already synchronised across processes
-    unless the plugin that owns ``backward`` keeps its own (``pcgrad`` combines here).
+    Composable, in place on ``p.grad``. Gradients are final and synchronised across
+    processes: a ``backward`` plugin that keeps its own (``pcgrad``) writes them before this.
     """
 
 

@@ -4,4 +4,11 @@
 are imported only when their plugin is used or listed.
 """
 
-BUILTIN_PLUGINS: dict[str, str] = {}
+BUILTIN_PLUGINS: dict[str, str] = {
+    "stratified": "plugins.samplers.stratified:Stratified",
+    "curriculum": "plugins.samplers.curriculum:Curriculum",
+    "balanced_grad": "plugins.gradients.balanced_grad:BalancedGrad",
+    "pcgrad": "plugins.gradients.pcgrad:PCGrad",
+    "terrain_loss": "plugins.losses.terrain_loss:TerrainLoss",
+    "domain_bn": "plugins.norms.domain_bn:DomainBN",
+}

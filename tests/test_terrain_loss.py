@@ -1,0 +1,225 @@
+"""terrain_loss: every sample weighted with its own terrain's profile (seed Solution C)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from core.config import load_config
+from core.context import RunContext
+from core.errors import ConfigError
+from core.hookspecs import hookimpl
+from core.losses import COMPONENTS
+from core.plugins import ActivePlugin, PluginManager
+from core.tasks import get_task
+from core.terrain import TERRAINS, terrain_index
+from plugins.losses.terrain_loss import LOG_KEY, SEED_PROFILES, TerrainLoss
+
+MIXED = [4, 0, 2, 0, 3, 1, 2, 4]  # terrain labels of a mixed batch
+
+
+class DoubleEdge:
+    """Another loss_weights plugin: doubles the edge weight of every sample."""
+
+    name = "double_edge"
+
+    @hookimpl
+    def loss_weights(self, weights, batch, ctx):
+        doubled = weights.clone()
+        doubled[:, COMPONENTS.index("edge")] *= 2
+        return doubled
+
+
+def make_ctx(tmp_path: Path, overrides: list[str], extra: tuple = ()) -> RunContext:
+    """A real run context whose plugins are ``terrain_loss`` (configured by ``overrides``)
+    and the given plugin objects, in that order unless the objects come first."""
+    config = load_config(None, overrides)
+    names = config.run.plugins or ["terrain_loss"]
+    loaded = PluginManager.from_names(["terrain_loss"], config.plugins).active[0]
+    by_name = {
+        "terrain_loss": loaded,
+        **{o.name: ActivePlugin(o.name, "test", o, None) for o in extra},
+    }
+    manager = PluginManager([by_name[name] for name in names])
+    return RunContext(config, Accelerator(cpu=True), get_task("dem_sr"), manager, tmp_path, 1)
+
+
+def weights_for(ctx: RunContext, labels: list[int]) -> torch.Tensor:
+    """The trainer's loss_weights chain for a batch with these terrain labels."""
+    base = torch.tensor([getattr(ctx.config.loss, c) for c in COMPONENTS])
+    batch = {"terrain": torch.tensor(labels)}
+    return ctx.plugins.chain(
+        "loss_weights", base.expand(len(labels), -1).clone(), "weights", batch=batch, ctx=ctx
+    )
+
+
+def seed_weights(terrain: str, profiles: dict = SEED_PROFILES) -> torch.Tensor:
+    """The seed's lookup: ``terrain_weights.get(terrain_type, terrain_weights["moderate"])``."""
+    profile = profiles.get(terrain, profiles["moderate"])
+    return torch.tensor([profile[c] for c in COMPONENTS])
+
+
+def test_mixed_batch_gets_each_samples_own_profile(tmp_path):
+    ctx = make_ctx(tmp_path, [])
+    losses = torch.rand(len(MIXED), len(COMPONENTS))
+    per_sample = (weights_for(ctx, MIXED) * losses).sum(1)
+    # The seed's forward, once per sample with that sample's terrain as the batch's terrain.
+    expected = torch.stack(
+        [(seed_weights(TERRAINS[t]) * losses[i]).sum() for i, t in enumerate(MIXED)]
+    )
+    torch.testing.assert_close(per_sample, expected)
+    assert ctx.pop_logged() == {LOG_KEY: 0.0}
+
+
+def test_default_loss_section_is_the_moderate_profile(tmp_path):
+    """So moderate samples train exactly as without the plugin, in both modes."""
+    for mode in ("replace", "scale"):
+        ctx = make_ctx(tmp_path, [f"plugins.terrain_loss.mode='{mode}'"])
+        moderate = terrain_index("moderate")
+        base = torch.tensor([getattr(ctx.config.loss, c) for c in COMPONENTS])
+        torch.testing.assert_close(weights_for(ctx, [moderate, moderate]), base.expand(2, -1))
+
+
+def test_partial_profiles_keep_the_seed_values_they_do_not_list(tmp_path):
+    # The seed's default_v3.yaml terrain_loss_weights, written as TOML, plus one change.
+    toml = tmp_path / "terrain.toml"
+    toml.write_text(
+        "[plugins.terrain_loss.profiles.flat]\nelevation = 1.0\ngradient = 0.3\nedge = 0.1\n"
+        "[plugins.terrain_loss.profiles.extreme]\nelevation = 1.0\ngradient = 0.7\nedge = 0.9\n"
+    )
+    config = load_config(toml)
+    plugin = PluginManager.from_names(["terrain_loss"], config.plugins).active[0]
+    ctx = RunContext(
+        config, Accelerator(cpu=True), get_task("dem_sr"), PluginManager([plugin]), tmp_path, 1
+    )
+    expected_profiles = {**SEED_PROFILES, "extreme": {**SEED_PROFILES["extreme"], "edge": 0.9}}
+    expected = torch.stack([seed_weights(TERRAINS[t], expected_profiles) for t in MIXED])
+    torch.testing.assert_close(weights_for(ctx, MIXED), expected)
+
+
+def test_scale_mode_multiplies_the_incoming_weights_by_the_profile_ratio(tmp_path):
+    ctx = make_ctx(
+        tmp_path, ["plugins.terrain_loss.mode='scale'", "loss.edge=0.8", "loss.spectral=0.3"]
+    )
+    base = torch.tensor([getattr(ctx.config.loss, c) for c in COMPONENTS])
+    ratio = torch.stack([seed_weights(TERRAINS[t]) / seed_weights("moderate") for t in MIXED])
+    torch.testing.assert_close(weights_for(ctx, MIXED), base * ratio)
+
+
+@pytest.mark.parametrize("mode", ["replace", "scale"])
+def test_chained_with_another_loss_weights_plugin(tmp_path, mode):
+    edge = COMPONENTS.index("edge")
+    profiles = torch.stack([seed_weights(TERRAINS[t]) for t in MIXED])
+    base = torch.tensor([getattr(load_config().loss, c) for c in COMPONENTS])
+    expected = profiles if mode == "replace" else base * profiles / seed_weights("moderate")
+    doubled = expected.clone()
+    doubled[:, edge] *= 2
+    setting = f"plugins.terrain_loss.mode='{mode}'"
+
+    after = make_ctx(
+        tmp_path, [setting, "run.plugins=['terrain_loss', 'double_edge']"], (DoubleEdge(),)
+    )
+    after.plugins.call("setup", ctx=after)
+    torch.testing.assert_close(weights_for(after, MIXED), doubled)
+
+    before = make_ctx(
+        tmp_path, [setting, "run.plugins=['double_edge', 'terrain_loss']"], (DoubleEdge(),)
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        before.plugins.call("setup", ctx=before)
+    replaced = [
+        w for w in caught if "discards the loss weights set by double_edge" in str(w.message)
+    ]
+    if mode == "replace":  # the profile replaces what double_edge did, and says so at start-up
+        assert len(replaced) == 1
+        torch.testing.assert_close(weights_for(before, MIXED), expected)
+    else:  # multiplication commutes
+        assert not replaced
+        torch.testing.assert_close(weights_for(before, MIXED), doubled)
+
+
+def test_terrains_without_a_profile_fall_back_and_are_counted(tmp_path):
+    ctx = make_ctx(
+        tmp_path,
+        [
+            "plugins.terrain_loss.seed_profiles=false",
+            "plugins.terrain_loss.fallback='flat'",
+            "plugins.terrain_loss.profiles.alpine={edge=0.6}",
+        ],
+    )
+    labels = [terrain_index("alpine"), 7, terrain_index("flat"), terrain_index("extreme"), -1]
+    without_profile = [1, 3, 4]
+    with pytest.warns(UserWarning, match=r"no profile for label -1, extreme, label 7") as caught:
+        weights = weights_for(ctx, labels)
+    assert len(caught) == 1
+    torch.testing.assert_close(
+        weights[0],
+        seed_weights(
+            "alpine", {**SEED_PROFILES, "alpine": {**SEED_PROFILES["alpine"], "edge": 0.6}}
+        ),
+    )
+    for row in [2, *without_profile]:
+        torch.testing.assert_close(weights[row], seed_weights("flat"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: the next batch is quiet
+        weights_for(ctx, [terrain_index("desert"), terrain_index("alpine")])
+    assert ctx.pop_logged() == {LOG_KEY: (len(without_profile) + 1) / 2}
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("profiles.alpin={edge=0.3}", r"\(alpin\) @ plugins\.terrain_loss\.profiles$"),
+        ("profiles.alpine={edg=0.3}", r"\(edg\) @ plugins\.terrain_loss\.profiles\.alpine$"),
+        ("profiles.alpine={edge='x'}", r"str 'x' @ plugins\.terrain_loss\.profiles\.alpine\.edge"),
+        ("profiles.alpine={edge=-1.0}", r"'edge' must be >= 0.* @ plugins\.terrain_loss\.profiles"),
+        ("mode='scaled'", r"'mode' must be in .*'scaled'.* @ plugins\.terrain_loss"),
+        ("fallback='hills'", r"'fallback' must be in .*'hills'.* @ plugins\.terrain_loss"),
+        ("mod='scale'", r"\(mod\) @ plugins\.terrain_loss$"),
+    ],
+)
+def test_config_errors_name_the_key(setting, message):
+    config = load_config(None, [f"plugins.terrain_loss.{setting}"])
+    with pytest.raises(ConfigError, match=message):
+        PluginManager.from_names(["terrain_loss"], config.plugins)
+
+
+def test_scale_mode_needs_a_positive_reference_profile():
+    config = load_config(
+        None,
+        [
+            "plugins.terrain_loss.mode='scale'",
+            "plugins.terrain_loss.profiles.moderate={spectral=0.0}",
+        ],
+    )
+    with pytest.raises(ConfigError, match=r"plugins\.terrain_loss\.profiles\.moderate\.spectral"):
+        PluginManager.from_names(["terrain_loss"], config.plugins)
+
+
+def test_training_run_weights_every_sample_with_its_profile(train_run):
+    class Recorder:
+        name = "recorder"
+
+        def __init__(self) -> None:
+            self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+        @hookimpl
+        def loss_weights(self, weights, batch, ctx):
+            self.seen.append((batch["terrain"].cpu(), weights.detach().cpu()))
+
+    recorder = Recorder()
+    rows = train_run(TerrainLoss(TerrainLoss.Config()), recorder)
+    assert recorder.seen and all(math.isfinite(row["train_loss"]) for row in rows)
+    mixed = 0
+    for terrain, weights in recorder.seen:
+        expected = torch.stack([seed_weights(TERRAINS[t]) for t in terrain.tolist()])
+        torch.testing.assert_close(weights, expected)
+        mixed += len(terrain.unique()) > 1
+    assert mixed, "the default shuffle must have produced mixed batches"
+    assert all(row[LOG_KEY] == 0 for row in rows)
