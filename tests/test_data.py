@@ -20,7 +20,6 @@ from core.data.labels import (
     DEM_THRESHOLDS,
     REGIONS,
     SEED_REGIONS,
-    horn_slope_deg,
     label_from_dem,
     label_from_tile_id,
     label_tile,
@@ -28,7 +27,6 @@ from core.data.labels import (
 )
 from core.data.procedural import write_procedural_tiles
 from core.errors import DataError
-from core.metrics import horn_slope_deg as metrics_horn_slope_deg
 from core.terrain import TERRAINS, terrain_index
 
 UTM = "EPSG:32613"
@@ -367,12 +365,6 @@ def test_label_from_dem_ignores_regional_tilt_but_not_roughness() -> None:
         assert stats.mean_slope_deg < DEM_THRESHOLDS["alpine"][1]  # roughness decides
         assert stats.roughness_m == pytest.approx(amplitude / 2, rel=1e-6)
         assert label_from_dem(hills, (1000.0, 1000.0)) == category
-
-
-def test_numpy_horn_slope_matches_the_metrics_one() -> None:
-    z = rough_surface((20, 30))
-    expected = metrics_horn_slope_deg(z[None, None], (30.0, 20.0))[0, 0]
-    np.testing.assert_allclose(horn_slope_deg(z, 30.0, 20.0), expected, rtol=1e-10)
 
 
 def test_label_tile_reports_its_source() -> None:

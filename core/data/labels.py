@@ -23,6 +23,7 @@ import attrs
 import numpy as np
 
 from core.data.globe import GLOBE_REGIONS
+from core.metrics import horn_slope_deg
 from core.terrain import TERRAINS
 
 SEED_REGIONS: dict[str, str] = {
@@ -99,25 +100,10 @@ def terrain_stats(elevation_m: np.ndarray, cell_size: tuple[float, float]) -> Te
     plane = np.column_stack([rows * dy, cols * dx, np.ones(len(values))])
     coef, *_ = np.linalg.lstsq(plane, values, rcond=None)
     roughness = float(np.std(values - plane @ coef))
-    slope = horn_slope_deg(z, dy, dx)
+    slope = horn_slope_deg(z[None, None], (dy, dx))[0, 0]
     finite = np.isfinite(slope)
     mean_slope = float(slope[finite].mean()) if finite.any() else 0.0
     return TerrainStats(relief, roughness, mean_slope)
-
-
-def horn_slope_deg(z: np.ndarray, dy: float, dx: float) -> np.ndarray:
-    """Slope in degrees by Horn's (1981) 3x3 method on interior cells: [H, W] -> [H-2, W-2].
-
-    NumPy twin of ``core.metrics.horn_slope_deg`` (torch, for batches): labelling runs on
-    every tile while a dataset is built, where a per-tile torch call costs far more.
-    """
-    east = (z[:-2, 2:] + 2 * z[1:-1, 2:] + z[2:, 2:]) - (
-        z[:-2, :-2] + 2 * z[1:-1, :-2] + z[2:, :-2]
-    )
-    south = (z[2:, :-2] + 2 * z[2:, 1:-1] + z[2:, 2:]) - (
-        z[:-2, :-2] + 2 * z[:-2, 1:-1] + z[:-2, 2:]
-    )
-    return np.degrees(np.arctan(np.hypot(east / (8 * dx), south / (8 * dy))))
 
 
 def label_from_dem(elevation_m: np.ndarray, cell_size: tuple[float, float]) -> str:
