@@ -278,7 +278,7 @@ class DomainBNConfig:
     """Under several processes: ``global`` normalises with each terrain's statistics over all
     processes (exact, one all-reduce per layer in forward and one in backward); ``running``
     normalises with each process's own and combines only the running-statistics update (one
-    all-reduce per layer in forward; needed with ``pcgrad``)."""
+    all-reduce per layer in forward, none in backward)."""
 
 
 class DomainBN(Plugin):
@@ -299,14 +299,6 @@ class DomainBN(Plugin):
 
     @hookimpl
     def configure_model(self, model: nn.Module, ctx: RunContext) -> nn.Module | None:
-        active = [plugin.name for plugin in ctx.plugins.active]
-        if self.config.sync == "global" and ctx.world_size > 1 and "pcgrad" in active:
-            raise ConfigError(
-                'plugins.domain_bn.sync = "global" cannot run with pcgrad on several '
-                "processes: pcgrad's per-terrain backward passes differ between processes, so "
-                "the statistics' gradient all-reduces would not match (a crash or a hang); set "
-                'plugins.domain_bn.sync = "running"'
-            )
         if not swap_batchnorms(model, len(ctx.terrains), self.config.sync):
             raise ConfigError(
                 "plugin domain_bn found no nn.BatchNorm2d in the model to make "
