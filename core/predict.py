@@ -2,14 +2,16 @@
 
 The raster is processed in overlapping windows of the size the model was trained on, each
 normalised like a training tile, and blended with a tapered weight so window borders leave
-no seams. Rows of windows stream through a band buffer: reads and writes are windowed, so
-memory depends on the raster's width, not its size. Voids stay voids: an output pixel is
-nodata where its source pixel is.
+no seams. Rows of windows stream through a band buffer of one window's height: reads and
+writes are windowed, so memory depends on the raster's width, not its height. Voids stay
+voids: an output pixel is nodata where its source pixel is.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -17,6 +19,8 @@ import numpy as np
 import rasterio
 import torch
 from accelerate import Accelerator
+from affine import Affine
+from rasterio.errors import RasterioError
 from rasterio.windows import Window
 from torch import nn
 from tqdm.auto import tqdm
@@ -30,6 +34,7 @@ from core.terrain import TERRAINS, terrain_index
 from core.train import CHECKPOINT
 
 STD_FLOOR_M = 1.0
+"""As ``core.data.dataset.MIN_STD_M``: windows are normalised exactly like training tiles."""
 
 
 def load_trained_model(run_dir: Path, cpu: bool = False) -> tuple[nn.Module, RunContext, dict]:
@@ -44,17 +49,24 @@ def load_trained_model(run_dir: Path, cpu: bool = False) -> tuple[nn.Module, Run
     task = get_task(config.run.task)
     ctx = RunContext(config, accelerator, task, plugins, run_dir, config.run.epochs)
     model = plugins.chain("configure_model", task.build_model(config), "model", ctx=ctx)
-    state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+    except Exception as error:  # torch raises several types for a damaged file
+        raise UsageError(f"{checkpoint_path}: not a readable checkpoint ({error})") from None
     model.load_state_dict(state["model"])
     ctx.model = model.to(accelerator.device).eval()
     return ctx.model, ctx, {"scale": config.data.scale, "lr_shape": state["lr_shape"]}
 
 
 def taper(size: int, overlap: int) -> np.ndarray:
-    """1-D blending weight: a linear ramp over ``overlap`` pixels at each end, 1 inside."""
-    weight = np.ones(size, dtype=np.float32)
+    """1-D blending weight: a linear ramp over ``overlap`` pixels at each end, 1 inside.
+
+    Never zero, so every output pixel has weight, even at the raster's edge where only one
+    window covers it; low at a window's border, where a CNN's padding makes it least sure.
+    """
+    weight = np.ones(size, dtype=np.float64)
     if overlap:
-        ramp = (np.arange(overlap, dtype=np.float32) + 0.5) / overlap
+        ramp = (np.arange(overlap, dtype=np.float64) + 0.5) / overlap
         weight[:overlap] = np.minimum(weight[:overlap], ramp)
         weight[-overlap:] = np.minimum(weight[-overlap:], ramp[::-1])
     return weight
@@ -64,8 +76,7 @@ def window_starts(length: int, size: int, stride: int) -> list[int]:
     """Window origins covering ``[0, length)``; the last one is pulled back to fit."""
     if length <= size:
         return [0]
-    starts = list(range(0, length - size, stride))
-    return [*starts, length - size]
+    return [*range(0, length - size, stride), length - size]
 
 
 def normalise(window: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -77,12 +88,41 @@ def normalise(window: np.ndarray) -> tuple[np.ndarray, float, float]:
     return ((filled - mean) / std).astype(np.float32), mean, std
 
 
-def read_elevation(src: rasterio.DatasetReader, window: Window) -> np.ndarray:
-    """Band 1 in metres as float32, NaN where the raster has nodata or non-finite values."""
-    data = src.read(1, window=window, masked=True, boundless=False)
-    values = data.filled(np.nan).astype(np.float32)
-    values[~np.isfinite(values)] = np.nan
+def read_elevation(
+    src: rasterio.DatasetReader, window: Window | None = None, out_shape: tuple | None = None
+) -> np.ndarray:
+    """Band 1 as float32, NaN wherever the raster says nodata (value, mask, NaN) or inf.
+
+    Converted to float before masking: an int16/uint16 DEM cannot hold NaN.
+    """
+    try:
+        data = src.read(1, window=window, out_shape=out_shape, masked=True)
+    except RasterioError as error:
+        raise DataError(f"{src.name}: unreadable (truncated or damaged?): {error}") from None
+    values = data.data.astype(np.float32)
+    values[np.ma.getmaskarray(data) | ~np.isfinite(values)] = np.nan
+    if src.nodata is not None and np.isfinite(src.nodata):
+        values[values == np.float32(src.nodata)] = np.nan
     return values
+
+
+def open_dem(path: Path) -> rasterio.DatasetReader:
+    """Open a single-band, georeferenced raster; every problem is a DataError naming it."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        src = rasterio.open(path)
+    except RasterioError as error:
+        raise DataError(
+            f"{path}: not a readable GeoTIFF (truncated or not a raster): {error}"
+        ) from None
+    if src.count != 1:
+        src.close()
+        raise DataError(f"{path}: has {src.count} bands; an elevation raster needs exactly 1")
+    if src.crs is None:
+        src.close()
+        raise DataError(f"{path}: has no CRS, so the output could not be georeferenced")
+    return src
 
 
 class Predictor:
@@ -98,8 +138,10 @@ class Predictor:
         terrain: str,
         batch_size: int = 16,
     ) -> None:
-        if not 0 <= overlap < window // 2 + 1:
-            raise UsageError(f"--overlap {overlap} must be between 0 and half of --window {window}")
+        if window < 1:
+            raise UsageError(f"--window {window} must be at least 1")
+        if not 0 <= 2 * overlap < window:
+            raise UsageError(f"--overlap {overlap} must be >= 0 and less than half of {window}")
         self.model, self.ctx, self.scale = model, ctx, scale
         self.window, self.overlap, self.batch_size = window, overlap, batch_size
         self.terrain = terrain_index(terrain)
@@ -108,92 +150,104 @@ class Predictor:
 
     @torch.no_grad()
     def predict_windows(self, windows: list[np.ndarray]) -> list[np.ndarray]:
-        """Super-resolve equally sized LR windows (metres, NaN voids) in batches."""
-        outputs = []
-        for start in range(0, len(windows), self.batch_size):
-            chunk = [normalise(w) for w in windows[start : start + self.batch_size]]
-            device = self.ctx.device
-            lr = torch.from_numpy(np.stack([c[0] for c in chunk]))[:, None].to(device)
-            batch = {"lr": lr, "terrain": torch.full((len(chunk),), self.terrain, device=device)}
-            self.ctx.plugins.call("route_batch", model=self.model, batch=batch, ctx=self.ctx)
-            pred = self.model(lr)[:, 0].float().cpu().numpy()
-            outputs += [p * std + mean for p, (_, mean, std) in zip(pred, chunk, strict=True)]
-        return outputs
+        """Super-resolve equally sized LR windows (metres, NaN voids) in one batch."""
+        chunk = [normalise(w) for w in windows]
+        device = self.ctx.device
+        lr = torch.from_numpy(np.stack([c[0] for c in chunk]))[:, None].to(device)
+        batch = {"lr": lr, "terrain": torch.full((len(chunk),), self.terrain, device=device)}
+        self.ctx.plugins.call("route_batch", model=self.model, batch=batch, ctx=self.ctx)
+        pred = self.model(lr)[:, 0].float().cpu().numpy()
+        return [p * std + mean for p, (_, mean, std) in zip(pred, chunk, strict=True)]
 
     def run(self, src_path: Path, dst_path: Path, progress: bool = True) -> None:
-        try:
-            src = rasterio.open(src_path)
-        except rasterio.RasterioIOError as error:
-            raise DataError(f"{src_path}: not a readable raster ({error})") from None
-        with src:
-            if src.count != 1:
-                raise DataError(f"{src_path}: expected 1 band (a DEM), found {src.count}")
-            self._stream(src, dst_path, progress)
+        """Write the super-resolved raster through a temporary file, so a failure never
+        leaves a half-written ``dst_path``."""
+        tmp = dst_path.with_name(dst_path.name + ".partial")
+        with open_dem(src_path) as src:
+            nodata = src.nodata if src.nodata is not None and np.isfinite(src.nodata) else np.nan
+            try:
+                dst = rasterio.open(tmp, "w", **self._profile(src, nodata))
+            except RasterioError as error:
+                raise DataError(f"{dst_path}: cannot be written: {error}") from None
+            try:
+                with dst:
+                    self._stream(src, dst, nodata, progress)
+                os.replace(tmp, dst_path)
+            finally:
+                tmp.unlink(missing_ok=True)
 
-    def _stream(self, src: rasterio.DatasetReader, dst_path: Path, progress: bool) -> None:
-        s, size, stride = self.scale, self.window, self.window - 2 * self.overlap
-        height, width = src.height, src.width
-        nodata = src.nodata if src.nodata is not None and np.isfinite(src.nodata) else np.nan
-        profile = {
-            "driver": "GTiff", "height": height * s, "width": width * s, "count": 1,
+    def _profile(self, src: rasterio.DatasetReader, nodata: float) -> dict:
+        """Float32 (super-resolved elevations are fractional), the input's CRS and nodata."""
+        s = self.scale
+        height, width = src.height * s, src.width * s
+        block = 16 * math.ceil(min(256, max(height, width)) / 16)
+        return {
+            "driver": "GTiff", "height": height, "width": width, "count": 1,
             "dtype": "float32", "crs": src.crs, "nodata": nodata,
-            "transform": src.transform * src.transform.scale(1 / s),
-            "tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "deflate",
+            # output pixel (col, row) is input pixel (col / s, row / s): the input's bounds at
+            # 1/s of its cell size, whether the CRS counts in degrees or in metres
+            "transform": src.transform * Affine.scale(1 / s),
+            "tiled": True, "blockxsize": block, "blockysize": block,
+            "compress": "deflate", "predictor": 3, "BIGTIFF": "IF_SAFER",
         }  # fmt: skip
-        rows = window_starts(height, size, stride)
-        cols = window_starts(width, size, stride)
-        band_rows = min(size, height) * s
-        total = np.zeros((band_rows + stride * s, width * s), dtype=np.float64)
-        weights = np.zeros_like(total)
-        band_top = 0  # output row of total[0]
-        with rasterio.open(dst_path, "w", **profile) as dst:
-            for row in tqdm(rows, desc="windows", unit="row", disable=not progress):
-                lr_rows = min(size, height)
-                windows = [
-                    self._padded(read_elevation(src, Window(c, row, min(size, width), lr_rows)))
-                    for c in cols
-                ]
-                top = row * s - band_top
-                for col, pred in zip(cols, self.predict_windows(windows), strict=True):
-                    pred = pred[: lr_rows * s, : min(size, width) * s]
-                    weight = self.weight[: pred.shape[0], : pred.shape[1]]
-                    total[top : top + pred.shape[0], col * s : col * s + pred.shape[1]] += (
-                        pred * weight
-                    )
-                    weights[top : top + pred.shape[0], col * s : col * s + pred.shape[1]] += weight
-                next_top = rows[rows.index(row) + 1] * s if row != rows[-1] else height * s
-                done = next_top - band_top
-                self._write(src, dst, total[:done], weights[:done], band_top, nodata)
-                total = np.roll(total, -done, axis=0)
-                weights = np.roll(weights, -done, axis=0)
-                total[-done:] = 0
-                weights[-done:] = 0
-                band_top = next_top
 
-    def _padded(self, window: np.ndarray) -> np.ndarray:
-        """Reflect-pad a window smaller than the model's input (rasters smaller than it)."""
-        pad_y, pad_x = self.window - window.shape[0], self.window - window.shape[1]
-        if pad_y <= 0 and pad_x <= 0:
-            return window
-        return np.pad(window, ((0, max(pad_y, 0)), (0, max(pad_x, 0))), mode="symmetric")
-
-    def _write(
+    def _stream(
         self,
         src: rasterio.DatasetReader,
         dst: rasterio.io.DatasetWriter,
-        total: np.ndarray,
-        weights: np.ndarray,
-        top: int,
         nodata: float,
+        progress: bool,
     ) -> None:
-        """Write finished output rows, nodata wherever the source pixel is void."""
+        s, size, stride = self.scale, self.window, self.window - 2 * self.overlap
+        height, width = src.height, src.width
+        rows, cols = window_starts(height, size, stride), window_starts(width, size, stride)
+        lr_rows, lr_cols = min(size, height), min(size, width)
+        # The output rows of one row of windows; finished rows leave from the top.
+        total = np.zeros((lr_rows * s, width * s), dtype=np.float64)
+        weights = np.zeros_like(total)
+        weight = self.weight[: lr_rows * s, : lr_cols * s]
+        with tqdm(total=len(rows) * len(cols), unit="window", disable=not progress) as bar:
+            for i, row in enumerate(rows):
+                band = read_elevation(src, Window(0, row, width, lr_rows))
+                for start in range(0, len(cols), self.batch_size):
+                    batch_cols = cols[start : start + self.batch_size]
+                    windows = [self._padded(band[:, c : c + lr_cols]) for c in batch_cols]
+                    for col, pred in zip(batch_cols, self.predict_windows(windows), strict=True):
+                        span = slice(col * s, (col + lr_cols) * s)
+                        total[:, span] += pred[: lr_rows * s, : lr_cols * s] * weight
+                        weights[:, span] += weight
+                    bar.update(len(batch_cols))
+                # LR rows no later window touches: blend, mask and write them, then shift up
+                done = (rows[i + 1] if i + 1 < len(rows) else height) - row
+                out = self._finish(total[: done * s], weights[: done * s], band[:done], nodata)
+                dst.write(out, 1, window=Window(0, row * s, width * s, done * s))
+                for buffer in (total, weights):
+                    buffer[: -done * s] = buffer[done * s :]
+                    buffer[-done * s :] = 0
+
+    def _padded(self, window: np.ndarray) -> np.ndarray:
+        """Mirror-pad a window smaller than the model's input (rasters smaller than it)."""
+        pad_y, pad_x = self.window - window.shape[0], self.window - window.shape[1]
+        if pad_y == 0 and pad_x == 0:
+            return window
+        return np.pad(window, ((0, pad_y), (0, pad_x)), mode="symmetric")
+
+    def _finish(
+        self, total: np.ndarray, weights: np.ndarray, source: np.ndarray, nodata: float
+    ) -> np.ndarray:
+        """Blended output rows, nodata wherever the source pixel is void.
+
+        A valid prediction that happens to equal the nodata value is nudged off it, so it
+        is not read back as a void.
+        """
         s = self.scale
-        rows = total.shape[0]
-        source = read_elevation(src, Window(0, top // s, src.width, rows // s))
-        void = np.repeat(np.repeat(~np.isfinite(source), s, axis=0), s, axis=1)
-        out = (total / np.maximum(weights, 1e-12)).astype(np.float32)
+        out = (total / weights).astype(np.float32)
+        void = np.repeat(np.repeat(np.isnan(source), s, axis=0), s, axis=1)
+        if np.isfinite(nodata):
+            clash = ~void & (out == np.float32(nodata))
+            out[clash] = np.nextafter(out[clash], np.float32(np.inf))
         out[void] = nodata
-        dst.write(out, 1, window=Window(0, top, out.shape[1], rows))
+        return out
 
 
 def guess_terrain(path: Path, max_pixels: int = 512) -> str:
@@ -201,23 +255,29 @@ def guess_terrain(path: Path, max_pixels: int = 512) -> str:
     from core.data.geotiff import cell_size_m
     from core.data.labels import label_tile
 
-    with rasterio.open(path) as src:
+    with open_dem(path) as src:
         factor = max(1, -(-max(src.height, src.width) // max_pixels))
         shape = (max(1, src.height // factor), max(1, src.width // factor))
-        data = src.read(1, out_shape=shape, masked=True).filled(np.nan).astype(np.float32)
+        data = read_elevation(src, out_shape=shape)
         dy, dx = cell_size_m(src.transform, src.crs, (src.height, src.width))
-    return label_tile(path.stem, data, (dy * factor, dx * factor))[0]
+        cell = (dy * src.height / shape[0], dx * src.width / shape[1])
+    if not np.isfinite(data).any():
+        raise DataError(f"{path}: every pixel is nodata")
+    return label_tile(path.stem, data, cell)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m core.predict", description="Super-resolve a DEM GeoTIFF."
+        prog="python -m core.predict",
+        description="Super-resolve a single-band DEM GeoTIFF with a trained run's model.",
     )
     parser.add_argument("--checkpoint", type=Path, required=True, metavar="RUN_DIR")
     parser.add_argument("input", type=Path)
     parser.add_argument("output", type=Path)
     parser.add_argument("--window", type=int, help="LR window size (default: training tiles)")
-    parser.add_argument("--overlap", type=int, help="LR pixels of overlap on each side")
+    parser.add_argument(
+        "--overlap", type=int, help="LR pixels of overlap on each side (default: window / 4)"
+    )
     parser.add_argument(
         "--terrain", choices=TERRAINS, help="terrain category for terrain-aware models"
     )
@@ -225,12 +285,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu", action="store_true", help="run on the CPU")
     args = parser.parse_args(argv)
     try:
-        if not args.input.is_file():
-            raise DataError(f"{args.input}: no such file")
+        open_dem(args.input).close()  # a bad input is reported before the model loads
         model, ctx, meta = load_trained_model(args.checkpoint, cpu=args.cpu)
         window = args.window or max(meta["lr_shape"])
         overlap = args.overlap if args.overlap is not None else window // 4
-        routed = any(plugin.hooks.count("route_batch") for plugin in ctx.plugins.active)
+        routed = any("route_batch" in plugin.hooks for plugin in ctx.plugins.active)
         terrain = args.terrain or (guess_terrain(args.input) if routed else "moderate")
         predictor = Predictor(model, ctx, meta["scale"], window, overlap, terrain)
         predictor.run(args.input, args.output, progress=not args.quiet and sys.stderr.isatty())

@@ -431,11 +431,16 @@ class Trainer:
             self.save_checkpoint(epoch)
 
     def print_epoch(self, row: dict[str, Any]) -> None:
-        by_terrain = " ".join(f"{t} {v:.1f}" for t, v in row["val_rmse_m_by_terrain"].items())
+        def metres(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.2f}"
+
+        by_terrain = " ".join(f"{t} {metres(v)}" for t, v in row["val_rmse_m_by_terrain"].items())
         print(
-            f"epoch {row['epoch']}/{self.config.run.epochs}: train_loss {row['train_loss']:.4f} "
-            f"val_loss {row['val_loss']:.4f} val_rmse {row['val_rmse_m']:.2f} m "
-            f"({by_terrain}) spikes {row['loss_spikes']} {row['seconds']:.1f} s",
+            f"epoch {row['epoch']}/{self.config.run.epochs}: "
+            f"train_loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} "
+            f"val_rmse {metres(row['val_rmse_m'])} m "
+            f"(bicubic {metres(row.get('val_rmse_m_bicubic'))} m; {by_terrain}) "
+            f"spikes {row['loss_spikes']} {row['seconds']:.1f} s",
             flush=True,
         )
 

@@ -8,12 +8,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from core.config import Config
 from core.context import RunContext
 from core.data.dataset import TileDataset, train_val_split
 from core.data.globe import ensure_globe_tiles
+from core.errors import ConfigError
 from core.losses import COMPONENTS, dem_loss_components
 from core.metrics import ValidationAccumulator
 from core.models.rcan import build_rcan
@@ -56,7 +58,11 @@ class DemSuperResolution:
             for key in ("n_resgroups", "n_resblocks", "n_feats")
             if (value := getattr(config.model, key))
         }
-        return build_rcan(config.model.preset, config.data.scale, config.model.norm, **overrides)
+        model = config.model
+        try:
+            return build_rcan(model.preset, config.data.scale, model.norm, **overrides)
+        except ValueError as error:
+            raise ConfigError(f"[model] / data.scale: {error}") from None
 
     def forward_losses(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return dem_loss_components(model(batch["lr"]), batch["hr"], batch["mask"])
@@ -64,20 +70,28 @@ class DemSuperResolution:
     @torch.no_grad()
     def validate(self, model: nn.Module, batches: Iterable[Batch], ctx: RunContext) -> dict:
         """RMSE/MAE in metres and slope RMSE in degrees, per terrain; ``val_loss`` uses the
-        base ``[loss]`` weights so runs with different weighting plugins stay comparable."""
+        base ``[loss]`` weights so runs with different weighting plugins stay comparable.
+        ``val_rmse_m_bicubic`` is plain bicubic interpolation: the bar a model must clear."""
         weights = base_loss_weights(ctx.config).to(ctx.device)
-        accumulator = ValidationAccumulator(device=ctx.device)
+        model_errors = ValidationAccumulator(device=ctx.device)
+        bicubic_errors = ValidationAccumulator(device=ctx.device)
+        scale = ctx.config.data.scale
         for batch in batches:
             ctx.plugins.call("route_batch", model=model, batch=batch, ctx=ctx)
             with ctx.accelerator.autocast():
                 pred = model(batch["lr"]).float()
+            bicubic = F.interpolate(batch["lr"], scale_factor=scale, mode="bicubic")
             losses = dem_loss_components(pred, batch["hr"], batch["mask"])
-            accumulator.update(
-                pred, batch["hr"], batch["mask"], batch["mean"], batch["std"],
-                batch["terrain"], batch["cell_size"], loss=losses @ weights,
-            )  # fmt: skip
-        accumulator.reduce(lambda t: ctx.accelerator.reduce(t, "sum"))
-        return accumulator.summary()
+            tile = [batch[key] for key in ("hr", "mask", "mean", "std", "terrain", "cell_size")]
+            model_errors.update(pred, *tile, loss=losses @ weights)
+            bicubic_errors.update(bicubic, *tile)
+        for accumulator in (model_errors, bicubic_errors):
+            accumulator.reduce(lambda t: ctx.accelerator.reduce(t, "sum"))
+        bicubic = bicubic_errors.summary()
+        metrics = model_errors.summary()
+        metrics["val_rmse_m_bicubic"] = bicubic["val_rmse_m"]
+        metrics["val_rmse_m_bicubic_by_terrain"] = bicubic["val_rmse_m_by_terrain"]
+        return metrics
 
     @torch.no_grad()
     def write_plots(
