@@ -192,3 +192,22 @@ def test_two_process_accelerate_launch(procedural_dir: Path, tmp_path: Path):
         assert multi_row["steps"] == single_row["steps"] // 2
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs"] == 2
+
+
+@pytest.mark.parametrize(
+    "plugins",
+    [
+        "stratified,terrain_loss",
+        "curriculum,stratified,balanced_grad",
+        "stratified,domain_bn,terrain_loss",
+        "stratified,pcgrad",
+    ],
+)
+def test_documented_combinations_train(plugins: str, procedural_dir: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    extra = ["--set", "model.norm='batch'"] if "domain_bn" in plugins else []
+    assert main(fast_args(procedural_dir, out, "--plugins", plugins, *extra)) == 0
+    for row in read_metrics(out):
+        assert row["batches_missing_a_terrain"] == 0
+        assert set(row["terrain_counts"]) == set(row["active_terrains"])
+        assert all(value is not None for value in row["val_rmse_m_by_terrain"].values())
