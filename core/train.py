@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -123,13 +123,15 @@ class Trainer:
     def __init__(self, config: Config, plugins: PluginManager, *, resume: bool = False) -> None:
         self.config = config
         self.resume = resume
+        cpu = config.train.cpu or launched_without_gpus()
+        state = PartialState(cpu=cpu)  # processes agree on the run folder before logging starts
+        run_dir = self.run_dir = self.resolve_run_dir(state)
         self.accelerator = Accelerator(
             mixed_precision=config.train.mixed_precision,
-            cpu=config.train.cpu or launched_without_gpus(),
+            cpu=cpu,
             log_with="tensorboard" if config.train.tensorboard else None,
+            project_dir=str(run_dir),
         )
-        run_dir = self.run_dir = self.resolve_run_dir()
-        self.accelerator.project_configuration.set_directories(str(run_dir))
         self.ctx = RunContext(
             config=config,
             accelerator=self.accelerator,
@@ -147,7 +149,7 @@ class Trainer:
 
     # --- set-up ------------------------------------------------------------------------
 
-    def resolve_run_dir(self) -> Path:
+    def resolve_run_dir(self, state: PartialState) -> Path:
         """``run.out``, or a timestamped folder chosen by the main process and shared.
 
         A folder that already holds a run is refused unless resuming: nothing is overwritten.
@@ -162,7 +164,7 @@ class Trainer:
                 f"run folder {run_dir} already holds a run; continue it with --resume "
                 f"{run_dir} or choose another --out"
             )
-        if self.accelerator.is_main_process:
+        if state.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
         self.config.run.out = str(run_dir)
         return run_dir

@@ -211,3 +211,13 @@ def test_documented_combinations_train(plugins: str, procedural_dir: Path, tmp_p
         assert row["batches_missing_a_terrain"] == 0
         assert set(row["terrain_counts"]) == set(row["active_terrains"])
         assert all(value is not None for value in row["val_rmse_m_by_terrain"].values())
+
+
+def test_bf16_and_tensorboard(procedural_dir: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    args = fast_args(procedural_dir, out, "--epochs", "1")
+    args += ["--set", "train.mixed_precision='bf16'", "--set", "train.tensorboard=true"]
+    assert main(args) == 0
+    assert read_metrics(out)[0]["val_rmse_m"] is not None
+    events = list(out.rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
