@@ -156,7 +156,7 @@ def validation_metrics(model: nn.Module, ctx: RunContext) -> dict[str, Any] | No
 
 @hookspec
 def on_epoch_end(epoch: int, metrics: dict[str, Any], ctx: RunContext) -> None:
-    """After the epoch's metrics row is complete and written, before its checkpoint.
+    """After the epoch's checkpoint and metrics row are written.
 
     Composable; ``metrics`` is read-only by convention. Use it to log, plot or adjust state.
     """

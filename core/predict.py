@@ -186,7 +186,7 @@ class Predictor:
             "dtype": "float32", "crs": src.crs, "nodata": nodata,
             # output pixel (col, row) is input pixel (col / s, row / s): the input's bounds at
             # 1/s of its cell size, whether the CRS counts in degrees or in metres
-            "transform": src.transform * Affine.scale(1 / s),
+            "transform": src.transform @ Affine.scale(1 / s),
             "tiled": True, "blockxsize": block, "blockysize": block,
             "compress": "deflate", "predictor": 3, "BIGTIFF": "IF_SAFER",
         }  # fmt: skip
@@ -206,7 +206,8 @@ class Predictor:
         total = np.zeros((lr_rows * s, width * s), dtype=np.float64)
         weights = np.zeros_like(total)
         weight = self.weight[: lr_rows * s, : lr_cols * s]
-        with tqdm(total=len(rows) * len(cols), unit="window", disable=not progress) as bar:
+        name, total_windows = Path(src.name).name, len(rows) * len(cols)
+        with tqdm(total=total_windows, desc=name, unit="window", disable=not progress) as bar:
             for i, row in enumerate(rows):
                 band = read_elevation(src, Window(0, row, width, lr_rows))
                 for start in range(0, len(cols), self.batch_size):

@@ -45,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stop when a third-party plugin fails to load instead of skipping it",
     )
+    parser.add_argument(
+        "--strict-data",
+        action="store_true",
+        help="stop at the first bad tile instead of skipping it (shortcut for data.strict=true)",
+    )
     return parser
 
 
@@ -56,6 +61,7 @@ def shortcut_overrides(args: argparse.Namespace) -> list[str]:
         "run.seed": args.seed,
         "run.out": args.out,
         "data.dir": args.data,
+        "data.strict": True if args.strict_data else None,
         "run.plugins": None
         if args.plugins is None
         else [name.strip() for name in args.plugins.split(",") if name.strip()],
@@ -110,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 1
     except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
+        # notes name the plugin and hook when a plugin raised it
+        print(f"error: {error}", *getattr(error, "__notes__", []), sep="\n", file=sys.stderr)
         return EXIT_USAGE
     return 0
 

@@ -286,8 +286,10 @@ class Trainer:
         for step_index in range(done, len(steps)):
             micro = [to_device(next(batches), accelerator.device) for _ in steps[step_index]]
             progress = (epoch - 1 + step_index / len(steps)) / config.run.epochs
+            skipped_before = self.nonfinite_total
             step_sums = self.optimizer_step(micro, progress)
-            sums += step_sums
+            if self.nonfinite_total == skipped_before:  # a skipped step stays out of the means
+                sums += step_sums
             loss = float(step_sums[0] / max(step_sums[1], 1))
             epoch_losses.append(loss)
             bar.set_postfix(loss=f"{loss:.4f}")
@@ -412,9 +414,17 @@ class Trainer:
     # --- epoch end, checkpoints --------------------------------------------------------
 
     def end_epoch(self, epoch: int, row: dict[str, Any]) -> None:
+        """Checkpoint (it carries the rows), then the metrics line, plots, loggers, hooks.
+
+        In this order a kill at any moment leaves a run that resumes: ``metrics.jsonl``
+        never gets ahead of the checkpoint, and resuming rewrites it from the checkpoint.
+        """
         ctx, accelerator = self.ctx, self.accelerator
         row = json_safe(row)
         self.rows.append(row)
+        every = self.config.train.checkpoint_every
+        if epoch % every == 0 or epoch == self.config.run.epochs:
+            self.save_checkpoint(epoch)
         if accelerator.is_main_process:
             with open(self.run_dir / "metrics.jsonl", "a") as handle:
                 handle.write(json.dumps(row) + "\n")
@@ -428,9 +438,6 @@ class Trainer:
             scalars = {k: v for k, v in row.items() if isinstance(v, int | float)}
             accelerator.log(scalars, step=epoch)
         ctx.plugins.call("on_epoch_end", epoch=epoch, metrics=row, ctx=ctx)
-        every = self.config.train.checkpoint_every
-        if epoch % every == 0 or epoch == self.config.run.epochs:
-            self.save_checkpoint(epoch)
 
     def print_epoch(self, row: dict[str, Any]) -> None:
         def metres(value: float | None) -> str:

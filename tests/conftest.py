@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from accelerate.state import AcceleratorState, PartialState
 
 from core.config import load_config
 from core.data.procedural import write_procedural_tiles
 from core.plugins import ActivePlugin, PluginManager
 from core.train import Trainer
+
+# One thread per process: the suite starts multi-process runs on small CPU machines, where
+# torch's default of one thread per core makes processes contend for every core.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 FAST = [
     "model.n_resgroups=1",
