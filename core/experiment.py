@@ -33,7 +33,7 @@ from typing import Any
 import attrs
 
 from core.config import load_config, parse_override, unstructure
-from core.errors import ConfigError, UsageError
+from core.errors import UsageError
 from core.plugins import PluginManager
 from core.terrain import TERRAINS
 
@@ -41,7 +41,8 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 BASELINE = "baseline"
-REPORT_FILES = ("results.md", "results.csv", "loss_curves_by_arm.png", "terrain_rmse_by_arm.png")
+BICUBIC = "bicubic"
+"""The reference row: bicubic interpolation of the same validation tiles."""
 
 
 @attrs.frozen
@@ -103,10 +104,19 @@ def arms_from_toml(path: Path) -> tuple[list[Arm], dict[str, Any]]:
         raise UsageError(f"experiment file {path} does not exist") from None
     except tomllib.TOMLDecodeError as error:
         raise UsageError(f"experiment file {path} is not valid TOML: {error}") from None
-    allowed = {"arms", "seeds", "epochs", "set", "data", "baseline", "target_loss"}
-    extra = sorted(set(tree) - allowed)
-    if extra:
-        raise UsageError(f"{path}: unknown key {extra[0]!r}; expected {sorted(allowed)}")
+    types = {
+        "arms": list, "seeds": list, "epochs": int, "set": list, "data": str,
+        "baseline": str, "target_loss": float | int,
+    }  # fmt: skip
+    for key, value in tree.items():
+        if key not in types:
+            raise UsageError(f"{path}: unknown key {key!r}; expected one of {sorted(types)}")
+        if not isinstance(value, types[key]) or isinstance(value, bool):
+            raise UsageError(f"{path}: {key!r} has the wrong type ({type(value).__name__})")
+    if not all(isinstance(seed, int) for seed in tree.get("seeds", [])):
+        raise UsageError(f"{path}: 'seeds' must be a list of integers")
+    if not all(isinstance(item, str) for item in tree.get("set", [])):
+        raise UsageError(f"{path}: 'set' must be a list of 'section.key=value' strings")
     arms = []
     for number, table in enumerate(tree.get("arms", []), start=1):
         where = f"{path}: arms[{number}]"
@@ -153,6 +163,8 @@ def check_arms(experiment: Experiment, out: Path) -> None:
     run starts (exit 2, naming the arm)."""
     slugs: dict[str, str] = {}
     for arm in experiment.arms:
+        if arm.name == BICUBIC:
+            raise UsageError(f"arm name {BICUBIC!r} is reserved for the reference row")
         if arm.slug in slugs:
             raise UsageError(f"arms {slugs[arm.slug]!r} and {arm.name!r} share a folder name")
         slugs[arm.slug] = arm.name
@@ -245,7 +257,7 @@ def child_env(jobs: int, threads: int) -> dict[str, str]:
 
 
 def clock(seconds: float) -> str:
-    minutes, secs = divmod(int(round(seconds)), 60)
+    minutes, secs = divmod(round(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
@@ -282,14 +294,18 @@ class Runner:
         return f"[{clock(time.monotonic() - self.started)}]"
 
     def report_epochs(self, job: Job) -> None:
+        """One line per newly finished epoch, with the experiment's progress and an ETA."""
         rows = read_rows(job.run_dir)
         for row in rows[job.epochs_seen :]:
             self.epochs_done += 1
             done = self.epochs_done / max(1, self.total_epochs)
+            elapsed = time.monotonic() - self.started
+            loss, rmse = row.get("val_loss"), row.get("val_rmse_m")
             print(
                 f"{self.stamp()} {job.arm.name} seed {job.seed} epoch {row['epoch']}: "
-                f"val_loss {row.get('val_loss', math.nan):.4f} "
-                f"val_rmse {row.get('val_rmse_m', math.nan):.2f} m; experiment {done:.0%}",
+                f"val_loss {'n/a' if loss is None else f'{loss:.4f}'} "
+                f"val_rmse {'n/a' if rmse is None else f'{rmse:.2f}'} m; "
+                f"experiment {done:.0%}, about {clock(elapsed / done - elapsed)} to go",
                 flush=True,
             )
         job.epochs_seen = len(rows)
@@ -375,6 +391,14 @@ def spikes_per_100_epochs(rows: Sequence[Mapping[str, Any]]) -> float:
     return sum(row["loss_spikes"] for row in rows) / len(rows) * 100
 
 
+def spikes_per_1000_steps(rows: Sequence[Mapping[str, Any]]) -> float:
+    """Loss spikes per 1000 optimizer steps: fair where arms differ in steps per epoch
+    (``curriculum`` trains on fewer tiles, so fewer steps, in its early epochs)."""
+    return (
+        sum(row["loss_spikes"] for row in rows) / max(1, sum(row["steps"] for row in rows)) * 1000
+    )
+
+
 def epochs_to_target(rows: Sequence[Mapping[str, Any]], target: float) -> int | None:
     """The first epoch whose val_loss is at or below ``target``; None if none is."""
     for row in rows:
@@ -386,7 +410,8 @@ def epochs_to_target(rows: Sequence[Mapping[str, Any]], target: float) -> int | 
 
 def metric_names() -> list[str]:
     """CSV/table columns of one run, in order."""
-    names = ["spikes_per_100_epochs", "epochs_to_target", "target_loss", "final_val_loss"]
+    names = ["spikes_per_100_epochs", "spikes_per_1000_steps", "steps", "epochs_to_target"]
+    names += ["target_loss", "final_val_loss"]
     for key in ("val_rmse_m", "val_slope_rmse_deg", "bicubic_rmse_m"):
         names += [key, *(f"{key}_{terrain}" for terrain in TERRAINS)]
     return names
@@ -397,6 +422,8 @@ def run_metrics(rows: Sequence[Mapping[str, Any]], target: float | None) -> dict
     final = rows[-1]
     values: dict[str, Any] = {
         "spikes_per_100_epochs": spikes_per_100_epochs(rows),
+        "spikes_per_1000_steps": spikes_per_1000_steps(rows),
+        "steps": sum(row["steps"] for row in rows),
         "epochs_to_target": None if target is None else epochs_to_target(rows, target),
         "target_loss": target,
         "final_val_loss": final.get("val_loss"),
@@ -441,15 +468,77 @@ def delta_pct(value: float | None, reference: float | None) -> float | None:
     return (value - reference) / reference * 100
 
 
+def t_two_sided_p(t: float, dof: int) -> float:
+    """P(|T| >= |t|) for Student's t with ``dof`` degrees of freedom, exactly.
+
+    Abramowitz & Stegun 26.7.3-4: finite sums in theta = atan(|t| / sqrt(dof)), so no
+    statistics package is needed for the handful of seeds an experiment has.
+    """
+    if math.isinf(t):
+        return 0.0
+    theta = math.atan(abs(t) / math.sqrt(dof))
+    cos2 = math.cos(theta) ** 2
+    if dof % 2:  # odd: (2/pi) (theta + sin cos (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ...))
+        term, total = 1.0, 1.0 if dof > 1 else 0.0
+        for k in range(1, (dof - 1) // 2):
+            term *= 2 * k / (2 * k + 1) * cos2
+            total += term
+        inside = 2 / math.pi * (theta + math.sin(theta) * math.cos(theta) * total)
+    else:  # even: sin (1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ...)
+        term, total = 1.0, 1.0
+        for k in range(1, dof // 2):
+            term *= (2 * k - 1) / (2 * k) * cos2
+            total += term
+        inside = math.sin(theta) * total
+    return min(1.0, max(0.0, 1.0 - inside))
+
+
+def paired_test(
+    values: Mapping[int, float | None], reference: Mapping[int, float | None]
+) -> tuple[float | None, float | None, float | None]:
+    """(mean, std, two-sided p of a paired t-test) of ``values - reference`` over the seeds
+    both have. Pairing by seed removes what seeds share: the validation split and the init."""
+    diffs = [
+        float(values[s]) - float(reference[s])
+        for s in values
+        if values[s] is not None and reference.get(s) is not None
+    ]
+    if len(diffs) < 2:
+        return None, None, None
+    mean, spread = statistics.fmean(diffs), statistics.stdev(diffs)
+    if spread == 0:
+        return mean, spread, 1.0 if mean == 0 else 0.0
+    t = mean / (spread / math.sqrt(len(diffs)))
+    return mean, spread, t_two_sided_p(t, len(diffs) - 1)
+
+
 @attrs.define
 class Summary:
-    """Per arm: the per-seed numbers and their mean, std and change against the baseline."""
+    """Per arm and metric: the per-seed numbers, their mean, std and count, the change of the
+    mean against the baseline (%), and a paired test of the per-seed differences."""
 
     per_seed: dict[str, dict[int, dict[str, Any]]]
-    mean: dict[str, dict[str, float | None]]
-    std: dict[str, dict[str, float | None]]
-    count: dict[str, dict[str, int]]
-    delta: dict[str, dict[str, float | None]]
+    stats: dict[str, dict[str, dict[str, float | None]]]
+    """arm -> row (``mean``, ``std``, ``count``, ``delta_pct``, ``paired_diff_mean``,
+    ``paired_diff_std``, ``paired_p``) -> metric -> value."""
+
+
+STAT_ROWS = ("mean", "std", "count", "delta_pct", "paired_diff_mean", "paired_diff_std", "paired_p")
+
+
+def bicubic_reference(per_seed: Mapping[str, Mapping[int, dict[str, Any]]]) -> dict[int, dict]:
+    """Bicubic interpolation as a pseudo-arm: per seed (the split), from any run of it."""
+    reference: dict[int, dict[str, Any]] = {}
+    for seeds in per_seed.values():
+        for seed, values in seeds.items():
+            if values["bicubic_rmse_m"] is not None and seed not in reference:
+                reference[seed] = {
+                    name: values[name.replace("val_rmse_m", "bicubic_rmse_m")]
+                    if name.startswith("val_rmse_m")
+                    else None
+                    for name in metric_names()
+                }
+    return dict(sorted(reference.items()))
 
 
 def summarise(experiment: Experiment, runs: Runs) -> Summary:
@@ -458,95 +547,86 @@ def summarise(experiment: Experiment, runs: Runs) -> Summary:
         arm: {seed: run_metrics(rows, seed_targets[seed]) for seed, rows in sorted(seeds.items())}
         for arm, seeds in runs.items()
     }
-    if per_seed:
-        # bicubic interpolation, as a reference row: one value per seed (split), any arm
-        bicubic: dict[int, dict[str, Any]] = {}
-        for seeds in per_seed.values():
-            for seed, values in seeds.items():
-                if values["bicubic_rmse_m"] is not None:
-                    bicubic.setdefault(seed, values)
-        names = [n for n in metric_names() if n.startswith("bicubic_rmse_m")]
-        if bicubic:
-            per_seed["bicubic"] = {
-                seed: {
-                    **{n: None for n in metric_names()},
-                    **{n.replace("bicubic_rmse_m", "val_rmse_m"): v[n] for n in names},
-                }
-                for seed, v in sorted(bicubic.items())
-            }
-    mean: dict[str, dict[str, float | None]] = {}
-    std: dict[str, dict[str, float | None]] = {}
-    count: dict[str, dict[str, int]] = {}
+    reference = bicubic_reference(per_seed)
+    if reference:
+        per_seed[BICUBIC] = reference
+    base = per_seed.get(experiment.baseline, {})
+    stats: dict[str, dict[str, dict[str, float | None]]] = {}
     for arm, seeds in per_seed.items():
-        mean[arm], std[arm], count[arm] = {}, {}, {}
+        stats[arm] = {row: {} for row in STAT_ROWS}
         for name in metric_names():
-            m, s, n = mean_std([values[name] for values in seeds.values()])
-            mean[arm][name], std[arm][name], count[arm][name] = m, s, n
-    base = mean.get(experiment.baseline, {})
-    delta = {
-        arm: {name: delta_pct(values[name], base.get(name)) for name in metric_names()}
-        for arm, values in mean.items()
-    }
-    return Summary(per_seed, mean, std, count, delta)
+            values = {seed: metrics[name] for seed, metrics in seeds.items()}
+            mean, spread, count = mean_std(list(values.values()))
+            base_values = [m[name] for m in base.values()]
+            base_mean = mean_std(base_values)[0]
+            paired = paired_test(values, {seed: m[name] for seed, m in base.items()})
+            change = delta_pct(mean, base_mean)
+            censored = name == "epochs_to_target" and None in (*values.values(), *base_values)
+            if arm == experiment.baseline or censored:  # a target never reached has no number
+                paired = (None, None, None)
+            if arm == experiment.baseline:
+                change = None
+            cells = (mean, spread, count, change, *paired)
+            for row, value in zip(STAT_ROWS, cells, strict=True):
+                stats[arm][row][name] = value
+    return Summary(per_seed, stats)
 
 
 # --- writing the report ----------------------------------------------------------------------
 
 
-def number(value: float | None, decimals: int) -> str:
-    return "–" if value is None else f"{value:.{decimals}f}"
-
-
-def decimals_for(value: float | None) -> int:
+def decimals_for(value: float) -> int:
     """About four significant digits: 2.651, 32.83, 148.4, 1234."""
-    if value is None or value == 0:
+    if value == 0:
         return 2
     return min(3, max(0, 3 - math.floor(math.log10(abs(value)))))
 
 
-def cell(summary: Summary, arm: str, name: str, baseline: str) -> str:
-    """``mean ± std (Δ%)``; a * marks a change larger than both arms' seed-to-seed std."""
-    m, s = summary.mean[arm][name], summary.std[arm][name]
-    if m is None:
-        return "–"
-    digits = decimals_for(m)
-    text = f"{number(m, digits)} ± {number(s, digits)}"
-    if name == "epochs_to_target":
-        text = f"{m:.1f} ± {s:.1f}"
-        reached = summary.count[arm][name]
-        seeds = len(summary.per_seed[arm])
-        if reached < seeds:
-            text += f" ({reached}/{seeds} reached)"
-    d = summary.delta[arm][name]
-    if arm != baseline and d is not None:
-        base_std = summary.std[baseline][name] or 0.0
-        changed = abs(m - summary.mean[baseline][name]) > max(s or 0.0, base_std)
-        text += f" ({d:+.1f}%{'*' if changed else ''})"
+def cell(summary: Summary, arm: str, name: str) -> str:
+    """``mean ± std (Δ%)``, with * when a paired t-test over seeds gives p < 0.05."""
+    stats = summary.stats[arm]
+    mean, spread = stats["mean"][name], stats["std"][name]
+    seeds = len(summary.per_seed[arm])
+    if mean is None:
+        had_target = any(v["target_loss"] is not None for v in summary.per_seed[arm].values())
+        return f"none reached (0/{seeds})" if name == "epochs_to_target" and had_target else "–"
+    digits = 1 if name == "epochs_to_target" else decimals_for(mean)
+    text = f"{mean:.{digits}f} ± {spread:.{digits}f}"
+    if name == "epochs_to_target" and stats["count"][name] < seeds:
+        text += f" ({stats['count'][name]:.0f}/{seeds} reached)"
+    change, p = stats["delta_pct"][name], stats["paired_p"][name]
+    if change is not None:
+        mark = "*" if p is not None and p < 0.05 else ""
+        text += f" ({change:+.1f}%{mark})"
     return text
 
 
-def markdown(experiment: Experiment, summary: Summary, arms: Sequence[Arm]) -> str:
+def markdown(experiment: Experiment, summary: Summary) -> str:
     """Three tables (headline, per-terrain RMSE, per-terrain slope RMSE) and their legend."""
-    order = [arm.name for arm in arms if arm.name in summary.per_seed]
-    if "bicubic" in summary.per_seed:
-        order.append("bicubic")
-    overrides = {arm.name: ", ".join(f"`{s}`" for s in arm.overrides) for arm in arms}
-    baseline = experiment.baseline
-    if baseline not in summary.mean:
-        baseline = ""
+    order = [arm.name for arm in experiment.arms if arm.name in summary.per_seed]
+    if BICUBIC in summary.per_seed:
+        order.append(BICUBIC)
+    overrides = {arm.name: ", ".join(f"`{s}`" for s in arm.overrides) for arm in experiment.arms}
+    runs = sum(len(summary.per_seed[arm]) for arm in order if arm != BICUBIC)
+    target = (
+        f"val_loss {experiment.target_loss}"
+        if experiment.target_loss is not None
+        else "the baseline's final val_loss with the same seed"
+    )
+    common = ", ".join(f"`{s}`" for s in experiment.common) or "none"
     lines = [
         "# Experiment results",
         "",
-        f"Arms: {len(order) - ('bicubic' in order)}; seeds {', '.join(map(str, experiment.seeds))}; "
-        f"{experiment.epochs} epochs; data: {experiment.data or 'the GLOBE default'}; "
-        f"common overrides: {', '.join(f'`{s}`' for s in experiment.common) or 'none'}. "
-        f"Each cell: mean ± sample std over seeds (change of the mean vs `{baseline or '-'}`; "
-        "* = the change exceeds both arms' std). Target loss: "
-        + (
-            f"{experiment.target_loss}."
-            if experiment.target_loss is not None
-            else "each seed's baseline final val_loss."
-        ),
+        f"{runs} of {len(experiment.arms) * len(experiment.seeds)} runs complete: "
+        f"{len(experiment.arms)} arms × {len(experiment.seeds)} seeds "
+        f"({', '.join(map(str, experiment.seeds))}) × {experiment.epochs} epochs; "
+        f"data: {experiment.data or 'the GLOBE default'}; common overrides: {common}.",
+        "",
+        "Each cell: mean ± sample std over seeds, then the change of the mean against "
+        f"`{experiment.baseline}` in %; * marks a change whose paired t-test over seeds "
+        "(same seed = same validation tiles and initialisation) gives p < 0.05. "
+        f"Epochs to target: the first epoch whose val_loss is at or below {target}; "
+        "its mean is over the seeds that reached it. Loss spikes: see docs/experiments.md.",
         "",
     ]
 
@@ -556,36 +636,34 @@ def markdown(experiment: Experiment, summary: Summary, arms: Sequence[Arm]) -> s
         lines.append("| --- | --- | " + " | ".join("---" for _ in columns) + " |")
         for arm in order:
             extra = f" ({overrides[arm]})" if overrides.get(arm) else ""
-            cells = [cell(summary, arm, name, baseline) for _, name in columns]
-            label = "bicubic (reference)" if arm == "bicubic" else f"`{arm}`{extra}"
-            lines.append(f"| {label} | {len(summary.per_seed[arm])} | " + " | ".join(cells) + " |")
+            label = "bicubic (reference)" if arm == BICUBIC else f"`{arm}`{extra}"
+            cells = " | ".join(cell(summary, arm, name) for _, name in columns)
+            lines.append(f"| {label} | {len(summary.per_seed[arm])} | {cells} |")
         lines.append("")
 
     table(
         "Headline",
         [
             ("loss spikes / 100 epochs", "spikes_per_100_epochs"),
+            ("loss spikes / 1000 steps", "spikes_per_1000_steps"),
+            ("optimizer steps", "steps"),
             ("epochs to target", "epochs_to_target"),
             ("final val_loss", "final_val_loss"),
             ("val RMSE (m)", "val_rmse_m"),
             ("val slope RMSE (°)", "val_slope_rmse_deg"),
         ],
     )
+    table("Validation RMSE per terrain (m)", [(t, f"val_rmse_m_{t}") for t in TERRAINS])
     table(
-        "Validation RMSE per terrain (m)",
-        [(terrain, f"val_rmse_m_{terrain}") for terrain in TERRAINS],
-    )
-    table(
-        "Validation slope RMSE per terrain (°)",
-        [(terrain, f"val_slope_rmse_deg_{terrain}") for terrain in TERRAINS],
+        "Validation slope RMSE per terrain (°)", [(t, f"val_slope_rmse_deg_{t}") for t in TERRAINS]
     )
     return "\n".join(lines)
 
 
 def write_csv(path: Path, summary: Summary, arms: Sequence[Arm]) -> None:
-    """One row per (arm, seed) with the raw numbers, then ``mean``, ``std`` and
-    ``delta_pct`` (of the mean vs the baseline's mean) rows per arm."""
-    info = {arm.name: (" ".join(arm.plugins), " ".join(arm.overrides)) for arm in arms}
+    """One row per (arm, seed) with the raw numbers, then one row per statistic and arm
+    (``seed`` column = ``mean``, ``std``, ``count``, ``delta_pct``, ``paired_diff_mean``, ...)."""
+    info = {arm.name: (",".join(arm.plugins), "; ".join(arm.overrides)) for arm in arms}
     names = metric_names()
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -593,15 +671,10 @@ def write_csv(path: Path, summary: Summary, arms: Sequence[Arm]) -> None:
         for arm, seeds in summary.per_seed.items():
             plugins, overrides = info.get(arm, ("", ""))
             rows = [(str(seed), values) for seed, values in seeds.items()]
-            rows += [
-                ("mean", summary.mean[arm]),
-                ("std", summary.std[arm]),
-                ("delta_pct", summary.delta[arm]),
-            ]
+            rows += [(stat, summary.stats[arm][stat]) for stat in STAT_ROWS]
             for seed, values in rows:
-                writer.writerow(
-                    [arm, plugins, overrides, seed, *("" if values[n] is None else values[n] for n in names)]
-                )
+                cells = ("" if values[n] is None else values[n] for n in names)
+                writer.writerow([arm, plugins, overrides, seed, *cells])
 
 
 def write_report(experiment: Experiment, out: Path, report_dir: Path) -> Summary:
@@ -611,9 +684,11 @@ def write_report(experiment: Experiment, out: Path, report_dir: Path) -> Summary
     runs = collect(experiment, out)
     summary = summarise(experiment, runs)
     report_dir.mkdir(parents=True, exist_ok=True)
-    (report_dir / "results.md").write_text(markdown(experiment, summary, experiment.arms))
+    (report_dir / "results.md").write_text(markdown(experiment, summary))
     write_csv(report_dir / "results.csv", summary, experiment.arms)
-    plot_loss_curves_by_arm(runs, report_dir / "loss_curves_by_arm.png")
+    plot_loss_curves_by_arm(
+        runs, report_dir / "loss_curves_by_arm.png", baseline=experiment.baseline
+    )
     plot_terrain_rmse_by_arm(
         runs, report_dir / "terrain_rmse_by_arm.png", baseline=experiment.baseline
     )
@@ -677,13 +752,17 @@ def build_experiment(args: argparse.Namespace) -> Experiment:
         arms = parse_arms(args.arms)
     if not arms:
         raise UsageError("no arms given")
-    seeds = parse_seeds(args.seeds) if args.seeds else tuple(tree.get("seeds", (0, 1, 2)))
+    seeds = parse_seeds(args.seeds or ",".join(map(str, tree.get("seeds", (0, 1, 2)))))
     common = (*tree.get("set", ()), *args.set)
-    epochs = args.epochs or tree.get("epochs") or load_config(None, list(common)).run.epochs
+    epochs = args.epochs if args.epochs is not None else tree.get("epochs")
+    if epochs is None:
+        epochs = load_config(None, list(common)).run.epochs
+    if epochs < 1:
+        raise UsageError(f"--epochs must be at least 1, got {epochs}")
     experiment = Experiment(
         arms=tuple(with_norm_rule(arm, common) for arm in arms),
         seeds=seeds,
-        epochs=int(epochs),
+        epochs=epochs,
         common=tuple(common),
         data=args.data or tree.get("data"),
         baseline=args.baseline or tree.get("baseline", BASELINE),
@@ -701,7 +780,7 @@ def main(argv: list[str] | None = None) -> int:
         experiment = build_experiment(args)
         check_arms(experiment, args.out)
         finished, pending = plan_jobs(experiment, args.out)
-    except (UsageError, ConfigError) as error:
+    except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
     report_dir = args.report_dir or args.out
@@ -725,7 +804,7 @@ def main(argv: list[str] | None = None) -> int:
             print("interrupted: running jobs saved checkpoints; run again to continue")
             status = EXIT_INTERRUPTED
     summary = write_report(experiment, args.out, report_dir)
-    complete = sum(len(seeds) for arm, seeds in summary.per_seed.items() if arm != "bicubic")
+    complete = sum(len(seeds) for arm, seeds in summary.per_seed.items() if arm != BICUBIC)
     print(
         f"report: {report_dir / 'results.md'} ({complete} of {total} runs); "
         f"elapsed {clock(time.monotonic() - started)}",

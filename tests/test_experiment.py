@@ -1,0 +1,275 @@
+"""``python -m core.experiment`` end to end: real runs in subprocesses, a report whose numbers
+are recomputed here from each run's metrics.jsonl, restarts that skip or resume runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import statistics
+from pathlib import Path
+
+import pytest
+
+from core.errors import UsageError
+from core.experiment import (
+    build_experiment,
+    build_parser,
+    check_arms,
+    main,
+    markdown,
+    parse_arms,
+    summarise,
+    t_two_sided_p,
+)
+from core.plots import plot_loss_curves_by_arm, plot_terrain_rmse_by_arm
+from core.terrain import TERRAINS
+from tests.conftest import read_metrics
+
+TINY = [
+    "model.n_resgroups=1",
+    "model.n_resblocks=1",
+    "model.n_feats=8",
+    "data.batch_size=2",  # 15 steps per epoch: enough for the spike detector's warm-up
+]
+ARMS = "baseline;stratified,terrain_loss"
+SEEDS = (0, 1)
+SLUGS = ("baseline", "stratified+terrain_loss")
+
+
+def experiment_args(data: Path, out: Path, *extra: str) -> list[str]:
+    args = ["--arms", ARMS, "--seeds", "0,1", "--epochs", "2", "--data", str(data)]
+    args += ["--out", str(out), "--jobs", "4", "--threads", "1", *extra]
+    for assignment in TINY:
+        args += ["--set", assignment]
+    return args
+
+
+@pytest.fixture(scope="module")
+def experiment(procedural_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("experiment")
+    assert main(experiment_args(procedural_dir, out)) == 0
+    return out
+
+
+def csv_rows(out: Path) -> dict[tuple[str, str], dict[str, str]]:
+    with open(out / "results.csv", newline="") as handle:
+        return {(row["arm"], row["seed"]): row for row in csv.DictReader(handle)}
+
+
+def recomputed(run_dir: Path, target: float) -> dict[str, float | None]:
+    """The per-run numbers from metrics.jsonl, by the definitions in docs/experiments.md."""
+    rows = read_metrics(run_dir)
+    final = rows[-1]
+    reached = [row["epoch"] for row in rows if row["val_loss"] <= target]
+    spikes, steps = sum(row["loss_spikes"] for row in rows), sum(row["steps"] for row in rows)
+    values = {
+        "spikes_per_100_epochs": 100 * spikes / len(rows),
+        "spikes_per_1000_steps": 1000 * spikes / steps,
+        "steps": steps,
+        "epochs_to_target": reached[0] if reached else None,
+        "val_rmse_m": final["val_rmse_m"],
+        "val_slope_rmse_deg": final["val_slope_rmse_deg"],
+    }
+    for terrain in TERRAINS:
+        values[f"val_rmse_m_{terrain}"] = final["val_rmse_m_by_terrain"][terrain]
+        values[f"val_slope_rmse_deg_{terrain}"] = final["val_slope_rmse_deg_by_terrain"][terrain]
+    return values
+
+
+@pytest.mark.slow
+def test_report_matches_the_runs(experiment: Path):
+    for name in ("results.md", "results.csv", "loss_curves_by_arm.png", "terrain_rmse_by_arm.png"):
+        assert (experiment / name).stat().st_size > 0, name
+    rows = csv_rows(experiment)
+    targets = {
+        seed: read_metrics(experiment / "baseline" / f"seed{seed}")[-1]["val_loss"]
+        for seed in SEEDS
+    }
+    per_arm = {
+        (slug, arm): [recomputed(experiment / slug / f"seed{s}", targets[s]) for s in SEEDS]
+        for slug, arm in zip(SLUGS, ARMS.split(";"), strict=True)
+    }
+    means = {}
+    for (_, arm), runs in per_arm.items():
+        for seed, run in zip(SEEDS, runs, strict=True):
+            for key, value in run.items():
+                written = rows[(arm, str(seed))][key]
+                assert (written == "") if value is None else float(written) == pytest.approx(value)
+        for key in runs[0]:
+            values = [run[key] for run in runs if run[key] is not None]
+            means[(arm, key)] = statistics.fmean(values)
+            assert float(rows[(arm, "mean")][key]) == pytest.approx(means[(arm, key)])
+            assert float(rows[(arm, "std")][key]) == pytest.approx(statistics.stdev(values))
+    arm = ARMS.split(";")[1]
+    for key in per_arm[(SLUGS[0], "baseline")][0]:
+        base = means[("baseline", key)]
+        if base:
+            change = (means[(arm, key)] - base) / base * 100
+            assert float(rows[(arm, "delta_pct")][key]) == pytest.approx(change)
+    # every baseline run reaches its own final val_loss, at its last epoch at the latest
+    assert all(run["epochs_to_target"] <= 2 for run in per_arm[(SLUGS[0], "baseline")])
+
+    table = (experiment / "results.md").read_text()
+    header = next(line for line in table.splitlines() if "val RMSE (m)" in line).split("|")
+    line = next(line for line in table.splitlines() if line.startswith(f"| `{arm}`"))
+    rmse_cell = line.split("|")[header.index(" val RMSE (m) ")]
+    mean, std, change = map(float, re.findall(r"[-+]?\d+\.\d+", rmse_cell)[:3])
+    assert mean == pytest.approx(means[(arm, "val_rmse_m")], abs=0.01)
+    assert std == pytest.approx(float(rows[(arm, "std")]["val_rmse_m"]), abs=0.01)
+    assert change == pytest.approx(float(rows[(arm, "delta_pct")]["val_rmse_m"]), abs=0.05)
+    # the bicubic reference row is the same split's interpolation, from the runs' own rows
+    bicubic = read_metrics(experiment / "baseline" / "seed0")[-1]["val_rmse_m_bicubic"]
+    assert float(rows[("bicubic", "0")]["val_rmse_m"]) == pytest.approx(bicubic)
+
+
+@pytest.mark.slow
+def test_restart_skips_finished_runs_and_resumes_the_rest(
+    experiment: Path, procedural_dir: Path, capsys
+):
+    runs = [experiment / slug / f"seed{seed}" for slug in SLUGS for seed in SEEDS]
+    before = {path: path.stat().st_mtime_ns for run in runs for path in run.iterdir()}
+    metrics = read_metrics(runs[-1])
+    (runs[-1] / "summary.json").unlink()  # as if that run died after its last checkpoint
+    assert main(experiment_args(procedural_dir, experiment)) == 0
+    printed = capsys.readouterr().out
+    assert "3 of 4 runs already finished, 1 to run" in printed
+    assert f"resuming {ARMS.split(';')[1]} seed {SEEDS[-1]}" in printed
+    assert "starting" not in printed
+    for path, mtime in before.items():
+        if path.parent != runs[-1]:
+            assert path.stat().st_mtime_ns == mtime, f"{path} was touched again"
+    assert json.loads((runs[-1] / "summary.json").read_text())["epochs"] == 2
+    assert read_metrics(runs[-1]) == metrics
+
+
+@pytest.mark.slow
+def test_other_settings_in_an_existing_folder_are_refused(
+    experiment: Path, procedural_dir: Path, capsys
+):
+    args = experiment_args(procedural_dir, experiment, "--set", "optim.lr=0.01", "--report-only")
+    assert main(args) == 2
+    assert "optim.lr" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("arms", "message"),
+    [
+        ("baseline;stratified,no_such_plugin", "arm 'stratified,no_such_plugin': unknown plugin"),
+        ("baseline;balanced_grad,pcgrad", "arm 'balanced_grad,pcgrad'"),
+        ("baseline;stratified|data.batch_size='ten'", "expected int, got str 'ten'"),
+        ("baseline;baseline,stratified", "'baseline' means no plugins"),
+        ("baseline;stratified;stratified", "share a folder name"),
+    ],
+)
+def test_bad_arms_exit_2_before_any_run(arms: str, message: str, tmp_path: Path, capsys):
+    assert main(["--arms", arms, "--out", str(tmp_path / "exp")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "exp").exists()
+
+
+def test_toml_arms_and_the_domain_bn_rule(tmp_path: Path):
+    """TOML arms carry their own overrides; ``domain_bn`` arms get model.norm=batch unless
+    the arm or the common overrides set model.norm."""
+    path = tmp_path / "arms.toml"
+    path.write_text(
+        'seeds = [3, 4]\nepochs = 5\nset = ["optim.lr=0.01"]\n'
+        '[[arms]]\nname = "baseline_bn"\nset = ["model.norm=\'batch\'"]\n'
+        '[[arms]]\nname = "dbn"\nplugins = ["stratified", "domain_bn"]\n'
+    )
+    args = build_parser().parse_args(["--config", str(path), "--out", "x", "--epochs", "2"])
+    experiment = build_experiment(args)
+    assert (experiment.seeds, experiment.epochs, experiment.common) == (
+        (3, 4),
+        2,
+        ("optim.lr=0.01",),
+    )
+    assert [(arm.name, arm.plugins, arm.overrides) for arm in experiment.arms] == [
+        ("baseline_bn", (), ("model.norm='batch'",)),
+        ("dbn", ("stratified", "domain_bn"), ("model.norm='batch'",)),
+    ]
+    assert experiment.baseline == "baseline_bn"  # no arm is called baseline: the first one
+    args = build_parser().parse_args(
+        ["--arms", "domain_bn", "--set", "model.norm='none'", "--out", "x"]
+    )
+    assert build_experiment(args).arms[0].overrides == ()
+    path.write_text('[[arms]]\nname = "a"\nplugin = ["stratified"]\n')
+    with pytest.raises(UsageError, match="name, plugins and set"):
+        build_experiment(build_parser().parse_args(["--config", str(path), "--out", "x"]))
+
+
+@pytest.mark.parametrize(
+    ("t", "dof", "p"),
+    [(12.706, 1, 0.05), (4.303, 2, 0.05), (2.776, 4, 0.05), (1.0, 1, 0.5), (0.0, 3, 1.0)],
+)
+def test_t_test_p_values_match_tables(t: float, dof: int, p: float):
+    assert t_two_sided_p(t, dof) == pytest.approx(p, abs=2e-4)
+
+
+def test_the_documented_experiment_files_load(tmp_path: Path):
+    page = (Path(__file__).resolve().parent.parent / "docs" / "experiments.md").read_text()
+    example = re.search(r"```toml\n(.*?)```", page, flags=re.DOTALL).group(1)
+    (tmp_path / "example.toml").write_text(example)
+    results = Path(__file__).resolve().parent.parent / "docs" / "results" / "experiment.toml"
+    for path in (tmp_path / "example.toml", results):
+        experiment = build_experiment(
+            build_parser().parse_args(["--config", str(path), "--out", "x"])
+        )
+        check_arms(experiment, tmp_path / "x")
+        assert experiment.arms and experiment.baseline == "baseline"
+
+
+def synthetic_rows(level: float, epochs: int = 3) -> list[dict]:
+    """metrics.jsonl-shaped rows whose errors scale with ``level``."""
+    by_terrain = {terrain: level * (i + 1) for i, terrain in enumerate(TERRAINS)}
+    return [
+        {
+            "epoch": epoch,
+            "train_loss": level / epoch,
+            "val_loss": level / epoch,
+            "loss_spikes": epoch % 2,
+            "steps": 10,
+            "val_rmse_m": level,
+            "val_slope_rmse_deg": level / 10,
+            "val_rmse_m_by_terrain": by_terrain,
+            "val_slope_rmse_deg_by_terrain": by_terrain,
+            "val_rmse_m_bicubic": 2 * level,
+            "val_rmse_m_bicubic_by_terrain": by_terrain,
+        }
+        for epoch in range(1, epochs + 1)
+    ]
+
+
+def test_a_partial_experiment_still_gives_a_report(tmp_path: Path):
+    """Arms with missing seeds and a missing arm: the finished runs are reported as they are."""
+    args = ["--arms", "baseline;stratified;curriculum,stratified", "--seeds", "0,1", "--out", "x"]
+    experiment = build_experiment(build_parser().parse_args(args))
+    runs = {
+        "baseline": {0: synthetic_rows(1.0), 1: synthetic_rows(1.2)},
+        "stratified": {1: synthetic_rows(0.6, epochs=2)},
+    }
+    summary = summarise(experiment, runs)
+    assert summary.stats["stratified"]["count"]["val_rmse_m"] == 1
+    assert summary.stats["stratified"]["delta_pct"]["val_rmse_m"] == pytest.approx(-50 / 1.1)
+    assert summary.stats["stratified"]["paired_p"]["val_rmse_m"] is None  # one pair: no test
+    # seed 1's target is the baseline's final val_loss, 1.2 / 3; stratified's 0.6 / 2 is below
+    assert summary.per_seed["stratified"][1]["epochs_to_target"] == 2
+    table = markdown(experiment, summary)
+    assert "3 of 6 runs complete" in table
+    assert "| `stratified` | 1 |" in table and "curriculum" not in table
+    plot_loss_curves_by_arm(runs, tmp_path / "curves.png", baseline="baseline")
+    plot_terrain_rmse_by_arm(runs, tmp_path / "bars.png", baseline="baseline")
+    assert (tmp_path / "curves.png").stat().st_size and (tmp_path / "bars.png").stat().st_size
+
+
+def test_arm_syntax():
+    arms = parse_arms(" baseline ; stratified,terrain_loss|optim.lr=5e-4|data.batch_size=20 ;")
+    assert [(a.name, a.plugins, a.overrides, a.slug) for a in arms] == [
+        ("baseline", (), (), "baseline"),
+        (
+            "stratified,terrain_loss|optim.lr=5e-4|data.batch_size=20",
+            ("stratified", "terrain_loss"),
+            ("optim.lr=5e-4", "data.batch_size=20"),
+            "stratified+terrain_loss__optim.lr=5e-4__data.batch_size=20",
+        ),
+    ]
