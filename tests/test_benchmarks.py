@@ -1,0 +1,65 @@
+"""Every benchmark runs end to end in its ``--quick`` setting and prints its ratio lines.
+
+Timings are not asserted: on a shared machine they say nothing in a test, and the measured
+numbers, with whether each target is met, live in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+NUMBER = r"\d+\.\d+(?:e[+-]\d+)?"
+RATIO = re.compile(
+    rf"^ratio (\S+) = {NUMBER} \[{NUMBER}-{NUMBER}, n=\d+\]; target .+: (met|NOT met|no target)$",
+    re.MULTILINE,
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("script", "options", "ratios"),
+    [
+        (
+            "overhead.py",
+            [],
+            {"overhead_per_epoch_cpu", "overhead_per_epoch_wall", "overhead_whole_run_cpu"},
+        ),
+        (
+            "balanced_grad.py",
+            [],
+            {
+                "balanced_grad_time",
+                "balanced_grad_memory",
+                "recipe_time",
+                "recipe_memory_after_2_batches",
+                "recipe_memory_per_sample_seen",
+                "naive_time",
+                "naive_time_T5_vs_T1",
+            },
+        ),
+        ("stratified_plan.py", [], {"stratified_vs_python_loop", "stratified_share_of_epoch"}),
+        ("data_loading.py", [], {"loader_vs_small_model", "geotiff_vs_small_model"}),
+        ("gpu_throughput.py", ["--device", "cpu", "--no-others"], {"bf16_vs_fp32_small"}),
+    ],
+)
+def test_benchmark_runs_and_prints_its_ratios(
+    script: str, options: list[str], ratios: set[str], tmp_path: Path
+):
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--quick", *options],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    printed = {match.group(1) for match in RATIO.finditer(result.stdout)}
+    assert printed == ratios, result.stdout
+    assert "load average" in result.stdout, "the header records the machine's load"
+    assert not list(tmp_path.iterdir()), "a benchmark left files in the working directory"
