@@ -27,14 +27,12 @@ from tqdm.auto import tqdm
 
 from core.config import load_config
 from core.context import RunContext
+from core.data.dataset import normalisation
 from core.errors import DataError, UsageError
 from core.plugins import PluginManager
 from core.tasks import get_task
 from core.terrain import TERRAINS, terrain_index
 from core.train import CHECKPOINT
-
-STD_FLOOR_M = 1.0
-"""As ``core.data.dataset.MIN_STD_M``: windows are normalised exactly like training tiles."""
 
 
 def load_trained_model(run_dir: Path, cpu: bool = False) -> tuple[nn.Module, RunContext, dict]:
@@ -81,10 +79,8 @@ def window_starts(length: int, size: int, stride: int) -> list[int]:
 
 def normalise(window: np.ndarray) -> tuple[np.ndarray, float, float]:
     """As in training: fill voids with the mean, scale by the std (floored at 1 m)."""
-    valid = np.isfinite(window)
-    mean = float(window[valid].mean()) if valid.any() else 0.0
-    std = max(float(window[valid].std()) if valid.any() else 0.0, STD_FLOOR_M)
-    filled = np.where(valid, window, mean)
+    mean, std = normalisation(window)
+    filled = np.where(np.isfinite(window), window, mean)
     return ((filled - mean) / std).astype(np.float32), mean, std
 
 

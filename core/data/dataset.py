@@ -131,8 +131,7 @@ class TileDataset(Dataset):
         i = self._indices[idx]
         hr, lr = self._tiles.hr[i], self._tiles.lr[i]
         lr_valid = np.isfinite(lr)
-        mean = float(lr[lr_valid].mean())
-        std = max(float(lr[lr_valid].std()), MIN_STD_M)
+        mean, std = normalisation(lr)
         mask = np.isfinite(hr)
         return {
             "lr": torch.from_numpy(((np.where(lr_valid, lr, mean) - mean) / std)[None]).float(),
@@ -145,6 +144,18 @@ class TileDataset(Dataset):
             "std": torch.tensor(std, dtype=torch.float32),
             "cell_size": torch.from_numpy(self._tiles.cell_size[i].copy()),
         }
+
+
+def normalisation(lr: np.ndarray) -> tuple[float, float]:
+    """Mean and std (floored at ``MIN_STD_M``) of a tile's valid LR cells, in metres.
+
+    Only the LR is known at inference, so LR and HR are both normalised with these; a tile
+    without a valid cell gets (0, ``MIN_STD_M``).
+    """
+    valid = np.isfinite(lr)
+    if not valid.any():
+        return 0.0, MIN_STD_M
+    return float(lr[valid].mean()), max(float(lr[valid].std()), MIN_STD_M)
 
 
 def train_val_split(
