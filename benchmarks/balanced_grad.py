@@ -53,6 +53,7 @@ from benchlib import (
     finish,
     interleave,
     paired,
+    peak_tensor_bytes,
     ratio_line,
     spread,
     start,
@@ -60,7 +61,6 @@ from benchlib import (
     tiles_folder,
 )
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 from core.config import load_config
 from core.context import RunContext, StepInfo
@@ -189,34 +189,6 @@ def terrain_batches(
         pools = [rng.permutation(pool) for pool in pools]
         batches.append(torch.utils.data.default_collate([dataset[i] for i in indices]))
     return batches
-
-
-def peak_tensor_bytes(run: Callable[[], None], device: torch.device) -> int:
-    """Peak bytes of tensors allocated during ``run`` above those live when it started.
-
-    On the CPU the profiler logs every allocation and free of PyTorch's allocator with its
-    size, and their running sum in time order is the live tensor memory at each moment; on
-    CUDA the caching allocator counts the same directly.
-    """
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        live = torch.cuda.memory_allocated()
-        run()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - live
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        run()
-    events = [
-        event
-        for event in prof.profiler.kineto_results.events()
-        if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
-    ]
-    live = peak = 0
-    for event in sorted(events, key=lambda event: event.start_ns()):
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 def setup(

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -131,3 +132,31 @@ def tiles_folder(data: Path | None, per_terrain: int, scratch: Path) -> Path:
     from core.data.procedural import write_procedural_tiles
 
     return write_procedural_tiles(scratch / "tiles", per_terrain=per_terrain)
+
+
+def peak_tensor_bytes(run: Callable[[], None], device: torch.device) -> int:
+    """Peak bytes of tensors allocated during ``run`` above those live when it started.
+
+    On the CPU the profiler logs every allocation and free of PyTorch's allocator with its
+    size, and their running sum in time order is the live tensor memory at each moment; on
+    CUDA the caching allocator counts the same directly.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        live = torch.cuda.memory_allocated()
+        run()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - live
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = [
+        event
+        for event in prof.profiler.kineto_results.events()
+        if event.name() == "[memory]" and event.device_type() == torch.autograd.DeviceType.CPU
+    ]
+    live = peak = 0
+    for event in sorted(events, key=lambda event: event.start_ns()):
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak

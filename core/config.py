@@ -41,8 +41,8 @@ class DataSection:
     dir: str = ""
     """A folder of GeoTIFFs; empty: the embedded GLOBE default (cut on first use)."""
     scale: int = 3
-    tile_size: int = 48
-    """HR tile size in pixels when cutting the embedded default."""
+    tile_size: int = 0
+    """Tile size in pixels of the embedded default; 0: the task's (dem_sr 48, sar2opt 64)."""
     val_fraction: float = 0.2
     batch_size: int = 10
     num_workers: int = 0
@@ -52,7 +52,8 @@ class DataSection:
 
 @attrs.define
 class ModelSection:
-    """RCAN-DEM size (a preset, with optional overrides) and its norm layers."""
+    """dem_sr: RCAN-DEM size (a preset, with optional overrides) and its norm layers.
+    sar2opt: TerraMind size, weights, LoRA adapters and generation."""
 
     preset: str = "small"
     norm: str = attrs.field(default="none", validator=attrs.validators.in_(("none", "batch")))
@@ -61,6 +62,24 @@ class ModelSection:
     n_resblocks: int = 0
     n_feats: int = 0
     """Overrides of the preset; 0 keeps the preset's value."""
+    terramind: str = attrs.field(
+        default="tiny", validator=attrs.validators.in_(("tiny", "small", "base", "large"))
+    )
+    pretrained: bool = False
+    """Load TerraMind's weights from the local Hugging Face cache (never downloads)."""
+    lora_rank: int = 8
+    """0 trains no adapters (``refiner`` needs none)."""
+    lora_alpha: float = 16.0
+    lora_targets: str = (
+        r".*((encoder|decoder)\.\d+\.(attn|self_attn|cross_attn|mlp)\.(qkv|q|kv|proj|fc1|fc2)"
+        r"|decoder_embeddings\..*\.to_logits)"
+    )
+    """Full-match regex over TerraMind's module names. Default: the transformer blocks and the
+    token-logit head (a bare ``proj`` would also wrap the patch embeddings). With random
+    weights the frozen head's small norm caps the logits, so adapters on the blocks alone
+    cannot make any token likely."""
+    diffusion_steps: int = 2
+    """Diffusion decoding steps of validation generation (TerraMind's default is 50)."""
 
 
 @attrs.define

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, set_seed
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -38,7 +39,6 @@ from core.errors import UsageError
 from core.metrics import count_loss_spikes
 from core.plugins import PluginManager
 from core.tasks import get_task
-from core.terrain import TERRAINS
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -63,18 +63,20 @@ def default_plan(indices: np.ndarray, batch_size: int, seed: int, epoch: int) ->
     return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
 
-def plan_statistics(plan: Sequence[np.ndarray], terrains: np.ndarray, active: np.ndarray) -> dict:
+def plan_statistics(
+    plan: Sequence[np.ndarray], terrains: np.ndarray, active: np.ndarray, names: Sequence[str]
+) -> dict:
     """Terrain counts of the batches run and how many lacked one of the epoch's terrains."""
-    counts = np.zeros(len(TERRAINS), dtype=np.int64)
+    counts = np.zeros(len(names), dtype=np.int64)
     missing = 0
     for batch in plan:
-        present = np.bincount(terrains[batch], minlength=len(TERRAINS))
+        present = np.bincount(terrains[batch], minlength=len(names))
         counts += present
         missing += int(np.any(present[active] == 0))
     return {
-        "terrain_counts": {TERRAINS[i]: int(n) for i, n in enumerate(counts) if n},
+        "terrain_counts": {names[i]: int(n) for i, n in enumerate(counts) if n},
         "batches_missing_a_terrain": missing,
-        "active_terrains": [TERRAINS[i] for i in active],
+        "active_terrains": [names[i] for i in active],
     }
 
 
@@ -117,6 +119,27 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
     os.replace(tmp, path)
 
 
+def frozen_parameter_names(model: nn.Module) -> set[str]:
+    return {name for name, p in model.named_parameters() if not p.requires_grad}
+
+
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict without frozen parameters: they are rebuilt from the config (a frozen
+    300 M-parameter TerraMind would otherwise be rewritten every epoch)."""
+    frozen = frozen_parameter_names(model)
+    return {key: value for key, value in model.state_dict().items() if key not in frozen}
+
+
+def load_trained_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    absent = set(missing) - frozen_parameter_names(model)
+    if absent or unexpected:
+        raise UsageError(
+            "checkpoint does not match the model built from its config: "
+            f"missing {sorted(absent)[:5]}, unexpected {sorted(unexpected)[:5]}"
+        )
+
+
 class Trainer:
     """Runs one configured training job in ``run_dir``."""
 
@@ -132,13 +155,15 @@ class Trainer:
             log_with="tensorboard" if config.train.tensorboard else None,
             project_dir=str(run_dir),
         )
+        task = get_task(config.run.task)
         self.ctx = RunContext(
             config=config,
             accelerator=self.accelerator,
-            task=get_task(config.run.task),
+            task=task,
             plugins=plugins,
             run_dir=run_dir,
             total_epochs=config.run.epochs,
+            terrains=task.terrains,
         )
         self.rows: list[dict[str, Any]] = []
         self.step_losses: list[float] = []
@@ -177,8 +202,11 @@ class Trainer:
         ctx.train_dataset, self.val_dataset = train, val
         model = ctx.task.build_model(config)
         model = ctx.plugins.chain("configure_model", model, "model", ctx=ctx)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        if not trainable:
+            raise UsageError(f"task {config.run.task}: the model has no trainable parameters")
         optimizer = torch.optim.AdamW(
-            model.parameters(), lr=config.optim.lr, weight_decay=config.optim.weight_decay
+            trainable, lr=config.optim.lr, weight_decay=config.optim.weight_decay
         )
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         ctx.model = self.model
@@ -198,12 +226,15 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         n_params = sum(p.numel() for p in self.model.parameters())
-        counts = np.bincount(train.terrains, minlength=len(TERRAINS))
+        n_trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        terrains = self.ctx.terrains
+        counts = np.bincount(train.terrains, minlength=len(terrains))
         names = ", ".join(p.name for p in self.ctx.plugins.active) or "none"
         print(
-            f"terraplug: {self.ctx.task.name}, {n_params / 1e6:.2f} M parameters, "
+            f"terraplug: {self.ctx.task.name}, {n_params / 1e6:.2f} M parameters "
+            f"({n_trainable / 1e6:.3f} M trainable), "
             f"{len(train)} training / {len(val)} validation tiles "
-            f"({', '.join(f'{t} {n}' for t, n in zip(TERRAINS, counts, strict=True) if n)}), "
+            f"({', '.join(f'{t} {n}' for t, n in zip(terrains, counts, strict=True) if n)}), "
             f"plugins: {names}, {self.accelerator.num_processes} process(es) on "
             f"{self.accelerator.device}, run folder {self.run_dir}",
             flush=True,
@@ -255,7 +286,7 @@ class Trainer:
                 f"epoch {epoch}: fewer batches than processes ({world}); lower data.batch_size"
             )
         active = np.unique(dataset.terrains[indices])
-        return plan, plan_statistics(plan, dataset.terrains, active)
+        return plan, plan_statistics(plan, dataset.terrains, active, ctx.terrains)
 
     def run_epoch(self, epoch: int) -> dict[str, Any]:
         ctx, config, accelerator = self.ctx, self.config, self.accelerator
@@ -327,9 +358,9 @@ class Trainer:
     def optimizer_step(self, micro: list[dict[str, Any]], progress: float) -> torch.Tensor:
         """One optimizer step over ``micro``; returns local [loss sum, samples, component sums]."""
         ctx, accelerator, model = self.ctx, self.accelerator, self.model
-        counts = torch.zeros(len(TERRAINS), device=accelerator.device)
+        counts = torch.zeros(len(ctx.terrains), device=accelerator.device)
         for batch in micro:
-            counts += torch.bincount(batch["terrain"], minlength=len(TERRAINS)).float()
+            counts += torch.bincount(batch["terrain"], minlength=len(ctx.terrains)).float()
         counts = accelerator.reduce(counts, "sum") if ctx.world_size > 1 else counts
         base = torch.tensor(
             [getattr(self.config.loss, c, 1.0) for c in ctx.task.components],
@@ -440,15 +471,8 @@ class Trainer:
         ctx.plugins.call("on_epoch_end", epoch=epoch, metrics=row, ctx=ctx)
 
     def print_epoch(self, row: dict[str, Any]) -> None:
-        def metres(value: float | None) -> str:
-            return "n/a" if value is None else f"{value:.2f}"
-
-        by_terrain = " ".join(f"{t} {metres(v)}" for t, v in row["val_rmse_m_by_terrain"].items())
         print(
-            f"epoch {row['epoch']}/{self.config.run.epochs}: "
-            f"train_loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} "
-            f"val_rmse {metres(row['val_rmse_m'])} m "
-            f"(bicubic {metres(row.get('val_rmse_m_bicubic'))} m; {by_terrain}) "
+            f"epoch {row['epoch']}/{self.config.run.epochs}: {self.ctx.task.epoch_summary(row)} "
             f"spikes {row['loss_spikes']} {row['seconds']:.1f} s",
             flush=True,
         )
@@ -464,10 +488,10 @@ class Trainer:
             return
         state = {
             "epoch": completed_epoch,
-            "lr_shape": tuple(self.ctx.train_dataset[0]["lr"].shape[-2:]),
+            **self.ctx.task.checkpoint_meta(),
             "partial": self.partial,
             "global_step": self.ctx.global_step,
-            "model": self.accelerator.unwrap_model(self.model).state_dict(),
+            "model": trained_state(self.accelerator.unwrap_model(self.model)),
             "optimizer": self.optimizer.state_dict(),
             "rows": self.rows,
             "step_losses": self.step_losses,
@@ -483,7 +507,7 @@ class Trainer:
     def load_checkpoint(self) -> int:
         """Restore everything :meth:`save_checkpoint` wrote; returns the epoch to run next."""
         state = torch.load(self.run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
-        self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
+        load_trained_state(self.accelerator.unwrap_model(self.model), state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.partial = state["partial"]
         self.rows = state["rows"]

@@ -11,4 +11,9 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "pcgrad": "plugins.gradients.pcgrad:PCGrad",
     "terrain_loss": "plugins.losses.terrain_loss:TerrainLoss",
     "domain_bn": "plugins.norms.domain_bn:DomainBN",
+    "teacher_forcing": "plugins.generators.teacher_forcing:TeacherForcing",
+    "straight_through": "plugins.generators.straight_through:StraightThrough",
+    "reinforce": "plugins.generators.reinforce:Reinforce",
+    "refiner": "plugins.generators.refiner:Refiner",
+    "encoder_only": "plugins.generators.encoder_only:EncoderOnly",
 }

@@ -14,6 +14,7 @@ import pytest
 
 from core.run import main
 from tests.conftest import FAST, read_metrics
+from tests.distributed.two_processes import LAUNCH
 
 REPO = Path(__file__).resolve().parent.parent
 REQUIRED_KEYS = {
@@ -173,12 +174,7 @@ def test_template_plugin_installs_and_runs_by_name(
 @pytest.mark.slow
 def test_two_process_accelerate_launch(procedural_dir: Path, tmp_path: Path):
     out = tmp_path / "ddp"
-    accelerate = Path(sys.executable).with_name("accelerate")
-    result = run_cli(
-        str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "core.run", *fast_args(procedural_dir, out),
-    )  # fmt: skip
+    result = run_cli(*LAUNCH, "-m", "core.run", *fast_args(procedural_dir, out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
     rows = read_metrics(out)

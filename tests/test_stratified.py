@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from plugins.samplers.stratified import (
     epoch_batches,
     plan_batches,
 )
+from tests.distributed.two_processes import LAUNCH
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -211,9 +211,7 @@ def test_two_processes_train_disjoint_shares_of_the_plan(tmp_path, procedural_di
     out = tmp_path / "shares"
     out.mkdir()
     command = [
-        str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu",
-        "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", str(ROOT / "tests" / "distributed" / "stratified_shares.py"),
+        *LAUNCH, str(ROOT / "tests" / "distributed" / "stratified_shares.py"),
         str(procedural_dir), str(tmp_path / "run"), str(out),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)

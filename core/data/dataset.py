@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import numpy as np
@@ -23,6 +23,8 @@ from core.data.geotiff import read_dem
 from core.data.labels import label_tile
 from core.errors import DataError
 from core.terrain import terrain_index
+
+T = TypeVar("T", bound=tuple)
 
 MIN_STD_M = 1.0
 """Floor of the per-tile std, so near-flat tiles are not blown up into noise."""
@@ -38,6 +40,39 @@ class _Tiles:
     terrains: np.ndarray  # [N] int64
     tile_ids: list[str]
     paths: list[Path]
+
+
+class SkippedFiles:
+    """Bad input files: with ``strict`` the first raises; otherwise each is skipped with a
+    warning and listed in ``entries`` as ``(path, reason)`` (the run's ``summary.json``)."""
+
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+        self.entries: list[tuple[str, str]] = []
+
+    def add(self, path: Path, error: DataError) -> None:
+        if self.strict:
+            raise error
+        warnings.warn(f"skipping {error}", stacklevel=3)
+        self.entries.append((str(path), str(error)))
+
+    def keep_common_shape(self, loaded: list[T], shape_of: Callable[[T], tuple]) -> list[T]:
+        """The items of the most common shape; the others are bad input (``item[0]`` is the
+        path): one dataset stacks one tile shape."""
+        common = Counter(shape_of(item) for item in loaded).most_common(1)[0][0]
+        kept = []
+        for item in loaded:
+            if shape_of(item) != common:
+                self.add(
+                    item[0],
+                    DataError(
+                        f"{item[0]}: shape {shape_of(item)} differs from {common} of most "
+                        "files; one dataset needs one tile shape"
+                    ),
+                )
+            else:
+                kept.append(item)
+        return kept
 
 
 class TileDataset(Dataset):
@@ -81,33 +116,17 @@ class TileDataset(Dataset):
         if not files:
             raise DataError(f"{data_dir}: no .tif or .tiff files found")
 
-        skipped: list[tuple[str, str]] = []
-
-        def bad(path: Path, error: DataError) -> None:
-            if strict:
-                raise error
-            warnings.warn(f"skipping {error}", stacklevel=3)
-            skipped.append((str(path), str(error)))
-
+        skipped = SkippedFiles(strict)
         loaded = []
         for path in files:
             try:
                 lr_path = data_dir / "lr" / path.relative_to(hr_root) if paired else None
                 loaded.append((path, *_load_pair(path, lr_path, scale)))
             except DataError as error:
-                bad(path, error)
+                skipped.add(path, error)
         if not loaded:
             raise DataError(f"{data_dir}: none of the {len(files)} GeoTIFF files is usable")
-
-        shape = Counter(item[1].shape for item in loaded).most_common(1)[0][0]
-        kept = []
-        for item in loaded:
-            path, hr = item[0], item[1]
-            if hr.shape != shape:
-                message = f"{path}: HR shape {hr.shape} differs from {shape} of most tiles"
-                bad(path, DataError(f"{message}; one dataset needs one tile shape"))
-            else:
-                kept.append(item)
+        kept = skipped.keep_common_shape(loaded, lambda item: item[1].shape)
 
         tiles = _Tiles(
             hr=np.stack([item[1] for item in kept]),
@@ -117,7 +136,7 @@ class TileDataset(Dataset):
             tile_ids=[item[0].stem for item in kept],
             paths=[item[0] for item in kept],
         )
-        return cls(tiles, np.arange(len(kept)), scale, skipped)
+        return cls(tiles, np.arange(len(kept)), scale, skipped.entries)
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> TileDataset:
         """A view on some samples (positions in this dataset), renumbered from 0."""

@@ -34,8 +34,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -43,6 +41,7 @@ import attrs
 import numpy as np
 from affine import Affine
 
+from core.data.cache import build_once, read_manifest
 from core.data.geotiff import write_dem
 from core.errors import DataError
 from core.terrain import TERRAINS
@@ -287,21 +286,7 @@ def ensure_globe_tiles(
     if tile_size < 9:
         raise DataError(f"tile_size must be at least 9 cells, got {tile_size}")
     folder = Path(cache_dir or default_cache_dir()) / f"tiles{tile_size}"
-    manifest = _read_manifest(folder)
-    if manifest is None:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-        try:
-            manifest = _build(staging, tile_size)
-            if folder.exists():  # a stale or partial cache: replace it
-                shutil.rmtree(folder)
-            os.replace(staging, folder)
-        except OSError:
-            manifest = _read_manifest(folder)  # another process finished first
-            if manifest is None:
-                raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    manifest = build_once(folder, lambda staging: _build(staging, tile_size), _read_manifest)
     if not quiet:
         _report(folder, manifest)
     return folder
@@ -354,17 +339,11 @@ def _build(out: Path, tile_size: int) -> dict:
 
 
 def _read_manifest(folder: Path) -> dict | None:
-    """The manifest of a complete cache folder, else None (missing, stale or damaged)."""
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if manifest.get("version") != CACHE_VERSION:
-        return None
-    expected = sum(manifest["tiles_per_category"].values())
-    if sum(1 for _ in folder.glob("*_tile_*.tif")) != expected:
-        return None
-    return manifest
+    def complete(manifest: dict) -> bool:
+        expected = sum(manifest["tiles_per_category"].values())
+        return sum(1 for _ in folder.glob("*_tile_*.tif")) == expected
+
+    return read_manifest(folder, CACHE_VERSION, complete)
 
 
 def _report(folder: Path, manifest: dict) -> None:

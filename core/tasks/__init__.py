@@ -24,6 +24,8 @@ class Task(Protocol):
     name: str
     components: tuple[str, ...]
     """Names of the per-sample loss components, the columns of ``training_forward``'s result."""
+    terrains: tuple[str, ...]
+    """Names of the domains ``sample["terrain"]`` indexes (dem_sr: the five categories)."""
 
     def build_datasets(self, config: Config, ctx: RunContext) -> tuple[Any, Any]:
         """Training and validation datasets; samples carry ``terrain`` and ``idx``."""
@@ -37,6 +39,12 @@ class Task(Protocol):
     def validate(self, model: nn.Module, batches: Iterable[Batch], ctx: RunContext) -> dict:
         """Metrics over this process's validation batches, reduced over all processes."""
 
+    def epoch_summary(self, row: dict[str, Any]) -> str:
+        """The headline metrics of a ``metrics.jsonl`` row, for the console."""
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """Extra entries the checkpoint carries for the task's own tools (``core.predict``)."""
+
     def write_plots(
         self, run_dir: Path, rows: list[dict], model: nn.Module, ctx: RunContext
     ) -> None:
@@ -48,4 +56,8 @@ def get_task(name: str) -> Task:
         from core.tasks.dem_sr import DemSuperResolution
 
         return DemSuperResolution()
-    raise ConfigError(f"run.task: unknown task {name!r}; available: dem_sr")
+    if name == "sar2opt":
+        from core.tasks.sar2opt import SarToOptical
+
+        return SarToOptical()
+    raise ConfigError(f"run.task: unknown task {name!r}; available: dem_sr, sar2opt")

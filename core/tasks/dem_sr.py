@@ -35,6 +35,7 @@ class DemSuperResolution:
 
     name = "dem_sr"
     components = COMPONENTS
+    terrains = TERRAINS
 
     def build_datasets(self, config: Config, ctx: RunContext) -> tuple[TileDataset, TileDataset]:
         data = config.data
@@ -43,13 +44,13 @@ class DemSuperResolution:
                 Path(data.dir)
                 if data.dir
                 else ensure_globe_tiles(
-                    tile_size=data.tile_size, quiet=not ctx.accelerator.is_main_process
+                    tile_size=data.tile_size or 48, quiet=not ctx.accelerator.is_main_process
                 )
             )
             dataset = TileDataset.from_folder(folder, data.scale, strict=data.strict)
         self.skipped = dataset.skipped
         train, val = train_val_split(dataset, data.val_fraction, config.run.seed)
-        self.val_dataset = val
+        self.train_dataset, self.val_dataset = train, val
         self.bicubic: dict[str, Any] | None = None
         return train, val
 
@@ -96,6 +97,21 @@ class DemSuperResolution:
                 "val_rmse_m_bicubic_by_terrain": summary["val_rmse_m_by_terrain"],
             }
         return {**model_errors.summary(), **self.bicubic}
+
+    def epoch_summary(self, row: dict[str, Any]) -> str:
+        def metres(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.2f}"
+
+        by_terrain = " ".join(f"{t} {metres(v)}" for t, v in row["val_rmse_m_by_terrain"].items())
+        return (
+            f"train_loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} "
+            f"val_rmse {metres(row['val_rmse_m'])} m "
+            f"(bicubic {metres(row.get('val_rmse_m_bicubic'))} m; {by_terrain})"
+        )
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """``core.predict`` sizes its windows like the training tiles."""
+        return {"lr_shape": tuple(self.train_dataset[0]["lr"].shape[-2:])}
 
     @torch.no_grad()
     def write_plots(

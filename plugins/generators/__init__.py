@@ -1,1 +1,34 @@
-"""Built-in generators plugins."""
+"""Generator plugins: ways to train TerraMind (``--task sar2opt``) past its token sampling.
+
+Each provides the exclusive ``training_forward`` hook, so exactly one is active per run.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from core.errors import PluginError
+
+if TYPE_CHECKING:
+    from core.context import RunContext
+    from core.models.terramind import TerraMindSarToOptical
+    from core.tasks.sar2opt import SarToOptical
+
+
+def sar2opt_task(ctx: RunContext, plugin: str) -> SarToOptical:
+    """The run's task, refusing any task but ``sar2opt`` with a message naming ``plugin``."""
+    if ctx.task.name != "sar2opt":
+        raise PluginError(
+            f"plugin {plugin!r} trains TerraMind past its token sampling: run it with "
+            f"--task sar2opt (this run's task is {ctx.task.name})"
+        )
+    return ctx.task
+
+
+def terramind_of(model: nn.Module, ctx: RunContext, plugin: str) -> TerraMindSarToOptical:
+    """The TerraMind wrapper inside ``model`` (unwrapping DDP and the refiner)."""
+    sar2opt_task(ctx, plugin)
+    model = ctx.accelerator.unwrap_model(model)
+    return getattr(model, "terramind_generator", model)

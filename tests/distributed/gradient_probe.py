@@ -20,6 +20,7 @@ import attrs
 import torch
 import torch.distributed as dist
 from torch import nn
+from two_processes import LAUNCH
 
 from core.config import Config, load_config
 from core.context import RunContext
@@ -219,15 +220,8 @@ def load_records(out: Path, world_size: int) -> tuple[Config, list[list[StepReco
 def launch(
     plugins: str, data: Path, out: Path, *overrides: str, backward_collective: bool = False
 ) -> subprocess.CompletedProcess:
-    """Run :func:`main` under two real processes. ``accelerate launch --cpu`` starts only
-    one without MPI (accelerate 1.15); ``--multi_gpu`` starts two through torchrun, on gloo
-    and the CPU when there is no GPU."""
-    command = [
-        str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu",
-        "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", __file__, "--plugins", plugins, "--data", str(data),
-        "--out", str(out),
-    ]  # fmt: skip
+    """Run :func:`main` under two real processes (see ``two_processes.LAUNCH``)."""
+    command = [*LAUNCH, __file__, "--plugins", plugins, "--data", str(data), "--out", str(out)]
     for assignment in overrides:
         command += ["--set", assignment]
     if backward_collective:

@@ -1,0 +1,267 @@
+"""TerraMind S1 GRD -> S2 L2A generation (terratorch), with LoRA and differentiable paths.
+
+TerraTorch's generation samples discrete tokens and decodes them with a diffusion pipeline,
+both without gradient: a loss on its output cannot train anything (the seed's "element 0 of
+tensors does not require grad"). This module keeps the real generation for validation and
+exposes what lies *before* the sampling, where gradients do flow: the token logits of one
+ROAR step over all target positions (what ``generate`` samples from) and the encoder's
+output. The generator plugins build their objectives on these.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from core.errors import ConfigError
+from core.models.terratorch_import import import_terratorch
+
+SIZES = ("tiny", "small", "base", "large")
+SAR = "untok_sen1grd@224"
+OPTICAL_RAW = "untok_sen2l2a@224"
+OPTICAL_TOKENS = "tok_sen2l2a@224"
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Fix torch's and Python's RNGs inside the block (generation draws from both)."""
+    state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(state)
+
+
+class TerraMindSarToOptical(nn.Module):
+    """A TerraTorch ``TerraMindGeneration`` (S1GRD -> S2L2A) seen through the paths we train.
+
+    ``forward(sar, output=...)`` is what training calls, so a DDP wrapper sees every
+    differentiable computation: ``"logits"`` gives ``[B, N, V]`` token logits in raster
+    order, ``"encoding"`` the encoder's ``[B, N, D]`` output. Images are standardised with
+    TerraMind's pretraining statistics.
+    """
+
+    def __init__(self, generator: nn.Module) -> None:
+        super().__init__()
+        self.generator = generator
+
+    @property
+    def terramind(self) -> nn.Module:
+        """The transformer (encoder, decoder, embeddings), without the tokenizer."""
+        return self.generator.sampler.model
+
+    @property
+    def tokenizer(self) -> nn.Module:
+        """The S2 L2A tokenizer: ViT encoder, FSQ quantizer, diffusion decoder. Always frozen."""
+        return self.generator.tokenizer[OPTICAL_TOKENS]
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        """``[V, d]``: the FSQ code of every token id, the latent the diffusion decoder reads."""
+        return self.tokenizer.quantize.codebook
+
+    def forward(self, image: torch.Tensor, output: str = "logits") -> torch.Tensor:
+        if output == "logits":
+            return self.token_logits(image)
+        if output == "encoding":
+            return self.encode(image)
+        if output == "optical_encoding":
+            return self.encode(image, modality=OPTICAL_RAW)
+        raise ValueError(f"unknown output {output!r}: logits, encoding or optical_encoding")
+
+    def _input(self, image: torch.Tensor, modality: str) -> dict:
+        from terratorch.models.backbones.terramind.model.generate import init_full_input_modality
+        from terratorch.models.backbones.terramind.model.modality_info import MODALITY_INFO
+
+        batch, tokens = image.shape[0], self.num_tokens(image)
+        value = {
+            "tensor": image,
+            "input_mask": torch.zeros(batch, tokens, dtype=torch.bool, device=image.device),
+            "target_mask": torch.ones(batch, tokens, dtype=torch.bool, device=image.device),
+            "decoder_attention_mask": torch.zeros(
+                batch, tokens, dtype=torch.bool, device=image.device
+            ),
+        }
+        return {modality: init_full_input_modality(value, MODALITY_INFO, modality, image.device)}
+
+    def num_tokens(self, image: torch.Tensor) -> int:
+        patch = self.tokenizer.patch_size
+        return (image.shape[-2] // patch) * (image.shape[-1] // patch)
+
+    def token_logits(self, sar: torch.Tensor) -> torch.Tensor:
+        """``[B, N, V]`` logits of every target token given the SAR image, in raster order.
+
+        One ROAR step that decodes all positions at once: the distribution TerraMind's
+        ``generate`` samples from with its default single decoding step.
+        """
+        from terratorch.models.backbones.terramind.model.generate import (
+            init_empty_target_modality,
+        )
+        from terratorch.models.backbones.terramind.model.modality_info import MODALITY_INFO
+
+        tokens = self.num_tokens(sar)
+        mod_dict = self._input(sar, SAR)
+        mod_dict[OPTICAL_TOKENS] = init_empty_target_modality(
+            MODALITY_INFO, OPTICAL_TOKENS, sar.shape[0], tokens, sar.device
+        )
+        logits, positions = self.generator.sampler.forward_enc_dec_roar_batched(
+            mod_dict, OPTICAL_TOKENS, tokens
+        )
+        order = positions.argsort(dim=1)  # ROAR visits positions in random order
+        return logits.gather(1, order.unsqueeze(-1).expand_as(logits))
+
+    def encode(self, image: torch.Tensor, modality: str = SAR) -> torch.Tensor:
+        """``[B, N, D]``: TerraMind's encoder output for one image modality alone."""
+        sampler, model = self.generator.sampler, self.terramind
+        mod_dict = self._input(image, modality)
+        embedded = {key: model.encoder_embeddings[key](value) for key, value in mod_dict.items()}
+        tokens, emb, mask, _ = sampler.forward_mask_encoder_generation(embedded)
+        return model.forward_encoder(tokens + emb, mask)
+
+    @torch.no_grad()
+    def target_tokens(self, optical: torch.Tensor) -> torch.Tensor:
+        """``[B, N]`` token ids of standardised optical images (raster order)."""
+        return self.tokenizer.tokenize(optical).flatten(1).long()
+
+    @torch.no_grad()
+    def decode(
+        self, tokens: torch.Tensor, size: tuple[int, int], steps: int, seed: int
+    ) -> torch.Tensor:
+        """Standardised optical images from ``[B, N]`` token ids.
+
+        Every image starts from the same diffusion noise (drawn from ``seed``), so two decodes
+        differ only through their tokens.
+        """
+        patch = self.tokenizer.patch_size
+        grid = tokens.reshape(tokens.shape[0], size[0] // patch, size[1] // patch)
+        return torch.cat(
+            [
+                self.tokenizer.decode_tokens(
+                    one.unsqueeze(0),
+                    image_size=size,
+                    timesteps=steps,
+                    generator=torch.Generator().manual_seed(seed),  # the pipeline draws on CPU
+                )
+                for one in grid
+            ]
+        ).float()
+
+    @torch.no_grad()
+    def generate(self, sar: torch.Tensor, steps: int, seed: int) -> torch.Tensor:
+        """TerraTorch's own generation (token sampling + diffusion decoding), seeded."""
+        with seeded(seed):
+            return self.generator({"S1GRD": sar}, standardize=False, timesteps=steps)["S2L2A"]
+
+
+def lora_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    return ((name, p) for name, p in model.named_parameters() if "lora_" in name)
+
+
+def build_terramind(
+    size: str,
+    *,
+    pretrained: bool,
+    lora_rank: int,
+    lora_alpha: float,
+    lora_targets: str,
+) -> TerraMindSarToOptical:
+    """TerraMind ``terramind_v1_<size>_generate`` with LoRA on the transformer, tokenizer frozen.
+
+    Only LoRA parameters require gradient. ``pretrained=True`` reads the weights from the
+    local Hugging Face cache and never goes online: missing weights are a clear error.
+    """
+    if size not in SIZES:
+        raise ConfigError(f"model.terramind: unknown size {size!r}; choose one of {SIZES}")
+    registry = import_terratorch()
+    if pretrained:
+        require_cached_weights(size)
+    with offline_hub() if pretrained else contextlib.nullcontext():
+        generator = registry.build(
+            f"terramind_v1_{size}_generate",
+            modalities=["S1GRD", "S2L2A"],  # S2L2A as input: its encoding for encoder_only
+            output_modalities=["S2L2A"],
+            pretrained=pretrained,
+        )
+    model = TerraMindSarToOptical(generator)
+    if not pretrained:
+        reinitialise_zeroed_layers(model.tokenizer.decoder)
+    model.requires_grad_(False)
+    if lora_rank > 0:
+        inject_lora(model.terramind, lora_rank, lora_alpha, lora_targets)
+    return model
+
+
+def reinitialise_zeroed_layers(decoder: nn.Module) -> int:
+    """Give the diffusion decoder's zero-initialised convolutions a random initialisation.
+
+    TerraTorch zero-initialises the last convolution of every residual and attention block
+    and of the output, the usual start for training a diffusion UNet; with random weights
+    the decoder then returns the same image (zeros) for any tokens, and nothing that scores
+    a generation (validation, ``reinforce``'s reward) could tell two token maps apart.
+    Pretrained weights replace all of this. Returns the number of layers reset.
+    """
+    reset = 0
+    for module in decoder.modules():
+        if isinstance(module, nn.Conv1d | nn.Conv2d) and not module.weight.any():
+            module.reset_parameters()
+            reset += 1
+    return reset
+
+
+def inject_lora(module: nn.Module, rank: int, alpha: float, targets: str) -> None:
+    """peft LoRA adapters on the modules whose name matches ``targets`` (a full-match regex)."""
+    import peft
+
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets)
+    try:
+        peft.inject_adapter_in_model(config, module)
+    except ValueError as error:
+        raise ConfigError(f"model.lora_targets {targets!r}: {error}") from None
+    for _, parameter in lora_parameters(module):
+        parameter.requires_grad_(True)
+
+
+@contextlib.contextmanager
+def offline_hub() -> Iterator[None]:
+    """Hugging Face Hub calls inside read the local cache only."""
+    import huggingface_hub.constants as hub
+
+    previous = hub.HF_HUB_OFFLINE
+    hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hub.HF_HUB_OFFLINE = previous
+
+
+def require_cached_weights(size: str) -> None:
+    """Refuse, naming what is missing, unless TerraMind and its S2 L2A tokenizer are cached."""
+    from huggingface_hub import try_to_load_from_cache
+    from terratorch.models.backbones.terramind.model.terramind_register import (
+        pretrained_weights as model_weights,
+    )
+    from terratorch.models.backbones.terramind.tokenizer.tokenizer_register import (
+        pretrained_weights as tokenizer_weights,
+    )
+
+    needed = [model_weights[f"terramind_v1_{size}"]]
+    needed.append(tokenizer_weights["terramind_v1_tokenizer_s2l2a"])
+    missing = [
+        f"{entry['hf_hub_id']}/{entry['hf_hub_filename']}"
+        for entry in needed
+        if not isinstance(try_to_load_from_cache(entry["hf_hub_id"], entry["hf_hub_filename"]), str)
+    ]
+    if missing:
+        raise ConfigError(
+            "model.pretrained=true but these weights are not in the local Hugging Face cache: "
+            + ", ".join(missing)
+            + ". Download them on a connected machine (huggingface-cli download <repo> <file>) "
+            "and copy the cache (HF_HOME), or train with model.pretrained=false (random weights)."
+        )

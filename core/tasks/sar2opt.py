@@ -1,0 +1,189 @@
+"""SAR -> optical: TerraMind generates Sentinel-2 L2A from Sentinel-1 GRD, tuned with LoRA.
+
+TerraMind's generation samples discrete tokens, so there is no default training forward:
+each generator plugin (``teacher_forcing``, ``straight_through``, ``reinforce``, ``refiner``,
+``encoder_only``) is one way around the sampling. Validation always runs the real
+generation (token sampling and diffusion decoding) and scores it in reflectance.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from core.config import Config
+from core.context import RunContext
+from core.data.dataset import train_val_split
+from core.data.sar2opt import TERRAMIND_V1, PairDataset, ensure_default_pairs
+from core.errors import UsageError
+from core.models.terramind import TerraMindSarToOptical, build_terramind
+from core.plots import plot_loss_curves, plot_sar_optical
+
+Batch = dict[str, Any]
+GENERATORS = ("teacher_forcing", "straight_through", "reinforce", "refiner", "encoder_only")
+REFLECTANCE_SCALE = 10_000.0
+"""S2 L2A digital numbers per unit reflectance; metrics compare reflectances in [0, 1]."""
+DEFAULT_TILE_SIZE = 64
+NO_GENERATOR = (
+    "sar2opt trains through a generator plugin: TerraMind samples discrete tokens, so a loss "
+    'on its generated output has no gradient ("element 0 of tensors does not require grad"). '
+    f"Add one of --plugins {','.join(GENERATORS)}"
+)
+
+
+class SarToOptical:
+    """TerraMind S1GRD -> S2L2A on co-registered GeoTIFF pairs, validated by generating."""
+
+    name = "sar2opt"
+    components = ("objective",)
+    """Each generator plugin returns its own per-sample objective as the single component."""
+    terrains = ("scene",)
+    """Pairs carry no terrain label: one domain, so samplers and counts stay well-defined."""
+
+    def build_datasets(self, config: Config, ctx: RunContext) -> tuple[PairDataset, PairDataset]:
+        if ctx.plugins.provider("training_forward") is None:
+            raise UsageError(NO_GENERATOR)
+        self.ctx = ctx
+        data = config.data
+        with ctx.accelerator.main_process_first():
+            folder = (
+                Path(data.dir)
+                if data.dir
+                else ensure_default_pairs(
+                    data.tile_size or DEFAULT_TILE_SIZE,
+                    quiet=not ctx.accelerator.is_main_process,
+                )
+            )
+        dataset = PairDataset.from_folder(folder, TERRAMIND_V1, strict=data.strict)
+        self.skipped = dataset.skipped
+        self.train_dataset, self.val_dataset = train_val_split(
+            dataset, data.val_fraction, config.run.seed
+        )
+        return self.train_dataset, self.val_dataset
+
+    def build_model(self, config: Config) -> nn.Module:
+        model = config.model
+        terramind = build_terramind(
+            model.terramind,
+            pretrained=model.pretrained,
+            lora_rank=model.lora_rank,
+            lora_alpha=model.lora_alpha,
+            lora_targets=model.lora_targets,
+        )
+        self.train_tokens = self.cached_target_tokens(terramind)
+        return terramind
+
+    def cached_target_tokens(self, model: TerraMindSarToOptical) -> torch.Tensor:
+        """``[N_train, T]`` token ids of every training target, tokenized once per run.
+
+        Written to ``cache/target_tokens.pt`` in the run folder, so a resumed run (same
+        frozen tokenizer) does not tokenize again.
+        """
+        ctx = self.ctx
+        path = ctx.run_dir / "cache" / "target_tokens.pt"
+        names = list(self.train_dataset.names)
+        with ctx.accelerator.main_process_first():
+            if path.exists():
+                cached = torch.load(path, weights_only=True)
+                if cached["names"] == names:
+                    return cached["tokens"]
+            if not ctx.accelerator.is_main_process:
+                raise RuntimeError(f"{path} was not written by the main process")
+            tokens = torch.cat(
+                [
+                    model.target_tokens(
+                        torch.stack([self.train_dataset[i]["optical"] for i in chunk])
+                    )
+                    for chunk in tqdm(
+                        np.array_split(np.arange(len(names)), max(1, len(names) // 16)),
+                        desc="tokenizing targets",
+                        leave=False,
+                        disable=len(names) < 64,
+                    )
+                ]
+            )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"names": names, "tokens": tokens}, path)
+        return tokens
+
+    def target_tokens(self, batch: Batch) -> torch.Tensor:
+        """``[B, T]`` cached token ids of a training batch's targets, on its device."""
+        return self.train_tokens[batch["idx"].cpu()].to(batch["optical"].device)
+
+    def forward_losses(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        raise UsageError(NO_GENERATOR)
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module, batches: Iterable[Batch], ctx: RunContext) -> dict:
+        """L1, PSNR and SSIM of real generations against the targets, in reflectance."""
+        from torchmetrics.functional.image import structural_similarity_index_measure
+
+        config = ctx.config
+        sums = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # l1, psnr, ssim, n
+        for batch in batches:
+            ctx.plugins.call("route_batch", model=model, batch=batch, ctx=ctx)
+            seed = config.run.seed + int(batch["idx"][0])  # fixed per tile: epochs comparable
+            generated = self.reflectance(
+                model.generate(batch["sar"], config.model.diffusion_steps, seed)
+            )
+            target = self.reflectance(batch["optical"])
+            mse = (generated - target).square().mean((1, 2, 3)).clamp_min(1e-10)
+            ssim = structural_similarity_index_measure(
+                generated, target, data_range=1.0, reduction="none"
+            )
+            sums += torch.stack(
+                [
+                    (generated - target).abs().mean((1, 2, 3)).sum(),
+                    (-10 * torch.log10(mse)).sum(),
+                    ssim.sum(),
+                    torch.tensor(float(len(mse)), device=mse.device),
+                ]
+            ).double()
+        l1, psnr, ssim, count = ctx.accelerator.reduce(sums, "sum").tolist()
+        if count == 0:
+            return {"val_loss": math.nan, "val_l1": math.nan, "val_psnr": math.nan}
+        return {"val_loss": l1 / count, "val_l1": l1 / count, "val_psnr": psnr / count,
+                "val_ssim": ssim / count}  # fmt: skip
+
+    def reflectance(self, optical: torch.Tensor) -> torch.Tensor:
+        """Standardised optical -> reflectance clipped to [0, 1]."""
+        dataset = self.val_dataset
+        return (dataset.destandardise_optical(optical.float()) / REFLECTANCE_SCALE).clamp(0, 1)
+
+    def epoch_summary(self, row: dict[str, Any]) -> str:
+        return (
+            f"train_loss {row['train_loss']:.4f} val_l1 {row['val_l1']:.4f} "
+            f"PSNR {row['val_psnr']:.2f} dB SSIM {row.get('val_ssim', math.nan):.3f}"
+        )
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {}
+
+    @torch.no_grad()
+    def write_plots(
+        self, run_dir: Path, rows: list[dict], model: nn.Module, ctx: RunContext
+    ) -> None:
+        plot_loss_curves(rows, run_dir / "loss_curves.png")
+        count = min(4, len(self.val_dataset))
+        samples = [self.val_dataset[i] for i in range(count)]
+        sar = torch.stack([s["sar"] for s in samples]).to(ctx.device)
+        seed = ctx.config.run.seed
+        generated = torch.cat(
+            [
+                model.generate(sar[i : i + 1], ctx.config.model.diffusion_steps, seed + i)
+                for i in range(count)
+            ]
+        )
+        plot_sar_optical(
+            sar.cpu().numpy(),
+            self.reflectance(generated).cpu().numpy(),
+            self.reflectance(torch.stack([s["optical"] for s in samples])).numpy(),
+            run_dir / "sar_generated_target.png",
+        )

@@ -1,0 +1,102 @@
+"""``encoder_only``: LoRA on TerraMind's encoder only, trained in latent space.
+
+Decoder and sampling stay frozen and unused in training. The target is the encoding of the
+target optical image by TerraMind's own encoder *without* adapters (computed once per tile
+at set-up); the loss pulls the adapted encoding of the SAR image towards it, token by token
+(MSE). An encoder that makes SAR look like optical to the frozen decoder lets generation
+from SAR behave like generation from optical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.errors import PluginError
+from core.hookspecs import Batch, hookimpl
+from core.models.terramind import OPTICAL_RAW, TerraMindSarToOptical, lora_parameters
+from core.plugins import Plugin
+from plugins.generators import sar2opt_task, terramind_of
+
+if TYPE_CHECKING:
+    from core.context import RunContext
+
+ENCODER_BLOCK = re.compile(r"(^|\.)encoder\.\d+\.")
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` without its peft LoRA adapters, leaving which ones train unchanged
+    (peft's ``enable_adapters(True)`` would mark every adapter trainable again)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+    trainable = {name: p.requires_grad for name, p in lora_parameters(model)}
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
+        for name, parameter in lora_parameters(model):
+            parameter.requires_grad_(trainable[name])
+
+
+class EncoderOnly(Plugin):
+    """Adapted SAR encoding -> frozen optical encoding, MSE per token."""
+
+    name = "encoder_only"
+
+    def __init__(self, config: object) -> None:
+        super().__init__(config)
+        self.targets: torch.Tensor | None = None
+
+    @hookimpl
+    def configure_model(self, model: nn.Module, ctx: RunContext) -> None:
+        sar2opt_task(ctx, self.name)
+        encoder = 0
+        for name, parameter in lora_parameters(model):
+            in_encoder = bool(ENCODER_BLOCK.search(name))
+            parameter.requires_grad_(in_encoder)
+            encoder += in_encoder
+        if not encoder:
+            raise PluginError(
+                "plugin 'encoder_only': no LoRA adapter sits in TerraMind's encoder blocks; "
+                f"model.lora_targets {ctx.config.model.lora_targets!r} must match "
+                "encoder.<i>.attn/mlp modules and model.lora_rank must be > 0"
+            )
+
+    @hookimpl
+    def setup(self, ctx: RunContext) -> None:
+        self.targets = self.optical_encodings(terramind_of(ctx.model, ctx, self.name), ctx)
+
+    @torch.no_grad()
+    def optical_encodings(self, terramind: TerraMindSarToOptical, ctx: RunContext) -> torch.Tensor:
+        """``[N_train, T, D]`` encodings of the training targets by the un-adapted encoder.
+
+        With adapters switched off the encoder is exactly the base model, also on a resumed
+        run whose adapters have already trained.
+        """
+        dataset = ctx.train_dataset
+        with adapters_disabled(terramind):
+            return torch.cat(
+                [
+                    terramind.encode(
+                        dataset[i]["optical"].unsqueeze(0).to(ctx.device), OPTICAL_RAW
+                    ).cpu()
+                    for i in range(len(dataset))
+                ]
+            )
+
+    @hookimpl
+    def training_forward(self, model: nn.Module, batch: Batch, ctx: RunContext) -> torch.Tensor:
+        target = self.targets[batch["idx"].cpu()].to(batch["sar"].device)
+        encoding = model(batch["sar"], output="encoding")
+        return F.mse_loss(encoding, target, reduction="none").mean((1, 2)).unsqueeze(1)
