@@ -83,7 +83,7 @@ def main() -> None:
         )
     for name in PLUGINS[1:]:
         ratio_line(
-            f"{name}/teacher_forcing step time",
+            f"{name}_step_vs_teacher_forcing",
             paired(times[name], times["teacher_forcing"]),
             "none (a comparison)",
             None,

@@ -120,7 +120,9 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
 
 
 def frozen_parameter_names(model: nn.Module) -> set[str]:
-    return {name for name, p in model.named_parameters() if not p.requires_grad}
+    """Every name of a frozen parameter, tied ones (one tensor, two names) included."""
+    named = model.named_parameters(remove_duplicate=False)
+    return {name for name, p in named if not p.requires_grad}
 
 
 def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:

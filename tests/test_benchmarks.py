@@ -46,6 +46,14 @@ RATIO = re.compile(
         ("stratified_plan.py", [], {"stratified_vs_python_loop", "stratified_share_of_epoch"}),
         ("data_loading.py", [], {"loader_vs_small_model", "geotiff_vs_small_model"}),
         ("gpu_throughput.py", ["--device", "cpu", "--no-others"], {"bf16_vs_fp32_small"}),
+        (
+            "generators.py",
+            [],
+            {
+                f"{name}_step_vs_teacher_forcing"
+                for name in ("straight_through", "reinforce", "refiner", "encoder_only")
+            },
+        ),
     ],
 )
 def test_benchmark_runs_and_prints_its_ratios(

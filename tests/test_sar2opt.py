@@ -25,6 +25,7 @@ from core.hookspecs import hookimpl
 from core.models.terramind import build_terramind
 from core.plugins import ActivePlugin, PluginManager
 from core.train import Trainer
+from tests.conftest import read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -238,3 +239,23 @@ def test_pretrained_without_cached_weights_is_a_clear_error(
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(UsageError, match=r"ibm-esa-geospatial/TerraMind-1\.0-tiny"):
         build_terramind("tiny", pretrained=True, lora_rank=8, lora_alpha=16.0, lora_targets=".*qkv")
+
+
+def test_cli_run_writes_the_run_folder_and_resumes(tmp_path: Path) -> None:
+    """``python -m core.run --task sar2opt``: metrics with generation scores, the comparison
+    PNG, a checkpoint without the frozen 300 M parameters, and a resume that continues."""
+    from core.run import main
+
+    out = tmp_path / "cli"
+    common = ["--task", "sar2opt", "--out", str(out), "--set", "model.diffusion_steps=1"]
+    common += ["--set", "train.progress='never'", "--set", "train.max_steps_per_epoch=2"]
+    assert main([*common, "--plugins", "teacher_forcing", "--epochs", "1"]) == 0
+    rows = read_metrics(out)
+    assert {"val_l1", "val_psnr", "val_ssim", "val_loss"} <= set(rows[0])
+    assert 0 < rows[0]["val_ssim"] <= 1 and rows[0]["val_psnr"] > 0
+    assert (out / "sar_generated_target.png").stat().st_size > 0
+    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert all("lora_" in key or not key.endswith("weight") for key in state["model"])
+    assert (out / "checkpoint.pt").stat().st_size < 10 * 2**20  # adapters, not 1.2 GB
+    assert main(["--resume", str(out), "--epochs", "2"]) == 0
+    assert [row["epoch"] for row in read_metrics(out)] == [1, 2]
