@@ -299,20 +299,17 @@ class Sides:
         times = interleave({side: step(side) for side in turn}, pairs)
         return times["trainer"], times["hand"]
 
-    def finite_check(self, repeats: int) -> tuple[float, float, int]:
-        """CPU seconds of the trainer's finite check over fresh gradients, of one fused
-        ``_foreach_norm`` check of the same gradients, and how many gradients there are."""
+    def finite_check(self, repeats: int) -> tuple[float, int]:
+        """CPU seconds of the trainer's finite check over fresh gradients, and how many
+        gradients there are."""
         trainer = self.trainer
         losses = trainer.ctx.task.forward_losses(trainer.model, self.batches[0])
         trainer.accelerator.backward(losses.sum())
         grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
         sums = torch.zeros(2 + len(trainer.ctx.task.components), dtype=torch.float64)
         finite = cpu_seconds(lambda: trainer.gradients_finite(sums), repeats)
-        fused = cpu_seconds(
-            lambda: bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()), repeats
-        )
         trainer.optimizer.zero_grad(set_to_none=True)
-        return finite, fused, len(grads)
+        return finite, len(grads)
 
 
 def breakdown(args: argparse.Namespace, folder: Path, scratch: Path) -> dict:
@@ -331,7 +328,7 @@ def breakdown(args: argparse.Namespace, folder: Path, scratch: Path) -> dict:
     narrow_sides = Sides.build(narrow_args, folder, scratch / "breakdown-narrow", 8)
     narrow = narrow_sides.step_pairs(pairs)
     narrow_finite = narrow_sides.finite_check(repeats)[0]
-    finite, fused, gradients = sides.finite_check(repeats)
+    finite, gradients = sides.finite_check(repeats)
     trainer = sides.trainer
     val, batch_size = trainer.val_dataset, trainer.config.data.batch_size
     validation = interleave(
@@ -353,7 +350,6 @@ def breakdown(args: argparse.Namespace, folder: Path, scratch: Path) -> dict:
         "narrow_hand": narrow[1],
         "finite": finite,
         "narrow_finite": narrow_finite,
-        "fused_finite": fused,
         "validate_difference": [a - b for a, b in zip(*validation.values(), strict=True)],
         "checkpoint": cpu_seconds(lambda: trainer.save_checkpoint(0), rounds),
         "plan": cpu_seconds(lambda: trainer.epoch_plan(1), rounds),
@@ -463,12 +459,11 @@ def attribute(pieces: dict, hand_epoch: float, measured: float, plots: float) ->
         low, middle, high = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
         return f"{middle * 1e3:+.2f} ms a step (quartiles {low * 1e3:+.2f} to {high * 1e3:+.2f})"
 
-    finite, fused = pieces["finite"], pieces["fused_finite"]
+    finite = pieces["finite"]
     other = statistics.median(differences("narrow")) - pieces["narrow_finite"]
     rows = [
         (
-            f"the finite check over {pieces['gradients']} gradients ({finite * 1e3:.2f} ms a "
-            f"step; one fused _foreach_norm check: {fused * 1e3:.2f} ms)",
+            f"the finite check over {pieces['gradients']} gradients ({finite * 1e3:.2f} ms a step)",
             steps * finite,
         ),
         (

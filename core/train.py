@@ -119,6 +119,22 @@ def atomic_write_bytes(path: Path, write: Any) -> None:
     os.replace(tmp, path)
 
 
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of every tensor is finite, in one fused pass per device and
+    dtype: GradScaler's own check, which multiplies by 1 (values stay bit-identical) and
+    costs a fraction of an ``isfinite().all()`` per tensor."""
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for tensor in tensors:
+        groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
+    flags = []
+    for (device, _), group in groups.items():
+        found = torch.zeros(1, device=device)
+        one = torch.ones(1, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(group, found, one)
+        flags.append(found)
+    return not flags or not bool(torch.cat(flags).any())
+
+
 def frozen_parameter_names(model: nn.Module) -> set[str]:
     """Every name of a frozen parameter, tied ones (one tensor, two names) included."""
     named = model.named_parameters(remove_duplicate=False)
@@ -411,9 +427,8 @@ class Trainer:
 
         Gradients are synchronised by now, so every process reaches the same verdict.
         """
-        finite = [p.grad.isfinite().all() for p in self.model.parameters() if p.grad is not None]
-        ok = bool(torch.stack(finite).all()) if finite else True
-        ok = ok and bool(torch.isfinite(sums[0]))
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        ok = bool(torch.isfinite(sums[0])) and all_finite(grads)
         if ok:
             self.nonfinite_in_a_row = 0
             return True

@@ -26,7 +26,7 @@ from core.plugins import Plugin
 from core.predict import main as predict_main
 from core.run import main
 from core.terrain import TERRAINS
-from core.train import CHECKPOINT, NonFiniteLossError
+from core.train import CHECKPOINT, NonFiniteLossError, all_finite
 from tests.conftest import FAST, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -297,3 +297,18 @@ def test_plugin_usage_error_names_plugin_and_hook(procedural_dir, tmp_path, monk
     err = capsys.readouterr().err
     assert "does not fit this data" in err
     assert "raised by plugin 'config_check' in hook 'setup'" in err
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_all_finite_finds_one_bad_element_in_any_tensor_and_dtype(bad: float) -> None:
+    tensors = [torch.randn(8, 8, 3, 3), torch.randn(8), torch.randn(5, dtype=torch.bfloat16)]
+    tensors.append(torch.full((3,), 3.0e38))  # huge but finite: no overflow false alarm
+    before = [t.clone() for t in tensors]
+    assert all_finite(tensors)
+    assert all(torch.equal(a, b) for a, b in zip(tensors, before, strict=True))  # untouched
+    for tensor in tensors:
+        saved = tensor.flatten()[-1].item()
+        tensor.view(-1)[-1] = bad
+        assert not all_finite(tensors), tensor.dtype
+        tensor.view(-1)[-1] = saved
+    assert all_finite([])
