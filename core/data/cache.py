@@ -13,6 +13,12 @@ from typing import Any
 Manifest = dict[str, Any]
 
 
+def cache_root() -> Path:
+    """``$TERRAPLUG_CACHE``, else ``~/.cache/terraplug``: where built datasets are kept."""
+    root = os.environ.get("TERRAPLUG_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "terraplug"
+
+
 def read_manifest(
     folder: Path, version: str, complete: Callable[[Manifest], bool]
 ) -> Manifest | None:

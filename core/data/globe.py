@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -41,7 +40,7 @@ import attrs
 import numpy as np
 from affine import Affine
 
-from core.data.cache import build_once, read_manifest
+from core.data.cache import build_once, cache_root, read_manifest
 from core.data.geotiff import write_dem
 from core.errors import DataError
 from core.terrain import TERRAINS
@@ -118,10 +117,8 @@ GLOBE_REGIONS: tuple[GlobeRegion, ...] = (
 
 
 def default_cache_dir() -> Path:
-    """``$TERRAPLUG_CACHE/globe-v1``, else ``~/.cache/terraplug/globe-v1``."""
-    root = os.environ.get("TERRAPLUG_CACHE")
-    base = Path(root) if root else Path.home() / ".cache" / "terraplug"
-    return base / CACHE_VERSION
+    """``<cache_root()>/globe-v1``."""
+    return cache_root() / CACHE_VERSION
 
 
 def globe_npz_path() -> Path:

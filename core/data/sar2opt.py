@@ -31,9 +31,8 @@ from rasterio.crs import CRS
 from rasterio.errors import RasterioError
 from torch.utils.data import Dataset
 
-from core.data.cache import build_once, read_manifest
+from core.data.cache import build_once, cache_root, read_manifest
 from core.data.dataset import SkippedFiles
-from core.data.globe import default_cache_dir
 from core.data.procedural import _noise
 from core.errors import DataError
 
@@ -359,8 +358,7 @@ _TILES_PER_ROW = 8
 def ensure_default_pairs(tile_size: int = 64, *, quiet: bool = False) -> Path:
     """Write ``DEFAULT_PAIRS`` procedural pairs once; return their folder.
 
-    The folder is ``sar2opt-<tile_size>-v1`` beside the GLOBE cache, in the parent of
-    ``default_cache_dir()`` (``$TERRAPLUG_CACHE``, else ``~/.cache/terraplug``). It holds
+    The folder is ``<cache_root()>/sar2opt-<tile_size>-v1``. It holds
     ``S1GRD/``, ``S2L2A/``, ``LULC/`` (the land-cover map behind each pair) and a
     ``manifest.json``, is built in a temporary folder and renamed into place, so an interrupted
     or concurrent first run never leaves a partial dataset; a later call only reads the manifest.
@@ -370,7 +368,7 @@ def ensure_default_pairs(tile_size: int = 64, *, quiet: bool = False) -> Path:
             f"tile_size must be a positive multiple of {MULTIPLE} (TerraMind's diffusion "
             f"decoder needs it), got {tile_size}"
         )
-    folder = default_cache_dir().parent / f"sar2opt-{tile_size}-{CACHE_VERSION}"
+    folder = cache_root() / f"sar2opt-{tile_size}-{CACHE_VERSION}"
     manifest = build_once(folder, lambda staging: _build(staging, tile_size), _read_manifest)
     if not quiet:
         fractions = ", ".join(f"{k} {v:.0%}" for k, v in manifest["land_cover_fractions"].items())

@@ -72,9 +72,7 @@ class TerraMindSarToOptical(nn.Module):
             return self.token_logits(image)
         if output == "encoding":
             return self.encode(image)
-        if output == "optical_encoding":
-            return self.encode(image, modality=OPTICAL_RAW)
-        raise ValueError(f"unknown output {output!r}: logits, encoding or optical_encoding")
+        raise ValueError(f"unknown output {output!r}: logits or encoding")
 
     def _input(self, image: torch.Tensor, modality: str) -> dict:
         from terratorch.models.backbones.terramind.model.generate import init_full_input_modality

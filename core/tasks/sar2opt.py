@@ -96,11 +96,14 @@ class SarToOptical:
                     return cached["tokens"]
             if not ctx.accelerator.is_main_process:
                 raise RuntimeError(f"{path} was not written by the main process")
+            model.tokenizer.to(ctx.device)  # the trainer places the rest of the model later
             tokens = torch.cat(
                 [
                     model.target_tokens(
-                        torch.stack([self.train_dataset[i]["optical"] for i in chunk])
-                    )
+                        torch.stack([self.train_dataset[i]["optical"] for i in chunk]).to(
+                            ctx.device
+                        )
+                    ).cpu()
                     for chunk in tqdm(
                         np.array_split(np.arange(len(names)), max(1, len(names) // 16)),
                         desc="tokenizing targets",
