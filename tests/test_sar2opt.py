@@ -164,14 +164,37 @@ def test_plain_generation_loss_has_no_gradient_and_plugins_avoid_it(tmp_path: Pa
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
-def test_lora_sits_on_transformer_blocks_and_the_tokenizer_is_frozen() -> None:
-    model = build_terramind(
+@pytest.fixture(scope="module")
+def terramind() -> nn.Module:
+    """TerraMind tiny with the default LoRA adapters (random weights)."""
+    return build_terramind(
         "tiny",
         pretrained=False,
         lora_rank=8,
         lora_alpha=16.0,
         lora_targets=load_config().model.lora_targets,
     )
+
+
+def test_token_logits_come_in_raster_order_whatever_order_roar_visits(
+    terramind: nn.Module,
+) -> None:
+    """ROAR shuffles the decoder's query order at random; the logits handed to the plugins
+    must not depend on that shuffle, or token i would be scored against target j."""
+    sar = torch.randn(2, 2, 64, 64)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        first = terramind(sar, output="logits")
+        torch.manual_seed(2)
+        second = terramind(sar, output="logits")
+    assert first.shape == (2, 16, 15360)
+    torch.testing.assert_close(first, second, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_sits_on_transformer_blocks_and_the_tokenizer_is_frozen(
+    terramind: nn.Module,
+) -> None:
+    model = terramind
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in name for name in trainable)
     assert not any(name.startswith("generator.tokenizer") for name in trainable)
