@@ -104,7 +104,7 @@ def mean(values: list[float]) -> float:
     [
         ("teacher_forcing", 30, ["optim.lr=1e-2"]),
         ("straight_through", 40, ["optim.lr=1e-2"]),
-        ("refiner", 100, ["optim.lr=5e-3", "model.lora_rank=0"]),
+        ("refiner", 250, ["optim.lr=5e-3", "model.lora_rank=0"]),
         ("encoder_only", 30, ["optim.lr=3e-3"]),
     ],
 )
@@ -215,7 +215,7 @@ def test_encoder_only_trains_the_encoder_adapters_alone(tmp_path: Path) -> None:
 
 
 def test_refiner_caches_generations_and_freezes_terramind(tmp_path: Path) -> None:
-    trainer, _ = make_trainer(tmp_path / "ref", "refiner")
+    trainer, _ = make_trainer(tmp_path / "ref", "refiner", "data.val_fraction=0.75")
     trainer.setup()
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all(n.startswith("refiner.") for n in trainable)

@@ -33,7 +33,7 @@ class ReinforceConfig:
 
     samples: int = attrs.field(default=4, validator=attrs.validators.ge(2))
     """Token maps per input (at least 2: the baseline leaves one out)."""
-    top_k: int = attrs.field(default=32, validator=attrs.validators.ge(0))
+    top_k: int = attrs.field(default=8, validator=attrs.validators.ge(0))
     """Sample among each position's ``top_k`` most likely tokens (0: all 15,360), as
     generation filters with top-p: a policy over the whole vocabulary rarely draws a token
     twice, so its gradient estimate would be mostly noise."""
