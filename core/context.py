@@ -30,7 +30,8 @@ class StepInfo:
     """
 
     terrain_counts: torch.Tensor
-    """``[len(TERRAINS)]`` float tensor: samples of each terrain in the step, all processes."""
+    """``[len(ctx.terrains)]`` float tensor: samples of each terrain in the step, all
+    processes."""
     micro_batch: int
     num_micro_batches: int
 
@@ -59,6 +60,7 @@ class RunContext:
     step: StepInfo | None = None
     """The step being computed; set by the trainer before each micro-batch."""
     terrains: tuple[str, ...] = TERRAINS
+    """Names of the task's domains, indexed by ``sample["terrain"]`` (dem_sr: the five)."""
     _logged: dict[str, list[float]] = attrs.field(factory=lambda: defaultdict(list))
 
     @property
