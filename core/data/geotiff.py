@@ -8,7 +8,9 @@ into NaN, and ``cell_size_m`` turns degrees into metres at the raster's latitude
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import rasterio
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.errors import CRSError, RasterioError
+from rasterio.io import DatasetReader
 
 from core.errors import DataError
 
@@ -42,30 +45,35 @@ class Dem:
         return cell_size_m(self.transform, self.crs, self.elevation.shape)
 
 
-def read_dem(path: Path | str) -> Dem:
-    """Read a single-band GeoTIFF; every failure is a ``DataError`` naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+@contextlib.contextmanager
+def open_geotiff(path: Path) -> Iterator[DatasetReader]:
+    """``rasterio.open`` for reading; a file GDAL cannot read is a ``DataError`` naming it."""
     try:
         with rasterio.open(path) as ds:
-            if ds.count != 1:
-                raise DataError(
-                    f"{path}: has {ds.count} bands; an elevation raster needs exactly 1"
-                )
-            if ds.crs is None:
-                raise DataError(
-                    f"{path}: has no CRS, so its cell size in metres is unknown; set one, "
-                    "e.g. `rio edit-info --crs EPSG:4326 FILE`"
-                )
-            elevation = ds.read(1).astype(np.float32)
-            void = ds.read_masks(1) == 0
-            transform, crs, nodata, tags = ds.transform, ds.crs, ds.nodata, dict(ds.tags())
+            yield ds
     except RasterioError as err:
         detail = err.__cause__ or err  # GDAL's own message, when rasterio wraps it
         raise DataError(
             f"{path}: not a readable GeoTIFF (truncated or not a raster): {detail}"
         ) from None
+
+
+def read_dem(path: Path | str) -> Dem:
+    """Read a single-band GeoTIFF; every failure is a ``DataError`` naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    with open_geotiff(path) as ds:
+        if ds.count != 1:
+            raise DataError(f"{path}: has {ds.count} bands; an elevation raster needs exactly 1")
+        if ds.crs is None:
+            raise DataError(
+                f"{path}: has no CRS, so its cell size in metres is unknown; set one, "
+                "e.g. `rio edit-info --crs EPSG:4326 FILE`"
+            )
+        elevation = ds.read(1).astype(np.float32)
+        void = ds.read_masks(1) == 0
+        transform, crs, nodata, tags = ds.transform, ds.crs, ds.nodata, dict(ds.tags())
     void |= ~np.isfinite(elevation)
     if nodata is not None:
         void |= elevation == np.float32(nodata)

@@ -28,11 +28,11 @@ import torch
 from affine import Affine
 from numpy.typing import ArrayLike
 from rasterio.crs import CRS
-from rasterio.errors import RasterioError
 from torch.utils.data import Dataset
 
 from core.data.cache import build_once, cache_root, read_manifest
 from core.data.dataset import SkippedFiles
+from core.data.geotiff import open_geotiff
 from core.data.procedural import _noise
 from core.errors import DataError
 
@@ -266,21 +266,15 @@ class _Raster:
 
 def _read_bands(path: Path, bands: tuple[str, ...], kind: str) -> _Raster:
     """All bands of one file as float32; every failure is a ``DataError`` naming the file."""
-    try:
-        with rasterio.open(path) as ds:
-            if ds.count != len(bands):
-                raise DataError(
-                    f"{path}: has {ds.count} bands; an {kind} file needs {len(bands)} "
-                    f"({', '.join(bands)})"
-                )
-            data = ds.read().astype(np.float32)
-            void = ds.read_masks() == 0
-            crs, transform = ds.crs, ds.transform
-    except RasterioError as err:
-        detail = err.__cause__ or err  # GDAL's own message, when rasterio wraps it
-        raise DataError(
-            f"{path}: not a readable GeoTIFF (truncated or not a raster): {detail}"
-        ) from None
+    with open_geotiff(path) as ds:
+        if ds.count != len(bands):
+            raise DataError(
+                f"{path}: has {ds.count} bands; an {kind} file needs {len(bands)} "
+                f"({', '.join(bands)})"
+            )
+        data = ds.read().astype(np.float32)
+        void = ds.read_masks() == 0
+        crs, transform = ds.crs, ds.transform
     void |= ~np.isfinite(data)
     if void.any():
         band, row, col = np.argwhere(void)[0]
