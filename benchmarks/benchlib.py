@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
@@ -67,7 +68,7 @@ def interleave(
 ) -> dict[str, list[float]]:
     """Run every variant ``repeats`` times, rotating which goes first each repeat.
 
-    A variant returns the seconds it measured itself (so it can leave set-up out). Warm-up
+    A variant returns what it measured itself (usually seconds, leaving set-up out). Warm-up
     runs of each variant come first and are dropped: first calls pay for lazy imports,
     allocator growth and oneDNN kernel selection.
     """
@@ -88,6 +89,21 @@ def paired(numerator: Sequence[float], denominator: Sequence[float]) -> list[flo
     return [a / b for a, b in zip(numerator, denominator, strict=True)]
 
 
+def bootstrap_medians(
+    values: Sequence[float], rng: np.random.Generator, resamples: int = 10_000
+) -> np.ndarray:
+    """Medians of ``resamples`` resamples of ``values`` (with replacement): how the median
+    itself would vary if the repeats were drawn again, which the min-max range overstates."""
+    samples = rng.choice(np.asarray(values), size=(resamples, len(values)))
+    return np.median(samples, axis=1)
+
+
+def interval(draws: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """The central ``confidence`` share of bootstrap draws (percentile interval)."""
+    low, high = np.quantile(draws, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(low), float(high)
+
+
 def spread(values: Sequence[float], unit: str = "", scale: float = 1.0, digits: int = 3) -> str:
     """``median (min-max, n)``: the median resists one slow repeat, the range shows the noise."""
     scaled = [value * scale for value in values]
@@ -104,12 +120,20 @@ def number(value: float) -> str:
     return f"{value:.3f}" if abs(value) >= 0.01 else f"{value:.2e}"
 
 
-def ratio_line(name: str, ratios: Sequence[float], target: str, met: bool | None) -> None:
-    """The one line a reader (and the smoke test) looks for: ``ratio NAME = MEDIAN ...``."""
+def ratio_line(
+    name: str,
+    ratios: Sequence[float],
+    target: str,
+    met: bool | None,
+    bounds: tuple[float, float] | None = None,
+) -> None:
+    """The one line a reader (and the smoke test) looks for: ``ratio NAME = MEDIAN ...``,
+    with the 95 % interval of the median where the script computes one."""
     verdict = "no target" if met is None else ("met" if met else "NOT met")
+    median = f"; 95 % interval {number(bounds[0])}-{number(bounds[1])}" if bounds else ""
     print(
         f"ratio {name} = {number(statistics.median(ratios))} "
-        f"[{number(min(ratios))}-{number(max(ratios))}, n={len(ratios)}]; "
+        f"[{number(min(ratios))}-{number(max(ratios))}, n={len(ratios)}]{median}; "
         f"target {target}: {verdict}",
         flush=True,
     )

@@ -2,29 +2,30 @@
 
 Both sides train the same RCAN from the same initial weights on the same tiles, in the same
 batches (the trainer's default plan is a permutation seeded by (seed, epoch) and the hand
-loop draws the same one), with the same loss, AdamW and cosine schedule, for the same
-epochs, so their training losses must agree; the script stops if they do not. The trainer
-side is built as ``python -m core.run`` builds it (its argument parser and config
-resolution, no plugins), with a subclass that only times its phases.
+loop draws the same one), with the same loss, AdamW and cosine schedule, so after every
+epoch their training losses must agree; the script stops if they do not. The trainer is
+built as ``python -m core.run`` builds it (its argument parser and config resolution, no
+plugins) and runs each epoch as its ``fit`` does, through a subclass that only times phases.
 
-The hand loop does what a plain loop has to: train, then a validation loss per epoch. The
-trainer also writes metrics.jsonl and a checkpoint every epoch, computes richer validation
-metrics (RMSE in metres per terrain, slope, the bicubic baseline) and draws three plots
-after the last epoch; the phase table says what each costs.
+Both sides are set up once in one process, then run epochs in turns (the order flips every
+pair), so the two epochs of a pair run seconds apart on the same model state and a slow
+spell of a shared machine hits both. An epoch is everything a side does every epoch: the
+hand loop trains and computes a validation loss; the trainer also computes richer
+validation metrics (RMSE in metres per terrain, slope) and writes the metrics line and a
+checkpoint. What happens once per run (set-up, the bicubic baseline, plots after the last
+epoch) is reported apart, and each suspect of the difference is then timed on its own.
 
 Each phase is timed in wall-clock seconds and in CPU seconds of this process. With one
 torch thread and ``num_workers=0`` the work is single-threaded, so CPU time is the wall
-time the run would take on an idle machine, without the waits for other users' processes
-that make wall time on a shared box swing by tens of percent between repeats::
+time the run would take on an idle machine, without the waits for other users' processes::
 
-    python benchmarks/overhead.py [--epochs 3] [--repeats 4] [--per-terrain 120]
+    python benchmarks/overhead.py [--repeats 20] [--per-terrain 120] [--preset small]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import gc
 import io
 import math
@@ -43,8 +44,10 @@ from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import set_seed
 from benchlib import (
     add_common_arguments,
+    bootstrap_medians,
     finish,
     interleave,
+    interval,
     paired,
     ratio_line,
     spread,
@@ -52,7 +55,6 @@ from benchlib import (
     synchronize,
     tiles_folder,
 )
-from torch import nn
 from torch.utils.data import DataLoader
 
 from core.config import Config
@@ -65,17 +67,18 @@ from core.train import Trainer, to_device
 
 TARGET = 1.03
 """The trainer may be at most 3 % slower per epoch than the hand loop."""
-PHASES = ("train", "validate", "checkpoint", "bookkeeping")
+PHASES = ("steps", "loop", "validate", "checkpoint", "bookkeeping")
+"""An epoch's phases; ``loop`` is training less its optimizer steps (plan, loader, logging)."""
 CLOCKS = ("cpu", "wall")
 
 
 class Phases:
-    """Wall and CPU seconds of named phases, per epoch, plus set-up and the whole run."""
+    """Wall and CPU seconds of named phases, per epoch, and of one-off work."""
 
     def __init__(self) -> None:
         self.epochs: list[dict[str, np.ndarray]] = []
         self.once: dict[str, np.ndarray] = {}
-        self.train_loss = math.nan
+        self.train_losses: list[float] = []
 
     @staticmethod
     def now() -> np.ndarray:
@@ -89,11 +92,13 @@ class Phases:
         record = self.once if once else self.epochs[-1]
         record[name] = record.get(name, 0.0) + self.now() - started
 
-    def per_epoch(self, phase: str, clock: str, epochs: slice) -> float:
+    def epoch_totals(self, clock: str, epochs: slice) -> list[float]:
         index = CLOCKS.index(clock)
-        return statistics.fmean(
-            float(e.get(phase, np.zeros(2))[index]) for e in self.epochs[epochs]
-        )
+        return [float(sum(e.values())[index]) for e in self.epochs[epochs]]
+
+    def phase(self, name: str, clock: str, epochs: slice) -> list[float]:
+        index = CLOCKS.index(clock)
+        return [float(e.get(name, np.zeros(2))[index]) for e in self.epochs[epochs]]
 
 
 class TimedTrainer(Trainer):
@@ -104,17 +109,25 @@ class TimedTrainer(Trainer):
         self.phases = Phases()
 
     def setup(self) -> int:
-        with self.phases.timing("setup", once=True):
+        with self.phases.timing("setup", once=True), contextlib.redirect_stdout(io.StringIO()):
             return super().setup()
 
-    def run_epoch(self, epoch: int) -> dict[str, Any]:
+    def epoch(self) -> float:
+        """The next epoch, as ``fit`` runs it; returns its training loss."""
+        epoch = self.ctx.epoch = len(self.phases.epochs) + 1
         self.phases.epochs.append({})
         started = Phases.now()
-        row = super().run_epoch(epoch)
+        row = self.run_epoch(epoch)
         record = self.phases.epochs[-1]
-        record["train"] = Phases.now() - started - record["validate"]
-        self.phases.train_loss = row["train_loss"]
-        return row
+        record["loop"] = Phases.now() - started - record["validate"] - record["steps"]
+        with contextlib.redirect_stdout(io.StringIO()):
+            self.end_epoch(epoch, row)
+        self.phases.train_losses.append(row["train_loss"])
+        return row["train_loss"]
+
+    def optimizer_step(self, micro: list[dict[str, Any]], progress: float) -> torch.Tensor:
+        with self.phases.timing("steps"):
+            return super().optimizer_step(micro, progress)
 
     def validate(self) -> dict[str, Any]:
         with self.phases.timing("validate"):
@@ -125,29 +138,97 @@ class TimedTrainer(Trainer):
             super().save_checkpoint(completed_epoch)
 
     def end_epoch(self, epoch: int, row: dict[str, Any]) -> None:
-        """Metrics line, plots, tensorboard, hooks: everything but the checkpoint."""
+        """Metrics line, tensorboard, hooks: everything but the checkpoint."""
         started = Phases.now()
         before = self.phases.epochs[-1].get("checkpoint", np.zeros(2))
         super().end_epoch(epoch, row)
         checkpoint = self.phases.epochs[-1].get("checkpoint", np.zeros(2)) - before
         self.phases.epochs[-1]["bookkeeping"] = Phases.now() - started - checkpoint
 
+    def plot(self) -> None:
+        """The plots ``end_epoch`` draws after the last epoch."""
+        model = self.accelerator.unwrap_model(self.model)
+        self.ctx.task.write_plots(self.run_dir, self.rows, model, self.ctx)
 
-def loss_weights(config: Config, device: torch.device) -> torch.Tensor:
-    """The ``[loss]`` weights as a tensor, in the task's component order."""
-    loss = config.loss
-    components = [loss.elevation, loss.gradient, loss.curvature, loss.edge, loss.spectral]
-    return torch.tensor(components, device=device)
+
+class HandLoop:
+    """The plain Accelerate loop a user would write for the same run."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.phases = Phases()
+        with self.phases.timing("setup", once=True):
+            self.accelerator = Accelerator(cpu=config.train.cpu)
+            set_seed(config.run.seed)
+            dataset = TileDataset.from_folder(Path(config.data.dir), config.data.scale)
+            self.train, self.val = train_val_split(
+                dataset, config.data.val_fraction, config.run.seed
+            )
+            sizes = ("n_resgroups", "n_resblocks", "n_feats")
+            overrides = {key: value for key in sizes if (value := getattr(config.model, key))}
+            model = build_rcan(config.model.preset, config.data.scale, **overrides)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=0)
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+            loss = config.loss
+            components = [loss.elevation, loss.gradient, loss.curvature, loss.edge, loss.spectral]
+            self.weights = torch.tensor(components, device=self.accelerator.device)
+
+    def epoch(self) -> float:
+        """Train one epoch in the seeded order, then the validation loss; returns the
+        training loss."""
+        config, phases = self.config, self.phases
+        epoch, epochs = len(phases.epochs) + 1, config.run.epochs
+        seed, batch_size = config.run.seed, config.data.batch_size
+        base_lr, floor = config.optim.lr, 0.01 * config.optim.lr
+        phases.epochs.append({})
+        started = Phases.now()
+        order = np.random.default_rng([seed, epoch]).permutation(len(self.train))
+        batches = [order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)]
+        self.model.train()
+        loss_sum = torch.zeros((), device=self.accelerator.device)
+        for step, batch in enumerate(DataLoader(self.train, batch_sampler=batches)):
+            progress = (epoch - 1 + step / len(batches)) / epochs
+            cosine = 0.5 * (1 + math.cos(math.pi * progress))
+            for group in self.optimizer.param_groups:
+                group["lr"] = floor + (base_lr - floor) * cosine
+            with phases.timing("steps"):
+                loss_sum += self.step(batch)
+        phases.train_losses.append(float(loss_sum) / len(self.train))
+        record = phases.epochs[-1]
+        record["loop"] = Phases.now() - started - record["steps"]
+        with phases.timing("validate"):
+            self.validate()
+        return phases.train_losses[-1]
+
+    def step(self, batch: dict[str, Any]) -> torch.Tensor:
+        """One plain training step; returns the batch's loss sum (on the device, no sync)."""
+        lr, hr, mask = (batch[key].to(self.accelerator.device) for key in ("lr", "hr", "mask"))
+        per_sample = dem_loss_components(self.model(lr), hr, mask) @ self.weights
+        self.accelerator.backward(per_sample.mean())
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return per_sample.detach().sum()
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """The validation a plain loop does: the mean weighted loss over the validation tiles."""
+        self.model.eval()
+        total = torch.zeros((), device=self.weights.device)
+        for batch in DataLoader(self.val, batch_size=self.config.data.batch_size):
+            lr, hr, mask = (batch[key].to(self.weights.device) for key in ("lr", "hr", "mask"))
+            total += (dem_loss_components(self.model(lr), hr, mask) @ self.weights).sum()
+        self.model.train()
+        return float(total) / len(self.val)
 
 
 def reset_accelerate() -> None:
-    """Accelerate keeps process-wide singletons; each run in this process starts clean."""
+    """Accelerate keeps process-wide singletons; each pair of sides starts clean."""
     AcceleratorState._reset_state(True)
     PartialState._reset_state()
     gc.collect()
 
 
-def cli_arguments(args: argparse.Namespace, folder: Path, out: Path) -> list[str]:
+def cli_arguments(args: argparse.Namespace, folder: Path, out: Path, epochs: int) -> list[str]:
     """The ``python -m core.run`` arguments of the measured run."""
     sets = [
         f"model.preset='{args.preset}'",
@@ -157,89 +238,19 @@ def cli_arguments(args: argparse.Namespace, folder: Path, out: Path) -> list[str
         *args.model,
     ]
     return [
-        *("--data", str(folder), "--out", str(out), "--epochs", str(args.epochs), "--seed", "0"),
+        *("--data", str(folder), "--out", str(out), "--epochs", str(epochs), "--seed", "0"),
         *(item for assignment in sets for item in ("--set", assignment)),
     ]
 
 
-def run_trainer(argv: list[str]) -> Phases:
-    """What ``core.run.main`` does with ``argv`` (less its error handling), timed."""
-    config = resolve_config(build_parser().parse_args(argv))
+def build(
+    args: argparse.Namespace, folder: Path, out: Path, epochs: int
+) -> tuple[TimedTrainer, HandLoop]:
+    """Both sides, set up for a run of ``epochs``, the trainer first (as ``core.run`` would)."""
+    config = resolve_config(build_parser().parse_args(cli_arguments(args, folder, out, epochs)))
     trainer = TimedTrainer(config, PluginManager.from_names(config.run.plugins, config.plugins))
-    with trainer.phases.timing("run", once=True), contextlib.redirect_stdout(io.StringIO()):
-        trainer.fit()
-    reset_accelerate()
-    return trainer.phases
-
-
-def run_hand_loop(config: Config) -> Phases:
-    """The plain Accelerate loop a user would write for the same run, timed."""
-    phases = Phases()
-    with phases.timing("run", once=True):
-        with phases.timing("setup", once=True):
-            accelerator = Accelerator(cpu=config.train.cpu)
-            device = accelerator.device
-            seed, epochs, batch_size = config.run.seed, config.run.epochs, config.data.batch_size
-            set_seed(seed)
-            dataset = TileDataset.from_folder(Path(config.data.dir), config.data.scale)
-            train, val = train_val_split(dataset, config.data.val_fraction, seed)
-            sizes = ("n_resgroups", "n_resblocks", "n_feats")
-            overrides = {key: value for key in sizes if (value := getattr(config.model, key))}
-            model = build_rcan(config.model.preset, config.data.scale, **overrides)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=0)
-            model, optimizer = accelerator.prepare(model, optimizer)
-            weights = loss_weights(config, device)
-            base_lr, floor = config.optim.lr, 0.01 * config.optim.lr
-        for epoch in range(1, epochs + 1):
-            phases.epochs.append({})
-            with phases.timing("train"):
-                order = np.random.default_rng([seed, epoch]).permutation(len(train))
-                batches = [
-                    order[i : i + batch_size].tolist() for i in range(0, len(order), batch_size)
-                ]
-                model.train()
-                loss_sum = torch.zeros((), device=device)
-                for step, batch in enumerate(DataLoader(train, batch_sampler=batches)):
-                    progress = (epoch - 1 + step / len(batches)) / epochs
-                    cosine = 0.5 * (1 + math.cos(math.pi * progress))
-                    for group in optimizer.param_groups:
-                        group["lr"] = floor + (base_lr - floor) * cosine
-                    loss_sum += hand_step(model, optimizer, accelerator, batch, weights)
-                phases.train_loss = float(loss_sum) / len(train)
-            with phases.timing("validate"):
-                hand_validate(model, val, batch_size, weights)
-    reset_accelerate()
-    return phases
-
-
-def hand_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    accelerator: Accelerator,
-    batch: dict[str, Any],
-    weights: torch.Tensor,
-) -> torch.Tensor:
-    """One plain training step; returns the batch's loss sum (on the device, no sync)."""
-    lr, hr, mask = (batch[key].to(accelerator.device) for key in ("lr", "hr", "mask"))
-    per_sample = dem_loss_components(model(lr), hr, mask) @ weights
-    accelerator.backward(per_sample.mean())
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return per_sample.detach().sum()
-
-
-@torch.no_grad()
-def hand_validate(
-    model: nn.Module, val: TileDataset, batch_size: int, weights: torch.Tensor
-) -> float:
-    """The validation a plain loop does: the mean weighted loss over the validation tiles."""
-    model.eval()
-    total = torch.zeros((), device=weights.device)
-    for batch in DataLoader(val, batch_size=batch_size):
-        lr, hr, mask = (batch[key].to(weights.device) for key in ("lr", "hr", "mask"))
-        total += (dem_loss_components(model(lr), hr, mask) @ weights).sum()
-    model.train()
-    return float(total) / len(val)
+    trainer.setup()
+    return trainer, HandLoop(config)
 
 
 def cpu_seconds(fn: Callable[[], object], repeats: int = 1) -> float:
@@ -252,97 +263,75 @@ def cpu_seconds(fn: Callable[[], object], repeats: int = 1) -> float:
     return statistics.median(times)
 
 
-@attrs.define
-class Sides:
-    """A set-up trainer and a hand-loop copy of its model, optimizer and loss weights."""
+def step_pairs(trainer: Trainer, hand: HandLoop, pairs: int, batches: int) -> tuple[list, list]:
+    """CPU seconds of ``Trainer.optimizer_step`` and of the hand step, alternated batch by
+    batch over ``batches`` batches, which pairs them far more tightly than whole epochs."""
+    device = trainer.accelerator.device
+    loader = DataLoader(hand.train, batch_size=trainer.config.data.batch_size)
+    ready = [to_device(batch, device) for _, batch in zip(range(batches), loader, strict=False)]
+    turn = {"trainer": 0, "hand": 0}
 
-    trainer: Trainer
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    weights: torch.Tensor
-    batches: list[dict[str, Any]]
+    def step(side: str) -> Callable[[], float]:
+        def run() -> float:
+            batch = ready[turn[side] % len(ready)]
+            turn[side] += 1
+            started = time.process_time()
+            if side == "trainer":
+                Trainer.optimizer_step(trainer, [batch], 0.5)
+            else:
+                hand.step(batch)
+            synchronize(device)
+            return time.process_time() - started
 
-    @classmethod
-    def build(cls, args: argparse.Namespace, folder: Path, out: Path, steps: int) -> Sides:
-        config = resolve_config(build_parser().parse_args(cli_arguments(args, folder, out)))
-        trainer = Trainer(config, PluginManager.from_names([]))
-        with contextlib.redirect_stdout(io.StringIO()):
-            trainer.setup()
-        accelerator, device = trainer.accelerator, trainer.accelerator.device
-        model = copy.deepcopy(accelerator.unwrap_model(trainer.model))
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=0)
-        model, optimizer = accelerator.prepare(model, optimizer)
-        loader = DataLoader(trainer.ctx.train_dataset, batch_size=config.data.batch_size)
-        batches = [to_device(batch, device) for _, batch in zip(range(steps), loader, strict=False)]
-        return cls(trainer, model, optimizer, loss_weights(config, device), batches)
+        return run
 
-    def step_pairs(self, pairs: int) -> tuple[list[float], list[float]]:
-        """CPU seconds of ``Trainer.optimizer_step`` and of the hand step, alternated batch
-        by batch, which pairs them far more tightly than whole runs on a loaded machine."""
-        turn = {"trainer": 0, "hand": 0}
-        accelerator = self.trainer.accelerator
-
-        def step(side: str) -> Callable[[], float]:
-            def run() -> float:
-                batch = self.batches[turn[side] % len(self.batches)]
-                turn[side] += 1
-                started = time.process_time()
-                if side == "trainer":
-                    self.trainer.optimizer_step([batch], 0.5)
-                else:
-                    hand_step(self.model, self.optimizer, accelerator, batch, self.weights)
-                synchronize(accelerator.device)
-                return time.process_time() - started
-
-            return run
-
-        times = interleave({side: step(side) for side in turn}, pairs)
-        return times["trainer"], times["hand"]
-
-    def finite_check(self, repeats: int) -> tuple[float, int]:
-        """CPU seconds of the trainer's finite check over fresh gradients, and how many
-        gradients there are."""
-        trainer = self.trainer
-        losses = trainer.ctx.task.forward_losses(trainer.model, self.batches[0])
-        trainer.accelerator.backward(losses.sum())
-        grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
-        sums = torch.zeros(2 + len(trainer.ctx.task.components), dtype=torch.float64)
-        finite = cpu_seconds(lambda: trainer.gradients_finite(sums), repeats)
-        trainer.optimizer.zero_grad(set_to_none=True)
-        return finite, len(grads)
+    times = interleave({side: step(side) for side in turn}, pairs)
+    return times["trainer"], times["hand"]
 
 
-def breakdown(args: argparse.Namespace, folder: Path, scratch: Path) -> dict:
+def finite_check(trainer: Trainer, batch: dict[str, Any], repeats: int) -> tuple[float, int]:
+    """CPU seconds of the trainer's finite check over fresh gradients, and their number."""
+    batch = to_device(batch, trainer.accelerator.device)
+    losses = trainer.ctx.task.forward_losses(trainer.model, batch)
+    trainer.accelerator.backward(losses.sum())
+    grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+    sums = torch.zeros(2 + len(trainer.ctx.task.components), dtype=torch.float64)
+    seconds = cpu_seconds(lambda: trainer.gradients_finite(sums), repeats)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    return seconds, len(grads)
+
+
+def breakdown(
+    args: argparse.Namespace, folder: Path, scratch: Path, trainer: TimedTrainer, hand: HandLoop
+) -> dict:
     """Where the trainer's extra time goes: each suspect timed on its own, in CPU seconds.
 
     The trainer's cost per step (hooks, bookkeeping, the finite check) hardly depends on
     the model's width, but at full width it drowns in the noise of 100 ms steps; so it is
-    measured on the same architecture 4 channels wide, over many pairs, and the finite
-    check (whose cost does grow with the gradients' size) is timed at both widths.
+    also measured on the same architecture 4 channels wide, over many pairs, and the finite
+    check (whose cost does grow with the gradients' size) is timed at both widths. The
+    trainer's phases are called as ``Trainer`` defines them, past the subclass's timers.
     """
-    rounds, pairs = (1, 10) if args.quick else (3, 400)
+    rounds, pairs = (1, 10) if args.quick else (5, 400)
     repeats = 20 if args.quick else 200
-    sides = Sides.build(args, folder, scratch / "breakdown", 4 if args.quick else 24)
-    full = sides.step_pairs(rounds * len(sides.batches))
+    batches = 4 if args.quick else 24
+    first = next(iter(DataLoader(hand.train, batch_size=args.batch_size)))
+    full = step_pairs(trainer, hand, rounds * batches, batches)
+    finite, gradients = finite_check(trainer, first, repeats)
     narrow_args = argparse.Namespace(**{**vars(args), "model": [*args.model, "model.n_feats=4"]})
-    narrow_sides = Sides.build(narrow_args, folder, scratch / "breakdown-narrow", 8)
-    narrow = narrow_sides.step_pairs(pairs)
-    narrow_finite = narrow_sides.finite_check(repeats)[0]
-    finite, gradients = sides.finite_check(repeats)
-    trainer = sides.trainer
-    val, batch_size = trainer.val_dataset, trainer.config.data.batch_size
+    narrow_trainer, narrow_hand = build(narrow_args, folder, scratch / "narrow", 1)
+    narrow = step_pairs(narrow_trainer, narrow_hand, pairs, 8)
+    narrow_finite = finite_check(narrow_trainer, first, repeats)[0]
     validation = interleave(
         {
-            "trainer": lambda: cpu_seconds(trainer.validate),
-            "hand": lambda: cpu_seconds(
-                lambda: hand_validate(sides.model, val, batch_size, sides.weights)
-            ),
+            "trainer": lambda: cpu_seconds(lambda: Trainer.validate(trainer)),
+            "hand": lambda: cpu_seconds(hand.validate),
         },
         rounds,
     )
-    result = {
-        "steps_per_epoch": math.ceil(len(trainer.ctx.train_dataset) / batch_size),
-        "val_tiles": len(val),
+    return {
+        "steps_per_epoch": math.ceil(len(hand.train) / args.batch_size),
+        "val_tiles": len(hand.val),
         "gradients": gradients,
         "step_trainer": full[0],
         "step_hand": full[1],
@@ -351,154 +340,164 @@ def breakdown(args: argparse.Namespace, folder: Path, scratch: Path) -> dict:
         "finite": finite,
         "narrow_finite": narrow_finite,
         "validate_difference": [a - b for a, b in zip(*validation.values(), strict=True)],
-        "checkpoint": cpu_seconds(lambda: trainer.save_checkpoint(0), rounds),
+        "checkpoint": cpu_seconds(lambda: Trainer.save_checkpoint(trainer, 0), rounds),
         "plan": cpu_seconds(lambda: trainer.epoch_plan(1), rounds),
+        "plots": cpu_seconds(trainer.plot),
     }
-    reset_accelerate()
-    return result
 
 
-def measure(args: argparse.Namespace, repeats: int) -> tuple[list[Phases], list[Phases], dict]:
-    """Both sides on the same tiles, interleaved, then the breakdown of the difference."""
-    results: dict[str, list[Phases]] = {"trainer": [], "hand": []}
+def measure(
+    args: argparse.Namespace, repeats: int, warmup: int
+) -> tuple[TimedTrainer, HandLoop, dict]:
+    """Both sides set up once, epochs in turns, then the breakdown of the difference."""
     with tempfile.TemporaryDirectory(prefix="terraplug-bench-") as scratch:
         folder = tiles_folder(args.data, args.per_terrain, Path(scratch))
-        runs = iter(range(1_000_000))
+        # One epoch more than are run: the trainer draws its plots after the last epoch of
+        # its run, and they are timed on their own, once.
+        trainer, hand = build(args, folder, Path(scratch) / "run", warmup + repeats + 1)
+        losses = interleave({"trainer": trainer.epoch, "hand": hand.epoch}, repeats, warmup)
+        for epoch, (ours, theirs) in enumerate(zip(*losses.values(), strict=True), warmup + 1):
+            if not math.isclose(ours, theirs, rel_tol=1e-4):
+                raise SystemExit(
+                    f"the two sides did not train the same: epoch {epoch} train_loss {ours} "
+                    f"(trainer) vs {theirs} (hand loop)"
+                )
+        pieces = breakdown(args, folder, Path(scratch), trainer, hand)
+        reset_accelerate()
+    return trainer, hand, pieces
 
-        def trainer_side() -> float:
-            out = Path(scratch) / f"run{next(runs)}"
-            results["trainer"].append(run_trainer(cli_arguments(args, folder, out)))
-            return 0.0
 
-        def hand_side() -> float:
-            config = resolve_config(build_parser().parse_args(cli_arguments(args, folder, Path())))
-            results["hand"].append(run_hand_loop(config))
-            return 0.0
+@attrs.define
+class Part:
+    """One part of the trainer's extra time per epoch: paired differences in CPU seconds
+    (trainer minus hand loop, or the trainer's own cost where the hand loop has none) and
+    how many times an epoch incurs it."""
 
-        warmup = 0 if args.quick else 1
-        interleave({"trainer": trainer_side, "hand": hand_side}, repeats, warmup)
-        pieces = breakdown(args, folder, Path(scratch))
-    trainers, hands = results["trainer"][-repeats:], results["hand"][-repeats:]
-    for trainer, hand in zip(trainers, hands, strict=True):
-        if not math.isclose(trainer.train_loss, hand.train_loss, rel_tol=1e-4):
-            raise SystemExit(
-                f"the two sides did not train the same: train_loss {trainer.train_loss} "
-                f"(trainer) vs {hand.train_loss} (hand loop)"
-            )
-    return trainers, hands, pieces
+    label: str
+    differences: list[float]
+    per_epoch: int = 1
+
+    def seconds(self) -> float:
+        return self.per_epoch * statistics.median(self.differences)
+
+
+def parts(trainer: TimedTrainer, hand: HandLoop, pieces: dict, timed: slice) -> list[Part]:
+    """The per-epoch difference cut into parts that are each paired as tightly as possible:
+    steps alternate batch by batch, validations call by call, the loop around the steps
+    epoch by epoch; checkpoint and metrics line are the trainer's alone."""
+    steps = pieces["steps_per_epoch"]
+    full = [a - b for a, b in zip(pieces["step_trainer"], pieces["step_hand"], strict=True)]
+
+    def phase_difference(phase: str) -> list[float]:
+        ours = trainer.phases.phase(phase, "cpu", timed)
+        theirs = hand.phases.phase(phase, "cpu", timed)
+        return [a - b for a, b in zip(ours, theirs, strict=True)]
+
+    return [
+        Part(f"{steps} optimizer steps, {len(full)} alternated pairs", full, steps),
+        Part(
+            "the loop around them (plan, loader, losses), paired epochs", phase_difference("loop")
+        ),
+        Part(
+            f"validation with richer metrics over {pieces['val_tiles']} tiles, paired calls",
+            pieces["validate_difference"],
+        ),
+        Part("checkpoint (model and AdamW state)", phase_difference("checkpoint")),
+        Part("metrics line and hooks", phase_difference("bookkeeping")),
+    ]
 
 
 def report(
-    trainers: list[Phases], hands: list[Phases], pieces: dict, args: argparse.Namespace
+    trainer: TimedTrainer, hand: HandLoop, pieces: dict, args: argparse.Namespace, timed: slice
 ) -> None:
-    """Phase table per clock, one-off costs, and the ratio lines."""
-    steady = slice(0, max(args.epochs - 1, 1))  # the last epoch also draws the plots
-    last = slice(-1, None)
+    """Phase table per clock, one-off costs, the parts of the difference and the ratio lines."""
+    losses = trainer.phases.train_losses
     print(
-        f"# batch {args.batch_size}, {args.epochs} epochs, {args.preset} preset "
-        f"{' '.join(args.model)}, {len(trainers)} interleaved repeats; both sides reached "
-        f"train_loss {trainers[-1].train_loss:.6f}"
+        f"# batch {args.batch_size}, {args.preset} preset {' '.join(args.model)}, "
+        f"{len(hand.train)} training / {len(hand.val)} validation tiles; "
+        f"{timed.stop - timed.start} pairs of epochs after {timed.start} warm-up pair(s); "
+        f"train_loss {losses[0]:.6f} -> {losses[-1]:.6f}, the same on both sides every epoch"
     )
-    epoch_totals: dict[str, tuple[list[float], list[float]]] = {}
     for clock in CLOCKS:
-        print(f"# {clock} ms per epoch (epochs before the last): trainer | hand loop | difference")
-        sides = []
-        for phases in (trainers, hands):
-            sides.append({p: [run.per_epoch(p, clock, steady) for run in phases] for p in PHASES})
+        print(f"# {clock} ms per epoch: trainer | hand loop | difference (median, range)")
         for phase in PHASES:
-            ours, theirs = sides[0][phase], sides[1][phase]
+            ours = trainer.phases.phase(phase, clock, timed)
+            theirs = hand.phases.phase(phase, clock, timed)
             difference = [a - b for a, b in zip(ours, theirs, strict=True)]
             print(
                 f"#   {phase:<12} {spread(ours, '', 1e3, 1)} | {spread(theirs, '', 1e3, 1)} | "
                 f"{spread(difference, '', 1e3, 1)}"
             )
-        epoch_totals[clock] = tuple(
-            [sum(values) for values in zip(*side.values(), strict=True)] for side in sides
-        )
         index = CLOCKS.index(clock)
-        plots = [
-            run.per_epoch("bookkeeping", clock, last) - run.per_epoch("bookkeeping", clock, steady)
-            for run in trainers
-        ]
         print(
-            f"#   once per run: set-up {spread([r.once['setup'][index] for r in trainers], ' s')}"
-            f" vs {spread([r.once['setup'][index] for r in hands], ' s')}; plots after the "
-            f"last epoch {spread(plots, ' s')}; whole run "
-            f"{spread([r.once['run'][index] for r in trainers], ' s')} vs "
-            f"{spread([r.once['run'][index] for r in hands], ' s')}"
+            f"#   once per run: set-up {trainer.phases.once['setup'][index]:.3f} s vs "
+            f"{hand.phases.once['setup'][index]:.3f} s"
         )
-    trainer_cpu, hand_cpu = epoch_totals["cpu"]
-    plots = [
-        run.per_epoch("bookkeeping", "cpu", last) - run.per_epoch("bookkeeping", "cpu", steady)
-        for run in trainers
-    ]
-    measured = statistics.median(a - b for a, b in zip(trainer_cpu, hand_cpu, strict=True))
-    attribute(pieces, statistics.median(hand_cpu), measured, statistics.median(plots))
+    hand_epoch = statistics.median(hand.phases.epoch_totals("cpu", timed))
+    explain(pieces, hand_epoch)
+    summed = parts(trainer, hand, pieces, timed)
+    print(f"# the trainer's extra CPU time per epoch, part by part (hand loop {hand_epoch:.2f} s):")
+    for part in summed:
+        print(f"#   {part.label}: {share(part.seconds(), hand_epoch)}")
+    rng = np.random.default_rng(0)
+    draws = sum(part.per_epoch * bootstrap_medians(part.differences, rng) for part in summed)
+    # Each step pair's difference with the other parts at their medians: the spread of
+    # single pairs; the interval resamples every part.
+    rest = sum(part.seconds() for part in summed[1:])
+    from_parts = [1 + (summed[0].per_epoch * d + rest) / hand_epoch for d in summed[0].differences]
+    verdict("overhead_per_epoch_from_parts_cpu", from_parts, interval(1 + draws / hand_epoch))
     for clock in CLOCKS:
-        ratios = paired(*epoch_totals[clock])
-        met = statistics.median(ratios) <= TARGET
-        ratio_line(f"overhead_per_epoch_{clock}", ratios, f"<= {TARGET}", met)
-    index = CLOCKS.index("cpu")
-    whole = paired([r.once["run"][index] for r in trainers], [r.once["run"][index] for r in hands])
-    ratio_line("overhead_whole_run_cpu", whole, "none (set-up and plots included)", None)
+        ratios = paired(
+            trainer.phases.epoch_totals(clock, timed), hand.phases.epoch_totals(clock, timed)
+        )
+        verdict(f"overhead_per_epoch_{clock}", ratios, interval(bootstrap_medians(ratios, rng)))
 
 
-def attribute(pieces: dict, hand_epoch: float, measured: float, plots: float) -> None:
-    """Print each suspect's CPU cost per epoch as a share of the hand loop's epoch."""
+def verdict(name: str, ratios: list[float], bounds: tuple[float, float]) -> None:
+    ratio_line(name, ratios, f"<= {TARGET}", statistics.median(ratios) <= TARGET, bounds)
+
+
+def share(seconds: float, hand_epoch: float) -> str:
+    return f"{seconds * 1e3:+.1f} ms = {100 * seconds / hand_epoch:+.2f} %"
+
+
+def explain(pieces: dict, hand_epoch: float) -> None:
+    """What the step's and the loop's differences are made of, timed on their own."""
     steps = pieces["steps_per_epoch"]
 
-    def share(seconds: float) -> str:
-        return f"{seconds * 1e3:+.1f} ms = {100 * seconds / hand_epoch:+.2f} %"
-
-    def differences(side: str) -> list[float]:
-        return [
+    def quartiles(side: str) -> str:
+        values = [
             a - b for a, b in zip(pieces[f"{side}_trainer"], pieces[f"{side}_hand"], strict=True)
         ]
-
-    def quartiles(values: list[float]) -> str:
         low, middle, high = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
         return f"{middle * 1e3:+.2f} ms a step (quartiles {low * 1e3:+.2f} to {high * 1e3:+.2f})"
 
-    finite = pieces["finite"]
-    other = statistics.median(differences("narrow")) - pieces["narrow_finite"]
-    rows = [
-        (
-            f"the finite check over {pieces['gradients']} gradients ({finite * 1e3:.2f} ms a step)",
-            steps * finite,
-        ),
-        (
-            f"the rest of the trainer's step (hooks, bookkeeping; model 4 channels wide, "
-            f"{len(pieces['narrow_hand'])} alternated pairs, "
-            f"{quartiles(differences('narrow'))} less its own finite check "
-            f"{pieces['narrow_finite'] * 1e3:.2f} ms)",
-            steps * other,
-        ),
-        (
-            f"richer validation metrics over {pieces['val_tiles']} tiles",
-            statistics.median(pieces["validate_difference"]),
-        ),
-        ("checkpoint (model and AdamW state, every epoch)", pieces["checkpoint"]),
-        ("epoch plan and its terrain statistics", pieces["plan"]),
-    ]
-    print(f"# where the trainer's extra CPU time goes, per epoch (hand loop: {hand_epoch:.2f} s):")
-    full = statistics.median(differences("step"))
+    narrow = pieces["narrow_trainer"], pieces["narrow_hand"]
+    rest = statistics.median(a - b for a, b in zip(*narrow, strict=True)) - pieces["narrow_finite"]
+    print(f"# inside the difference, per epoch (hand loop {hand_epoch:.2f} s):")
     print(
-        f"#   a full-width step, {len(pieces['step_hand'])} alternated pairs: trainer "
-        f"{spread(pieces['step_trainer'], ' ms', 1e3, 1)}, hand "
-        f"{spread(pieces['step_hand'], ' ms', 1e3, 1)}, difference "
-        f"{quartiles(differences('step'))}: {share(steps * full)} (noisy)"
+        f"#   a full-width step: trainer {spread(pieces['step_trainer'], ' ms', 1e3, 1)}, hand "
+        f"{spread(pieces['step_hand'], ' ms', 1e3, 1)}, difference {quartiles('step')}"
     )
-    for label, seconds in rows:
-        print(f"#   {label}: {share(seconds)}")
-    total = sum(seconds for _, seconds in rows)
-    print(f"#   sum of the above: {share(total)}")
-    print(f"#   measured on whole runs (median paired difference): {share(measured)}")
+    print(
+        f"#   of which the finite check over {pieces['gradients']} gradients "
+        f"({pieces['finite'] * 1e3:.2f} ms a step): {share(steps * pieces['finite'], hand_epoch)}"
+    )
+    print(
+        f"#   of which hooks and bookkeeping (model 4 channels wide, {len(narrow[1])} alternated "
+        f"pairs, {quartiles('narrow')} less its own finite check "
+        f"{pieces['narrow_finite'] * 1e3:.2f} ms): {share(steps * rest, hand_epoch)}"
+    )
+    print(f"#   the epoch plan and its terrain statistics: {share(pieces['plan'], hand_epoch)}")
     print(
         "#   terrain-count all-reduce: 0 (runs only with several processes); host syncs per "
         "step (StepInfo.num_samples .item(), the loss sums' .cpu(), the finite check's bool()): "
         "free on a CPU, see gpu_throughput.py"
     )
-    print(f"#   once per run, plots after the last epoch: {share(plots)} of one epoch")
+    print(
+        f"#   once per run, plots after the last epoch: {share(pieces['plots'], hand_epoch)} "
+        "of one epoch"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -506,7 +505,6 @@ def main(argv: list[str] | None = None) -> None:
     add_common_arguments(parser)
     parser.add_argument("--data", type=Path, help="GeoTIFF folder (default: procedural tiles)")
     parser.add_argument("--per-terrain", type=int, default=120, help="procedural tiles each")
-    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=10)
     parser.add_argument("--preset", default="small", choices=("small", "default"))
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -515,15 +513,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if args.quick:
-        args.per_terrain, args.epochs = 4, 2
+        args.per_terrain = 4
         args.model = ["model.n_resgroups=1", "model.n_resblocks=1", "model.n_feats=8"]
-        args.repeats = args.repeats or 1
-    repeats = args.repeats or 4
+    repeats = args.repeats or (1 if args.quick else 20)
+    warmup = 0 if args.quick else 1
     started = start(
         "framework overhead: core.run (no plugins) vs a hand-written loop", args.threads
     )
-    trainers, hands, pieces = measure(args, repeats)
-    report(trainers, hands, pieces, args)
+    trainer, hand, pieces = measure(args, repeats, warmup)
+    report(trainer, hand, pieces, args, slice(warmup, warmup + repeats))
     finish(started)
 
 

@@ -228,6 +228,10 @@ class Trainer:
         )
         self.model, self.optimizer = accelerator.prepare(model, optimizer)
         ctx.model = self.model
+        self.base_weights = torch.tensor(
+            [getattr(config.loss, c, 1.0) for c in ctx.task.components],
+            device=accelerator.device,
+        )
         start_epoch = 1
         if self.resume:
             start_epoch = self.load_checkpoint()
@@ -380,10 +384,6 @@ class Trainer:
         for batch in micro:
             counts += torch.bincount(batch["terrain"], minlength=len(ctx.terrains)).float()
         counts = accelerator.reduce(counts, "sum") if ctx.world_size > 1 else counts
-        base = torch.tensor(
-            [getattr(self.config.loss, c, 1.0) for c in ctx.task.components],
-            device=accelerator.device,
-        )
         sums = torch.zeros(2 + len(ctx.task.components), dtype=torch.float64)
         for index, batch in enumerate(micro):
             ctx.step = StepInfo(counts, index, len(micro))
@@ -396,7 +396,7 @@ class Trainer:
                 if losses is None:
                     losses = ctx.task.forward_losses(model, batch)
                 losses = losses.float()
-                weights = base.expand_as(losses).clone()
+                weights = self.base_weights.expand_as(losses).clone()
                 weights = ctx.plugins.chain(
                     "loss_weights", weights, "weights", batch=batch, ctx=ctx
                 )
@@ -407,7 +407,7 @@ class Trainer:
                     ctx.backward(per_sample.sum() * ctx.world_size / ctx.step.num_samples)
             detached = per_sample.detach()
             sums += torch.cat(
-                [detached.sum().reshape(1), detached.new_tensor([len(detached)]),
+                [detached.sum().reshape(1), detached.new_full((1,), len(detached)),
                  losses.detach().sum(0)]
             ).double().cpu()  # fmt: skip
         ctx.plugins.call("transform_gradients", model=model, ctx=ctx)
@@ -425,9 +425,12 @@ class Trainer:
     def gradients_finite(self, sums: torch.Tensor) -> bool:
         """Skip and count a step whose loss or gradient is not finite; stop after too many.
 
-        Gradients are synchronised by now, so every process reaches the same verdict.
+        Gradients are synchronised by now, so every process reaches the same verdict. The
+        optimizer's list of parameters is walked rather than ``model.parameters()``, whose
+        recursion through the modules costs more than the check itself.
         """
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        params = (p for group in self.optimizer.param_groups for p in group["params"])
+        grads = [p.grad for p in params if p.grad is not None]
         ok = bool(torch.isfinite(sums[0])) and all_finite(grads)
         if ok:
             self.nonfinite_in_a_row = 0
