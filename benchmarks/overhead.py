@@ -340,7 +340,6 @@ def breakdown(
         "finite": finite,
         "narrow_finite": narrow_finite,
         "validate_difference": [a - b for a, b in zip(*validation.values(), strict=True)],
-        "checkpoint": cpu_seconds(lambda: Trainer.save_checkpoint(trainer, 0), rounds),
         "plan": cpu_seconds(lambda: trainer.epoch_plan(1), rounds),
         "plots": cpu_seconds(trainer.plot),
     }
