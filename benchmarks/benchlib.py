@@ -130,10 +130,10 @@ def ratio_line(
     """The one line a reader (and the smoke test) looks for: ``ratio NAME = MEDIAN ...``,
     with the 95 % interval of the median where the script computes one."""
     verdict = "no target" if met is None else ("met" if met else "NOT met")
-    median = f"; 95 % interval {number(bounds[0])}-{number(bounds[1])}" if bounds else ""
+    where = f"; 95 % interval {number(bounds[0])}-{number(bounds[1])}" if bounds else ""
     print(
         f"ratio {name} = {number(statistics.median(ratios))} "
-        f"[{number(min(ratios))}-{number(max(ratios))}, n={len(ratios)}]{median}; "
+        f"[{number(min(ratios))}-{number(max(ratios))}, n={len(ratios)}]{where}; "
         f"target {target}: {verdict}",
         flush=True,
     )
