@@ -40,10 +40,11 @@ from benchlib import (
 )
 from torch.utils.data import DataLoader
 
-from core.config import LossSection
+from core.config import Config
 from core.data.dataset import TileDataset
 from core.losses import dem_loss_components
 from core.models.rcan import build_rcan
+from core.tasks.dem_sr import base_loss_weights
 from core.train import to_device
 
 SCALE = 3
@@ -80,9 +81,7 @@ def model_rate(preset: str, batches: list[dict], device: torch.device) -> Callab
     the step, as the trainer does)."""
     model = build_rcan(preset, SCALE).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    loss = LossSection()
-    components = [loss.elevation, loss.gradient, loss.curvature, loss.edge, loss.spectral]
-    weights = torch.tensor(components, device=device)
+    weights = base_loss_weights(Config()).to(device)
 
     def run() -> float:
         synchronize(device)

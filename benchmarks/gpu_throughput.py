@@ -34,9 +34,10 @@ from benchlib import (
     synchronize,
 )
 
-from core.config import LossSection
+from core.config import Config
 from core.losses import dem_loss_components
 from core.models.rcan import build_rcan
+from core.tasks.dem_sr import base_loss_weights
 
 TILE = 48
 SCALE = 3
@@ -49,9 +50,7 @@ def training_steps(
     overrides = {key: int(value) for key, value in (item.split("=") for item in model)}
     net = build_rcan(preset, SCALE, **overrides).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-4)
-    loss = LossSection()
-    components = [loss.elevation, loss.gradient, loss.curvature, loss.edge, loss.spectral]
-    weights = torch.tensor(components, device=device)
+    weights = base_loss_weights(Config()).to(device)
     generator = torch.Generator().manual_seed(0)
     hr = torch.randn(batch_size, 1, TILE, TILE, generator=generator).to(device)
     lr = hr.reshape(batch_size, 1, TILE // SCALE, SCALE, TILE // SCALE, SCALE).mean((3, 5))

@@ -63,6 +63,7 @@ from core.losses import dem_loss_components
 from core.models.rcan import build_rcan
 from core.plugins import PluginManager
 from core.run import build_parser, resolve_config
+from core.tasks.dem_sr import base_loss_weights
 from core.train import Trainer, to_device
 
 TARGET = 1.03
@@ -169,9 +170,7 @@ class HandLoop:
             model = build_rcan(config.model.preset, config.data.scale, **overrides)
             optimizer = torch.optim.AdamW(model.parameters(), lr=config.optim.lr, weight_decay=0)
             self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
-            loss = config.loss
-            components = [loss.elevation, loss.gradient, loss.curvature, loss.edge, loss.spectral]
-            self.weights = torch.tensor(components, device=self.accelerator.device)
+            self.weights = base_loss_weights(config).to(self.accelerator.device)
 
     def epoch(self) -> float:
         """Train one epoch in the seeded order, then the validation loss; returns the

@@ -31,9 +31,10 @@ import numpy as np
 import torch
 from benchlib import add_common_arguments, finish, interleave, paired, ratio_line, spread, start
 
-from core.config import LossSection
+from core.config import Config
 from core.losses import dem_loss_components
 from core.models.rcan import build_rcan
+from core.tasks.dem_sr import base_loss_weights
 from core.terrain import TERRAINS
 from plugins.samplers.stratified import category_pools, plan_batches
 
@@ -91,10 +92,7 @@ def training_step(batch_size: int) -> Callable[[], float]:
     """One training step of the small RCAN on a batch of 48 x 48 tiles (what a plan feeds)."""
     model = build_rcan("small", 3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    loss = LossSection()
-    weights = torch.tensor(
-        [loss.elevation, loss.gradient, loss.curvature, loss.edge, loss.spectral]
-    )
+    weights = base_loss_weights(Config())
     generator = torch.Generator().manual_seed(0)
     hr = torch.randn(batch_size, 1, 48, 48, generator=generator)
     lr = hr.reshape(batch_size, 1, 16, 3, 16, 3).mean((3, 5))
