@@ -62,11 +62,19 @@ def shortcut_overrides(args: argparse.Namespace) -> list[str]:
         "run.out": args.out,
         "data.dir": args.data,
         "data.strict": True if args.strict_data else None,
-        "run.plugins": None
-        if args.plugins is None
-        else [name.strip() for name in args.plugins.split(",") if name.strip()],
+        "run.plugins": None if args.plugins is None else plugin_names(args.plugins),
     }
     return [f"{key}={json.dumps(value)}" for key, value in pairs.items() if value is not None]
+
+
+def plugin_names(option: str) -> list[str]:
+    """``--plugins a,b`` as a list; an empty name is a mistake, not "no plugin"."""
+    if not option.strip():
+        raise UsageError("--plugins '' names no plugin; omit --plugins to train without plugins")
+    names = [name.strip() for name in option.split(",")]
+    if not all(names):
+        raise UsageError(f"--plugins {option!r} has an empty plugin name; separate names by commas")
+    return names
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
@@ -115,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         except NonFiniteLossError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
+        finally:
+            trainer.release_run_dir()
     except UsageError as error:
         # notes name the plugin and hook when a plugin raised it
         print(f"error: {error}", *getattr(error, "__notes__", []), sep="\n", file=sys.stderr)

@@ -38,6 +38,7 @@ from core.context import RunContext, StepInfo
 from core.errors import UsageError
 from core.metrics import count_loss_spikes
 from core.plugins import PluginManager
+from core.runlock import RunLock, claim_run_dir
 from core.tasks import get_task
 
 CHECKPOINT = "checkpoint.pt"
@@ -189,28 +190,44 @@ class Trainer:
         self.nonfinite_total = 0
         self.stop_signal: int | None = None
         self.partial: dict[int, tuple[torch.Tensor, list[float]]] = {}
+        self.lock = self.claim_run_dir(state)  # last: a failure above leaves nothing locked
 
     # --- set-up ------------------------------------------------------------------------
 
     def resolve_run_dir(self, state: PartialState) -> Path:
         """``run.out``, or a timestamped folder chosen by the main process and shared.
 
-        A folder that already holds a run is refused unless resuming: nothing is overwritten.
+        A folder that already holds a run is refused unless resuming, and one that another
+        live run holds is refused always: nothing is overwritten or interleaved.
         """
         if self.config.run.out:
             run_dir = Path(self.config.run.out)
         else:
             choice = [f"runs/{self.config.run.task}-{time.strftime('%Y%m%d-%H%M%S')}"]
             run_dir = Path(broadcast_object_list(choice)[0])
-        if not self.resume and (run_dir / "metrics.jsonl").exists():
-            raise UsageError(
-                f"run folder {run_dir} already holds a run; continue it with --resume "
-                f"{run_dir} or choose another --out"
-            )
-        if state.is_main_process:
-            run_dir.mkdir(parents=True, exist_ok=True)
         self.config.run.out = str(run_dir)
         return run_dir
+
+    def claim_run_dir(self, state: PartialState) -> RunLock | None:
+        """The main process creates and locks the run folder (``core.runlock``); every
+        process learns the verdict before any of them writes, so all stop together."""
+        lock, problem = None, None
+        if state.is_main_process:
+            try:
+                lock = claim_run_dir(self.run_dir, resume=self.resume)
+            except UsageError as error:
+                problem = str(error)
+        if state.num_processes > 1:
+            problem = broadcast_object_list([problem])[0]
+        if problem is not None:
+            raise UsageError(problem)
+        return lock
+
+    def release_run_dir(self) -> None:
+        """Let another run use the folder; the process's end (or the lock's garbage
+        collection) does this too."""
+        if self.lock is not None:
+            self.lock.release()
 
     def setup(self) -> int:
         """Build data, model and optimizer; returns the epoch to start from."""
