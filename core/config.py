@@ -137,6 +137,17 @@ class TrainSection:
 
 
 @attrs.define
+class ResumeNote:
+    """One ``--resume`` of the run: when, after which epoch, and each key it changed as
+    ``[before, after]`` (see ``core.resume`` for what may change)."""
+
+    at: str = ""
+    """UTC time of the resume, ISO 8601."""
+    after_epoch: int = attrs.field(default=0, validator=check.non_negative_int)
+    changed: dict[str, list[Any]] = attrs.Factory(dict)
+
+
+@attrs.define
 class Config:
     """The whole run. Every key has a default; ``plugins`` holds raw per-plugin sections."""
 
@@ -147,6 +158,8 @@ class Config:
     optim: OptimSection = attrs.Factory(OptimSection)
     train: TrainSection = attrs.Factory(TrainSection)
     plugins: dict[str, dict[str, Any]] = attrs.Factory(dict)
+    resumed: list[ResumeNote] = attrs.Factory(list)
+    """The run's history of resumes, written by ``--resume``; a new run starts without."""
 
 
 def _strict(kind: type, accepts: tuple[type, ...]) -> Any:
@@ -259,5 +272,9 @@ def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
 
 
 def dump_config(config: Config, path: Path) -> None:
-    """Write the resolved config as TOML (every key, so the file alone repeats the run)."""
-    Path(path).write_text(tomli_w.dumps(unstructure(config)))
+    """Write the resolved config as TOML (every key, so the file alone repeats the run;
+    the ``[[resumed]]`` history only once there is one)."""
+    tree = unstructure(config)
+    if not tree["resumed"]:
+        del tree["resumed"]
+    Path(path).write_text(tomli_w.dumps(tree))

@@ -14,6 +14,7 @@ from pathlib import Path
 from core.config import Config, load_config
 from core.errors import UsageError
 from core.plugins import PluginManager, describe_all
+from core.resume import check_resume
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -80,13 +81,17 @@ def plugin_names(option: str) -> list[str]:
 def resolve_config(args: argparse.Namespace) -> Config:
     overrides = [*shortcut_overrides(args), *args.set]
     if args.resume is None:
-        return load_config(args.config, overrides)
+        config = load_config(args.config, overrides)
+        config.resumed = []  # a run repeated from another's config.toml starts its own history
+        return config
     saved = args.resume / "config.toml"
     if not (args.resume / "checkpoint.pt").is_file() or not saved.is_file():
         raise UsageError(f"--resume {args.resume}: no checkpoint.pt and config.toml to resume")
     if args.config:
         raise UsageError("--resume uses the run's own config.toml; drop --config")
-    return load_config(saved, [*overrides, f"run.out={json.dumps(str(args.resume))}"])
+    config = load_config(saved, [*overrides, f"run.out={json.dumps(str(args.resume))}"])
+    check_resume(args.resume, load_config(saved), config)
+    return config
 
 
 def list_plugins(strict: bool) -> int:

@@ -33,11 +33,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from core.config import Config, dump_config
+from core.config import Config, dump_config, load_config
 from core.context import RunContext, StepInfo
 from core.errors import UsageError
 from core.metrics import count_loss_spikes
 from core.plugins import PluginManager
+from core.resume import record_resume
 from core.runlock import RunLock, claim_run_dir
 from core.tasks import get_task
 
@@ -252,7 +253,10 @@ class Trainer:
         start_epoch = 1
         if self.resume:
             start_epoch = self.load_checkpoint()
-        elif accelerator.is_main_process:
+        if accelerator.is_main_process:
+            if self.resume:  # config.toml keeps the settings in force and the history
+                saved = load_config(self.run_dir / "config.toml")
+                record_resume(saved, config, after_epoch=start_epoch - 1)
             dump_config(config, self.run_dir / "config.toml")
         ctx.epoch = start_epoch
         if config.train.tensorboard:

@@ -62,6 +62,8 @@ def with_value(defaults: Any, path: tuple, value: Any) -> Any:
     if not rest:
         node[head] = value
         return node
+    if isinstance(head, int) and head == len(node):
+        node.append({})  # an empty list: probe a new element of defaults
     child = node[head] if isinstance(head, int) or node.get(head) is not None else {}
     node[head] = with_value(child, tuple(rest), value)
     return node
@@ -92,6 +94,7 @@ def test_the_walk_finds_numeric_fields_in_nested_classes_and_lists():
     assert {"config.data.batch_size", "config.optim.lr", "config.run.epochs"} <= keys
     assert "plugins.terrain_loss.profiles.flat.edge" in keys
     assert "plugins.curriculum.phases[0].start" in keys
+    assert "config.resumed[0].after_epoch" in keys
     assert len(keys) > 40
 
 
