@@ -32,7 +32,10 @@ from core.errors import DataError, UsageError
 from core.plugins import PluginManager
 from core.tasks import get_task
 from core.terrain import TERRAINS, terrain_index
-from core.train import CHECKPOINT
+from core.train import CHECKPOINT, load_trained_state
+
+PREDICTED_TASK = "dem_sr"
+"""The task whose run folders this command serves; a run of another task is refused."""
 
 
 def load_trained_model(run_dir: Path, cpu: bool = False) -> tuple[nn.Module, RunContext, dict]:
@@ -42,6 +45,11 @@ def load_trained_model(run_dir: Path, cpu: bool = False) -> tuple[nn.Module, Run
     if not config_path.is_file() or not checkpoint_path.is_file():
         raise UsageError(f"--checkpoint {run_dir}: no config.toml and {CHECKPOINT} there")
     config = load_config(config_path)
+    if config.run.task != PREDICTED_TASK:
+        raise UsageError(
+            f"--checkpoint {run_dir}: this run is task {config.run.task!r}; core.predict "
+            f"super-resolves DEMs with a {PREDICTED_TASK} run"
+        )
     plugins = PluginManager.from_names(config.run.plugins, config.plugins)
     accelerator = Accelerator(cpu=cpu or config.train.cpu)
     task = get_task(config.run.task)
@@ -51,7 +59,7 @@ def load_trained_model(run_dir: Path, cpu: bool = False) -> tuple[nn.Module, Run
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises several types for a damaged file
         raise UsageError(f"{checkpoint_path}: not a readable checkpoint ({error})") from None
-    model.load_state_dict(state["model"])
+    load_trained_state(model, state["model"], checkpoint_path)
     ctx.model = model.to(accelerator.device).eval()
     return ctx.model, ctx, {"scale": config.data.scale, "lr_shape": state["lr_shape"]}
 

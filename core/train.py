@@ -150,13 +150,22 @@ def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {key: value for key, value in model.state_dict().items() if key not in frozen}
 
 
-def load_trained_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    missing, unexpected = model.load_state_dict(state, strict=False)
+def load_trained_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Load a checkpoint's trained weights; one that does not fit (config.toml's [model] or
+    data.scale edited after training) is a UsageError naming ``source``."""
+    edited = "was config.toml's [model] or data.scale edited after training?"
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # torch lists every tensor of another shape
+        lines = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
+        raise UsageError(
+            f"{source} does not match the model its config.toml describes ({lines[:1]}); {edited}"
+        ) from None
     absent = set(missing) - frozen_parameter_names(model)
     if absent or unexpected:
         raise UsageError(
-            "checkpoint does not match the model built from its config: "
-            f"missing {sorted(absent)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            f"{source} does not match the model its config.toml describes: "
+            f"missing {sorted(absent)[:5]}, unexpected {sorted(unexpected)[:5]}; {edited}"
         )
 
 
@@ -548,7 +557,8 @@ class Trainer:
     def load_checkpoint(self) -> int:
         """Restore everything :meth:`save_checkpoint` wrote; returns the epoch to run next."""
         state = torch.load(self.run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
-        load_trained_state(self.accelerator.unwrap_model(self.model), state["model"])
+        model = self.accelerator.unwrap_model(self.model)
+        load_trained_state(model, state["model"], self.run_dir / CHECKPOINT)
         self.optimizer.load_state_dict(state["optimizer"])
         self.partial = state["partial"]
         self.rows = state["rows"]

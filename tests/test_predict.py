@@ -4,6 +4,7 @@ dtypes and voids, seamless blending, bounded memory, bad input."""
 from __future__ import annotations
 
 import math
+import shutil
 import tracemalloc
 from pathlib import Path
 
@@ -236,3 +237,25 @@ def test_bad_run_folder_or_options_exit_2(trained_run: Path, tmp_path: Path, cap
     missing_dir = tmp_path / "no" / "such" / "dir" / "out.tif"
     assert main(["--checkpoint", str(trained_run), str(src), str(missing_dir)]) == 2
     assert str(missing_dir) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("original", "edited", "message"),
+    [
+        ('task = "dem_sr"', 'task = "sar2opt"', "this run is task 'sar2opt'"),
+        ("n_feats = 8", "n_feats = 12", "does not match the model its config.toml describes"),
+    ],
+)
+def test_run_of_another_task_or_edited_model_exits_2(
+    trained_run: Path, tmp_path: Path, capsys, original: str, edited: str, message: str
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    config = run / "config.toml"
+    assert original in config.read_text()
+    config.write_text(config.read_text().replace(original, edited))
+    src = write_dem(tmp_path / "in.tif", terrain((20, 20)), UTM_TRANSFORM, UTM)
+    assert main(["--checkpoint", str(run), str(src), str(tmp_path / "out.tif")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(run) in err
+    assert not (tmp_path / "out.tif").exists()

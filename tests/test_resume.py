@@ -43,6 +43,12 @@ def test_resume_extends_epochs_records_it_and_refuses_other_plugins(
     assert "run.epochs" not in err.split("Refused:")[1], "growing epochs is allowed"
     assert ((out / "config.toml").read_text(), (out / "metrics.jsonl").read_text()) == before
 
+    # a config.toml edited to another model: the checkpoint does not fit, exit 2 naming it
+    (out / "config.toml").write_text(before[0].replace("n_feats = 8", "n_feats = 12"))
+    assert main(["--resume", str(out)]) == 2
+    assert f"{out / 'checkpoint.pt'} does not match the model" in capsys.readouterr().err
+    (out / "config.toml").write_text(before[0])
+
     # a new run from the resumed run's config.toml starts its own history
     repeat = build_parser().parse_args(["--config", str(out / "config.toml"), "--out", "again"])
     assert resolve_config(repeat).resumed == []
