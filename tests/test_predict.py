@@ -259,3 +259,23 @@ def test_run_of_another_task_or_edited_model_exits_2(
     err = capsys.readouterr().err
     assert message in err and str(run) in err
     assert not (tmp_path / "out.tif").exists()
+
+
+def test_unmarked_voids_in_the_input_stay_voids(trained_run: Path, tmp_path: Path, capsys) -> None:
+    """An int16 DEM with -32768 voids and no nodata tag: warned about, masked, never
+    super-resolved into kilometres below sea level; ``--strict-data`` stops with exit 2."""
+    z = terrain((40, 40))
+    z[5:12, 20:30] = -32768
+    src = write_dem(tmp_path / "srtm.tif", z, UTM_TRANSFORM, UTM, dtype="int16")
+    dst = tmp_path / "out.tif"
+    with pytest.warns(UserWarning, match=r"srtm.tif: -32768 m lie outside"):
+        assert main(["--checkpoint", str(trained_run), str(src), str(dst), "--quiet"]) == 0
+    out = read(dst)
+    void = upsampled(z == -32768)
+    assert np.isnan(out[void]).all()
+    assert np.nanmin(out) > 900, "no elevation invented from the void value"
+    strict = tmp_path / "strict.tif"
+    args = ["--checkpoint", str(trained_run), str(src), str(strict), "--strict-data", "--quiet"]
+    assert main(args) == 2
+    assert f"{src}: -32768 m lie outside" in capsys.readouterr().err
+    assert not strict.exists()
