@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 from affine import Affine
 
+from core.data.dataset import TileDataset
 from core.data.geotiff import read_dem, write_dem
 from core.errors import DataError
 from core.predict import open_dem
 from core.run import main
-from tests.conftest import FAST, read_metrics
+from tests.conftest import read_metrics
+from tests.test_bad_input import fast_args as cli_args
 
 UTM = "EPSG:32613"
 UTM_ORIGIN = Affine(30.0, 0.0, 500_000.0, 0.0, -30.0, 4_400_000.0)
@@ -32,13 +34,6 @@ def unmarked_voids(path: Path) -> Path:
     z = hills()
     z[10:20, 5:15] = -32768
     return write_dem(path, z, UTM_ORIGIN, UTM, dtype="int16")
-
-
-def cli_args(data: Path, out: Path, *extra: str) -> list[str]:
-    args = ["--data", str(data), "--out", str(out), "--epochs", "1", *extra]
-    for assignment in FAST:
-        args += ["--set", assignment]
-    return args
 
 
 def messages(caught: list[warnings.WarningMessage]) -> str:
@@ -108,6 +103,8 @@ def test_doubtful_georeferencing_is_warned_naming_the_file(tmp_path, crs, transf
         (UTM, UTM_ORIGIN),
         ("EPSG:4326", Affine(1 / 1200, 0, 10.0, 0, -1 / 1200, 47.0)),  # 3 arc-seconds, Alps
         ("EPSG:4326", Affine(1 / 120, 0, 179.9, 0, -1 / 120, -89.6)),  # across the antimeridian
+        ("EPSG:4326", Affine(1 / 1200, 0, 200.0, 0, -1 / 1200, 47.0)),  # a 0..360 grid
+        (UTM, Affine(30.0, 0, 0.0, 0, -30.0, 4_400_000.0)),  # 3 degrees past the zone
         ("EPSG:3857", Affine(30.0, 0, 1_113_000.0, 0, -30.0, 5_900_000.0)),
     ],
 )
@@ -117,3 +114,13 @@ def test_sound_georeferencing_is_quiet(tmp_path: Path, crs: str, transform: Affi
         warnings.simplefilter("error")
         read_dem(path)
         open_dem(path).close()
+
+
+def test_a_dangling_link_stops_a_strict_run(procedural_dir: Path, tmp_path: Path):
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    shutil.copy(procedural_dir / "flat_tile_0.tif", folder)
+    link = folder / "link.tif"
+    link.symlink_to(tmp_path / "gone.tif")
+    with pytest.raises(DataError, match=f"{link}: a symbolic link to .*gone.tif"):
+        TileDataset.from_folder(folder, 3, strict=True)

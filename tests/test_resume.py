@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 
@@ -12,14 +13,9 @@ from core.config import load_config
 from core.errors import ConfigError
 from core.resume import check_resume
 from core.run import build_parser, main, resolve_config
-from tests.conftest import FAST, read_metrics
-
-
-def cli_args(data: Path, out: Path, *extra: str) -> list[str]:
-    args = ["--data", str(data), "--out", str(out), "--epochs", "1", *extra]
-    for assignment in FAST:
-        args += ["--set", assignment]
-    return args
+from core.runlock import RunLock
+from tests.conftest import read_metrics
+from tests.test_bad_input import fast_args as cli_args
 
 
 def test_resume_extends_epochs_records_it_and_refuses_other_plugins(
@@ -42,6 +38,14 @@ def test_resume_extends_epochs_records_it_and_refuses_other_plugins(
     assert "run.plugins: the run has [], this command asks for ['stratified', 'pcgrad']" in err
     assert "run.epochs" not in err.split("Refused:")[1], "growing epochs is allowed"
     assert ((out / "config.toml").read_text(), (out / "metrics.jsonl").read_text()) == before
+
+    # a resume of a folder that a live process holds is refused like a new run
+    holder = RunLock.acquire(out)
+    try:
+        assert main(["--resume", str(out), "--epochs", "3"]) == 2
+    finally:
+        holder.release()
+    assert f"is in use by another run (pid {os.getpid()}" in capsys.readouterr().err
 
     # a config.toml edited to another model: the checkpoint does not fit, exit 2 naming it
     (out / "config.toml").write_text(before[0].replace("n_feats = 8", "n_feats = 12"))

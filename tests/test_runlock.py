@@ -16,17 +16,11 @@ import pytest
 
 from core.run import main
 from core.runlock import LOCK_FILE, RunLock
-from tests.conftest import FAST, read_metrics
+from tests.conftest import read_metrics
 from tests.distributed.two_processes import LAUNCH
+from tests.test_run import fast_args
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def cli_args(data: Path, out: Path, epochs: int) -> list[str]:
-    args = ["--data", str(data), "--out", str(out), "--epochs", str(epochs)]
-    for assignment in FAST:
-        args += ["--set", assignment]
-    return args
 
 
 def start_run(args: list[str]) -> subprocess.Popen:
@@ -57,9 +51,9 @@ def test_second_run_on_a_busy_folder_exits_2_and_a_killed_run_leaves_no_lock(
     procedural_dir: Path, tmp_path: Path, capsys
 ):
     out = tmp_path / "run"
-    first = start_run(cli_args(procedural_dir, out, epochs=3))
+    first = start_run(fast_args(procedural_dir, out, "--epochs", "3"))
     wait_for(lambda: holds_lock(out, first.pid), first)
-    assert main(cli_args(procedural_dir, out, epochs=1)) == 2
+    assert main(fast_args(procedural_dir, out, "--epochs", "1")) == 2
     err = capsys.readouterr().err
     assert f"run folder {out} is in use by another run (pid {first.pid} on" in err
     assert socket.gethostname() in err and "started 20" in err
@@ -81,7 +75,7 @@ def test_every_process_of_a_multi_process_run_stops_on_a_busy_folder(
     try:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         result = subprocess.run(
-            [*LAUNCH, "-m", "core.run", *cli_args(procedural_dir, out, epochs=1)],
+            [*LAUNCH, "-m", "core.run", *fast_args(procedural_dir, out, "--epochs", "1")],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False,
         )  # fmt: skip
     finally:
