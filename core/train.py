@@ -207,8 +207,7 @@ class Trainer:
     def resolve_run_dir(self, state: PartialState) -> Path:
         """``run.out``, or a timestamped folder chosen by the main process and shared.
 
-        A folder that already holds a run is refused unless resuming, and one that another
-        live run holds is refused always: nothing is overwritten or interleaved.
+        A folder that already holds a run is refused unless resuming: nothing is overwritten.
         """
         if self.config.run.out:
             run_dir = Path(self.config.run.out)
@@ -219,7 +218,8 @@ class Trainer:
         return run_dir
 
     def claim_run_dir(self, state: PartialState) -> RunLock | None:
-        """The main process creates and locks the run folder (``core.runlock``); every
+        """The main process creates and locks the run folder (``core.runlock``): one that
+        another live run holds is refused, and one that holds a run unless resuming. Every
         process learns the verdict before any of them writes, so all stop together."""
         lock, problem = None, None
         if state.is_main_process:
