@@ -110,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         except Interrupted as signal_name:
             if trainer.accelerator.is_main_process:
                 print(
-                    f"{signal_name}: checkpoint saved; continue with "
-                    f"python -m core.run --resume {trainer.run_dir}",
+                    f"{signal_name}: checkpoint saved; continue with {trainer.resume_command()}",
                     file=sys.stderr,
                 )
             return EXIT_INTERRUPTED

@@ -530,8 +530,8 @@ class Trainer:
         )
 
     def process_state(self) -> dict[str, Any]:
-        """What differs between processes: an interrupted epoch's sums, step losses and
-        logged values, the step losses behind the loss-spike counts, and the generators."""
+        """What differs between processes: an interrupted epoch's progress (``partial``),
+        the step losses behind the loss-spike counts, and the random generators."""
         return {"partial": self.partial, "step_losses": self.step_losses, "rng": rng_state()}
 
     def save_checkpoint(self, completed_epoch: int) -> None:
@@ -600,9 +600,19 @@ class Trainer:
             "epoch": epoch,
             "steps_done": steps_done,
             "steps": steps,
-            "resume": f"python -m core.run --resume {self.run_dir}",
+            "resume": self.resume_command(),
         }
         (self.run_dir / INTERRUPTED).write_text(json.dumps(record, indent=2) + "\n")
+
+    def resume_command(self) -> str:
+        """The command that continues this run, with as many processes as it has."""
+        world = self.ctx.world_size
+        launch = (
+            f"accelerate launch --multi_gpu --num_processes {world} -m"
+            if world > 1
+            else "python -m"
+        )
+        return f"{launch} core.run --resume {self.run_dir}"
 
     # --- signals, progress, end ----------------------------------------------------------
 

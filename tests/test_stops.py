@@ -92,6 +92,9 @@ def check_stop_and_resume(
     assert set(reported) <= {"130"}, log[-3000:]
     stopped = json.loads((out / INTERRUPTED).read_text())
     assert stopped["signal"] == "SIGTERM" and stopped["epoch"] == 2
+    command = f"accelerate launch --multi_gpu --num_processes 2 -m core.run --resume {out}"
+    assert stopped["resume"] == command
+    assert log.count(f"continue with {command}") == 1  # from the main process only
     assert stopped["steps_done"] == step + 1 - uninterrupted[0]["steps"] < stopped["steps"]
     assert len(read_metrics(out)) == 1
     checkpoint = (out / "checkpoint.pt").read_bytes()
