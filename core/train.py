@@ -233,14 +233,18 @@ class Trainer:
             device=accelerator.device,
         )
         start_epoch = 1
+        plugin_states: dict[str, dict[str, Any]] = {}
         if self.resume:
-            start_epoch = self.load_checkpoint()
-        elif accelerator.is_main_process:
-            dump_config(config, self.run_dir / "config.toml")
+            start_epoch, plugin_states = self.load_checkpoint()
+        else:
+            config.plugins = {**config.plugins, **ctx.plugins.resolved_sections()}
+            if accelerator.is_main_process:
+                dump_config(config, self.run_dir / "config.toml")
         ctx.epoch = start_epoch
         if config.train.tensorboard:
             accelerator.init_trackers("tensorboard")
         ctx.plugins.call("setup", ctx=ctx)
+        ctx.plugins.load_state_dict(plugin_states)
         self.report_setup(train, val)
         return start_epoch
 
@@ -317,9 +321,11 @@ class Trainer:
         plan, stats = self.epoch_plan(epoch)
         local = plan[accelerator.process_index :: ctx.world_size]
         steps = list(chunks(local, config.optim.accumulation_steps))
-        sums, epoch_losses = self.partial.pop(epoch, (None, []))
+        sums, epoch_losses, logged = self.partial.pop(epoch, (None, [], None))
         if sums is None:
             sums = torch.zeros(2 + len(ctx.task.components), dtype=torch.float64)
+        if logged is not None:  # replaces what the replayed hooks above logged a second time
+            ctx.restore_logged(logged)
         done = len(epoch_losses)  # steps completed before an interruption, replayed from here
         loader = DataLoader(
             ctx.train_dataset,
@@ -349,7 +355,7 @@ class Trainer:
             bar.update()
             if self.stop_signal is not None:
                 bar.close()
-                self.partial[epoch] = (sums, epoch_losses)
+                self.partial[epoch] = (sums, epoch_losses, ctx.logged_values())
                 self.save_checkpoint(epoch - 1)
                 raise Interrupted(signal.Signals(self.stop_signal).name)
         bar.close()
@@ -369,12 +375,16 @@ class Trainer:
             seconds=round(time.perf_counter() - started, 3),
         )
         self.step_losses.extend(epoch_losses)
-        row.update(ctx.pop_logged())
         for name, extra in ctx.plugins.call("validation_metrics", model=self.model, ctx=ctx):
             clash = set(extra or {}) & set(row)
             if clash:
                 raise RuntimeError(f"plugin {name!r} returned metric keys that exist: {clash}")
             row.update(extra or {})
+        logged = ctx.pop_logged()
+        clash = set(logged) & set(row)
+        if clash:
+            raise RuntimeError(f"ctx.log keys {sorted(clash)} clash with metrics of the epoch row")
+        row.update(logged)
         return row
 
     def optimizer_step(self, micro: list[dict[str, Any]], progress: float) -> torch.Tensor:
@@ -500,8 +510,8 @@ class Trainer:
     def save_checkpoint(self, completed_epoch: int) -> None:
         """The last checkpoint, written atomically by the main process.
 
-        ``self.partial`` carries the loss sums of an epoch interrupted by a signal, so a
-        resumed run skips the finished steps and ends with the same metrics.
+        ``self.partial`` carries the loss sums and ``ctx.log`` values of an epoch interrupted
+        by a signal, so a resumed run skips the finished steps and ends with the same metrics.
         """
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
@@ -516,6 +526,7 @@ class Trainer:
             "rows": self.rows,
             "step_losses": self.step_losses,
             "nonfinite_total": self.nonfinite_total,
+            "plugins": self.ctx.plugins.state_dict(),
             "rng": {
                 "python": random.getstate(),
                 "numpy": np.random.get_state(),
@@ -524,8 +535,9 @@ class Trainer:
         }
         atomic_write_bytes(self.run_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
-    def load_checkpoint(self) -> int:
-        """Restore everything :meth:`save_checkpoint` wrote; returns the epoch to run next."""
+    def load_checkpoint(self) -> tuple[int, dict[str, dict[str, Any]]]:
+        """Restore everything :meth:`save_checkpoint` wrote; returns the epoch to run next
+        and the plugins' saved states (handed back after their ``setup``)."""
         state = torch.load(self.run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
         load_trained_state(self.accelerator.unwrap_model(self.model), state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -540,7 +552,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             with open(self.run_dir / "metrics.jsonl", "w") as handle:
                 handle.writelines(json.dumps(row) + "\n" for row in self.rows)
-        return state["epoch"] + 1
+        return state["epoch"] + 1, state["plugins"]
 
     # --- signals, progress, end ----------------------------------------------------------
 
