@@ -417,3 +417,56 @@ def test_plugin_state_that_a_weights_only_load_refuses_is_an_error_naming_the_pl
         PluginError, match=r"'counter': state_dict\(\)\['extra'\]\[0\] is a float64"
     ):
         manager(Counter(extra=[np.float64(1.0)]), names=["counter"]).state_dict()
+
+
+def test_a_module_plugin_has_a_checked_config_and_state(tmp_path, monkeypatch):
+    (tmp_path / "stateful_module.py").write_text(
+        textwrap.dedent("""\
+            import attrs
+            from terraplug import hookimpl
+
+            @attrs.frozen
+            class Config:
+                factor: float = 1.0
+
+            calls = []
+
+            @hookimpl
+            def loss_weights(weights, ctx):
+                calls.append(1)
+                return weights * ctx.plugin_config("stateful_module").factor
+
+            def state_dict():
+                return {"calls": len(calls)}
+
+            def load_state_dict(state):
+                calls[:] = [1] * state["calls"]
+            """)
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(BUILTIN_PLUGINS, "stateful_module", "stateful_module")
+    with pytest.raises(ConfigError, match=r"plugins\.stateful_module"):
+        PluginManager.from_names(["stateful_module"], {"stateful_module": {"factr": 2.0}})
+    pm = PluginManager.from_names(["stateful_module"], {"stateful_module": {"factor": 4.0}})
+
+    class Context:
+        plugin_config = staticmethod(pm.config)
+
+    assert pm.chain("loss_weights", torch.ones(1), "weights", ctx=Context()).item() == 4.0
+    assert pm.state_dict() == {"stateful_module": {"calls": 1}}
+    pm.load_state_dict({"stateful_module": {"calls": 3}})
+    assert pm.state_dict() == {"stateful_module": {"calls": 3}}
+    sys.modules.pop("stateful_module", None)
+
+
+def test_the_registered_name_not_the_class_name_attribute_names_the_plugin(monkeypatch):
+    monkeypatch.setitem(BUILTIN_PLUGINS, "alias", "tests.test_plugins:Scaled")
+    pm = PluginManager.from_names(["alias"], {"alias": {"factor": 3.0}})
+    assert pm.active[0].name == "alias" and Scaled.name == "scaled"
+    assert pm.config("alias").factor == 3.0
+
+
+def test_a_plugin_without_options_accepts_only_an_empty_section():
+    assert PluginManager.from_names(["balanced_grad"], {"balanced_grad": {}}).active
+    with pytest.raises(ConfigError, match=r"anything.*plugins\.balanced_grad"):
+        PluginManager.from_names(["balanced_grad"], {"balanced_grad": {"anything": 1}})
