@@ -205,6 +205,15 @@ def check_plain(value: Any, where: str) -> None:
         )
 
 
+def without_none(tree: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` without its ``None`` values, at any depth of nested tables."""
+    return {
+        key: without_none(value) if isinstance(value, dict) else value
+        for key, value in tree.items()
+        if value is not None
+    }
+
+
 def load_or_warn(source: PluginSource, strict: bool, why: str) -> type | ModuleType | None:
     """Load a plugin no run needs yet; a failure warns, or stops the run with ``strict``."""
     try:
@@ -307,9 +316,13 @@ class PluginManager:
                     )
 
     def resolved_sections(self) -> dict[str, dict[str, Any]]:
-        """Every config key of every active plugin, defaults included, for ``config.toml``."""
+        """Every config key of every active plugin, defaults included, for ``config.toml``.
+
+        TOML has no null: a ``None`` value is left out, which reads back as that key's
+        default (``None`` for every such key of the built-ins).
+        """
         return {
-            plugin.name: unstructure(plugin.config)
+            plugin.name: without_none(unstructure(plugin.config))
             for plugin in self.active
             if attrs.has(type(plugin.config))
         }

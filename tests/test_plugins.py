@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import sys
 import textwrap
+import tomllib
 import warnings
 from pathlib import Path
 
 import attrs
 import numpy as np
 import pytest
+import tomli_w
 import torch
 
 from core.errors import ConfigError, PluginError
@@ -266,6 +268,14 @@ def test_a_section_for_an_inactive_plugin_is_checked_then_unused(fake_distributi
 def test_resolved_sections_hold_every_key_with_defaults(fake_distributions):
     pm = PluginManager.from_names(["scaled"], {"scaled": {}})
     assert pm.resolved_sections() == {"scaled": {"factor": 2.0}}
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_PLUGINS))
+def test_every_builtins_resolved_section_reads_back_as_the_same_config(name):
+    pm = PluginManager.from_names([name])
+    text = tomli_w.dumps({"plugins": pm.resolved_sections()})
+    again = PluginManager.from_names([name], tomllib.loads(text)["plugins"])
+    assert again.config(name) == pm.config(name)
 
 
 def test_module_plugins_are_registered_as_modules(tmp_path, monkeypatch):
