@@ -254,4 +254,3 @@ def test_empty_categories_deal_out_every_domain_of_the_task():
 def test_category_the_task_lacks_is_a_config_error_naming_the_task_domains(train_run):
     with pytest.raises(ConfigError, match=r"categories: unknown category 'glacier'.*flat"):
         train_run(Stratified(StratifiedConfig(categories=["flat", "glacier"])))
-

@@ -249,9 +249,7 @@ class TerrainBatchNorm2d(nn.Module):
         )
 
 
-def swap_batchnorms(
-    model: nn.Module, num_terrains: int, sync: str = "global"
-) -> int:
+def swap_batchnorms(model: nn.Module, num_terrains: int, sync: str = "global") -> int:
     """Replace every ``nn.BatchNorm2d`` inside ``model`` in place; returns how many.
 
     A BN module registered at several places stays one shared layer.
