@@ -107,7 +107,7 @@ def test_resumed_run_equals_the_uninterrupted_one_including_plugin_logged_keys(
     procedural_dir, tmp_path, monkeypatch
 ):
     monkeypatch.setitem(plugins.BUILTIN_PLUGINS, "tally", f"{__name__}:Tally")
-    args = ["--plugins", "tally", "--epochs", "3"]
+    args = ["--plugins", "tally", "--epochs", "2", "--set", "train.max_steps_per_epoch=3"]
     straight = tmp_path / "straight"
     assert main(fast_args(procedural_dir, straight, *args)) == 0
     reference = without_timing(read_metrics(straight))
