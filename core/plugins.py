@@ -315,17 +315,19 @@ class PluginManager:
                         f"{refused[0]}=True: {REFUSED_OPTIONS[refused[0]]}"
                     )
 
-    def resolved_sections(self) -> dict[str, dict[str, Any]]:
-        """Every config key of every active plugin, defaults included, for ``config.toml``.
+    def resolved_sections(self, sections: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """The config's ``[plugins]`` tables with every key of every active plugin, defaults
+        included, for ``config.toml`` (inactive plugins' tables stay as written).
 
         TOML has no null: a ``None`` value is left out, which reads back as that key's
         default (``None`` for every such key of the built-ins).
         """
-        return {
+        resolved = {
             plugin.name: without_none(unstructure(plugin.config))
             for plugin in self.active
             if attrs.has(type(plugin.config))
         }
+        return {**sections, **resolved}
 
     def state_dict(self) -> dict[str, dict[str, Any]]:
         """Each stateful active plugin's ``state_dict()``, checked to be plain values."""

@@ -237,7 +237,7 @@ class Trainer:
         if self.resume:
             start_epoch, plugin_states = self.load_checkpoint()
         else:
-            config.plugins = {**config.plugins, **ctx.plugins.resolved_sections()}
+            config.plugins = ctx.plugins.resolved_sections(config.plugins)
             if accelerator.is_main_process:
                 dump_config(config, self.run_dir / "config.toml")
         ctx.epoch = start_epoch

@@ -267,13 +267,13 @@ def test_a_section_for_an_inactive_plugin_is_checked_then_unused(fake_distributi
 
 def test_resolved_sections_hold_every_key_with_defaults(fake_distributions):
     pm = PluginManager.from_names(["scaled"], {"scaled": {}})
-    assert pm.resolved_sections() == {"scaled": {"factor": 2.0}}
+    assert pm.resolved_sections({"scaled": {}}) == {"scaled": {"factor": 2.0}}
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN_PLUGINS))
 def test_every_builtins_resolved_section_reads_back_as_the_same_config(name):
     pm = PluginManager.from_names([name])
-    text = tomli_w.dumps({"plugins": pm.resolved_sections()})
+    text = tomli_w.dumps({"plugins": pm.resolved_sections({})})
     again = PluginManager.from_names([name], tomllib.loads(text)["plugins"])
     assert again.config(name) == pm.config(name)
 
