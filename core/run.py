@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--strict-plugins",
         action="store_true",
-        help="stop when a third-party plugin fails to load instead of skipping it",
+        help="stop when any installed third-party plugin fails to load, even one not named "
+        "in --plugins (a named plugin must always load)",
     )
     parser.add_argument(
         "--strict-data",
@@ -102,8 +103,16 @@ def list_plugins(strict: bool) -> int:
     widths = {key: max(len(row[key]) for row in [headers, *rows]) for key in headers}
     for row in [headers, *rows]:
         print("  ".join(row[key].ljust(widths[key]) for key in headers).rstrip())
-    broken = [row["name"] for row in rows if row["summary"].startswith("BROKEN")]
-    return EXIT_USAGE if strict and broken else 0
+    broken = [row for row in rows if row["summary"].startswith("BROKEN")]
+    if strict and broken:
+        for row in broken:
+            print(
+                f"error: plugin {row['name']!r} from {row['origin']} failed to load: "
+                f"{row['summary'].removeprefix('BROKEN: ')}",
+                file=sys.stderr,
+            )
+        return EXIT_USAGE
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
