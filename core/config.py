@@ -39,10 +39,12 @@ class DataSection:
     """Where tiles come from and how they are batched."""
 
     dir: str = ""
-    """A folder of GeoTIFFs; empty: the embedded GLOBE default (cut on first use)."""
+    """A folder of GeoTIFFs; empty: the built-in ``source`` (cut on first use)."""
+    source: str = "srtm90"
+    """dem_sr's built-in DEM without ``dir``: ``srtm90``, ``globe`` or ``colorado10m``."""
     scale: int = 3
     tile_size: int = 0
-    """Tile size in pixels of the embedded default; 0: the task's (dem_sr 48, sar2opt 64)."""
+    """Tile size in pixels of the built-in data; 0: the task's (dem_sr 48, sar2opt 64)."""
     val_fraction: float = 0.2
     batch_size: int = 10
     num_workers: int = 0
