@@ -144,25 +144,27 @@ def extract_archive(archive: Path, target: Path) -> None:
         with tarfile.open(archive) as tar:
             members = tar.getmembers()
             for member in members:
-                if not (member.isfile() or member.isdir()):
+                problem = _unsafe(member, target)
+                if problem:
                     raise DataError(
-                        f"{archive}: {member.name!r} is not a regular file or folder; "
-                        "refused the archive, nothing was extracted"
-                    )
-                try:
-                    safe = tarfile.data_filter(member, str(target))
-                except tarfile.FilterError as error:
-                    raise DataError(
-                        f"{archive}: {error}; refused the archive, nothing was extracted"
-                    ) from None
-                if safe.name != member.name:  # the filter strips a leading "/"
-                    raise DataError(
-                        f"{archive}: member {member.name!r} has an absolute path; "
-                        "refused the archive, nothing was extracted"
+                        f"{archive}: {problem}; refused the archive, nothing was extracted"
                     )
             tar.extractall(target, members=members, filter="data")
     except (tarfile.TarError, EOFError, OSError) as error:
         raise DataError(f"{archive}: cannot unpack it ({error})") from None
+
+
+def _unsafe(member: tarfile.TarInfo, target: Path) -> str | None:
+    """Why ``member`` may not be extracted into ``target``, or None when it may."""
+    if not (member.isfile() or member.isdir()):
+        return f"{member.name!r} is not a regular file or folder"
+    try:
+        safe = tarfile.data_filter(member, str(target))
+    except tarfile.FilterError as error:
+        return str(error)
+    if safe.name != member.name:  # the filter strips a leading "/" rather than refusing
+        return f"member {member.name!r} has an absolute path"
+    return None
 
 
 def read_patch_pair(s1_dir: Path, s2_dir: Path) -> PatchPair:
