@@ -28,11 +28,15 @@ from tqdm.auto import tqdm
 from core.config import load_config
 from core.context import RunContext
 from core.data.dataset import normalisation
+from core.data.geotiff import mask_implausible, require_file, warn_georeferencing
 from core.errors import DataError, UsageError
 from core.plugins import PluginManager
 from core.tasks import get_task
 from core.terrain import TERRAINS, terrain_index
-from core.train import CHECKPOINT
+from core.train import CHECKPOINT, load_trained_state
+
+PREDICTED_TASK = "dem_sr"
+"""The task whose run folders this command serves; a run of another task is refused."""
 
 
 def load_trained_model(run_dir: Path, cpu: bool = False) -> tuple[nn.Module, RunContext, dict]:
@@ -42,6 +46,11 @@ def load_trained_model(run_dir: Path, cpu: bool = False) -> tuple[nn.Module, Run
     if not config_path.is_file() or not checkpoint_path.is_file():
         raise UsageError(f"--checkpoint {run_dir}: no config.toml and {CHECKPOINT} there")
     config = load_config(config_path)
+    if config.run.task != PREDICTED_TASK:
+        raise UsageError(
+            f"--checkpoint {run_dir}: this run is task {config.run.task!r}; core.predict "
+            f"super-resolves DEMs with a {PREDICTED_TASK} run"
+        )
     plugins = PluginManager.from_names(config.run.plugins, config.plugins)
     accelerator = Accelerator(cpu=cpu or config.train.cpu)
     task = get_task(config.run.task)
@@ -51,7 +60,7 @@ def load_trained_model(run_dir: Path, cpu: bool = False) -> tuple[nn.Module, Run
         state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
     except Exception as error:  # torch raises several types for a damaged file
         raise UsageError(f"{checkpoint_path}: not a readable checkpoint ({error})") from None
-    model.load_state_dict(state["model"])
+    load_trained_state(model, state["model"], checkpoint_path)
     ctx.model = model.to(accelerator.device).eval()
     return ctx.model, ctx, {"scale": config.data.scale, "lr_shape": state["lr_shape"]}
 
@@ -85,9 +94,14 @@ def normalise(window: np.ndarray) -> tuple[np.ndarray, float, float]:
 
 
 def read_elevation(
-    src: rasterio.DatasetReader, window: Window | None = None, out_shape: tuple | None = None
+    src: rasterio.DatasetReader,
+    window: Window | None = None,
+    out_shape: tuple | None = None,
+    *,
+    strict: bool = False,
 ) -> np.ndarray:
-    """Band 1 as float32, NaN wherever the raster says nodata (value, mask, NaN) or inf.
+    """Band 1 as float32, NaN wherever the raster says nodata (value, mask, NaN) or inf,
+    or holds a value no terrain has (``mask_implausible``; an error with ``strict``).
 
     Converted to float before masking: an int16/uint16 DEM cannot hold NaN.
     """
@@ -99,13 +113,13 @@ def read_elevation(
     values[np.ma.getmaskarray(data) | ~np.isfinite(values)] = np.nan
     if src.nodata is not None and np.isfinite(src.nodata):
         values[values == np.float32(src.nodata)] = np.nan
+    mask_implausible(values, src.name, strict=strict)
     return values
 
 
 def open_dem(path: Path) -> rasterio.DatasetReader:
     """Open a single-band, georeferenced raster; every problem is a DataError naming it."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    require_file(path)
     try:
         src = rasterio.open(path)
     except RasterioError as error:
@@ -118,6 +132,7 @@ def open_dem(path: Path) -> rasterio.DatasetReader:
     if src.crs is None:
         src.close()
         raise DataError(f"{path}: has no CRS, so the output could not be georeferenced")
+    warn_georeferencing(path, src.transform, src.crs, (src.height, src.width))
     return src
 
 
@@ -133,6 +148,7 @@ class Predictor:
         overlap: int,
         terrain: str,
         batch_size: int = 16,
+        strict_data: bool = False,
     ) -> None:
         if window < 1:
             raise UsageError(f"--window {window} must be at least 1")
@@ -140,6 +156,7 @@ class Predictor:
             raise UsageError(f"--overlap {overlap} must be >= 0 and less than half of {window}")
         self.model, self.ctx, self.scale = model, ctx, scale
         self.window, self.overlap, self.batch_size = window, overlap, batch_size
+        self.strict_data = strict_data
         self.terrain = terrain_index(terrain)
         weight = taper(window * scale, overlap * scale)
         self.weight = np.outer(weight, weight)
@@ -205,7 +222,7 @@ class Predictor:
         name, total_windows = Path(src.name).name, len(rows) * len(cols)
         with tqdm(total=total_windows, desc=name, unit="window", disable=not progress) as bar:
             for i, row in enumerate(rows):
-                band = read_elevation(src, Window(0, row, width, lr_rows))
+                band = read_elevation(src, Window(0, row, width, lr_rows), strict=self.strict_data)
                 for start in range(0, len(cols), self.batch_size):
                     batch_cols = cols[start : start + self.batch_size]
                     windows = [self._padded(band[:, c : c + lr_cols]) for c in batch_cols]
@@ -247,7 +264,7 @@ class Predictor:
         return out
 
 
-def guess_terrain(path: Path, max_pixels: int = 512) -> str:
+def guess_terrain(path: Path, max_pixels: int = 512, *, strict: bool = False) -> str:
     """The raster's category from its name, else from a decimated read of its relief."""
     from core.data.geotiff import cell_size_m
     from core.data.labels import label_tile
@@ -255,7 +272,7 @@ def guess_terrain(path: Path, max_pixels: int = 512) -> str:
     with open_dem(path) as src:
         factor = max(1, -(-max(src.height, src.width) // max_pixels))
         shape = (max(1, src.height // factor), max(1, src.width // factor))
-        data = read_elevation(src, out_shape=shape)
+        data = read_elevation(src, out_shape=shape, strict=strict)
         dy, dx = cell_size_m(src.transform, src.crs, (src.height, src.width))
         cell = (dy * src.height / shape[0], dx * src.width / shape[1])
     if not np.isfinite(data).any():
@@ -279,6 +296,11 @@ def main(argv: list[str] | None = None) -> int:
         "--terrain", choices=TERRAINS, help="terrain category for terrain-aware models"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--strict-data",
+        action="store_true",
+        help="stop at values no terrain has (unmarked voids) instead of treating them as voids",
+    )
     parser.add_argument("--cpu", action="store_true", help="run on the CPU")
     args = parser.parse_args(argv)
     try:
@@ -287,8 +309,12 @@ def main(argv: list[str] | None = None) -> int:
         window = args.window or max(meta["lr_shape"])
         overlap = args.overlap if args.overlap is not None else window // 4
         routed = any("route_batch" in plugin.hooks for plugin in ctx.plugins.active)
-        terrain = args.terrain or (guess_terrain(args.input) if routed else "moderate")
-        predictor = Predictor(model, ctx, meta["scale"], window, overlap, terrain)
+        terrain = args.terrain or (
+            guess_terrain(args.input, strict=args.strict_data) if routed else "moderate"
+        )
+        predictor = Predictor(
+            model, ctx, meta["scale"], window, overlap, terrain, strict_data=args.strict_data
+        )
         predictor.run(args.input, args.output, progress=not args.quiet and sys.stderr.isatty())
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)

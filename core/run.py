@@ -1,19 +1,22 @@
 """``python -m core.run``: train with a chosen mix of strategy plugins.
 
 Exit status: 0 success, 2 usage or input error (the message names the bad key, file or
-plugin), 1 anything else (130 after an interruption that saved a checkpoint).
+plugin), 1 anything else (130 after an interruption that saved a checkpoint; with several
+processes each exits 130, and the launcher reports their failure with its own status).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
 from core.config import Config, load_config
 from core.errors import UsageError
 from core.plugins import PluginManager, describe_all
+from core.resume import check_resume
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -62,23 +65,35 @@ def shortcut_overrides(args: argparse.Namespace) -> list[str]:
         "run.out": args.out,
         "data.dir": args.data,
         "data.strict": True if args.strict_data else None,
-        "run.plugins": None
-        if args.plugins is None
-        else [name.strip() for name in args.plugins.split(",") if name.strip()],
+        "run.plugins": None if args.plugins is None else plugin_names(args.plugins),
     }
     return [f"{key}={json.dumps(value)}" for key, value in pairs.items() if value is not None]
+
+
+def plugin_names(option: str) -> list[str]:
+    """``--plugins a,b`` as a list; an empty name is a mistake, not "no plugin"."""
+    if not option.strip():
+        raise UsageError("--plugins '' names no plugin; omit --plugins to train without plugins")
+    names = [name.strip() for name in option.split(",")]
+    if not all(names):
+        raise UsageError(f"--plugins {option!r} has an empty plugin name; separate names by commas")
+    return names
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
     overrides = [*shortcut_overrides(args), *args.set]
     if args.resume is None:
-        return load_config(args.config, overrides)
+        config = load_config(args.config, overrides)
+        config.resumed = []  # a run repeated from another's config.toml starts its own history
+        return config
     saved = args.resume / "config.toml"
     if not (args.resume / "checkpoint.pt").is_file() or not saved.is_file():
         raise UsageError(f"--resume {args.resume}: no checkpoint.pt and config.toml to resume")
     if args.config:
         raise UsageError("--resume uses the run's own config.toml; drop --config")
-    return load_config(saved, [*overrides, f"run.out={json.dumps(str(args.resume))}"])
+    config = load_config(saved, [*overrides, f"run.out={json.dumps(str(args.resume))}"])
+    check_resume(args.resume, load_config(saved), config)
+    return config
 
 
 def list_plugins(strict: bool) -> int:
@@ -106,15 +121,17 @@ def main(argv: list[str] | None = None) -> int:
         try:
             trainer.fit()
         except Interrupted as signal_name:
-            print(
-                f"{signal_name}: checkpoint saved; continue with "
-                f"python -m core.run --resume {trainer.run_dir}",
-                file=sys.stderr,
-            )
+            if trainer.accelerator.is_main_process:
+                print(
+                    f"{signal_name}: checkpoint saved; continue with {trainer.resume_command()}",
+                    file=sys.stderr,
+                )
             return EXIT_INTERRUPTED
         except NonFiniteLossError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
+        finally:
+            trainer.release_run_dir()
     except UsageError as error:
         # notes name the plugin and hook when a plugin raised it
         print(f"error: {error}", *getattr(error, "__notes__", []), sep="\n", file=sys.stderr)
@@ -122,5 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_process(status: int) -> None:
+    """Exit with ``status``. After an interruption the checkpoint is saved and every process
+    is leaving: a launcher that stops the remaining workers once one has exited (torchrun
+    sends SIGTERM) must not turn their status 130 into a kill."""
+    if status == EXIT_INTERRUPTED:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
