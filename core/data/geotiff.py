@@ -63,9 +63,13 @@ class Dem:
 
 @contextlib.contextmanager
 def open_geotiff(path: Path) -> Iterator[DatasetReader]:
-    """``rasterio.open`` for reading; a file GDAL cannot read is a ``DataError`` naming it."""
+    """``rasterio.open`` for reading; a file GDAL cannot read is a ``DataError`` naming it.
+
+    Only GDAL's GeoTIFF driver may open the file: other formats can point GDAL elsewhere
+    (a VRT named ``.tif`` reads any file or URL it names).
+    """
     try:
-        with rasterio.open(path) as ds:
+        with rasterio.open(path, driver="GTiff") as ds:
             yield ds
     except RasterioError as err:
         detail = err.__cause__ or err  # GDAL's own message, when rasterio wraps it
