@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -413,11 +412,9 @@ def test_label_tile_reports_its_source() -> None:
 # --- procedural tiles ------------------------------------------------------------------------
 
 
-def test_procedural_tiles_are_fast_deterministic_and_named(tmp_path: Path) -> None:
+def test_procedural_tiles_are_deterministic_and_named(tmp_path: Path) -> None:
     out = write_procedural_tiles(tmp_path / "a", seed=5)
-    start = time.perf_counter()  # warm: GDAL drivers loaded; ~0.2 s on an idle 2-core machine
     write_procedural_tiles(tmp_path / "b", seed=5)
-    assert time.perf_counter() - start < 1.5
     names = sorted(p.name for p in out.glob("*.tif"))
     assert names == sorted(f"{t}_tile_{n}.tif" for t in TERRAINS for n in range(8))
     write_procedural_tiles(tmp_path / "c", seed=6)
