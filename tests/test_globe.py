@@ -185,7 +185,7 @@ def test_manifest_records_bounds_rejections_and_citation(manifest: dict) -> None
     assert all(manifest["rejected"][reason] > 0 for reason in ("sea", "smooth", "seam"))
 
 
-def test_second_call_is_instant_and_reports(globe_cache: Path, capsys) -> None:
+def test_second_call_reuses_the_cache_and_reports(globe_cache: Path, capsys) -> None:
     before = (globe_cache / "manifest.json").stat().st_mtime_ns
     again = ensure_globe_tiles(globe_cache.parent)
     assert again == globe_cache
