@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import email.parser
 import json
 import os
 import shutil
 import subprocess
 import sys
 import sysconfig
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
@@ -45,9 +47,10 @@ def test_version_reveals_a_shadowing_plugins_package(tmp_path: Path) -> None:
     assert f"plugins: {shadow}" in line
 
 
-def test_wheel_builds_without_a_warning(tmp_path: Path) -> None:
+def test_wheel_builds_without_a_warning_and_declares_ranges(tmp_path: Path) -> None:
     """Every warning raised while setuptools builds the wheel is an error (a deprecated
-    ``project.license`` table, for one, stops building after 2027-02-18)."""
+    ``project.license`` table, for one, stops building after 2027-02-18). The wheel asks for
+    torch and terratorch as ranges; the exact versions belong in constraints.txt."""
     source = tmp_path / "source"
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
@@ -60,7 +63,16 @@ def test_wheel_builds_without_a_warning(tmp_path: Path) -> None:
         cwd=source, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert (tmp_path / result.stdout.strip().splitlines()[-1]).is_file()
+    wheel = tmp_path / result.stdout.strip().splitlines()[-1]
+    with zipfile.ZipFile(wheel) as archive:
+        info = email.parser.Parser().parsestr(
+            archive.read(f"terraplug-{core.__version__}.dist-info/METADATA").decode()
+        )
+    assert info["License-Expression"] == "Apache-2.0"
+    requirements = [Requirement(text) for text in info.get_all("Requires-Dist")]
+    for name in ("torch", "terratorch"):
+        for requirement in (r for r in requirements if r.name == name):
+            assert {spec.operator for spec in requirement.specifier} == {">=", "<"}, requirement
 
 
 def installed_closure(name: str) -> list[metadata.Distribution]:
