@@ -16,6 +16,7 @@ from pathlib import Path
 from core.config import Config, load_config
 from core.errors import UsageError
 from core.plugins import PluginManager, describe_all
+from core.provenance import version_line
 from core.resume import check_resume
 
 EXIT_USAGE = 2
@@ -26,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m core.run",
         description="Train a geospatial model with a mix of training-strategy plugins.",
+    )
+    parser.add_argument(
+        "--version",
+        action="store_true",
+        help="terraplug's version and the folders core and plugins were imported from",
     )
     parser.add_argument("--plugins", help="plugins to activate, in this order: a,b,c")
     parser.add_argument("--list-plugins", action="store_true", help="list plugins and exit")
@@ -117,6 +123,9 @@ def list_plugins(strict: bool) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.version:
+        print(version_line())
+        return 0
     try:
         if args.list_plugins:
             return list_plugins(args.strict_plugins)
