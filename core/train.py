@@ -38,6 +38,7 @@ from core.context import RunContext, StepInfo
 from core.errors import UsageError
 from core.metrics import count_loss_spikes
 from core.plugins import PluginManager
+from core.safe_io import load_checkpoint, nonfinite_tensors, save_tensors
 from core.tasks import get_task
 
 CHECKPOINT = "checkpoint.pt"
@@ -45,6 +46,10 @@ CHECKPOINT = "checkpoint.pt"
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive optimizer steps had a non-finite loss or gradient."""
+
+
+class NonFiniteWeightsError(NonFiniteLossError):
+    """The weights became NaN or inf; they are never checkpointed."""
 
 
 class Interrupted(Exception):
@@ -112,11 +117,11 @@ def chunks(items: list, size: int) -> Iterator[list]:
         yield items[start : start + size]
 
 
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Write through a temporary file and rename, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def numpy_rng_state() -> dict[str, Any]:
+    """numpy's global RNG state in plain types (its key array as a list), which a
+    weights-only checkpoint load accepts; ``np.random.set_state`` takes it back as is."""
+    state = np.random.get_state(legacy=False)
+    return {**state, "state": {**state["state"], "key": state["state"]["key"].tolist()}}
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -503,6 +508,9 @@ class Trainer:
         ``self.partial`` carries the loss sums of an epoch interrupted by a signal, so a
         resumed run skips the finished steps and ends with the same metrics.
         """
+        model = self.accelerator.unwrap_model(self.model)
+        weights = trained_state(model)
+        self.refuse_nonfinite(weights)  # on every process: they all hold the same weights
         self.accelerator.wait_for_everyone()
         if not self.accelerator.is_main_process:
             return
@@ -511,22 +519,33 @@ class Trainer:
             **self.ctx.task.checkpoint_meta(),
             "partial": self.partial,
             "global_step": self.ctx.global_step,
-            "model": trained_state(self.accelerator.unwrap_model(self.model)),
+            "model": weights,
             "optimizer": self.optimizer.state_dict(),
             "rows": self.rows,
             "step_losses": self.step_losses,
             "nonfinite_total": self.nonfinite_total,
             "rng": {
                 "python": random.getstate(),
-                "numpy": np.random.get_state(),
+                "numpy": numpy_rng_state(),
                 "torch": torch.get_rng_state(),
             },
         }
-        atomic_write_bytes(self.run_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+        save_tensors(self.run_dir / CHECKPOINT, state)
+
+    def refuse_nonfinite(self, weights: dict[str, torch.Tensor]) -> None:
+        """Stop before NaN or inf weights overwrite the last good checkpoint."""
+        bad = nonfinite_tensors(weights)
+        if bad:
+            raise NonFiniteWeightsError(
+                f"epoch {self.ctx.epoch}: {len(bad)} of {len(weights)} weight tensors hold NaN "
+                f"or inf ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); they are "
+                f"not saved, {self.run_dir / CHECKPOINT} keeps the last finite weights (if "
+                "any). Lower optim.lr or enable optim.grad_clip"
+            )
 
     def load_checkpoint(self) -> int:
         """Restore everything :meth:`save_checkpoint` wrote; returns the epoch to run next."""
-        state = torch.load(self.run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
+        state = load_checkpoint(self.run_dir / CHECKPOINT)
         load_trained_state(self.accelerator.unwrap_model(self.model), state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.partial = state["partial"]
