@@ -110,8 +110,12 @@ def _refused_writes_named(path: Path) -> Iterator[None]:
 
 
 def _temporary_beside(path: Path) -> tuple[int, Path]:
-    """A new, empty file with a unique name in ``path``'s folder, opened exclusively."""
+    """A new, empty file with a unique name in ``path``'s folder, opened exclusively, with
+    the permissions a plain ``open`` would give it (``mkstemp`` makes it private)."""
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    umask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
     return fd, Path(name)
 
 

@@ -284,6 +284,9 @@ def test_atomic_writes_never_write_through_a_link(tmp_path: Path) -> None:
     save_tensors(path, {"w": torch.ones(3)})
     assert victim.read_text() == "precious"
     assert not path.is_symlink() and torch.equal(load_checkpoint(path)["w"], torch.ones(3))
+    (tmp_path / "plain").write_text("")  # permissions as a plain open() gives them
+    assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode
+    (tmp_path / "plain").unlink()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["victim", "state.pt", "state.pt.tmp", "state.pt.partial"]
     )
