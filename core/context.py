@@ -83,6 +83,10 @@ class RunContext:
         """Record a scalar; its mean over the epoch (this process) enters ``metrics.jsonl``."""
         self._logged[key].append(float(value))
 
+    def logged(self) -> dict[str, list[float]]:
+        """A copy of the values logged since the last :meth:`pop_logged`, in order."""
+        return {key: list(values) for key, values in self._logged.items()}
+
     def pop_logged(self) -> dict[str, float]:
         """Epoch means of everything logged since the last call, then forget them."""
         means = {key: sum(values) / len(values) for key, values in self._logged.items() if values}

@@ -1,13 +1,15 @@
 """``python -m core.run``: train with a chosen mix of strategy plugins.
 
 Exit status: 0 success, 2 usage or input error (the message names the bad key, file or
-plugin), 1 anything else (130 after an interruption that saved a checkpoint).
+plugin), 1 anything else (130 after an interruption that saved a checkpoint; with several
+processes each exits 130, and the launcher reports their failure with its own status).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -129,11 +131,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             trainer.fit()
         except Interrupted as signal_name:
-            print(
-                f"{signal_name}: checkpoint saved; continue with "
-                f"python -m core.run --resume {trainer.run_dir}",
-                file=sys.stderr,
-            )
+            if trainer.accelerator.is_main_process:
+                print(
+                    f"{signal_name}: checkpoint saved; continue with {trainer.resume_command()}",
+                    file=sys.stderr,
+                )
             return EXIT_INTERRUPTED
         except (NonFiniteLossError, StorageError) as error:
             print(f"error: {error}", file=sys.stderr)
@@ -145,5 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def exit_process(status: int) -> None:
+    """Exit with ``status``. After an interruption the checkpoint is saved and every process
+    is leaving: a launcher that stops the remaining workers once one has exited (torchrun
+    sends SIGTERM) must not turn their status 130 into a kill."""
+    if status == EXIT_INTERRUPTED:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

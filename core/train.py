@@ -27,8 +27,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator, PartialState
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -42,6 +43,7 @@ from core.safe_io import load_checkpoint, nonfinite_tensors, save_tensors
 from core.tasks import get_task
 
 CHECKPOINT = "checkpoint.pt"
+INTERRUPTED = "interrupted.json"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -53,7 +55,7 @@ class NonFiniteWeightsError(NonFiniteLossError):
 
 
 class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived; the trainer saved a checkpoint before raising this."""
+    """SIGINT or SIGTERM arrived; every process saved its state before raising this."""
 
 
 def launched_without_gpus() -> bool:
@@ -163,6 +165,21 @@ def load_trained_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
         )
 
 
+def rng_state() -> dict[str, Any]:
+    """This process's Python, NumPy and torch generator states."""
+    return {
+        "python": random.getstate(),
+        "numpy": numpy_rng_state(),
+        "torch": torch.get_rng_state(),
+    }
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
 class Trainer:
     """Runs one configured training job in ``run_dir``."""
 
@@ -193,7 +210,9 @@ class Trainer:
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.stop_signal: int | None = None
-        self.partial: dict[int, tuple[torch.Tensor, list[float]]] = {}
+        self.partial: dict[int, dict[str, Any]] = {}
+        """An interrupted epoch's progress on this process: {epoch: {"sums", "losses",
+        "logged"}}, the state :meth:`run_epoch` accumulates over the epoch's steps."""
 
     # --- set-up ------------------------------------------------------------------------
 
@@ -322,9 +341,16 @@ class Trainer:
         plan, stats = self.epoch_plan(epoch)
         local = plan[accelerator.process_index :: ctx.world_size]
         steps = list(chunks(local, config.optim.accumulation_steps))
-        sums, epoch_losses = self.partial.pop(epoch, (None, []))
-        if sums is None:
+        logged_before_steps = ctx.logged()
+        partial = self.partial.pop(epoch, None)
+        if partial is None:
             sums = torch.zeros(2 + len(ctx.task.components), dtype=torch.float64)
+            epoch_losses: list[float] = []
+        else:  # the steps an interruption finished count as if never interrupted
+            sums, epoch_losses = partial["sums"], partial["losses"]
+            for key, values in partial["logged"].items():
+                for value in values:
+                    ctx.log(key, value)
         done = len(epoch_losses)  # steps completed before an interruption, replayed from here
         loader = DataLoader(
             ctx.train_dataset,
@@ -352,11 +378,17 @@ class Trainer:
             epoch_losses.append(loss)
             bar.set_postfix(loss=f"{loss:.4f}")
             bar.update()
-            if self.stop_signal is not None:
+            stop = self.agreed_stop()
+            if stop is not None:
                 bar.close()
-                self.partial[epoch] = (sums, epoch_losses)
+                logged = {
+                    key: values[len(logged_before_steps.get(key, ())) :]
+                    for key, values in ctx.logged().items()
+                }
+                self.partial[epoch] = {"sums": sums, "losses": epoch_losses, "logged": logged}
                 self.save_checkpoint(epoch - 1)
-                raise Interrupted(signal.Signals(self.stop_signal).name)
+                self.write_interrupted(stop, epoch, step_index + 1, len(steps))
+                raise Interrupted(signal.Signals(stop).name)
         bar.close()
         sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
         count = max(float(sums[1]), 1.0)
@@ -502,35 +534,36 @@ class Trainer:
             flush=True,
         )
 
-    def save_checkpoint(self, completed_epoch: int) -> None:
-        """The last checkpoint, written atomically by the main process.
+    def process_state(self) -> dict[str, Any]:
+        """What differs between processes: an interrupted epoch's progress (``partial``),
+        the step losses behind the loss-spike counts, and the random generators."""
+        return {"partial": self.partial, "step_losses": self.step_losses, "rng": rng_state()}
 
-        ``self.partial`` carries the loss sums of an epoch interrupted by a signal, so a
-        resumed run skips the finished steps and ends with the same metrics.
+    def save_checkpoint(self, completed_epoch: int) -> None:
+        """The last checkpoint, with every process's own state, written atomically by the
+        main process.
+
+        ``partial`` in each process's state carries an epoch interrupted by a signal, so a
+        resumed run skips the finished steps and ends with the same metrics. Every process
+        returns only once the file is written: a launcher stops the others as soon as one
+        exits.
         """
-        model = self.accelerator.unwrap_model(self.model)
-        weights = trained_state(model)
+        weights = trained_state(self.accelerator.unwrap_model(self.model))
         self.refuse_nonfinite(weights)  # on every process: they all hold the same weights
+        processes = gather_object([self.process_state()])
+        if self.accelerator.is_main_process:
+            state = {
+                "epoch": completed_epoch,
+                **self.ctx.task.checkpoint_meta(),
+                "processes": processes,
+                "global_step": self.ctx.global_step,
+                "model": weights,
+                "optimizer": self.optimizer.state_dict(),
+                "rows": self.rows,
+                "nonfinite_total": self.nonfinite_total,
+            }
+            save_tensors(self.run_dir / CHECKPOINT, state)
         self.accelerator.wait_for_everyone()
-        if not self.accelerator.is_main_process:
-            return
-        state = {
-            "epoch": completed_epoch,
-            **self.ctx.task.checkpoint_meta(),
-            "partial": self.partial,
-            "global_step": self.ctx.global_step,
-            "model": weights,
-            "optimizer": self.optimizer.state_dict(),
-            "rows": self.rows,
-            "step_losses": self.step_losses,
-            "nonfinite_total": self.nonfinite_total,
-            "rng": {
-                "python": random.getstate(),
-                "numpy": numpy_rng_state(),
-                "torch": torch.get_rng_state(),
-            },
-        }
-        save_tensors(self.run_dir / CHECKPOINT, state)
 
     def refuse_nonfinite(self, weights: dict[str, torch.Tensor]) -> None:
         """Stop before NaN or inf weights overwrite the last good checkpoint."""
@@ -545,27 +578,78 @@ class Trainer:
 
     def load_checkpoint(self) -> int:
         """Restore everything :meth:`save_checkpoint` wrote; returns the epoch to run next."""
-        state = load_checkpoint(self.run_dir / CHECKPOINT)
+        path = self.run_dir / CHECKPOINT
+        state = load_checkpoint(path)
         load_trained_state(self.accelerator.unwrap_model(self.model), state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.partial = state["partial"]
+        self.restore_process_state(path, state["processes"])
         self.rows = state["rows"]
-        self.step_losses = state["step_losses"]
         self.nonfinite_total = state["nonfinite_total"]
         self.ctx.global_step = state["global_step"]
-        random.setstate(state["rng"]["python"])
-        np.random.set_state(state["rng"]["numpy"])
-        torch.set_rng_state(state["rng"]["torch"])
         if self.accelerator.is_main_process:
             with open(self.run_dir / "metrics.jsonl", "w") as handle:
                 handle.writelines(json.dumps(row) + "\n" for row in self.rows)
+            (self.run_dir / INTERRUPTED).unlink(missing_ok=True)
         return state["epoch"] + 1
+
+    def restore_process_state(self, path: Path, processes: list[dict[str, Any]]) -> None:
+        """This process's own state; between epochs a run may resume with another number
+        of processes (the extra ones start from the main process's state), within an
+        interrupted epoch it may not, since each process's share of the epoch is fixed."""
+        rank, world = self.accelerator.process_index, self.ctx.world_size
+        if len(processes) != world and any(saved["partial"] for saved in processes):
+            raise UsageError(
+                f"{path} stopped within an epoch with {len(processes)} process(es); resume "
+                f"it with {len(processes)} (accelerate launch --num_processes "
+                f"{len(processes)}), not {world}"
+            )
+        own = processes[rank] if rank < len(processes) else processes[0]
+        self.partial = own["partial"]
+        self.step_losses = own["step_losses"]
+        restore_rng(own["rng"])
+
+    def write_interrupted(self, signum: int, epoch: int, steps_done: int, steps: int) -> None:
+        """Say in the run folder that the run stopped on a signal and how to continue: with
+        several processes a launcher reports only a failure (torchrun exits 1)."""
+        if not self.accelerator.is_main_process:
+            return
+        record = {
+            "signal": signal.Signals(signum).name,
+            "epoch": epoch,
+            "steps_done": steps_done,
+            "steps": steps,
+            "resume": self.resume_command(),
+        }
+        (self.run_dir / INTERRUPTED).write_text(json.dumps(record, indent=2) + "\n")
+
+    def resume_command(self) -> str:
+        """The command that continues this run, with as many processes as it has."""
+        world = self.ctx.world_size
+        launch = (
+            f"accelerate launch --multi_gpu --num_processes {world} -m"
+            if world > 1
+            else "python -m"
+        )
+        return f"{launch} core.run --resume {self.run_dir}"
 
     # --- signals, progress, end ----------------------------------------------------------
 
     def request_stop(self, signum: int, _frame: Any) -> None:
         """Signal handler: finish the current step, then checkpoint and stop."""
         self.stop_signal = signum
+
+    def agreed_stop(self) -> int | None:
+        """The signal every process stops on after this step: the highest any received.
+
+        A signal may reach one process only, or each at its own moment (a launcher passing
+        one on), so with several processes one MAX all-reduce of a single integer per step
+        makes them all stop after the same step and save together. One process pays nothing.
+        """
+        if self.ctx.world_size == 1:
+            return self.stop_signal
+        flag = torch.tensor([self.stop_signal or 0], device=self.accelerator.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
 
     def show_progress(self) -> bool:
         mode = self.config.train.progress

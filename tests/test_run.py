@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from core.run import main
+from core.train import INTERRUPTED
 from tests.conftest import FAST, read_metrics
 from tests.distributed.two_processes import LAUNCH
 
@@ -88,7 +89,9 @@ def test_interrupted_run_resumes_to_the_same_metrics(procedural_dir, tmp_path, s
     status = interrupt_after_first_epoch(fast_args(procedural_dir, interrupted, *epochs), sig)
     assert status == (-signal.SIGKILL if sig == signal.SIGKILL else 130)
     assert len(read_metrics(interrupted)) < 4, "the run must really have been interrupted"
+    assert (interrupted / INTERRUPTED).exists() == (sig == signal.SIGINT)
     assert main(["--resume", str(interrupted)]) == 0
+    assert not (interrupted / INTERRUPTED).exists()
     assert without_timing(read_metrics(interrupted)) == without_timing(read_metrics(straight))
 
 
