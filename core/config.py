@@ -8,6 +8,7 @@ attrs config class, read from ``[plugins.<name>]`` with the same strict converte
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,6 +18,7 @@ import cattrs
 import tomli_w
 from cattrs.v import format_exception
 
+from core import validators as check
 from core.errors import ConfigError
 
 T = TypeVar("T")
@@ -28,8 +30,8 @@ class RunSection:
 
     task: str = "dem_sr"
     plugins: list[str] = attrs.Factory(list)
-    epochs: int = 8
-    seed: int = 0
+    epochs: int = attrs.field(default=8, validator=check.positive_int)
+    seed: int = attrs.field(default=0, validator=check.seed)
     out: str = ""
     """Run folder; empty: ``runs/<task>-<timestamp>``."""
 
@@ -40,12 +42,12 @@ class DataSection:
 
     dir: str = ""
     """A folder of GeoTIFFs; empty: the embedded GLOBE default (cut on first use)."""
-    scale: int = 3
-    tile_size: int = 0
+    scale: int = attrs.field(default=3, validator=check.positive_int)
+    tile_size: int = attrs.field(default=0, validator=check.non_negative_int)
     """Tile size in pixels of the embedded default; 0: the task's (dem_sr 48, sar2opt 64)."""
-    val_fraction: float = 0.2
-    batch_size: int = 10
-    num_workers: int = 0
+    val_fraction: float = attrs.field(default=0.2, validator=check.open_fraction)
+    batch_size: int = attrs.field(default=10, validator=check.positive_int)
+    num_workers: int = attrs.field(default=0, validator=check.non_negative_int)
     strict: bool = False
     """Stop at the first bad tile instead of skipping it with a warning."""
 
@@ -58,18 +60,18 @@ class ModelSection:
     preset: str = "small"
     norm: str = attrs.field(default="none", validator=attrs.validators.in_(("none", "batch")))
     """``none`` (RCAN's default) or ``batch``, which gives ``domain_bn`` layers to swap."""
-    n_resgroups: int = 0
-    n_resblocks: int = 0
-    n_feats: int = 0
+    n_resgroups: int = attrs.field(default=0, validator=check.non_negative_int)
+    n_resblocks: int = attrs.field(default=0, validator=check.non_negative_int)
+    n_feats: int = attrs.field(default=0, validator=check.non_negative_int)
     """Overrides of the preset; 0 keeps the preset's value."""
     terramind: str = attrs.field(
         default="tiny", validator=attrs.validators.in_(("tiny", "small", "base", "large"))
     )
     pretrained: bool = False
     """Load TerraMind's weights from the local Hugging Face cache (never downloads)."""
-    lora_rank: int = 8
+    lora_rank: int = attrs.field(default=8, validator=check.non_negative_int)
     """0 trains no adapters (``refiner`` needs none)."""
-    lora_alpha: float = 16.0
+    lora_alpha: float = attrs.field(default=16.0, validator=check.positive)
     lora_targets: str = (
         r".*((encoder|decoder)\.\d+\.(attn|self_attn|cross_attn|mlp)\.(qkv|q|kv|proj|fc1|fc2)"
         r"|decoder_embeddings\..*\.to_logits)"
@@ -78,7 +80,7 @@ class ModelSection:
     token-logit head (a bare ``proj`` would also wrap the patch embeddings). With random
     weights the frozen head's small norm caps the logits, so adapters on the blocks alone
     cannot make any token likely."""
-    diffusion_steps: int = 2
+    diffusion_steps: int = attrs.field(default=2, validator=check.positive_int)
     """Diffusion decoding steps of validation generation (TerraMind's default is 50)."""
 
 
@@ -86,27 +88,27 @@ class ModelSection:
 class LossSection:
     """Base weights of the five DEM loss components (the seed's ``moderate`` profile)."""
 
-    elevation: float = 1.0
-    gradient: float = 0.5
-    curvature: float = 0.2
-    edge: float = 0.2
-    spectral: float = 0.1
+    elevation: float = attrs.field(default=1.0, validator=check.non_negative)
+    gradient: float = attrs.field(default=0.5, validator=check.non_negative)
+    curvature: float = attrs.field(default=0.2, validator=check.non_negative)
+    edge: float = attrs.field(default=0.2, validator=check.non_negative)
+    spectral: float = attrs.field(default=0.1, validator=check.non_negative)
 
 
 @attrs.define
 class OptimSection:
     """AdamW with a per-step schedule."""
 
-    lr: float = 1e-3
-    weight_decay: float = 0.0
+    lr: float = attrs.field(default=1e-3, validator=check.positive)
+    weight_decay: float = attrs.field(default=0.0, validator=check.non_negative)
     schedule: str = attrs.field(
         default="cosine", validator=attrs.validators.in_(("cosine", "constant"))
     )
     """``cosine`` (to 1% of ``lr`` at the last step) or ``constant``."""
-    warmup_steps: int = 0
-    grad_clip: float = 0.0
+    warmup_steps: int = attrs.field(default=0, validator=check.non_negative_int)
+    grad_clip: float = attrs.field(default=0.0, validator=check.non_negative)
     """Clip the global gradient norm to this value; 0 disables clipping."""
-    accumulation_steps: int = 1
+    accumulation_steps: int = attrs.field(default=1, validator=check.positive_int)
 
 
 @attrs.define
@@ -119,19 +121,30 @@ class TrainSection:
     """``no``, ``bf16`` or ``fp16`` (Accelerate's names)."""
     cpu: bool = False
     """Force the CPU even when an accelerator is present."""
-    max_steps_per_epoch: int = 0
+    max_steps_per_epoch: int = attrs.field(default=0, validator=check.non_negative_int)
     """Stop each epoch after this many optimizer steps; 0 runs the whole epoch."""
-    checkpoint_every: int = 1
+    checkpoint_every: int = attrs.field(default=1, validator=check.positive_int)
     """Write the checkpoint every this many epochs (and always after the last)."""
     progress: str = attrs.field(
         default="auto", validator=attrs.validators.in_(("auto", "always", "never"))
     )
     """``auto`` (a bar when stderr is a terminal), ``always`` or ``never``."""
-    plot_every: int = 0
+    plot_every: int = attrs.field(default=0, validator=check.non_negative_int)
     """Redraw the run's PNGs every this many epochs; 0 draws them after the last epoch."""
     tensorboard: bool = False
-    max_nonfinite_steps: int = 5
+    max_nonfinite_steps: int = attrs.field(default=5, validator=check.positive_int)
     """Stop after this many consecutive steps with a non-finite loss (each one is skipped)."""
+
+
+@attrs.define
+class ResumeNote:
+    """One ``--resume`` of the run: when, after which epoch, and each key it changed as
+    ``[before, after]`` (see ``core.resume`` for what may change)."""
+
+    at: str = ""
+    """UTC time of the resume, ISO 8601."""
+    after_epoch: int = attrs.field(default=0, validator=check.non_negative_int)
+    changed: dict[str, list[Any]] = attrs.Factory(dict)
 
 
 @attrs.define
@@ -145,6 +158,8 @@ class Config:
     optim: OptimSection = attrs.Factory(OptimSection)
     train: TrainSection = attrs.Factory(TrainSection)
     plugins: dict[str, dict[str, Any]] = attrs.Factory(dict)
+    resumed: list[ResumeNote] = attrs.Factory(list)
+    """The run's history of resumes, written by ``--resume``; a new run starts without."""
 
 
 def _strict(kind: type, accepts: tuple[type, ...]) -> Any:
@@ -179,13 +194,25 @@ def _describe(error: BaseException, kind: type | None) -> str:
     return format_exception(error, kind)
 
 
+_VALIDATOR_PROBLEM = re.compile(r"^'(?P<name>\w+)' must .* @ (?P<path>\S+)$", re.DOTALL)
+
+
+def _at_key(problem: str) -> str:
+    """A validator's error is reported at its class (``@ config.optim``); name the key."""
+    match = _VALIDATOR_PROBLEM.match(problem)
+    if match is None or match["path"].endswith(f".{match['name']}"):
+        return problem
+    return f"{problem}.{match['name']}"
+
+
 def structure(raw: dict[str, Any], cls: type[T], where: str) -> T:
-    """Build ``cls`` from ``raw``; errors name the key (``where.key``) and the expected type."""
+    """Build ``cls`` from ``raw``; errors name the key (``where.key``) and the expected type
+    or allowed range."""
     try:
         return converter.structure(raw, cls)
     except Exception as error:  # cattrs raises exception groups; flatten them into one message
         problems = cattrs.transform_error(error, path=where, format_exception=_describe)
-        raise ConfigError("; ".join(problems)) from None
+        raise ConfigError("; ".join(_at_key(problem) for problem in problems)) from None
 
 
 def unstructure(value: Any) -> Any:
@@ -222,6 +249,10 @@ def read_toml(path: Path) -> dict[str, Any]:
         return tomllib.loads(Path(path).read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder; give a TOML file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file {path} cannot be read: {error}") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
 
@@ -241,5 +272,9 @@ def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
 
 
 def dump_config(config: Config, path: Path) -> None:
-    """Write the resolved config as TOML (every key, so the file alone repeats the run)."""
-    Path(path).write_text(tomli_w.dumps(unstructure(config)))
+    """Write the resolved config as TOML (every key, so the file alone repeats the run;
+    the ``[[resumed]]`` history only once there is one)."""
+    tree = unstructure(config)
+    if not tree["resumed"]:
+        del tree["resumed"]
+    Path(path).write_text(tomli_w.dumps(tree))

@@ -32,7 +32,12 @@ from tqdm.auto import tqdm
 from core.config import load_config
 from core.context import RunContext
 from core.data.dataset import normalisation
-from core.data.geotiff import gdal_cache, open_dem
+from core.data.geotiff import (
+    gdal_cache,
+    mask_implausible,
+    open_dem,
+    warn_georeferencing,
+)
 from core.errors import DataError, UsageError
 from core.plugins import PluginManager
 from core.safe_io import (
@@ -45,7 +50,10 @@ from core.safe_io import (
 )
 from core.tasks import get_task
 from core.terrain import TERRAINS, terrain_index
-from core.train import CHECKPOINT
+from core.train import CHECKPOINT, load_trained_state
+
+PREDICTED_TASK = "dem_sr"
+"""The task whose run folders this command serves; a run of another task is refused."""
 
 DEFAULT_GDAL_CACHE_MB = 64
 """GDAL's block cache for reading and writing: a few rows of 256 x 256 tiles of the widest
@@ -62,12 +70,17 @@ def load_trained_model(run_dir: Path, cpu: bool = False) -> tuple[nn.Module, Run
     state = load_checkpoint(checkpoint_path)  # before anything is built: a refusal is quick
     require_finite(state["model"], checkpoint_path)
     config = load_config(config_path)
+    if config.run.task != PREDICTED_TASK:
+        raise UsageError(
+            f"--checkpoint {run_dir}: this run is task {config.run.task!r}; core.predict "
+            f"super-resolves DEMs with a {PREDICTED_TASK} run"
+        )
     plugins = PluginManager.from_names(config.run.plugins, config.plugins)
     accelerator = Accelerator(cpu=cpu or config.train.cpu)
     task = get_task(config.run.task)
     ctx = RunContext(config, accelerator, task, plugins, run_dir, config.run.epochs)
     model = plugins.chain("configure_model", task.build_model(config), "model", ctx=ctx)
-    model.load_state_dict(state["model"])
+    load_trained_state(model, state["model"], checkpoint_path)
     ctx.model = model.to(accelerator.device).eval()
     return ctx.model, ctx, {"scale": config.data.scale, "lr_shape": state["lr_shape"]}
 
@@ -101,9 +114,14 @@ def normalise(window: np.ndarray) -> tuple[np.ndarray, float, float]:
 
 
 def read_elevation(
-    src: rasterio.DatasetReader, window: Window | None = None, out_shape: tuple | None = None
+    src: rasterio.DatasetReader,
+    window: Window | None = None,
+    out_shape: tuple | None = None,
+    *,
+    strict: bool = False,
 ) -> np.ndarray:
-    """Band 1 as float32, NaN wherever the raster says nodata (value, mask, NaN) or inf.
+    """Band 1 as float32, NaN wherever the raster says nodata (value, mask, NaN) or inf,
+    or holds a value no terrain has (``mask_implausible``; an error with ``strict``).
 
     Converted to float before masking: an int16/uint16 DEM cannot hold NaN.
     """
@@ -115,6 +133,7 @@ def read_elevation(
     values[np.ma.getmaskarray(data) | ~np.isfinite(values)] = np.nan
     if src.nodata is not None and np.isfinite(src.nodata):
         values[values == np.float32(src.nodata)] = np.nan
+    mask_implausible(values, src.name, strict=strict)
     return values
 
 
@@ -130,6 +149,7 @@ class Predictor:
         overlap: int,
         terrain: str,
         batch_size: int = 16,
+        strict_data: bool = False,
     ) -> None:
         if window < 1:
             raise UsageError(f"--window {window} must be at least 1")
@@ -137,6 +157,7 @@ class Predictor:
             raise UsageError(f"--overlap {overlap} must be >= 0 and less than half of {window}")
         self.model, self.ctx, self.scale = model, ctx, scale
         self.window, self.overlap, self.batch_size = window, overlap, batch_size
+        self.strict_data = strict_data
         self.terrain = terrain_index(terrain)
         weight = taper(window * scale, overlap * scale)
         self.weight = np.outer(weight, weight)
@@ -196,7 +217,7 @@ class Predictor:
         name, total_windows = Path(src.name).name, len(rows) * len(cols)
         with tqdm(total=total_windows, desc=name, unit="window", disable=not progress) as bar:
             for i, row in enumerate(rows):
-                band = read_elevation(src, Window(0, row, width, lr_rows))
+                band = read_elevation(src, Window(0, row, width, lr_rows), strict=self.strict_data)
                 for start in range(0, len(cols), self.batch_size):
                     batch_cols = cols[start : start + self.batch_size]
                     windows = [self._padded(band[:, c : c + lr_cols]) for c in batch_cols]
@@ -238,7 +259,7 @@ class Predictor:
         return out
 
 
-def guess_terrain(path: Path, max_pixels: int = 512) -> str:
+def guess_terrain(path: Path, max_pixels: int = 512, *, strict: bool = False) -> str:
     """The raster's category from its name, else from a decimated read of its relief."""
     from core.data.geotiff import cell_size_m
     from core.data.labels import label_tile
@@ -246,7 +267,7 @@ def guess_terrain(path: Path, max_pixels: int = 512) -> str:
     with open_dem(path) as src:
         factor = max(1, -(-max(src.height, src.width) // max_pixels))
         shape = (max(1, src.height // factor), max(1, src.width // factor))
-        data = read_elevation(src, out_shape=shape)
+        data = read_elevation(src, out_shape=shape, strict=strict)
         dy, dx = cell_size_m(src.transform, src.crs, (src.height, src.width))
         cell = (dy * src.height / shape[0], dx * src.width / shape[1])
     if not np.isfinite(data).any():
@@ -270,6 +291,11 @@ def main(argv: list[str] | None = None) -> int:
         "--terrain", choices=TERRAINS, help="terrain category for terrain-aware models"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--strict-data",
+        action="store_true",
+        help="stop at values no terrain has (unmarked voids) instead of treating them as voids",
+    )
     parser.add_argument("--cpu", action="store_true", help="run on the CPU")
     parser.add_argument(
         "--overwrite", action="store_true", help="replace OUT.tif if it exists (never the input)"
@@ -299,14 +325,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def predict(args: argparse.Namespace) -> None:
-    with open_dem(args.input):
-        pass  # a bad input is reported before the model loads
+    with open_dem(args.input) as src:  # a bad input is reported before the model loads
+        warn_georeferencing(args.input, src.transform, src.crs, (src.height, src.width))
     model, ctx, meta = load_trained_model(args.checkpoint, cpu=args.cpu)
     window = args.window or max(meta["lr_shape"])
     overlap = args.overlap if args.overlap is not None else window // 4
     routed = any("route_batch" in plugin.hooks for plugin in ctx.plugins.active)
-    terrain = args.terrain or (guess_terrain(args.input) if routed else "moderate")
-    predictor = Predictor(model, ctx, meta["scale"], window, overlap, terrain)
+    terrain = args.terrain or (
+        guess_terrain(args.input, strict=args.strict_data) if routed else "moderate"
+    )
+    predictor = Predictor(
+        model, ctx, meta["scale"], window, overlap, terrain, strict_data=args.strict_data
+    )
     predictor.run(args.input, args.output, progress=not args.quiet and sys.stderr.isatty())
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from core.config import Config, load_config
 from core.errors import StorageError, UsageError
 from core.plugins import PluginManager, describe_all
+from core.resume import check_resume
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -64,24 +65,36 @@ def shortcut_overrides(args: argparse.Namespace) -> list[str]:
         "run.out": args.out,
         "data.dir": args.data,
         "data.strict": True if args.strict_data else None,
-        "run.plugins": None
-        if args.plugins is None
-        else [name.strip() for name in args.plugins.split(",") if name.strip()],
+        "run.plugins": None if args.plugins is None else plugin_names(args.plugins),
     }
     return [f"{key}={json.dumps(value)}" for key, value in pairs.items() if value is not None]
+
+
+def plugin_names(option: str) -> list[str]:
+    """``--plugins a,b`` as a list; an empty name is a mistake, not "no plugin"."""
+    if not option.strip():
+        raise UsageError("--plugins '' names no plugin; omit --plugins to train without plugins")
+    names = [name.strip() for name in option.split(",")]
+    if not all(names):
+        raise UsageError(f"--plugins {option!r} has an empty plugin name; separate names by commas")
+    return names
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
     overrides = [*shortcut_overrides(args), *args.set]
     if args.resume is None:
-        return load_config(args.config, overrides)
+        config = load_config(args.config, overrides)
+        config.resumed = []  # a run repeated from another's config.toml starts its own history
+        return config
     saved = args.resume / "config.toml"
     problem = resume_problem(args.resume)
     if problem:
         raise UsageError(f"--resume {args.resume}: {problem}")
     if args.config:
         raise UsageError("--resume uses the run's own config.toml; drop --config")
-    return load_config(saved, [*overrides, f"run.out={json.dumps(str(args.resume))}"])
+    config = load_config(saved, [*overrides, f"run.out={json.dumps(str(args.resume))}"])
+    check_resume(args.resume, load_config(saved), config)
+    return config
 
 
 def resume_problem(run_dir: Path) -> str | None:
@@ -140,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         except (NonFiniteLossError, StorageError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
+        finally:
+            trainer.release_run_dir()
     except UsageError as error:
         # notes name the plugin and hook when a plugin raised it
         print(f"error: {error}", *getattr(error, "__notes__", []), sep="\n", file=sys.stderr)

@@ -34,11 +34,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from core.config import Config, dump_config
+from core.config import Config, dump_config, load_config
 from core.context import RunContext, StepInfo
 from core.errors import UsageError
 from core.metrics import count_loss_spikes
 from core.plugins import PluginManager
+from core.resume import record_resume
+from core.runlock import RunLock, claim_run_dir
 from core.safe_io import load_checkpoint, nonfinite_tensors, save_tensors
 from core.tasks import get_task
 
@@ -155,13 +157,22 @@ def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {key: value for key, value in model.state_dict().items() if key not in frozen}
 
 
-def load_trained_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    missing, unexpected = model.load_state_dict(state, strict=False)
+def load_trained_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Load a checkpoint's trained weights; one that does not fit (config.toml's [model] or
+    data.scale edited after training) is a UsageError naming ``source``."""
+    edited = "was config.toml's [model] or data.scale edited after training?"
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # torch lists every tensor of another shape
+        lines = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
+        raise UsageError(
+            f"{source} does not match the model its config.toml describes ({lines[:1]}); {edited}"
+        ) from None
     absent = set(missing) - frozen_parameter_names(model)
     if absent or unexpected:
         raise UsageError(
-            "checkpoint does not match the model built from its config: "
-            f"missing {sorted(absent)[:5]}, unexpected {sorted(unexpected)[:5]}"
+            f"{source} does not match the model its config.toml describes: "
+            f"missing {sorted(absent)[:5]}, unexpected {sorted(unexpected)[:5]}; {edited}"
         )
 
 
@@ -213,6 +224,7 @@ class Trainer:
         self.partial: dict[int, dict[str, Any]] = {}
         """An interrupted epoch's progress on this process: {epoch: {"sums", "losses",
         "logged"}}, the state :meth:`run_epoch` accumulates over the epoch's steps."""
+        self.lock = self.claim_run_dir(state)  # last: a failure above leaves nothing locked
 
     # --- set-up ------------------------------------------------------------------------
 
@@ -226,15 +238,30 @@ class Trainer:
         else:
             choice = [f"runs/{self.config.run.task}-{time.strftime('%Y%m%d-%H%M%S')}"]
             run_dir = Path(broadcast_object_list(choice)[0])
-        if not self.resume and (run_dir / "metrics.jsonl").exists():
-            raise UsageError(
-                f"run folder {run_dir} already holds a run; continue it with --resume "
-                f"{run_dir} or choose another --out"
-            )
-        if state.is_main_process:
-            run_dir.mkdir(parents=True, exist_ok=True)
         self.config.run.out = str(run_dir)
         return run_dir
+
+    def claim_run_dir(self, state: PartialState) -> RunLock | None:
+        """The main process creates and locks the run folder (``core.runlock``): one that
+        another live run holds is refused, and one that holds a run unless resuming. Every
+        process learns the verdict before any of them writes, so all stop together."""
+        lock, problem = None, None
+        if state.is_main_process:
+            try:
+                lock = claim_run_dir(self.run_dir, resume=self.resume)
+            except UsageError as error:
+                problem = str(error)
+        if state.num_processes > 1:
+            problem = broadcast_object_list([problem])[0]
+        if problem is not None:
+            raise UsageError(problem)
+        return lock
+
+    def release_run_dir(self) -> None:
+        """Let another run use the folder; the process's end (or the lock's garbage
+        collection) does this too."""
+        if self.lock is not None:
+            self.lock.release()
 
     def setup(self) -> int:
         """Build data, model and optimizer; returns the epoch to start from."""
@@ -259,7 +286,10 @@ class Trainer:
         start_epoch = 1
         if self.resume:
             start_epoch = self.load_checkpoint()
-        elif accelerator.is_main_process:
+        if accelerator.is_main_process:
+            if self.resume:  # config.toml keeps the settings in force and the history
+                saved = load_config(self.run_dir / "config.toml")
+                record_resume(saved, config, after_epoch=start_epoch - 1)
             dump_config(config, self.run_dir / "config.toml")
         ctx.epoch = start_epoch
         if config.train.tensorboard:
@@ -580,7 +610,7 @@ class Trainer:
         """Restore everything :meth:`save_checkpoint` wrote; returns the epoch to run next."""
         path = self.run_dir / CHECKPOINT
         state = load_checkpoint(path)
-        load_trained_state(self.accelerator.unwrap_model(self.model), state["model"])
+        load_trained_state(self.accelerator.unwrap_model(self.model), state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.restore_process_state(path, state["processes"])
         self.rows = state["rows"]

@@ -4,6 +4,7 @@ dtypes and voids, seamless blending, bounded memory, bad input."""
 from __future__ import annotations
 
 import math
+import shutil
 import tracemalloc
 from pathlib import Path
 
@@ -236,3 +237,45 @@ def test_bad_run_folder_or_options_exit_2(trained_run: Path, tmp_path: Path, cap
     missing_dir = tmp_path / "no" / "such" / "dir" / "out.tif"
     assert main(["--checkpoint", str(trained_run), str(src), str(missing_dir)]) == 2
     assert str(missing_dir) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("original", "edited", "message"),
+    [
+        ('task = "dem_sr"', 'task = "sar2opt"', "this run is task 'sar2opt'"),
+        ("n_feats = 8", "n_feats = 12", "does not match the model its config.toml describes"),
+    ],
+)
+def test_run_of_another_task_or_edited_model_exits_2(
+    trained_run: Path, tmp_path: Path, capsys, original: str, edited: str, message: str
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    config = run / "config.toml"
+    assert original in config.read_text()
+    config.write_text(config.read_text().replace(original, edited))
+    src = write_dem(tmp_path / "in.tif", terrain((20, 20)), UTM_TRANSFORM, UTM)
+    assert main(["--checkpoint", str(run), str(src), str(tmp_path / "out.tif")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and str(run) in err
+    assert not (tmp_path / "out.tif").exists()
+
+
+def test_unmarked_voids_in_the_input_stay_voids(trained_run: Path, tmp_path: Path, capsys) -> None:
+    """An int16 DEM with -32768 voids and no nodata tag: warned about, masked, never
+    super-resolved into kilometres below sea level; ``--strict-data`` stops with exit 2."""
+    z = terrain((40, 40))
+    z[5:12, 20:30] = -32768
+    src = write_dem(tmp_path / "srtm.tif", z, UTM_TRANSFORM, UTM, dtype="int16")
+    dst = tmp_path / "out.tif"
+    with pytest.warns(UserWarning, match=r"srtm.tif: -32768 m lie outside"):
+        assert main(["--checkpoint", str(trained_run), str(src), str(dst), "--quiet"]) == 0
+    out = read(dst)
+    void = upsampled(z == -32768)
+    assert np.isnan(out[void]).all()
+    assert np.nanmin(out) > 900, "no elevation invented from the void value"
+    strict = tmp_path / "strict.tif"
+    args = ["--checkpoint", str(trained_run), str(src), str(strict), "--strict-data", "--quiet"]
+    assert main(args) == 2
+    assert f"{src}: -32768 m lie outside" in capsys.readouterr().err
+    assert not strict.exists()

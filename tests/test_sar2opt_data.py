@@ -330,6 +330,13 @@ def truncated_optical(folder: Path) -> Path:
     return path
 
 
+def dangling_optical_link(folder: Path) -> Path:
+    write_sar(folder, "bad")
+    link = folder / "S2L2A" / "bad.tif"
+    link.symlink_to(folder / "gone.tif")
+    return link
+
+
 # Each case writes the pair "bad" into a folder and returns the file its error must name.
 BAD_PAIRS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "SAR without optical": (sar_only, r"no S2L2A/bad\.tif to pair with"),
@@ -349,6 +356,7 @@ BAD_PAIRS: dict[str, tuple[Callable[[Path], Path], str]] = {
         r"1 values are nodata or not finite \(first: band B04, row 0, column 0\)",
     ),
     "truncated optical": (truncated_optical, r"not a readable GeoTIFF"),
+    "dangling optical link": (dangling_optical_link, r"a symbolic link to .*, which does not"),
 }
 
 

@@ -121,7 +121,7 @@ class TileDataset(Dataset):
         for path in files:
             try:
                 lr_path = data_dir / "lr" / path.relative_to(hr_root) if paired else None
-                loaded.append((path, *_load_pair(path, lr_path, scale)))
+                loaded.append((path, *_load_pair(path, lr_path, scale, strict)))
             except DataError as error:
                 skipped.add(path, error)
         if not loaded:
@@ -201,16 +201,21 @@ def train_val_split(
 
 
 def _geotiffs(folder: Path) -> list[Path]:
-    """GeoTIFF files under ``folder``, recursively, in a stable order."""
+    """GeoTIFF files under ``folder``, recursively, in a stable order; a symbolic link that
+    points nowhere is kept, so reading it reports it instead of dropping it silently."""
     suffixes = {".tif", ".tiff"}
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.suffix.lower() in suffixes and (p.is_file() or (p.is_symlink() and not p.exists()))
+    )
 
 
 def _load_pair(
-    hr_path: Path, lr_path: Path | None, scale: int
+    hr_path: Path, lr_path: Path | None, scale: int, strict: bool
 ) -> tuple[np.ndarray, np.ndarray, tuple[float, float], str]:
     """HR and LR in metres, the HR cell size and the terrain category of one tile."""
-    dem = read_dem(hr_path)
+    dem = read_dem(hr_path, strict=strict)
     hr = dem.elevation
     if lr_path is None:
         height, width = (hr.shape[0] // scale) * scale, (hr.shape[1] // scale) * scale
@@ -221,7 +226,7 @@ def _load_pair(
     else:
         if not lr_path.is_file():
             raise DataError(f"{hr_path}: no matching LR file {lr_path}")
-        lr = read_dem(lr_path).elevation
+        lr = read_dem(lr_path, strict=strict).elevation
         if (lr.shape[0] * scale, lr.shape[1] * scale) != hr.shape:
             raise DataError(
                 f"{hr_path} is {hr.shape} but {lr_path} is {lr.shape}; "

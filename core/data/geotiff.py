@@ -9,7 +9,10 @@ into NaN, and ``cell_size_m`` turns degrees into metres at the raster's latitude
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,11 +21,23 @@ import attrs
 import numpy as np
 import rasterio
 from affine import Affine
+from pyproj import CRS as PyprojCRS
+from pyproj.aoi import AreaOfUse
 from rasterio.crs import CRS
 from rasterio.errors import CRSError, RasterioError
 from rasterio.io import DatasetReader
+from rasterio.transform import array_bounds
+from rasterio.warp import transform_bounds
 
 from core.errors import DataError
+
+ELEVATION_RANGE_M = (-11_000.0, 9_000.0)
+"""Every elevation on Earth lies inside (Challenger Deep -10,935 m, Everest 8,849 m)."""
+CELL_SIZE_RANGE_M = (0.1, 5_000.0)
+"""Cell sizes of real DEMs, lidar to global grids; outside: a CRS that does not fit."""
+PROJECTED_MARGIN_DEG = 5.0
+"""How far a projected raster may reach past its CRS's area of use before a warning:
+rasters often overhang their UTM zone by a few degrees."""
 
 # WGS84 ellipsoid: semi-major axis (m) and first eccentricity squared.
 _WGS84_A = 6_378_137.0
@@ -76,8 +91,7 @@ def gdal_cache(megabytes: int) -> rasterio.Env:
 @contextlib.contextmanager
 def open_dem(path: Path) -> Iterator[DatasetReader]:
     """Open a single-band, georeferenced GeoTIFF; every problem is a ``DataError`` naming it."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
+    require_file(path)
     with open_geotiff(path) as ds:
         if ds.count != 1:
             raise DataError(f"{path}: has {ds.count} bands; an elevation raster needs exactly 1")
@@ -89,8 +103,12 @@ def open_dem(path: Path) -> Iterator[DatasetReader]:
         yield ds
 
 
-def read_dem(path: Path | str) -> Dem:
-    """Read a single-band GeoTIFF; every failure is a ``DataError`` naming the file."""
+def read_dem(path: Path | str, *, strict: bool = False) -> Dem:
+    """Read a single-band GeoTIFF; every failure is a ``DataError`` naming the file.
+
+    Values no terrain has are voids (``mask_implausible``; an error with ``strict``), and
+    doubtful georeferencing is warned about (``warn_georeferencing``).
+    """
     path = Path(path)
     with open_dem(path) as ds:
         elevation = ds.read(1).astype(np.float32)
@@ -99,10 +117,113 @@ def read_dem(path: Path | str) -> Dem:
     void |= ~np.isfinite(elevation)
     if nodata is not None:
         void |= elevation == np.float32(nodata)
-    if void.all():
-        raise DataError(f"{path}: every pixel is nodata")
     elevation[void] = np.nan
+    mask_implausible(elevation, path, strict=strict)
+    if np.isnan(elevation).all():
+        raise DataError(f"{path}: every pixel is nodata")
+    warn_georeferencing(path, transform, crs, elevation.shape)
     return Dem(elevation, transform, crs, nodata, tags)
+
+
+def require_file(path: Path) -> None:
+    """A missing input is a ``DataError``; a symbolic link that points nowhere says so."""
+    if path.is_file():
+        return
+    if path.is_symlink():
+        raise DataError(f"{path}: a symbolic link to {os.readlink(path)}, which does not exist")
+    raise DataError(f"{path}: no such file")
+
+
+def mask_implausible(elevation: np.ndarray, source: Path | str, *, strict: bool) -> None:
+    """Turn values no terrain has into voids (NaN), in place, warning with the file and value.
+
+    Such values are voids that no nodata tag marks (an int16 DEM's -32768, a uint16's
+    65535); read as elevations they wreck training and prediction. ``strict``: a DataError.
+    """
+    low, high = ELEVATION_RANGE_M
+    implausible = (elevation < low) | (elevation > high)  # NaN compares False: voids stay
+    if not implausible.any():
+        return
+    values = np.unique(elevation[implausible])
+    shown = ", ".join(f"{value:g}" for value in values[:3])
+    more = f" and {len(values) - 3} other values" if len(values) > 3 else ""
+    problem = (
+        f"{source}: {shown}{more} m lie outside [{low:g}, {high:g}] m, where all terrain "
+        "lies: voids without a nodata tag"
+    )
+    if strict:
+        raise DataError(f"{problem} (--strict-data); set the file's nodata value")
+    warnings.warn(f"{problem}; treated as voids (--strict-data stops instead)", stacklevel=2)
+    elevation[implausible] = np.nan
+
+
+def georeferencing_problems(transform: Affine, crs: CRS, shape: tuple[int, ...]) -> list[str]:
+    """What makes the georeferencing doubtful: cell sizes no DEM has, or bounds outside the
+    area where the CRS is used (e.g. UTM coordinates labelled EPSG:4326, latitudes past 90)."""
+    problems = []
+    dy, dx = (abs(size) for size in cell_size_m(transform, crs, shape))
+    low, high = CELL_SIZE_RANGE_M
+    if not (low <= min(dy, dx) and max(dy, dx) <= high):
+        problems.append(
+            f"cells of {dy:.4g} x {dx:.4g} m, outside the {low:g} m to {high / 1000:g} km of "
+            "any DEM: is the CRS right?"
+        )
+    area = area_of_use(crs)
+    if area is None:
+        return problems
+    west, south, east, north = lonlat_bounds(transform, crs, shape)
+    margin = 0.01 if crs.is_geographic else PROJECTED_MARGIN_DEG
+    inside_lat = area.south - margin <= south and north <= area.north + margin
+    if crs.is_geographic:  # degrees: any longitude of a -180..180 or 0..360 grid
+        inside_lon = -180.0 - margin <= west and east <= 360.0 + margin
+    else:
+        inside_lon = _within_lon(west, area, margin) and _within_lon(east, area, margin)
+    if not (inside_lat and inside_lon):
+        problems.append(
+            f"bounds {west:.6g} to {east:.6g} E, {south:.6g} to {north:.6g} N lie outside the "
+            f"area of use of {crs} ({area.west:g} to {area.east:g} E, {area.south:g} to "
+            f"{area.north:g} N): is the CRS right?"
+        )
+    return problems
+
+
+def warn_georeferencing(
+    path: Path | str, transform: Affine, crs: CRS, shape: tuple[int, ...]
+) -> None:
+    for problem in georeferencing_problems(transform, crs, shape):
+        warnings.warn(f"{path}: {problem}", stacklevel=3)
+
+
+@functools.lru_cache(maxsize=64)
+def area_of_use(crs: CRS) -> AreaOfUse | None:
+    """Where the CRS is meant to be used (EPSG's record), if it has one."""
+    epsg = crs.to_epsg()
+    pyproj_crs = PyprojCRS.from_epsg(epsg) if epsg else PyprojCRS.from_wkt(crs.to_wkt())
+    return pyproj_crs.area_of_use
+
+
+def lonlat_bounds(
+    transform: Affine, crs: CRS, shape: tuple[int, ...]
+) -> tuple[float, float, float, float]:
+    """(west, south, east, north) in degrees; infinite where the corners do not transform."""
+    bounds = array_bounds(shape[-2], shape[-1], transform)
+    west, south, east, north = bounds[0], bounds[1], bounds[2], bounds[3]
+    if crs.is_geographic:  # degrees already
+        return west, south, east, north
+    try:
+        result = transform_bounds(crs, "EPSG:4326", west, south, east, north)
+    except (CRSError, RasterioError, ValueError):
+        return -math.inf, -math.inf, math.inf, math.inf
+    if not all(math.isfinite(value) for value in result):
+        return -math.inf, -math.inf, math.inf, math.inf
+    return result
+
+
+def _within_lon(lon: float, area: AreaOfUse, margin: float) -> bool:
+    """Whether ``lon`` lies in the area's longitudes, which may cross the antimeridian."""
+    if area.west <= area.east:
+        return area.west - margin <= lon <= area.east + margin
+    return lon >= area.west - margin or lon <= area.east + margin
 
 
 def write_dem(

@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from core.data.cache import build_once, cache_root, read_manifest
 from core.data.dataset import SkippedFiles
-from core.data.geotiff import open_geotiff
+from core.data.geotiff import open_geotiff, require_file
 from core.data.procedural import _noise
 from core.errors import DataError
 
@@ -246,9 +246,14 @@ class PairDataset(Dataset):
 
 
 def _geotiffs(folder: Path) -> dict[str, Path]:
-    """GeoTIFF files directly in ``folder``, by file name."""
+    """GeoTIFF files directly in ``folder``, by file name; a symbolic link that points
+    nowhere is kept, so reading it reports it instead of dropping it silently."""
     suffixes = {".tif", ".tiff"}
-    return {p.name: p for p in folder.iterdir() if p.suffix.lower() in suffixes and p.is_file()}
+    return {
+        p.name: p
+        for p in folder.iterdir()
+        if p.suffix.lower() in suffixes and (p.is_file() or (p.is_symlink() and not p.exists()))
+    }
 
 
 def _standardise(data: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
@@ -266,6 +271,7 @@ class _Raster:
 
 def _read_bands(path: Path, bands: tuple[str, ...], kind: str) -> _Raster:
     """All bands of one file as float32; every failure is a ``DataError`` naming the file."""
+    require_file(path)
     with open_geotiff(path) as ds:
         if ds.count != len(bands):
             raise DataError(

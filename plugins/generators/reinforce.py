@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.distributions import Categorical
 
+from core import validators as check
 from core.hookspecs import Batch, hookimpl
 from core.plugins import Plugin
 from plugins.generators import terramind_of
@@ -39,10 +40,10 @@ class ReinforceConfig:
     twice, so its gradient estimate would be mostly noise."""
     diffusion_steps: int = attrs.field(default=1, validator=attrs.validators.ge(1))
     """Decoding steps per sample; the reward is only as sharp as the decoding."""
-    entropy_weight: float = attrs.field(default=0.03, validator=attrs.validators.ge(0.0))
+    entropy_weight: float = attrs.field(default=0.03, validator=check.non_negative)
     """Bonus for the policy's entropy: it keeps sampling diverse, so the baseline never
     cancels every advantage (a collapsed policy draws k equal samples and learns nothing)."""
-    noise_seed: int = 0
+    noise_seed: int = attrs.field(default=0, validator=check.seed)
     """Seed of the decoder's diffusion noise, the same at every step."""
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core import validators as check
 from core.hookspecs import Batch, hookimpl
 from core.plugins import Plugin
 from plugins.generators import sar2opt_task, terramind_of
@@ -23,7 +24,7 @@ from plugins.generators import sar2opt_task, terramind_of
 if TYPE_CHECKING:
     from core.context import RunContext
 
-_positive = attrs.validators.gt(0.0)
+_positive = check.positive
 
 
 @attrs.frozen

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import attrs
 import torch
 
+from core import validators as check
 from core.errors import ConfigError
 from core.hookspecs import Batch, hookimpl
 from core.losses import COMPONENTS
@@ -35,7 +36,7 @@ SEED_PROFILES: dict[str, dict[str, float]] = {
 LOG_KEY = "terrain_loss_fallback_samples"
 """``ctx.log`` key: samples per micro-batch weighted with the fallback profile."""
 
-_non_negative = attrs.validators.optional(attrs.validators.ge(0.0))
+_non_negative = check.optional_non_negative
 
 
 @attrs.frozen

@@ -30,6 +30,7 @@ from typing import Any
 import attrs
 import numpy as np
 
+from core import validators as check
 from core.context import RunContext
 from core.hookspecs import hookimpl
 from core.plugins import Plugin
@@ -52,7 +53,7 @@ def _phase_terrains(_: Any, attribute: attrs.Attribute, names: list[str]) -> Non
 class Phase:
     """From ``start`` (an epoch or a fraction, see ``phase_unit``) on, train on ``terrains``."""
 
-    start: float
+    start: float = attrs.field(validator=check.non_negative)
     terrains: list[str] = attrs.field(validator=_phase_terrains)
 
 
@@ -80,7 +81,7 @@ class CurriculumConfig:
     phases: list[Phase] = attrs.field(factory=seed_phases)
     phase_unit: str = attrs.field(default="epoch", validator=attrs.validators.in_(PHASE_UNITS))
     """``epoch``: ``start`` is an epoch of a ``reference_epochs`` run; ``fraction``: of p(e)."""
-    reference_epochs: int = 200
+    reference_epochs: int = attrs.field(default=200, validator=check.non_negative_int)
     """The run length the phase epochs are written for (scaled to the run); 0: the run's own."""
     order: list[str] = attrs.field(factory=lambda: list(TERRAINS), validator=_order)
     """Difficulty order for the pacing schedules, easiest first."""
