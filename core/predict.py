@@ -36,7 +36,6 @@ from core.data.geotiff import (
     gdal_cache,
     mask_implausible,
     open_dem,
-    warn_georeferencing,
 )
 from core.errors import DataError, UsageError
 from core.plugins import PluginManager
@@ -325,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def predict(args: argparse.Namespace) -> None:
-    with open_dem(args.input) as src:  # a bad input is reported before the model loads
-        warn_georeferencing(args.input, src.transform, src.crs, (src.height, src.width))
+    with open_dem(args.input):
+        pass  # a bad input is reported before the model loads
     model, ctx, meta = load_trained_model(args.checkpoint, cpu=args.cpu)
     window = args.window or max(meta["lr_shape"])
     overlap = args.overlap if args.overlap is not None else window // 4

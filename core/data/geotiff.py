@@ -90,7 +90,8 @@ def gdal_cache(megabytes: int) -> rasterio.Env:
 
 @contextlib.contextmanager
 def open_dem(path: Path) -> Iterator[DatasetReader]:
-    """Open a single-band, georeferenced GeoTIFF; every problem is a ``DataError`` naming it."""
+    """Open a single-band, georeferenced GeoTIFF; every problem is a ``DataError`` naming it,
+    doubtful georeferencing a warning (``warn_georeferencing``)."""
     require_file(path)
     with open_geotiff(path) as ds:
         if ds.count != 1:
@@ -100,6 +101,7 @@ def open_dem(path: Path) -> Iterator[DatasetReader]:
                 f"{path}: has no CRS, so its cell size in metres is unknown; set one, "
                 "e.g. `rio edit-info --crs EPSG:4326 FILE`"
             )
+        warn_georeferencing(path, ds.transform, ds.crs, (ds.height, ds.width))
         yield ds
 
 
@@ -121,7 +123,6 @@ def read_dem(path: Path | str, *, strict: bool = False) -> Dem:
     mask_implausible(elevation, path, strict=strict)
     if np.isnan(elevation).all():
         raise DataError(f"{path}: every pixel is nodata")
-    warn_georeferencing(path, transform, crs, elevation.shape)
     return Dem(elevation, transform, crs, nodata, tags)
 
 
