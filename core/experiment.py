@@ -205,7 +205,10 @@ def check_same_settings(experiment: Experiment, arm: Arm, seed: int, run_dir: Pa
     saved = run_dir / "config.toml"
     if not saved.is_file():
         return
-    expected = unstructure(load_config(None, run_overrides(experiment, arm, seed, run_dir)))
+    config = load_config(None, run_overrides(experiment, arm, seed, run_dir))
+    manager = PluginManager.from_names(config.run.plugins, config.plugins)
+    config.plugins = manager.resolved_sections(config.plugins)  # as the run wrote them
+    expected = unstructure(config)
     found = unstructure(load_config(saved))
     for tree in (expected, found):
         tree["run"].pop("out")
@@ -620,7 +623,7 @@ def markdown(experiment: Experiment, summary: Summary) -> str:
         f"{runs} of {len(experiment.arms) * len(experiment.seeds)} runs complete: "
         f"{len(experiment.arms)} arms × {len(experiment.seeds)} seeds "
         f"({', '.join(map(str, experiment.seeds))}) × {experiment.epochs} epochs; "
-        f"data: {experiment.data or 'the GLOBE default'}; common overrides: {common}.",
+        f"data: {experiment.data or 'the built-in data.source'}; common overrides: {common}.",
         "",
         "Each cell: mean ± sample std over seeds, then the change of the mean against "
         f"`{experiment.baseline}` in %; * marks a change whose paired t-test over seeds "

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override a config key (repeatable); the value is read as TOML",
     )
-    parser.add_argument("--data", help="a folder of GeoTIFFs (default: the embedded GLOBE tiles)")
+    parser.add_argument("--data", help="a folder of GeoTIFFs (default: tiles of data.source)")
     parser.add_argument("--epochs", type=int, help="shortcut for run.epochs")
     parser.add_argument("--out", help="run folder (shortcut for run.out)")
     parser.add_argument("--seed", type=int, help="shortcut for run.seed")
@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--strict-plugins",
         action="store_true",
-        help="stop when a third-party plugin fails to load instead of skipping it",
+        help="stop when any installed third-party plugin fails to load, even one not named "
+        "in --plugins (a named plugin must always load)",
     )
     parser.add_argument(
         "--strict-data",
@@ -125,8 +126,16 @@ def list_plugins(strict: bool) -> int:
     widths = {key: max(len(row[key]) for row in [headers, *rows]) for key in headers}
     for row in [headers, *rows]:
         print("  ".join(row[key].ljust(widths[key]) for key in headers).rstrip())
-    broken = [row["name"] for row in rows if row["summary"].startswith("BROKEN")]
-    return EXIT_USAGE if strict and broken else 0
+    broken = [row for row in rows if row["summary"].startswith("BROKEN")]
+    if strict and broken:
+        for row in broken:
+            print(
+                f"error: plugin {row['name']!r} from {row['origin']} failed to load: "
+                f"{row['summary'].removeprefix('BROKEN: ')}",
+                file=sys.stderr,
+            )
+        return EXIT_USAGE
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

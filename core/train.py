@@ -284,8 +284,11 @@ class Trainer:
             device=accelerator.device,
         )
         start_epoch = 1
+        plugin_states: dict[str, dict[str, Any]] = {}
         if self.resume:
-            start_epoch = self.load_checkpoint()
+            start_epoch, plugin_states = self.load_checkpoint()
+        else:
+            config.plugins = ctx.plugins.resolved_sections(config.plugins)
         if accelerator.is_main_process:
             if self.resume:  # config.toml keeps the settings in force and the history
                 saved = load_config(self.run_dir / "config.toml")
@@ -295,6 +298,7 @@ class Trainer:
         if config.train.tensorboard:
             accelerator.init_trackers("tensorboard")
         ctx.plugins.call("setup", ctx=ctx)
+        ctx.plugins.load_state_dict(plugin_states)
         self.report_setup(train, val)
         return start_epoch
 
@@ -371,16 +375,13 @@ class Trainer:
         plan, stats = self.epoch_plan(epoch)
         local = plan[accelerator.process_index :: ctx.world_size]
         steps = list(chunks(local, config.optim.accumulation_steps))
-        logged_before_steps = ctx.logged()
         partial = self.partial.pop(epoch, None)
         if partial is None:
             sums = torch.zeros(2 + len(ctx.task.components), dtype=torch.float64)
             epoch_losses: list[float] = []
         else:  # the steps an interruption finished count as if never interrupted
             sums, epoch_losses = partial["sums"], partial["losses"]
-            for key, values in partial["logged"].items():
-                for value in values:
-                    ctx.log(key, value)
+            ctx.restore_logged(partial["logged"])  # replaces what the replayed hooks logged
         done = len(epoch_losses)  # steps completed before an interruption, replayed from here
         loader = DataLoader(
             ctx.train_dataset,
@@ -411,11 +412,11 @@ class Trainer:
             stop = self.agreed_stop()
             if stop is not None:
                 bar.close()
-                logged = {
-                    key: values[len(logged_before_steps.get(key, ())) :]
-                    for key, values in ctx.logged().items()
+                self.partial[epoch] = {
+                    "sums": sums,
+                    "losses": epoch_losses,
+                    "logged": ctx.logged_values(),
                 }
-                self.partial[epoch] = {"sums": sums, "losses": epoch_losses, "logged": logged}
                 self.save_checkpoint(epoch - 1)
                 self.write_interrupted(stop, epoch, step_index + 1, len(steps))
                 raise Interrupted(signal.Signals(stop).name)
@@ -436,12 +437,16 @@ class Trainer:
             seconds=round(time.perf_counter() - started, 3),
         )
         self.step_losses.extend(epoch_losses)
-        row.update(ctx.pop_logged())
         for name, extra in ctx.plugins.call("validation_metrics", model=self.model, ctx=ctx):
             clash = set(extra or {}) & set(row)
             if clash:
                 raise RuntimeError(f"plugin {name!r} returned metric keys that exist: {clash}")
             row.update(extra or {})
+        logged = ctx.pop_logged()
+        clash = set(logged) & set(row)
+        if clash:
+            raise RuntimeError(f"ctx.log keys {sorted(clash)} clash with metrics of the epoch row")
+        row.update(logged)
         return row
 
     def optimizer_step(self, micro: list[dict[str, Any]], progress: float) -> torch.Tensor:
@@ -573,10 +578,10 @@ class Trainer:
         """The last checkpoint, with every process's own state, written atomically by the
         main process.
 
-        ``partial`` in each process's state carries an epoch interrupted by a signal, so a
-        resumed run skips the finished steps and ends with the same metrics. Every process
-        returns only once the file is written: a launcher stops the others as soon as one
-        exits.
+        ``partial`` in each process's state carries the loss sums and ``ctx.log`` values of an
+        epoch interrupted by a signal, so a resumed run skips the finished steps and ends with
+        the same metrics. Every process returns only once the file is written: a launcher
+        stops the others as soon as one exits.
         """
         weights = trained_state(self.accelerator.unwrap_model(self.model))
         self.refuse_nonfinite(weights)  # on every process: they all hold the same weights
@@ -591,6 +596,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "rows": self.rows,
                 "nonfinite_total": self.nonfinite_total,
+                "plugins": self.ctx.plugins.state_dict(),
             }
             save_tensors(self.run_dir / CHECKPOINT, state)
         self.accelerator.wait_for_everyone()
@@ -606,8 +612,9 @@ class Trainer:
                 "any). Lower optim.lr or enable optim.grad_clip"
             )
 
-    def load_checkpoint(self) -> int:
-        """Restore everything :meth:`save_checkpoint` wrote; returns the epoch to run next."""
+    def load_checkpoint(self) -> tuple[int, dict[str, dict[str, Any]]]:
+        """Restore everything :meth:`save_checkpoint` wrote; returns the epoch to run next
+        and the plugins' saved states (handed back after their ``setup``)."""
         path = self.run_dir / CHECKPOINT
         state = load_checkpoint(path)
         load_trained_state(self.accelerator.unwrap_model(self.model), state["model"], path)
@@ -620,7 +627,7 @@ class Trainer:
             with open(self.run_dir / "metrics.jsonl", "w") as handle:
                 handle.writelines(json.dumps(row) + "\n" for row in self.rows)
             (self.run_dir / INTERRUPTED).unlink(missing_ok=True)
-        return state["epoch"] + 1
+        return state["epoch"] + 1, state["plugins"]
 
     def restore_process_state(self, path: Path, processes: list[dict[str, Any]]) -> None:
         """This process's own state; between epochs a run may resume with another number

@@ -3,7 +3,7 @@
 Everything downstream (block means, normalisation, slope in degrees) needs two things a raw
 raster read does not give: one uniform marker for missing data, and the true ground size of a
 cell. ``read_dem`` turns every nodata convention (a nodata value, an internal mask, NaN, inf)
-into NaN, and ``cell_size_m`` turns degrees into metres at the raster's latitude.
+into NaN, and ``cell_size_m`` turns degrees or projected units into ground metres.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 
 import attrs
 import numpy as np
+import pyproj
 import rasterio
 from affine import Affine
 from pyproj import CRS as PyprojCRS
@@ -280,7 +281,10 @@ def cell_size_m(
 
     Geographic CRS: degrees are converted at the latitude of the raster centre with the WGS84
     ellipsoid's radii of curvature, so east-west spacing shrinks with cos(latitude).
-    Projected CRS: transform units times the CRS's metres-per-unit factor.
+    Projected CRS: transform units times the CRS's metres-per-unit factor, divided by the
+    projection's meridional (dy) and parallel (dx) scale factors at the raster centre
+    (``pyproj.Proj.get_factors``). A unit of Web Mercator is 1/cos(latitude) ground metres
+    too long, a UTM metre within 0.1 % of one: only the ground size gives true slopes.
     """
     if crs is None:
         raise DataError("a raster without a CRS has no known cell size in metres")
@@ -299,4 +303,18 @@ def cell_size_m(
         factor = float(crs.linear_units_factor[1])
     except CRSError:
         factor = 1.0
-    return dy * factor, dx * factor
+    meridional, parallel = _scale_factors(crs, transform @ (shape[-1] / 2, shape[-2] / 2))
+    return dy * factor / meridional, dx * factor / parallel
+
+
+def _scale_factors(crs: CRS, centre: tuple[float, float]) -> tuple[float, float]:
+    """(meridional, parallel) scale of a projected CRS at ``centre``; (1, 1) where PROJ
+    cannot tell (a local or engineering CRS)."""
+    try:
+        proj = pyproj.Proj(crs.to_wkt())
+        lon, lat = proj(*centre, inverse=True)
+        factors = proj.get_factors(lon, lat)
+    except (pyproj.exceptions.CRSError, pyproj.exceptions.ProjError):
+        return 1.0, 1.0
+    scales = (factors.meridional_scale, factors.parallel_scale)
+    return scales if all(math.isfinite(s) and s > 0 for s in scales) else (1.0, 1.0)

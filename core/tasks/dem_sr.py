@@ -13,8 +13,8 @@ from torch import nn
 
 from core.config import Config
 from core.context import RunContext
-from core.data.dataset import TileDataset, train_val_split
-from core.data.globe import ensure_globe_tiles
+from core.data.dataset import TileDataset, load_split
+from core.data.sources import ensure_source_tiles
 from core.errors import ConfigError
 from core.losses import COMPONENTS, dem_loss_components
 from core.metrics import ValidationAccumulator
@@ -44,13 +44,14 @@ class DemSuperResolution:
             folder = (
                 Path(data.dir)
                 if data.dir
-                else ensure_globe_tiles(
-                    tile_size=data.tile_size or 48, quiet=not ctx.accelerator.is_main_process
+                else ensure_source_tiles(
+                    data.source,
+                    tile_size=data.tile_size or 48,
+                    quiet=not ctx.accelerator.is_main_process,
                 )
             )
-            dataset = TileDataset.from_folder(folder, data.scale, strict=data.strict)
-        self.skipped = dataset.skipped
-        train, val = train_val_split(dataset, data.val_fraction, config.run.seed)
+            train, val = load_split(folder, data, config.run.seed)
+        self.skipped = train.skipped
         self.train_dataset, self.val_dataset = train, val
         self.bicubic: dict[str, Any] | None = None
         return train, val

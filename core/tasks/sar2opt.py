@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from core.config import Config
 from core.context import RunContext
+from core.data.bigearthnet import ensure_bigearthnet_pairs
 from core.data.dataset import train_val_split
 from core.data.sar2opt import TERRAMIND_V1, PairDataset, ensure_default_pairs
 from core.errors import UsageError
@@ -54,21 +55,34 @@ class SarToOptical:
             raise UsageError(NO_GENERATOR)
         self.ctx = ctx
         data = config.data
-        with ctx.accelerator.main_process_first():
-            folder = (
-                Path(data.dir)
-                if data.dir
-                else ensure_default_pairs(
-                    data.tile_size or DEFAULT_TILE_SIZE,
-                    quiet=not ctx.accelerator.is_main_process,
-                )
+        if data.dir:
+            dataset = PairDataset.from_folder(Path(data.dir), TERRAMIND_V1, strict=data.strict)
+            self.skipped = dataset.skipped
+            self.train_dataset, self.val_dataset = train_val_split(
+                dataset, data.val_fraction, config.run.seed
             )
-        dataset = PairDataset.from_folder(folder, TERRAMIND_V1, strict=data.strict)
-        self.skipped = dataset.skipped
-        self.train_dataset, self.val_dataset = train_val_split(
-            dataset, data.val_fraction, config.run.seed
-        )
+        else:
+            self.train_dataset, self.val_dataset = self.default_datasets(config, ctx)
+            self.skipped = self.train_dataset.skipped
         return self.train_dataset, self.val_dataset
+
+    @staticmethod
+    def default_datasets(config: Config, ctx: RunContext) -> tuple[PairDataset, PairDataset]:
+        """Train on every procedural pair, validate on the six real BigEarthNet pairs.
+
+        Six pairs are too few to train on, but validating on them puts every run's pixel
+        metrics on real imagery. ``data.val_fraction`` applies to a ``--data`` folder only.
+        """
+        quiet = not ctx.accelerator.is_main_process
+        with ctx.accelerator.main_process_first():
+            procedural = ensure_default_pairs(
+                config.data.tile_size or DEFAULT_TILE_SIZE, quiet=quiet
+            )
+            real = ensure_bigearthnet_pairs(quiet=quiet)
+        return (
+            PairDataset.from_folder(procedural, TERRAMIND_V1, strict=True),
+            PairDataset.from_folder(real.folder, TERRAMIND_V1, strict=True),
+        )
 
     def build_model(self, config: Config) -> nn.Module:
         model = config.model
