@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from core.config import Config, load_config
-from core.errors import UsageError
+from core.errors import StorageError, UsageError
 from core.plugins import PluginManager, describe_all
 from core.provenance import version_line
 from core.resume import check_resume
@@ -94,13 +94,36 @@ def resolve_config(args: argparse.Namespace) -> Config:
         config.resumed = []  # a run repeated from another's config.toml starts its own history
         return config
     saved = args.resume / "config.toml"
-    if not (args.resume / "checkpoint.pt").is_file() or not saved.is_file():
-        raise UsageError(f"--resume {args.resume}: no checkpoint.pt and config.toml to resume")
+    problem = resume_problem(args.resume)
+    if problem:
+        raise UsageError(f"--resume {args.resume}: {problem}")
     if args.config:
         raise UsageError("--resume uses the run's own config.toml; drop --config")
     config = load_config(saved, [*overrides, f"run.out={json.dumps(str(args.resume))}"])
     check_resume(args.resume, load_config(saved), config)
     return config
+
+
+def resume_problem(run_dir: Path) -> str | None:
+    """What ``run_dir`` lacks to be resumed, and what to run instead; None if nothing."""
+    if not run_dir.is_dir():
+        return "no such run folder"
+    config = run_dir / "config.toml"
+    if not config.is_file():
+        return "no config.toml there: not a run folder, or its run never started"
+    if (run_dir / "checkpoint.pt").is_file():
+        return None
+    # config.toml is written at start-up, the checkpoint after the first epoch (or after
+    # train.checkpoint_every epochs), so the run stopped before it: start it again.
+    if (run_dir / "metrics.jsonl").exists():  # epochs ran, but none was checkpointed
+        again = run_dir.with_name(run_dir.name + "-again")
+        where = f"in a new folder: python -m core.run --config {config} --out {again}"
+    else:
+        where = f"with: python -m core.run --config {config} --out {run_dir}"
+    return (
+        "config.toml is there but checkpoint.pt is not: the run stopped before its first "
+        f"checkpoint, so there is nothing to resume. Start it again {where}"
+    )
 
 
 def list_plugins(strict: bool) -> int:
@@ -145,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                 )
             return EXIT_INTERRUPTED
-        except NonFiniteLossError as error:
+        except (NonFiniteLossError, StorageError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
         finally:

@@ -41,6 +41,7 @@ from core.metrics import count_loss_spikes
 from core.plugins import PluginManager
 from core.resume import record_resume
 from core.runlock import RunLock, claim_run_dir
+from core.safe_io import load_checkpoint, nonfinite_tensors, save_tensors
 from core.tasks import get_task
 
 CHECKPOINT = "checkpoint.pt"
@@ -49,6 +50,10 @@ INTERRUPTED = "interrupted.json"
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive optimizer steps had a non-finite loss or gradient."""
+
+
+class NonFiniteWeightsError(NonFiniteLossError):
+    """The weights became NaN or inf; they are never checkpointed."""
 
 
 class Interrupted(Exception):
@@ -116,11 +121,11 @@ def chunks(items: list, size: int) -> Iterator[list]:
         yield items[start : start + size]
 
 
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Write through a temporary file and rename, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def numpy_rng_state() -> dict[str, Any]:
+    """numpy's global RNG state in plain types (its key array as a list), which a
+    weights-only checkpoint load accepts; ``np.random.set_state`` takes it back as is."""
+    state = np.random.get_state(legacy=False)
+    return {**state, "state": {**state["state"], "key": state["state"]["key"].tolist()}}
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -175,7 +180,7 @@ def rng_state() -> dict[str, Any]:
     """This process's Python, NumPy and torch generator states."""
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": numpy_rng_state(),
         "torch": torch.get_rng_state(),
     }
 
@@ -578,6 +583,8 @@ class Trainer:
         the same metrics. Every process returns only once the file is written: a launcher
         stops the others as soon as one exits.
         """
+        weights = trained_state(self.accelerator.unwrap_model(self.model))
+        self.refuse_nonfinite(weights)  # on every process: they all hold the same weights
         processes = gather_object([self.process_state()])
         if self.accelerator.is_main_process:
             state = {
@@ -585,20 +592,31 @@ class Trainer:
                 **self.ctx.task.checkpoint_meta(),
                 "processes": processes,
                 "global_step": self.ctx.global_step,
-                "model": trained_state(self.accelerator.unwrap_model(self.model)),
+                "model": weights,
                 "optimizer": self.optimizer.state_dict(),
                 "rows": self.rows,
                 "nonfinite_total": self.nonfinite_total,
                 "plugins": self.ctx.plugins.state_dict(),
             }
-            atomic_write_bytes(self.run_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+            save_tensors(self.run_dir / CHECKPOINT, state)
         self.accelerator.wait_for_everyone()
+
+    def refuse_nonfinite(self, weights: dict[str, torch.Tensor]) -> None:
+        """Stop before NaN or inf weights overwrite the last good checkpoint."""
+        bad = nonfinite_tensors(weights)
+        if bad:
+            raise NonFiniteWeightsError(
+                f"epoch {self.ctx.epoch}: {len(bad)} of {len(weights)} weight tensors hold NaN "
+                f"or inf ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); they are "
+                f"not saved, {self.run_dir / CHECKPOINT} keeps the last finite weights (if "
+                "any). Lower optim.lr or enable optim.grad_clip"
+            )
 
     def load_checkpoint(self) -> tuple[int, dict[str, dict[str, Any]]]:
         """Restore everything :meth:`save_checkpoint` wrote; returns the epoch to run next
         and the plugins' saved states (handed back after their ``setup``)."""
         path = self.run_dir / CHECKPOINT
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(path)
         load_trained_state(self.accelerator.unwrap_model(self.model), state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.restore_process_state(path, state["processes"])

@@ -36,6 +36,12 @@ def unmarked_voids(path: Path) -> Path:
     return write_dem(path, z, UTM_ORIGIN, UTM, dtype="int16")
 
 
+def open_input(path: Path) -> None:
+    """Open a raster as ``core.predict`` opens its input."""
+    with open_dem(path):
+        pass
+
+
 def messages(caught: list[warnings.WarningMessage]) -> str:
     return "\n".join(str(w.message) for w in caught)
 
@@ -91,7 +97,7 @@ def test_training_masks_unmarked_voids_and_reports_a_dangling_link(
 )
 def test_doubtful_georeferencing_is_warned_naming_the_file(tmp_path, crs, transform, problem):
     path = write_dem(tmp_path / "tile.tif", hills(), transform, crs)
-    for read in (read_dem, lambda p: open_dem(p).close()):  # training tiles, predict inputs
+    for read in (read_dem, open_input):  # training tiles, predict inputs
         with pytest.warns(UserWarning, match="is the CRS right") as caught:
             read(path)
         assert f"{path}: " in messages(caught) and problem in messages(caught)
@@ -113,7 +119,7 @@ def test_sound_georeferencing_is_quiet(tmp_path: Path, crs: str, transform: Affi
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         read_dem(path)
-        open_dem(path).close()
+        open_input(path)
 
 
 def test_a_dangling_link_stops_a_strict_run(procedural_dir: Path, tmp_path: Path):

@@ -61,30 +61,38 @@ class Dem:
         return cell_size_m(self.transform, self.crs, self.elevation.shape)
 
 
+# GDAL reads any of its 200 formats whatever the extension, and follows sidecar files: a VRT
+# named x.tif (or a VRT planted as x.tif.ovr) reads pixels from any path or URL. Inputs are
+# opened with the GeoTIFF driver only, and the folder is taken as empty, so no sidecar
+# (.ovr, .aux.xml, .msk, world file) is looked for: only what is inside the GeoTIFF counts.
+GEOTIFF_ONLY = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
+
+
 @contextlib.contextmanager
 def open_geotiff(path: Path) -> Iterator[DatasetReader]:
-    """``rasterio.open`` for reading; a file GDAL cannot read is a ``DataError`` naming it.
-
-    Only GDAL's GeoTIFF driver may open the file: other formats can point GDAL elsewhere
-    (a VRT named ``.tif`` reads any file or URL it names).
-    """
+    """Open a GeoTIFF for reading, and nothing else; a file the GeoTIFF driver cannot read
+    (another format renamed .tif, truncated, not a raster) is a ``DataError`` naming it."""
     try:
-        with rasterio.open(path, driver="GTiff") as ds:
+        with rasterio.Env(**GEOTIFF_ONLY), rasterio.open(path, driver="GTiff") as ds:
             yield ds
     except RasterioError as err:
         detail = err.__cause__ or err  # GDAL's own message, when rasterio wraps it
         raise DataError(
-            f"{path}: not a readable GeoTIFF (truncated or not a raster): {detail}"
+            f"{path}: not a readable GeoTIFF (another format, truncated, or not a raster; "
+            f"only GeoTIFFs are read): {detail}"
         ) from None
 
 
-def read_dem(path: Path | str, *, strict: bool = False) -> Dem:
-    """Read a single-band GeoTIFF; every failure is a ``DataError`` naming the file.
+def gdal_cache(megabytes: int) -> rasterio.Env:
+    """An environment capping GDAL's raster block cache (default: 5 % of RAM), which
+    otherwise grows with the size of the rasters read and written."""
+    return rasterio.Env(GDAL_CACHEMAX=megabytes * 2**20)  # rasterio takes it in bytes
 
-    Values no terrain has are voids (``mask_implausible``; an error with ``strict``), and
-    doubtful georeferencing is warned about (``warn_georeferencing``).
-    """
-    path = Path(path)
+
+@contextlib.contextmanager
+def open_dem(path: Path) -> Iterator[DatasetReader]:
+    """Open a single-band, georeferenced GeoTIFF; every problem is a ``DataError`` naming it,
+    doubtful georeferencing a warning (``warn_georeferencing``)."""
     require_file(path)
     with open_geotiff(path) as ds:
         if ds.count != 1:
@@ -94,6 +102,18 @@ def read_dem(path: Path | str, *, strict: bool = False) -> Dem:
                 f"{path}: has no CRS, so its cell size in metres is unknown; set one, "
                 "e.g. `rio edit-info --crs EPSG:4326 FILE`"
             )
+        warn_georeferencing(path, ds.transform, ds.crs, (ds.height, ds.width))
+        yield ds
+
+
+def read_dem(path: Path | str, *, strict: bool = False) -> Dem:
+    """Read a single-band GeoTIFF; every failure is a ``DataError`` naming the file.
+
+    Values no terrain has are voids (``mask_implausible``; an error with ``strict``), and
+    doubtful georeferencing is warned about (``warn_georeferencing``).
+    """
+    path = Path(path)
+    with open_dem(path) as ds:
         elevation = ds.read(1).astype(np.float32)
         void = ds.read_masks(1) == 0
         transform, crs, nodata, tags = ds.transform, ds.crs, ds.nodata, dict(ds.tags())
@@ -104,7 +124,6 @@ def read_dem(path: Path | str, *, strict: bool = False) -> Dem:
     mask_implausible(elevation, path, strict=strict)
     if np.isnan(elevation).all():
         raise DataError(f"{path}: every pixel is nodata")
-    warn_georeferencing(path, transform, crs, elevation.shape)
     return Dem(elevation, transform, crs, nodata, tags)
 
 

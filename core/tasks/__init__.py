@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -16,6 +17,12 @@ if TYPE_CHECKING:
     from core.context import RunContext
 
 Batch = dict[str, Any]
+
+
+def metric_text(value: float | None, spec: str) -> str:
+    """A metric for the console: ``n/a`` for a missing or non-finite value (metrics.jsonl
+    holds null where a diverged run gave NaN or inf)."""
+    return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
 
 
 class Task(Protocol):

@@ -20,6 +20,7 @@ from core.losses import COMPONENTS, dem_loss_components
 from core.metrics import ValidationAccumulator
 from core.models.rcan import build_rcan
 from core.plots import plot_hillshade_triptych, plot_loss_curves, plot_terrain_rmse
+from core.tasks import metric_text
 from core.terrain import TERRAINS
 
 Batch = dict[str, Any]
@@ -100,14 +101,14 @@ class DemSuperResolution:
         return {**model_errors.summary(), **self.bicubic}
 
     def epoch_summary(self, row: dict[str, Any]) -> str:
-        def metres(value: float | None) -> str:
-            return "n/a" if value is None else f"{value:.2f}"
-
-        by_terrain = " ".join(f"{t} {metres(v)}" for t, v in row["val_rmse_m_by_terrain"].items())
+        by_terrain = " ".join(
+            f"{t} {metric_text(v, '.2f')}" for t, v in row["val_rmse_m_by_terrain"].items()
+        )
         return (
-            f"train_loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} "
-            f"val_rmse {metres(row['val_rmse_m'])} m "
-            f"(bicubic {metres(row.get('val_rmse_m_bicubic'))} m; {by_terrain})"
+            f"train_loss {metric_text(row['train_loss'], '.4f')} "
+            f"val_loss {metric_text(row['val_loss'], '.4f')} "
+            f"val_rmse {metric_text(row['val_rmse_m'], '.2f')} m "
+            f"(bicubic {metric_text(row.get('val_rmse_m_bicubic'), '.2f')} m; {by_terrain})"
         )
 
     def checkpoint_meta(self) -> dict[str, Any]:

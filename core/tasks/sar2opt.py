@@ -26,6 +26,8 @@ from core.data.sar2opt import TERRAMIND_V1, PairDataset, ensure_default_pairs
 from core.errors import UsageError
 from core.models.terramind import TerraMindSarToOptical, build_terramind
 from core.plots import plot_loss_curves, plot_sar_optical
+from core.safe_io import save_tensors
+from core.tasks import metric_text
 
 Batch = dict[str, Any]
 GENERATORS = ("teacher_forcing", "straight_through", "reinforce", "refiner", "encoder_only")
@@ -127,7 +129,7 @@ class SarToOptical:
                 ]
             )
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"names": names, "tokens": tokens}, path)
+            save_tensors(path, {"names": names, "tokens": tokens})
         return tokens
 
     def target_tokens(self, batch: Batch) -> torch.Tensor:
@@ -176,8 +178,10 @@ class SarToOptical:
 
     def epoch_summary(self, row: dict[str, Any]) -> str:
         return (
-            f"train_loss {row['train_loss']:.4f} val_l1 {row['val_l1']:.4f} "
-            f"PSNR {row['val_psnr']:.2f} dB SSIM {row.get('val_ssim', math.nan):.3f}"
+            f"train_loss {metric_text(row['train_loss'], '.4f')} "
+            f"val_l1 {metric_text(row['val_l1'], '.4f')} "
+            f"PSNR {metric_text(row['val_psnr'], '.2f')} dB "
+            f"SSIM {metric_text(row.get('val_ssim'), '.3f')}"
         )
 
     def checkpoint_meta(self) -> dict[str, Any]:
