@@ -92,7 +92,8 @@ def test_training_masks_unmarked_voids_and_reports_a_dangling_link(
         # UTM zone 13N coordinates on the other side of the globe
         (UTM, Affine(30.0, 0, -9_000_000.0, 0, -30.0, 4_400_000.0), "area of use of EPSG:32613"),
         (UTM, Affine(0.01, 0, 500_000.0, 0, -0.01, 4_400_000.0), "cells of 0.01 x 0.01 m"),
-        (UTM, Affine(9_000.0, 0, 500_000.0, 0, -9_000.0, 4_400_000.0), "cells of 9000 x 9000 m"),
+        # 9 km of grid is 8998 m of ground at the raster's centre, 216 km east of the meridian
+        (UTM, Affine(9_000.0, 0, 500_000.0, 0, -9_000.0, 4_400_000.0), "cells of 8998 x 8998 m"),
     ],
 )
 def test_doubtful_georeferencing_is_warned_naming_the_file(tmp_path, crs, transform, problem):
