@@ -8,6 +8,8 @@ with the seed's error.
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from accelerate.state import AcceleratorState, PartialState
 from torch import nn
 from torch.utils.data import default_collate
 
@@ -25,6 +28,7 @@ from core.hookspecs import hookimpl
 from core.models.terramind import build_terramind
 from core.plugins import ActivePlugin, PluginManager
 from core.train import Trainer
+from plugins.generators.straight_through import expected_code_error, gumbel_code_error
 from tests.conftest import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -116,6 +120,40 @@ def test_plugin_overfits_a_fixed_batch(
     assert_gradient_every_step(probe, steps)
     first, last = mean(losses[:3]), mean(losses[-3:])
     assert last <= first * 2 / 3, f"{plugin}: loss {first:.4g} -> {last:.4g} (< 1/3 drop)"
+
+
+def test_straight_through_expected_loss_overfits_and_anneals_per_step(tmp_path: Path) -> None:
+    """A one-epoch run still anneals: the temperature falls at every optimizer step."""
+    steps = 30
+    trainer, probe = make_trainer(
+        tmp_path / "expected",
+        "straight_through",
+        "optim.lr=1e-2",
+        "plugins.straight_through.estimator='expected'",
+    )
+    losses, logged = overfit(trainer, steps)
+    assert_gradient_every_step(probe, steps)
+    assert mean(losses[-3:]) <= mean(losses[:3]) * 2 / 3
+    temperatures = [row["straight_through_temperature"] for row in logged]
+    assert temperatures[0] == 1.0
+    assert all(later < earlier for earlier, later in itertools.pairwise(temperatures))
+
+
+def test_expected_code_error_is_exact_and_the_gumbel_sample_estimates_it_at_tau_1() -> None:
+    """``expected`` is the exact expectation under softmax(logits / tau); the hard Gumbel
+    sample's forward value is distributed as softmax(logits) whatever its temperature."""
+    torch.manual_seed(0)
+    logits, codebook = torch.randn(2, 3, 7), torch.randn(7, 5)
+    targets = torch.randint(0, 7, (2, 3))
+    p = torch.softmax(logits / 0.7, dim=-1)
+    distances = (codebook[None, None] - codebook[targets][..., None, :]).square().sum(-1)
+    torch.testing.assert_close(
+        expected_code_error(logits, codebook, targets, 0.7), (p * distances).sum(-1)
+    )
+    draws = torch.stack([gumbel_code_error(logits, codebook, targets, 0.3) for _ in range(4000)])
+    tolerance = 5 * draws.std(0) / math.sqrt(len(draws))
+    gap = (draws.mean(0) - expected_code_error(logits, codebook, targets, 1.0)).abs()
+    assert bool((gap < tolerance).all()), (gap, tolerance)
 
 
 def test_reinforce_raises_the_reward(tmp_path: Path) -> None:
@@ -214,24 +252,53 @@ def test_encoder_only_trains_the_encoder_adapters_alone(tmp_path: Path) -> None:
     assert trainable and all(".encoder." in n and "lora_" in n for n in trainable)
 
 
+def stored_key(run_dir: Path, name: str) -> dict:
+    return json.loads((run_dir / "cache" / f"{name}.npy.key.json").read_text())
+
+
 def test_refiner_caches_generations_and_freezes_terramind(tmp_path: Path) -> None:
-    trainer, _ = make_trainer(tmp_path / "ref", "refiner", "data.val_fraction=0.75")
+    """The generations are cached per tile; re-started into the same folder with other
+    diffusion steps, the refiner generates again instead of reading the old ones."""
+    out = tmp_path / "ref"
+    trainer, _ = make_trainer(out, "refiner", "data.val_fraction=0.75")
     trainer.setup()
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all(n.startswith("refiner.") for n in trainable)
-    cache = torch.load(tmp_path / "ref" / "cache" / "refiner_generated.pt", weights_only=True)
-    assert cache["generated"].shape[0] == len(trainer.ctx.train_dataset)
+    cache = np.load(out / "cache" / "refiner_generated.npy")
+    assert cache.shape[0] == len(trainer.ctx.train_dataset)
+    assert stored_key(out, "refiner_generated")["diffusion_steps"] == 1
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    again, _ = make_trainer(out, "refiner", "data.val_fraction=0.75", "model.diffusion_steps=2")
+    again.setup()
+    assert stored_key(out, "refiner_generated")["diffusion_steps"] == 2
+    terramind = again.accelerator.unwrap_model(again.model).terramind_generator
+    sar = again.ctx.train_dataset[0]["sar"].unsqueeze(0)
+    torch.testing.assert_close(
+        torch.from_numpy(np.load(out / "cache" / "refiner_generated.npy")[:1]),
+        terramind.generate(sar, 2, again.config.run.seed),
+    )
 
 
-def test_target_tokens_are_cached_once_per_tile(tmp_path: Path) -> None:
-    trainer, _ = make_trainer(tmp_path / "tok", "teacher_forcing")
-    trainer.setup()
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    dataset = trainer.ctx.train_dataset
-    cache = torch.load(tmp_path / "tok" / "cache" / "target_tokens.pt", weights_only=True)
-    assert cache["names"] == list(dataset.names)
-    optical = torch.stack([dataset[i]["optical"] for i in (0, len(dataset) - 1)])
-    assert torch.equal(cache["tokens"][[0, len(dataset) - 1]], model.target_tokens(optical))
+def test_target_tokens_are_cached_per_tile_and_keyed_by_the_tokenizer(tmp_path: Path) -> None:
+    """Cached tokens are the tokenizer's; a run re-started into the same folder with another
+    model size (another tokenizer) tokenizes again rather than train on the old labels."""
+    out = tmp_path / "tok"
+    tokens = {}
+    for size in ("tiny", "small"):
+        trainer, _ = make_trainer(out, "teacher_forcing", f"model.terramind='{size}'")
+        trainer.setup()
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        dataset = trainer.ctx.train_dataset
+        tokens[size] = torch.from_numpy(np.load(out / "cache" / "target_tokens.npy"))
+        assert tokens[size].shape[0] == len(dataset)
+        assert stored_key(out, "target_tokens")["model"] == f"terramind_v1_{size}"
+        optical = torch.stack([dataset[i]["optical"] for i in (0, len(dataset) - 1)])
+        assert torch.equal(tokens[size][[0, len(dataset) - 1]], model.target_tokens(optical))
+        AcceleratorState._reset_state(True)
+        PartialState._reset_state()
+    assert not torch.equal(tokens["tiny"], tokens["small"])
 
 
 def test_sar2opt_without_a_generator_plugin_says_which_to_use(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ generation (token sampling and diffusion decoding) and scores it in reflectance.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from core.context import RunContext
 from core.data.dataset import train_val_split
 from core.data.sar2opt import TERRAMIND_V1, PairDataset, ensure_default_pairs
 from core.errors import UsageError
+from core.keyed_cache import cached_rows, fingerprint
 from core.models.terramind import TerraMindSarToOptical, build_terramind
 from core.plots import plot_loss_curves, plot_sar_optical
 
@@ -46,6 +47,7 @@ class SarToOptical:
     """Each generator plugin returns its own per-sample objective as the single component."""
     terrains = ("scene",)
     """Pairs carry no terrain label: one domain, so samplers and counts stay well-defined."""
+    train_tokens: np.ndarray | None = None
 
     def build_datasets(self, config: Config, ctx: RunContext) -> tuple[PairDataset, PairDataset]:
         if ctx.plugins.provider("training_forward") is None:
@@ -69,56 +71,71 @@ class SarToOptical:
         return self.train_dataset, self.val_dataset
 
     def build_model(self, config: Config) -> nn.Module:
+        """TerraMind with LoRA; needs no data, so a trained model loads without its training set."""
         model = config.model
-        terramind = build_terramind(
+        return build_terramind(
             model.terramind,
             pretrained=model.pretrained,
             lora_rank=model.lora_rank,
             lora_alpha=model.lora_alpha,
             lora_targets=model.lora_targets,
         )
-        self.train_tokens = self.cached_target_tokens(terramind)
-        return terramind
 
-    def cached_target_tokens(self, model: TerraMindSarToOptical) -> torch.Tensor:
-        """``[N_train, T]`` token ids of every training target, tokenized once per run.
+    def cache_key(self, what: str, weights: nn.Module, tiles: str, **settings: Any) -> dict:
+        """The key of a per-tile cache made by ``weights`` from the training ``tiles``
+        (``"sar"`` or ``"optical"``): model, weight and tile fingerprints, ``settings``."""
+        model = self.ctx.config.model
+        return {
+            "what": what,
+            "model": f"terramind_v1_{model.terramind}",
+            "pretrained": model.pretrained,
+            "weights": fingerprint(weights),
+            "tiles": self.train_dataset.fingerprint(tiles),
+            **settings,
+        }
 
-        Written to ``cache/target_tokens.pt`` in the run folder, so a resumed run (same
-        frozen tokenizer) does not tokenize again.
+    def cached_per_tile(
+        self, name: str, key: dict, compute: Callable[[np.ndarray], torch.Tensor]
+    ) -> np.ndarray:
+        """``compute`` over every training tile, kept memory-mapped in ``cache/<name>.npy``
+        of the run folder and recomputed whenever ``key`` changes."""
+        path = self.ctx.run_dir / "cache" / f"{name}.npy"
+        return cached_rows(path, key, len(self.train_dataset), compute, self.ctx.accelerator)
+
+    def prepare_target_tokens(self, terramind: TerraMindSarToOptical) -> None:
+        """Tokenize every training target once, for the plugins that read target tokens.
+
+        Keyed by the tokenizer's weights, so a run re-started with another model size or
+        with pretrained weights never reads the tokens of another tokenizer.
         """
-        ctx = self.ctx
-        path = ctx.run_dir / "cache" / "target_tokens.pt"
-        names = list(self.train_dataset.names)
-        with ctx.accelerator.main_process_first():
-            if path.exists():
-                cached = torch.load(path, weights_only=True)
-                if cached["names"] == names:
-                    return cached["tokens"]
-            if not ctx.accelerator.is_main_process:
-                raise RuntimeError(f"{path} was not written by the main process")
-            model.tokenizer.to(ctx.device)  # the trainer places the rest of the model later
-            tokens = torch.cat(
+        tokenizer = terramind.tokenizer
+        device = self.ctx.device
+
+        def tokenize(indices: np.ndarray) -> torch.Tensor:
+            chunks = np.array_split(indices, max(1, len(indices) // 16))
+            return torch.cat(
                 [
-                    model.target_tokens(
-                        torch.stack([self.train_dataset[i]["optical"] for i in chunk]).to(
-                            ctx.device
-                        )
+                    terramind.target_tokens(
+                        torch.stack([self.train_dataset[i]["optical"] for i in chunk]).to(device)
                     ).cpu()
                     for chunk in tqdm(
-                        np.array_split(np.arange(len(names)), max(1, len(names) // 16)),
+                        chunks,
                         desc="tokenizing targets",
                         leave=False,
-                        disable=len(names) < 64,
+                        disable=len(indices) < 64 or not self.ctx.accelerator.is_main_process,
                     )
                 ]
             )
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"names": names, "tokens": tokens}, path)
-        return tokens
+
+        key = self.cache_key("target_tokens", tokenizer, "optical")
+        self.train_tokens = self.cached_per_tile("target_tokens", key, tokenize)
 
     def target_tokens(self, batch: Batch) -> torch.Tensor:
         """``[B, T]`` cached token ids of a training batch's targets, on its device."""
-        return self.train_tokens[batch["idx"].cpu()].to(batch["optical"].device)
+        if self.train_tokens is None:
+            raise RuntimeError("target tokens are read before prepare_target_tokens ran")
+        rows = self.train_tokens[batch["idx"].cpu().numpy()]
+        return torch.from_numpy(rows).to(batch["optical"].device)
 
     def forward_losses(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         raise UsageError(NO_GENERATOR)
