@@ -528,6 +528,7 @@ class Trainer:
             },
         }
         atomic_write_bytes(self.run_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+        self.ctx.task.export_model(self.run_dir, self.accelerator.unwrap_model(self.model))
 
     def load_checkpoint(self) -> int:
         """Restore everything :meth:`save_checkpoint` wrote; returns the epoch to run next."""

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from core.config import load_config
+from core.data.sar2opt import OPTICAL_BANDS
 from core.errors import PluginError, UsageError
 from core.hookspecs import hookimpl
 from core.models.terramind import build_terramind
@@ -299,6 +300,47 @@ def test_target_tokens_are_cached_per_tile_and_keyed_by_the_tokenizer(tmp_path: 
         AcceleratorState._reset_state(True)
         PartialState._reset_state()
     assert not torch.equal(tokens["tiny"], tokens["small"])
+
+
+def test_validation_scores_every_tile_alike_whatever_the_batch_size(tmp_path: Path) -> None:
+    """Seeds per tile: batch size 1 and 2 give identical metrics. The cheap deterministic
+    scores and the tokenizer's ceiling are there, the ceiling computed once."""
+    trainer, _ = make_trainer(tmp_path / "val", "teacher_forcing", "data.val_fraction=0.1")
+    trainer.setup()
+    trainer.ctx.epoch = 1
+    assert len(trainer.val_dataset) >= 3  # an odd count leaves a short last batch
+    rows = {}
+    for batch_size in (2, 1):
+        trainer.config.data.batch_size = batch_size
+        rows[batch_size] = trainer.validate()
+    assert rows[1] == rows[2]
+    row = rows[1]
+    for key in ("val_token_ce", "val_token_accuracy", "val_ceiling_l1", "val_ceiling_psnr",
+                "val_spectral_angle_deg", "val_ndvi_mae"):  # fmt: skip
+        assert math.isfinite(row[key]), key
+    assert 0 <= row["val_token_accuracy"] <= 1 and row["val_token_ce"] > 0
+    assert list(row["val_l1_by_band"]) == list(OPTICAL_BANDS)
+    assert np.mean(list(row["val_l1_by_band"].values())) == pytest.approx(row["val_l1"])
+    assert list(trainer.ctx.task.ceilings) == [1]
+
+
+def test_decoder_thresholding_bounds_images_to_one_standard_deviation(
+    terramind: nn.Module,
+) -> None:
+    """TerraTorch's default thresholding keeps every generated value within +-1 (standardised
+    units: no dark water or shadow); the project's default clips at +-3 instead."""
+    tokens = torch.randint(0, 15360, (1, 16))
+    bounds = {}
+    try:
+        for thresholding in (True, False):
+            terramind.configure_generation(
+                top_p=0.8, temperature=1.0, thresholding=thresholding, clip=3.0
+            )
+            bounds[thresholding] = float(terramind.decode(tokens, (64, 64), 1, 0).abs().max())
+    finally:
+        terramind.configure_generation(top_p=0.8, temperature=1.0, thresholding=False, clip=3.0)
+    assert bounds[True] <= 1.0 + 1e-6
+    assert 1.0 < bounds[False] <= 3.0 + 1e-6
 
 
 def test_sar2opt_without_a_generator_plugin_says_which_to_use(tmp_path: Path) -> None:

@@ -151,6 +151,20 @@ class TerraMindSarToOptical(nn.Module):
             ]
         ).float()
 
+    def configure_generation(
+        self, *, top_p: float, temperature: float, thresholding: bool, clip: float
+    ) -> None:
+        """Token sampling (top-p, temperature) and how the diffusion decoder bounds each
+        predicted image: TerraTorch's dynamic thresholding (``sample_max_value`` 1, so
+        within +-1 standard deviation), else clipping to +-``clip`` (0: none)."""
+        self.generator.top_p, self.generator.temps = top_p, temperature
+        self.tokenizer.noise_scheduler.register_to_config(
+            thresholding=thresholding,
+            sample_max_value=1.0,
+            clip_sample=not thresholding and clip > 0,
+            clip_sample_range=clip or 1.0,
+        )
+
     @torch.no_grad()
     def generate(self, sar: torch.Tensor, steps: int, seed: int) -> torch.Tensor:
         """TerraTorch's own generation (token sampling + diffusion decoding), seeded."""

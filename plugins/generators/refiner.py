@@ -116,8 +116,17 @@ class Refiner(Plugin):
             )
 
         task = sar2opt_task(ctx, self.name)
+        model = config.model
         key = task.cache_key(
-            "refiner_generated", terramind, "sar", diffusion_steps=steps, seed=seed
+            "refiner_generated",
+            terramind,
+            "sar",
+            diffusion_steps=steps,
+            seed=seed,
+            top_p=model.top_p,
+            temperature=model.temperature,
+            decoder_thresholding=model.decoder_thresholding,
+            decoder_clip=model.decoder_clip,
         )
         return task.cached_per_tile("refiner_generated", key, generate)
 
