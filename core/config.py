@@ -90,6 +90,9 @@ class ModelSection:
     """TerraTorch's default (true): dynamic thresholding with ``sample_max_value`` 1, which
     bounds every generated image to +-1 standard deviation of the pretraining data, so no
     dark pixels (water, shadow). False clips to +-``decoder_clip`` instead."""
+    gradient_checkpointing: bool = False
+    """Recompute TerraMind's transformer blocks in the backward pass instead of keeping their
+    activations: less memory for about one more forward's time."""
     decoder_clip: float = attrs.field(default=3.0, validator=attrs.validators.ge(0.0))
     """Without thresholding: clip each predicted image to +-this many standard deviations
     (0: no clipping)."""

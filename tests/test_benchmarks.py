@@ -52,6 +52,11 @@ RATIO = re.compile(
         ("data_loading.py", [], {"loader_vs_small_model", "geotiff_vs_small_model"}),
         ("gpu_throughput.py", ["--device", "cpu", "--no-others"], {"bf16_vs_fp32_small"}),
         (
+            "terramind_memory.py",
+            [],
+            {"checkpointing_step_memory_vs_plain_tiny"},
+        ),
+        (
             "straight_through_estimators.py",
             [],
             {f"gumbel_squared_error_vs_exact_gradient_tau{tau}" for tau in ("1", "0.5", "0.2")},

@@ -26,7 +26,7 @@ from core.config import load_config
 from core.data.sar2opt import OPTICAL_BANDS
 from core.errors import PluginError, UsageError
 from core.hookspecs import hookimpl
-from core.models.terramind import build_terramind
+from core.models.terramind import build_terramind, checkpoint_blocks
 from core.plugins import ActivePlugin, PluginManager
 from core.train import Trainer
 from plugins.generators.straight_through import expected_code_error, gumbel_code_error
@@ -228,6 +228,34 @@ def test_token_logits_come_in_raster_order_whatever_order_roar_visits(
         second = terramind(sar, output="logits")
     assert first.shape == (2, 16, 15360)
     torch.testing.assert_close(first, second, rtol=1e-4, atol=1e-4)
+
+
+def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_gradient(
+    terramind: nn.Module,
+) -> None:
+    """Checkpointed blocks run their forward again in the backward pass; the LoRA gradients
+    are those of the plain model, and parameter names (LoRA targets) do not change."""
+    model = terramind
+    sar, names = torch.randn(1, 2, 64, 64), [n for n, _ in model.named_parameters()]
+    calls = []
+    hook = model.terramind.encoder[0].attn.register_forward_hook(lambda *_: calls.append(1))
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        torch.manual_seed(1)
+        model(sar).float().logsumexp(-1).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    assert len(calls) == 1 and plain
+    blocks = len(model.terramind.encoder) + len(model.terramind.decoder)
+    assert checkpoint_blocks(model.terramind) == blocks
+    checkpointed = gradients()
+    assert len(calls) == 3  # forward, then recomputed in backward
+    assert [n for n, _ in model.named_parameters()] == names
+    hook.remove()
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6)
 
 
 def test_lora_sits_on_transformer_blocks_and_the_tokenizer_is_frozen(

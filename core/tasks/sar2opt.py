@@ -24,7 +24,12 @@ from core.data.dataset import train_val_split
 from core.data.sar2opt import OPTICAL_BANDS, TERRAMIND_V1, PairDataset, ensure_default_pairs
 from core.errors import UsageError
 from core.keyed_cache import cached_rows, fingerprint
-from core.models.terramind import TerraMindSarToOptical, build_terramind, seeded
+from core.models.terramind import (
+    TerraMindSarToOptical,
+    build_terramind,
+    checkpoint_blocks,
+    seeded,
+)
 from core.plots import plot_loss_curves, plot_sar_optical
 from core.tasks import sar2opt_metrics as metrics
 
@@ -94,6 +99,8 @@ class SarToOptical:
             lora_alpha=model.lora_alpha,
             lora_targets=model.lora_targets,
         )
+        if model.gradient_checkpointing:
+            checkpoint_blocks(terramind.terramind)
         terramind.configure_generation(
             top_p=model.top_p,
             temperature=model.temperature,
