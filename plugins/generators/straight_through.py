@@ -102,7 +102,8 @@ class StraightThrough(Plugin):
     def training_forward(self, model: nn.Module, batch: Batch, ctx: RunContext) -> torch.Tensor:
         targets = sar2opt_task(ctx, self.name).target_tokens(batch)
         codebook = terramind_of(model, ctx, self.name).codebook  # [V, d]
-        tau = temperature_at(self.config, ctx.step.progress)
+        progress = ctx.step.progress if ctx.step else 0.0  # outside a step: the start
+        tau = temperature_at(self.config, progress)
         ctx.log("straight_through_temperature", tau)
         logits = model(batch["sar"], output="logits").float()
         error = ESTIMATORS[self.config.estimator](logits, codebook, targets, tau)
