@@ -34,6 +34,8 @@ class StepInfo:
     processes."""
     micro_batch: int
     num_micro_batches: int
+    progress: float = 0.0
+    """Fraction of the run's steps done before this one, in [0, 1): for per-step schedules."""
 
     @property
     def num_samples(self) -> int:

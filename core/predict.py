@@ -1,5 +1,7 @@
 """``python -m core.predict --checkpoint RUN_DIR IN.tif OUT.tif``: super-resolve a DEM.
 
+A sar2opt run instead translates Sentinel-1 to Sentinel-2 (``core.predict_sar2opt``).
+
 The raster is processed in overlapping windows of the size the model was trained on, each
 normalised like a training tile, and blended with a tapered weight so window borders leave
 no seams. Rows of windows stream through a band buffer of one window's height: reads and
@@ -82,6 +84,12 @@ def load_trained_model(run_dir: Path, cpu: bool = False) -> tuple[nn.Module, Run
     load_trained_state(model, state["model"], checkpoint_path)
     ctx.model = model.to(accelerator.device).eval()
     return ctx.model, ctx, {"scale": config.data.scale, "lr_shape": state["lr_shape"]}
+
+
+def run_task(run_dir: Path) -> str:
+    """The task a run folder trained (``dem_sr`` when it has no readable config)."""
+    config_path = run_dir / "config.toml"
+    return load_config(config_path).run.task if config_path.is_file() else "dem_sr"
 
 
 def taper(size: int, overlap: int) -> np.ndarray:
@@ -277,7 +285,8 @@ def guess_terrain(path: Path, max_pixels: int = 512, *, strict: bool = False) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m core.predict",
-        description="Super-resolve a single-band DEM GeoTIFF with a trained run's model.",
+        description="Super-resolve a single-band DEM GeoTIFF with a trained run's model "
+        "(a sar2opt run: translate a 2-band Sentinel-1 GeoTIFF to 12-band Sentinel-2).",
     )
     parser.add_argument("--checkpoint", type=Path, required=True, metavar="RUN_DIR")
     parser.add_argument("input", type=Path)
@@ -313,7 +322,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.gdal_cache < 1:
                 raise UsageError(f"--gdal-cache {args.gdal_cache} must be at least 1 (MB)")
             with gdal_cache(args.gdal_cache):
-                predict(args)
+                if run_task(args.checkpoint) == "sar2opt":
+                    from core.predict_sar2opt import predict as translate_sar
+
+                    progress = not args.quiet and sys.stderr.isatty()
+                    translate_sar(
+                        args.checkpoint, args.input, args.output, window=args.window,
+                        overlap=args.overlap, cpu=args.cpu, progress=progress,
+                    )  # fmt: skip
+                else:
+                    predict(args)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

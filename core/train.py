@@ -458,7 +458,7 @@ class Trainer:
         counts = accelerator.reduce(counts, "sum") if ctx.world_size > 1 else counts
         sums = torch.zeros(2 + len(ctx.task.components), dtype=torch.float64)
         for index, batch in enumerate(micro):
-            ctx.step = StepInfo(counts, index, len(micro))
+            ctx.step = StepInfo(counts, index, len(micro), progress)
             last = index == len(micro) - 1
             with contextlib.nullcontext() if last else accelerator.no_sync(model):
                 ctx.plugins.call("route_batch", model=model, batch=batch, ctx=ctx)
@@ -483,27 +483,32 @@ class Trainer:
                  losses.detach().sum(0)]
             ).double().cpu()  # fmt: skip
         ctx.plugins.call("transform_gradients", model=model, ctx=ctx)
-        if self.gradients_finite(sums):
+        # fp16's GradScaler handles overflowing gradients itself: it skips the step and
+        # lowers its scale, which it can only do if its step and update run
+        if self.gradients_finite(sums, check_gradients=accelerator.scaler is None):
             if self.config.optim.grad_clip:
                 accelerator.clip_grad_norm_(model.parameters(), self.config.optim.grad_clip)
             lr = lr_at(self.config, progress, ctx.global_step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             self.optimizer.step()
-            ctx.global_step += 1
+            if not self.optimizer.step_was_skipped:
+                ctx.global_step += 1
         self.optimizer.zero_grad(set_to_none=True)
         return sums
 
-    def gradients_finite(self, sums: torch.Tensor) -> bool:
+    def gradients_finite(self, sums: torch.Tensor, check_gradients: bool = True) -> bool:
         """Skip and count a step whose loss or gradient is not finite; stop after too many.
 
         Gradients are synchronised by now, so every process reaches the same verdict. The
         optimizer's list of parameters is walked rather than ``model.parameters()``, whose
-        recursion through the modules costs more than the check itself.
+        recursion through the modules costs more than the check itself. Without
+        ``check_gradients`` (a GradScaler checks them) only the loss is checked.
         """
-        params = (p for group in self.optimizer.param_groups for p in group["params"])
-        grads = [p.grad for p in params if p.grad is not None]
-        ok = bool(torch.isfinite(sums[0])) and all_finite(grads)
+        ok = bool(torch.isfinite(sums[0]))
+        if ok and check_gradients:
+            params = (p for group in self.optimizer.param_groups for p in group["params"])
+            ok = all_finite([p.grad for p in params if p.grad is not None])
         if ok:
             self.nonfinite_in_a_row = 0
             return True
@@ -599,6 +604,7 @@ class Trainer:
                 "plugins": self.ctx.plugins.state_dict(),
             }
             save_tensors(self.run_dir / CHECKPOINT, state)
+            self.ctx.task.export_model(self.run_dir, self.accelerator.unwrap_model(self.model))
         self.accelerator.wait_for_everyone()
 
     def refuse_nonfinite(self, weights: dict[str, torch.Tensor]) -> None:

@@ -61,6 +61,16 @@ RATIO = re.compile(
             },
         ),
         (
+            "terramind_memory.py",
+            [],
+            {"checkpointing_step_memory_vs_plain_tiny"},
+        ),
+        (
+            "straight_through_estimators.py",
+            [],
+            {f"gumbel_squared_error_vs_exact_gradient_tau{tau}" for tau in ("1", "0.5", "0.2")},
+        ),
+        (
             "generators.py",
             [],
             {

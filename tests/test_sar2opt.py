@@ -8,6 +8,8 @@ with the seed's error.
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -16,15 +18,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from accelerate.state import AcceleratorState, PartialState
 from torch import nn
 from torch.utils.data import default_collate
 
 from core.config import load_config
+from core.data.sar2opt import OPTICAL_BANDS
 from core.errors import PluginError, UsageError
 from core.hookspecs import hookimpl
-from core.models.terramind import build_terramind
+from core.models.terramind import build_terramind, checkpoint_blocks
 from core.plugins import ActivePlugin, PluginManager
 from core.train import Trainer
+from plugins.generators.straight_through import expected_code_error, gumbel_code_error
 from tests.conftest import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -118,6 +123,40 @@ def test_plugin_overfits_a_fixed_batch(
     assert last <= first * 2 / 3, f"{plugin}: loss {first:.4g} -> {last:.4g} (< 1/3 drop)"
 
 
+def test_straight_through_expected_loss_overfits_and_anneals_per_step(tmp_path: Path) -> None:
+    """A one-epoch run still anneals: the temperature falls at every optimizer step."""
+    steps = 30
+    trainer, probe = make_trainer(
+        tmp_path / "expected",
+        "straight_through",
+        "optim.lr=1e-2",
+        "plugins.straight_through.estimator='expected'",
+    )
+    losses, logged = overfit(trainer, steps)
+    assert_gradient_every_step(probe, steps)
+    assert mean(losses[-3:]) <= mean(losses[:3]) * 2 / 3
+    temperatures = [row["straight_through_temperature"] for row in logged]
+    assert temperatures[0] == 1.0
+    assert all(later < earlier for earlier, later in itertools.pairwise(temperatures))
+
+
+def test_expected_code_error_is_exact_and_the_gumbel_sample_estimates_it_at_tau_1() -> None:
+    """``expected`` is the exact expectation under softmax(logits / tau); the hard Gumbel
+    sample's forward value is distributed as softmax(logits) whatever its temperature."""
+    torch.manual_seed(0)
+    logits, codebook = torch.randn(2, 3, 7), torch.randn(7, 5)
+    targets = torch.randint(0, 7, (2, 3))
+    p = torch.softmax(logits / 0.7, dim=-1)
+    distances = (codebook[None, None] - codebook[targets][..., None, :]).square().sum(-1)
+    torch.testing.assert_close(
+        expected_code_error(logits, codebook, targets, 0.7), (p * distances).sum(-1)
+    )
+    draws = torch.stack([gumbel_code_error(logits, codebook, targets, 0.3) for _ in range(4000)])
+    tolerance = 5 * draws.std(0) / math.sqrt(len(draws))
+    gap = (draws.mean(0) - expected_code_error(logits, codebook, targets, 1.0)).abs()
+    assert bool((gap < tolerance).all()), (gap, tolerance)
+
+
 def test_reinforce_raises_the_reward(tmp_path: Path) -> None:
     """The sampled reward is noisy: its mean over the last quarter of the run must beat the
     first quarter's by more than twice the standard error of the difference."""
@@ -191,6 +230,34 @@ def test_token_logits_come_in_raster_order_whatever_order_roar_visits(
     torch.testing.assert_close(first, second, rtol=1e-4, atol=1e-4)
 
 
+def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_gradient(
+    terramind: nn.Module,
+) -> None:
+    """Checkpointed blocks run their forward again in the backward pass; the LoRA gradients
+    are those of the plain model, and parameter names (LoRA targets) do not change."""
+    model = terramind
+    sar, names = torch.randn(1, 2, 64, 64), [n for n, _ in model.named_parameters()]
+    calls = []
+    hook = model.terramind.encoder[0].attn.register_forward_hook(lambda *_: calls.append(1))
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        torch.manual_seed(1)
+        model(sar).float().logsumexp(-1).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    assert len(calls) == 1 and plain
+    blocks = len(model.terramind.encoder) + len(model.terramind.decoder)
+    assert checkpoint_blocks(model.terramind) == blocks
+    checkpointed = gradients()
+    assert len(calls) == 3  # forward, then recomputed in backward
+    assert [n for n, _ in model.named_parameters()] == names
+    hook.remove()
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6)
+
+
 def test_lora_sits_on_transformer_blocks_and_the_tokenizer_is_frozen(
     terramind: nn.Module,
 ) -> None:
@@ -214,24 +281,94 @@ def test_encoder_only_trains_the_encoder_adapters_alone(tmp_path: Path) -> None:
     assert trainable and all(".encoder." in n and "lora_" in n for n in trainable)
 
 
+def stored_key(run_dir: Path, name: str) -> dict:
+    return json.loads((run_dir / "cache" / f"{name}.npy.key.json").read_text())
+
+
 def test_refiner_caches_generations_and_freezes_terramind(tmp_path: Path) -> None:
-    trainer, _ = make_trainer(tmp_path / "ref", "refiner", "data.tile_size=32")
+    """The generations are cached per tile; re-started into the same folder with other
+    diffusion steps, the refiner generates again instead of reading the old ones."""
+    out = tmp_path / "ref"
+    trainer, _ = make_trainer(out, "refiner", "data.tile_size=32")
     trainer.setup()
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all(n.startswith("refiner.") for n in trainable)
-    cache = torch.load(tmp_path / "ref" / "cache" / "refiner_generated.pt", weights_only=True)
-    assert cache["generated"].shape[0] == len(trainer.ctx.train_dataset)
+    cache = np.load(out / "cache" / "refiner_generated.npy")
+    assert cache.shape[0] == len(trainer.ctx.train_dataset)
+    assert stored_key(out, "refiner_generated")["diffusion_steps"] == 1
+
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    again, _ = make_trainer(out, "refiner", "data.val_fraction=0.75", "model.diffusion_steps=2")
+    again.setup()
+    assert stored_key(out, "refiner_generated")["diffusion_steps"] == 2
+    terramind = again.accelerator.unwrap_model(again.model).terramind_generator
+    sar = again.ctx.train_dataset[0]["sar"].unsqueeze(0)
+    torch.testing.assert_close(
+        torch.from_numpy(np.load(out / "cache" / "refiner_generated.npy")[:1]),
+        terramind.generate(sar, 2, again.config.run.seed),
+    )
 
 
-def test_target_tokens_are_cached_once_per_tile(tmp_path: Path) -> None:
-    trainer, _ = make_trainer(tmp_path / "tok", "teacher_forcing")
+def test_target_tokens_are_cached_per_tile_and_keyed_by_the_tokenizer(tmp_path: Path) -> None:
+    """Cached tokens are the tokenizer's; a run re-started into the same folder with another
+    model size (another tokenizer) tokenizes again rather than train on the old labels."""
+    out = tmp_path / "tok"
+    tokens = {}
+    for size in ("tiny", "small"):
+        trainer, _ = make_trainer(out, "teacher_forcing", f"model.terramind='{size}'")
+        trainer.setup()
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        dataset = trainer.ctx.train_dataset
+        tokens[size] = torch.from_numpy(np.load(out / "cache" / "target_tokens.npy"))
+        assert tokens[size].shape[0] == len(dataset)
+        assert stored_key(out, "target_tokens")["model"] == f"terramind_v1_{size}"
+        optical = torch.stack([dataset[i]["optical"] for i in (0, len(dataset) - 1)])
+        assert torch.equal(tokens[size][[0, len(dataset) - 1]], model.target_tokens(optical))
+        AcceleratorState._reset_state(True)
+        PartialState._reset_state()
+    assert not torch.equal(tokens["tiny"], tokens["small"])
+
+
+def test_validation_scores_every_tile_alike_whatever_the_batch_size(tmp_path: Path) -> None:
+    """Seeds per tile: batch size 1 and 2 give identical metrics. The cheap deterministic
+    scores and the tokenizer's ceiling are there, the ceiling computed once."""
+    trainer, _ = make_trainer(tmp_path / "val", "teacher_forcing", "data.val_fraction=0.1")
     trainer.setup()
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    dataset = trainer.ctx.train_dataset
-    cache = torch.load(tmp_path / "tok" / "cache" / "target_tokens.pt", weights_only=True)
-    assert cache["names"] == list(dataset.names)
-    optical = torch.stack([dataset[i]["optical"] for i in (0, len(dataset) - 1)])
-    assert torch.equal(cache["tokens"][[0, len(dataset) - 1]], model.target_tokens(optical))
+    trainer.ctx.epoch = 1
+    assert len(trainer.val_dataset) >= 3  # an odd count leaves a short last batch
+    rows = {}
+    for batch_size in (2, 1):
+        trainer.config.data.batch_size = batch_size
+        rows[batch_size] = trainer.validate()
+    assert rows[1] == rows[2]
+    row = rows[1]
+    for key in ("val_token_ce", "val_token_accuracy", "val_ceiling_l1", "val_ceiling_psnr",
+                "val_spectral_angle_deg", "val_ndvi_mae"):  # fmt: skip
+        assert math.isfinite(row[key]), key
+    assert 0 <= row["val_token_accuracy"] <= 1 and row["val_token_ce"] > 0
+    assert list(row["val_l1_by_band"]) == list(OPTICAL_BANDS)
+    assert np.mean(list(row["val_l1_by_band"].values())) == pytest.approx(row["val_l1"])
+    assert list(trainer.ctx.task.ceilings) == [1]
+
+
+def test_decoder_thresholding_bounds_images_to_one_standard_deviation(
+    terramind: nn.Module,
+) -> None:
+    """TerraTorch's default thresholding keeps every generated value within +-1 (standardised
+    units: no dark water or shadow); the project's default clips at +-3 instead."""
+    tokens = torch.randint(0, 15360, (1, 16))
+    bounds = {}
+    try:
+        for thresholding in (True, False):
+            terramind.configure_generation(
+                top_p=0.8, temperature=1.0, thresholding=thresholding, clip=3.0
+            )
+            bounds[thresholding] = float(terramind.decode(tokens, (64, 64), 1, 0).abs().max())
+    finally:
+        terramind.configure_generation(top_p=0.8, temperature=1.0, thresholding=False, clip=3.0)
+    assert bounds[True] <= 1.0 + 1e-6
+    assert 1.0 < bounds[False] <= 3.0 + 1e-6
 
 
 def test_sar2opt_without_a_generator_plugin_says_which_to_use(tmp_path: Path) -> None:

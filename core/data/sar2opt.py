@@ -224,6 +224,14 @@ class PairDataset(Dataset):
     def __len__(self) -> int:
         return len(self._indices)
 
+    def fingerprint(self, modality: str) -> str:
+        """A hash of this dataset's standardised ``"sar"`` or ``"optical"`` tiles, in order:
+        what a per-tile cache computed from them is keyed by."""
+        from core.keyed_cache import fingerprint
+
+        tiles = getattr(self._pairs, modality)
+        return fingerprint(*(tiles[i] for i in self._indices))
+
     def __getitem__(self, idx: int) -> dict[str, Any]:
         i = self._indices[idx]
         return {

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -151,11 +152,46 @@ class TerraMindSarToOptical(nn.Module):
             ]
         ).float()
 
+    def configure_generation(
+        self, *, top_p: float, temperature: float, thresholding: bool, clip: float
+    ) -> None:
+        """Token sampling (top-p, temperature) and how the diffusion decoder bounds each
+        predicted image: TerraTorch's dynamic thresholding (``sample_max_value`` 1, so
+        within +-1 standard deviation), else clipping to +-``clip`` (0: none)."""
+        self.generator.top_p, self.generator.temps = top_p, temperature
+        self.tokenizer.noise_scheduler.register_to_config(
+            thresholding=thresholding,
+            sample_max_value=1.0,
+            clip_sample=not thresholding and clip > 0,
+            clip_sample_range=clip or 1.0,
+        )
+
     @torch.no_grad()
     def generate(self, sar: torch.Tensor, steps: int, seed: int) -> torch.Tensor:
         """TerraTorch's own generation (token sampling + diffusion decoding), seeded."""
         with seeded(seed):
             return self.generator({"S1GRD": sar}, standardize=False, timesteps=steps)["S2L2A"]
+
+
+def checkpoint_blocks(transformer: nn.Module) -> int:
+    """Activation checkpointing of every encoder and decoder block (TerraTorch stores
+    ``use_act_checkpoint`` but never reads it): in training, a block keeps only its input and
+    recomputes its activations in the backward pass. The block's own ``forward`` is wrapped
+    in place, so module and parameter names (LoRA targets, exported adapters) stay the same.
+    Returns the number of blocks wrapped."""
+    from torch.utils.checkpoint import checkpoint
+
+    blocks = [*transformer.encoder, *transformer.decoder]
+    for block in blocks:
+
+        def forward(*args: Any, _block: nn.Module = block, _inner: Any = block.forward,
+                    **kwargs: Any) -> torch.Tensor:  # fmt: skip
+            if _block.training and torch.is_grad_enabled():
+                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+            return _inner(*args, **kwargs)
+
+        block.forward = forward
+    return len(blocks)
 
 
 def lora_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:

@@ -52,6 +52,10 @@ class Task(Protocol):
     def checkpoint_meta(self) -> dict[str, Any]:
         """Extra entries the checkpoint carries for the task's own tools (``core.predict``)."""
 
+    def export_model(self, run_dir: Path, model: nn.Module) -> None:
+        """Write the trained model for use outside the run, after each checkpoint (main
+        process only); a task whose checkpoint is its export does nothing."""
+
     def write_plots(
         self, run_dir: Path, rows: list[dict], model: nn.Module, ctx: RunContext
     ) -> None:

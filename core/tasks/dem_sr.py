@@ -111,6 +111,9 @@ class DemSuperResolution:
             f"(bicubic {metric_text(row.get('val_rmse_m_bicubic'), '.2f')} m; {by_terrain})"
         )
 
+    def export_model(self, run_dir: Path, model: nn.Module) -> None:
+        """The checkpoint is what ``core.predict`` reads."""
+
     def checkpoint_meta(self) -> dict[str, Any]:
         """``core.predict`` sizes its windows like the training tiles."""
         return {"lr_shape": tuple(self.train_dataset[0]["lr"].shape[-2:])}

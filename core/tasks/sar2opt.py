@@ -9,7 +9,7 @@ generation (token sampling and diffusion decoding) and scores it in reflectance.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,18 @@ from core.config import Config
 from core.context import RunContext
 from core.data.bigearthnet import ensure_bigearthnet_pairs
 from core.data.dataset import train_val_split
-from core.data.sar2opt import TERRAMIND_V1, PairDataset, ensure_default_pairs
+from core.data.sar2opt import OPTICAL_BANDS, TERRAMIND_V1, PairDataset, ensure_default_pairs
 from core.errors import UsageError
-from core.models.terramind import TerraMindSarToOptical, build_terramind
+from core.keyed_cache import cached_rows, fingerprint
+from core.models.terramind import (
+    TerraMindSarToOptical,
+    build_terramind,
+    checkpoint_blocks,
+    seeded,
+)
 from core.plots import plot_loss_curves, plot_sar_optical
-from core.safe_io import save_tensors
 from core.tasks import metric_text
+from core.tasks import sar2opt_metrics as metrics
 
 Batch = dict[str, Any]
 GENERATORS = ("teacher_forcing", "straight_through", "reinforce", "refiner", "encoder_only")
@@ -41,6 +47,14 @@ NO_GENERATOR = (
 )
 
 
+def validation_steps(config: Config, epoch: int) -> int:
+    """Diffusion steps of validation: ``model.final_diffusion_steps`` at the last epoch."""
+    model = config.model
+    if epoch == config.run.epochs and model.final_diffusion_steps:
+        return model.final_diffusion_steps
+    return model.diffusion_steps
+
+
 class SarToOptical:
     """TerraMind S1GRD -> S2L2A on co-registered GeoTIFF pairs, validated by generating."""
 
@@ -49,6 +63,12 @@ class SarToOptical:
     """Each generator plugin returns its own per-sample objective as the single component."""
     terrains = ("scene",)
     """Pairs carry no terrain label: one domain, so samplers and counts stay well-defined."""
+    train_tokens: np.ndarray | None = None
+
+    def __init__(self) -> None:
+        self.ceilings: dict[int, dict[str, float]] = {}
+        """The tokenizer's ceiling per number of diffusion steps: decode(tokenize(target))
+        scored against the target, the best any token prediction can reach."""
 
     def build_datasets(self, config: Config, ctx: RunContext) -> tuple[PairDataset, PairDataset]:
         if ctx.plugins.provider("training_forward") is None:
@@ -85,6 +105,7 @@ class SarToOptical:
         )
 
     def build_model(self, config: Config) -> nn.Module:
+        """TerraMind with LoRA; needs no data, so a trained model loads without its training set."""
         model = config.model
         terramind = build_terramind(
             model.terramind,
@@ -93,83 +114,154 @@ class SarToOptical:
             lora_alpha=model.lora_alpha,
             lora_targets=model.lora_targets,
         )
-        self.train_tokens = self.cached_target_tokens(terramind)
+        if model.gradient_checkpointing:
+            checkpoint_blocks(terramind.terramind)
+        terramind.configure_generation(
+            top_p=model.top_p,
+            temperature=model.temperature,
+            thresholding=model.decoder_thresholding,
+            clip=model.decoder_clip,
+        )
         return terramind
 
-    def cached_target_tokens(self, model: TerraMindSarToOptical) -> torch.Tensor:
-        """``[N_train, T]`` token ids of every training target, tokenized once per run.
+    def cache_key(self, what: str, weights: nn.Module, tiles: str, **settings: Any) -> dict:
+        """The key of a per-tile cache made by ``weights`` from the training ``tiles``
+        (``"sar"`` or ``"optical"``): model, weight and tile fingerprints, ``settings``."""
+        model = self.ctx.config.model
+        return {
+            "what": what,
+            "model": f"terramind_v1_{model.terramind}",
+            "pretrained": model.pretrained,
+            "weights": fingerprint(weights),
+            "tiles": self.train_dataset.fingerprint(tiles),
+            **settings,
+        }
 
-        Written to ``cache/target_tokens.pt`` in the run folder, so a resumed run (same
-        frozen tokenizer) does not tokenize again.
+    def cached_per_tile(
+        self, name: str, key: dict, compute: Callable[[np.ndarray], torch.Tensor]
+    ) -> np.ndarray:
+        """``compute`` over every training tile, kept memory-mapped in ``cache/<name>.npy``
+        of the run folder and recomputed whenever ``key`` changes."""
+        path = self.ctx.run_dir / "cache" / f"{name}.npy"
+        return cached_rows(path, key, len(self.train_dataset), compute, self.ctx.accelerator)
+
+    def prepare_target_tokens(self, terramind: TerraMindSarToOptical) -> None:
+        """Tokenize every training target once, for the plugins that read target tokens.
+
+        Keyed by the tokenizer's weights, so a run re-started with another model size or
+        with pretrained weights never reads the tokens of another tokenizer.
         """
-        ctx = self.ctx
-        path = ctx.run_dir / "cache" / "target_tokens.pt"
-        names = list(self.train_dataset.names)
-        with ctx.accelerator.main_process_first():
-            if path.exists():
-                cached = torch.load(path, weights_only=True)
-                if cached["names"] == names:
-                    return cached["tokens"]
-            if not ctx.accelerator.is_main_process:
-                raise RuntimeError(f"{path} was not written by the main process")
-            model.tokenizer.to(ctx.device)  # the trainer places the rest of the model later
-            tokens = torch.cat(
+        tokenizer = terramind.tokenizer
+        device = self.ctx.device
+
+        def tokenize(indices: np.ndarray) -> torch.Tensor:
+            chunks = np.array_split(indices, max(1, len(indices) // 16))
+            return torch.cat(
                 [
-                    model.target_tokens(
-                        torch.stack([self.train_dataset[i]["optical"] for i in chunk]).to(
-                            ctx.device
-                        )
+                    terramind.target_tokens(
+                        torch.stack([self.train_dataset[i]["optical"] for i in chunk]).to(device)
                     ).cpu()
                     for chunk in tqdm(
-                        np.array_split(np.arange(len(names)), max(1, len(names) // 16)),
+                        chunks,
                         desc="tokenizing targets",
                         leave=False,
-                        disable=len(names) < 64,
+                        disable=len(indices) < 64 or not self.ctx.accelerator.is_main_process,
                     )
                 ]
             )
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_tensors(path, {"names": names, "tokens": tokens})
-        return tokens
+
+        key = self.cache_key("target_tokens", tokenizer, "optical")
+        self.train_tokens = self.cached_per_tile("target_tokens", key, tokenize)
 
     def target_tokens(self, batch: Batch) -> torch.Tensor:
         """``[B, T]`` cached token ids of a training batch's targets, on its device."""
-        return self.train_tokens[batch["idx"].cpu()].to(batch["optical"].device)
+        if self.train_tokens is None:
+            raise RuntimeError("target tokens are read before prepare_target_tokens ran")
+        rows = self.train_tokens[batch["idx"].cpu().numpy()]
+        return torch.from_numpy(rows).to(batch["optical"].device)
 
     def forward_losses(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         raise UsageError(NO_GENERATOR)
 
     @torch.no_grad()
     def validate(self, model: nn.Module, batches: Iterable[Batch], ctx: RunContext) -> dict:
-        """L1, PSNR and SSIM of real generations against the targets, in reflectance."""
-        from torchmetrics.functional.image import structural_similarity_index_measure
-
-        config = ctx.config
-        sums = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # l1, psnr, ssim, n
+        """Scores of real generations against the targets in reflectance, token scores of the
+        logits, and the tokenizer's ceiling, tile by tile with a seed per tile: the same
+        whatever the batch size or number of processes."""
+        steps = validation_steps(ctx.config, ctx.epoch)
+        with_ceiling = steps not in self.ceilings
+        sums = {
+            name: torch.zeros(
+                len(OPTICAL_BANDS) if name == "band_l1" else 1,
+                dtype=torch.float64,
+                device=ctx.device,
+            )
+            for name in self.score_names(with_ceiling)
+        }  # a process without tiles still joins the reduction with zeros
         for batch in batches:
             ctx.plugins.call("route_batch", model=model, batch=batch, ctx=ctx)
-            seed = config.run.seed + int(batch["idx"][0])  # fixed per tile: epochs comparable
-            generated = self.reflectance(
-                model.generate(batch["sar"], config.model.diffusion_steps, seed)
-            )
-            target = self.reflectance(batch["optical"])
-            mse = (generated - target).square().mean((1, 2, 3)).clamp_min(1e-10)
-            ssim = structural_similarity_index_measure(
-                generated, target, data_range=1.0, reduction="none"
-            )
-            sums += torch.stack(
-                [
-                    (generated - target).abs().mean((1, 2, 3)).sum(),
-                    (-10 * torch.log10(mse)).sum(),
-                    ssim.sum(),
-                    torch.tensor(float(len(mse)), device=mse.device),
-                ]
-            ).double()
-        l1, psnr, ssim, count = ctx.accelerator.reduce(sums, "sum").tolist()
+            for i in range(len(batch["idx"])):
+                tile = {key: value[i : i + 1] for key, value in batch.items()}
+                for name, value in self.tile_scores(model, tile, steps, with_ceiling, ctx):
+                    sums[name] += value.double()
+        flat = ctx.accelerator.reduce(torch.cat(list(sums.values())), "sum").tolist()
+        totals, offset = {}, 0
+        for name, value in sums.items():
+            totals[name] = flat[offset : offset + len(value)]
+            offset += len(value)
+        count = totals.pop("tiles")[0]
         if count == 0:
             return {"val_loss": math.nan, "val_l1": math.nan, "val_psnr": math.nan}
-        return {"val_loss": l1 / count, "val_l1": l1 / count, "val_psnr": psnr / count,
-                "val_ssim": ssim / count}  # fmt: skip
+        mean = {name: [v / count for v in values] for name, values in totals.items()}
+        if with_ceiling:
+            self.ceilings[steps] = {
+                "val_ceiling_l1": mean.pop("ceiling_l1")[0],
+                "val_ceiling_psnr": mean.pop("ceiling_psnr")[0],
+            }
+        band_l1 = mean.pop("band_l1")
+        return {
+            "val_loss": mean["l1"][0],
+            **{f"val_{name}": values[0] for name, values in mean.items()},
+            "val_l1_by_band": dict(zip(OPTICAL_BANDS, band_l1, strict=True)),
+            **self.ceilings[steps],
+            "val_diffusion_steps": steps,
+        }
+
+    @staticmethod
+    def score_names(with_ceiling: bool) -> Iterable[str]:
+        yield from ("tiles", "l1", "psnr", "ssim", "spectral_angle_deg", "ndvi_mae")
+        yield from ("band_l1", "token_ce", "token_accuracy")
+        if with_ceiling:
+            yield from ("ceiling_l1", "ceiling_psnr")
+
+    def tile_scores(
+        self, model: nn.Module, tile: Batch, steps: int, with_ceiling: bool, ctx: RunContext
+    ) -> Iterable[tuple[str, torch.Tensor]]:
+        """``(name, value)`` of one tile, in :meth:`score_names` order."""
+        from torchmetrics.functional.image import structural_similarity_index_measure
+
+        seed = ctx.config.run.seed + int(tile["idx"][0])  # fixed per tile: epochs comparable
+        terramind = getattr(model, "terramind_generator", model)
+        target = self.reflectance(tile["optical"])
+        generated = self.reflectance(model.generate(tile["sar"], steps, seed))
+        yield "tiles", torch.ones(1, device=target.device)
+        yield "l1", (generated - target).abs().mean((1, 2, 3))
+        yield "psnr", metrics.psnr(generated, target)
+        yield "ssim", structural_similarity_index_measure(generated, target, data_range=1.0)[None]
+        yield "spectral_angle_deg", metrics.spectral_angle(generated, target)
+        yield "ndvi_mae", metrics.ndvi_error(generated, target)
+        yield "band_l1", metrics.band_l1(generated, target)[0]
+        tokens = terramind.target_tokens(tile["optical"])
+        with seeded(seed):  # the logits do not depend on ROAR's shuffle; keep RNGs untouched
+            logits = terramind(tile["sar"], output="logits").float()
+        cross_entropy, accuracy = metrics.token_scores(logits, tokens)
+        yield "token_ce", cross_entropy
+        yield "token_accuracy", accuracy
+        if with_ceiling:
+            size = tuple(tile["optical"].shape[-2:])
+            ceiling = self.reflectance(terramind.decode(tokens, size, steps, seed))
+            yield "ceiling_l1", (ceiling - target).abs().mean((1, 2, 3))
+            yield "ceiling_psnr", metrics.psnr(ceiling, target)
 
     def reflectance(self, optical: torch.Tensor) -> torch.Tensor:
         """Standardised optical -> reflectance clipped to [0, 1]."""
@@ -181,8 +273,19 @@ class SarToOptical:
             f"train_loss {metric_text(row['train_loss'], '.4f')} "
             f"val_l1 {metric_text(row['val_l1'], '.4f')} "
             f"PSNR {metric_text(row['val_psnr'], '.2f')} dB "
-            f"SSIM {metric_text(row.get('val_ssim'), '.3f')}"
+            f"SSIM {metric_text(row.get('val_ssim'), '.3f')} "
+            f"token accuracy {metric_text(row.get('val_token_accuracy'), '.3f')} "
+            f"(ceiling: L1 {metric_text(row.get('val_ceiling_l1'), '.4f')})"
         )
+
+    def export_model(self, run_dir: Path, model: nn.Module) -> None:
+        """The LoRA adapters in peft's format in ``RUN_DIR/adapters`` (none for the refiner,
+        whose TerraMind is frozen)."""
+        from core.models.terramind_adapters import ADAPTERS, has_adapters, save_adapters
+
+        terramind = getattr(model, "terramind_generator", model)
+        if has_adapters(terramind) and not hasattr(model, "refiner"):
+            save_adapters(terramind, self.ctx.config, run_dir / ADAPTERS)
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {}

@@ -32,3 +32,8 @@ def terramind_of(model: nn.Module, ctx: RunContext, plugin: str) -> TerraMindSar
     sar2opt_task(ctx, plugin)
     model = ctx.accelerator.unwrap_model(model)
     return getattr(model, "terramind_generator", model)
+
+
+def prepare_target_tokens(ctx: RunContext, plugin: str) -> None:
+    """Have the task tokenize the training targets: only plugins that read them call this."""
+    sar2opt_task(ctx, plugin).prepare_target_tokens(terramind_of(ctx.model, ctx, plugin))

@@ -4,7 +4,9 @@ Decoder and sampling stay frozen and unused in training. The target is the encod
 target optical image by TerraMind's own encoder *without* adapters (computed once per tile
 at set-up); the loss pulls the adapted encoding of the SAR image towards it, token by token
 (MSE). An encoder that makes SAR look like optical to the frozen decoder lets generation
-from SAR behave like generation from optical.
+from SAR behave like generation from optical. Only approximately: the decoder reads the
+encoder's output plus each context token's modality embedding, and the S1 GRD embedding
+stays, so even a perfect latent match does not condition the decoder as optical input does.
 """
 
 from __future__ import annotations

@@ -8,6 +8,11 @@ leave-one-out baseline (the mean reward of the other samples of the same input) 
 estimator's variance without biasing it; advantages are divided by the spread of that
 input's rewards, and a small entropy bonus keeps the policy from collapsing. The gradient is
 ``-mean_k A_k * grad log p(tokens_k) - entropy_weight * grad H``.
+
+The policy is not the sampler generation deploys: it samples among each position's
+``top_k`` tokens (renormalised), where TerraTorch samples with top-p 0.8, and the scaling by
+the reward spread changes each input's step size. So this is a training signal on decoded
+pixels, not an unbiased gradient of the deployed sampler's expected reward.
 """
 
 from __future__ import annotations

@@ -1,9 +1,18 @@
-"""``straight_through``: a hard Gumbel-softmax sample in place of TerraMind's token sampling.
+"""``straight_through``: the token choice made differentiable, scored in the tokenizer's code space.
 
-The forward pass picks one token per position, as generation does; the backward pass uses
-the softmax relaxation's gradient (straight-through). The picked tokens are looked up in
-the tokenizer's FSQ codebook, the latent its diffusion decoder reads, and compared with the
-target's codes, so the loss is on the decoded result in code space and reaches the logits.
+Nothing is decoded: the loss compares FSQ codes (the latent the diffusion decoder reads),
+not images. Two estimators of the same objective, the expected code-space error of the
+token distribution ``p = softmax(logits / tau)``, ``E_p ||c_j - c_t||^2`` per position:
+
+- ``gumbel`` (default): a hard Gumbel-softmax sample. The forward pass picks one token per
+  position as generation does (the Gumbel-max pick does not depend on the temperature);
+  the backward pass uses the softmax relaxation's gradient, whose sharpness the temperature
+  sets. A biased, noisy estimate of the expected loss's gradient.
+- ``expected``: the expectation itself, ``sum_j p_j ||c_j - c_t||^2``, computed exactly.
+  Each position's loss depends on its own token only, so it costs one ``[B, N, V] x [V, d]``
+  product: differentiable, no sampling, no variance.
+
+The temperature is annealed per optimizer step over the run.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from torch import nn
 from core import validators as check
 from core.hookspecs import Batch, hookimpl
 from core.plugins import Plugin
-from plugins.generators import sar2opt_task, terramind_of
+from plugins.generators import prepare_target_tokens, sar2opt_task, terramind_of
 
 if TYPE_CHECKING:
     from core.context import RunContext
@@ -29,8 +38,8 @@ _positive = check.positive
 
 @attrs.frozen
 class StraightThroughConfig:
-    """``[plugins.straight_through]``: Gumbel temperature annealed from ``temperature`` to
-    ``final_temperature`` over the run."""
+    """``[plugins.straight_through]``: temperature annealed from ``temperature`` to
+    ``final_temperature`` over the run's optimizer steps."""
 
     temperature: float = attrs.field(default=1.0, validator=_positive)
     final_temperature: float = attrs.field(default=0.5, validator=_positive)
@@ -38,6 +47,10 @@ class StraightThroughConfig:
         default="exponential",
         validator=attrs.validators.in_(("constant", "linear", "exponential")),
     )
+    estimator: str = attrs.field(
+        default="gumbel", validator=attrs.validators.in_(("gumbel", "expected"))
+    )
+    """``gumbel``: a hard Gumbel-softmax sample; ``expected``: the exact expected error."""
 
 
 def temperature_at(config: StraightThroughConfig, progress: float) -> float:
@@ -50,20 +63,49 @@ def temperature_at(config: StraightThroughConfig, progress: float) -> float:
     return start * math.exp(math.log(end / start) * progress)
 
 
+def expected_code_error(
+    logits: torch.Tensor, codebook: torch.Tensor, targets: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """``[B, N]``: ``sum_j p_j ||c_j - c_t||^2`` with ``p = softmax(logits / tau)``, exactly
+    (expanded as ``p . |c|^2 - 2 (p C) . c_t + |c_t|^2``, never forming ``[B, N, V, d]``)."""
+    p = torch.softmax(logits / tau, dim=-1)
+    target_codes = codebook[targets]
+    return (
+        p @ codebook.square().sum(-1)
+        - 2 * ((p @ codebook) * target_codes).sum(-1)
+        + target_codes.square().sum(-1)
+    )
+
+
+def gumbel_code_error(
+    logits: torch.Tensor, codebook: torch.Tensor, targets: torch.Tensor, tau: float
+) -> torch.Tensor:
+    """``[B, N]``: ``||c_sample - c_t||^2`` of one hard Gumbel-softmax sample per position
+    (one-hot forward, the relaxation's gradient backward)."""
+    choice = F.gumbel_softmax(logits, tau=tau, hard=True)
+    return (choice @ codebook - codebook[targets]).square().sum(-1)
+
+
+ESTIMATORS = {"gumbel": gumbel_code_error, "expected": expected_code_error}
+
+
 class StraightThrough(Plugin):
-    """Straight-through Gumbel-softmax token choice, MSE in the tokenizer's code space."""
+    """Code-space error of TerraMind's token choice: Gumbel straight-through or exact."""
 
     name = "straight_through"
     Config = StraightThroughConfig
 
     @hookimpl
+    def setup(self, ctx: RunContext) -> None:
+        prepare_target_tokens(ctx, self.name)
+
+    @hookimpl
     def training_forward(self, model: nn.Module, batch: Batch, ctx: RunContext) -> torch.Tensor:
         targets = sar2opt_task(ctx, self.name).target_tokens(batch)
         codebook = terramind_of(model, ctx, self.name).codebook  # [V, d]
-        progress = (ctx.epoch - 1) / max(1, ctx.total_epochs - 1)
+        progress = ctx.step.progress if ctx.step else 0.0  # outside a step: the start
         tau = temperature_at(self.config, progress)
         ctx.log("straight_through_temperature", tau)
-        logits = model(batch["sar"], output="logits")
-        choice = F.gumbel_softmax(logits.float(), tau=tau, hard=True)  # one-hot forward
-        codes = choice @ codebook
-        return (codes - codebook[targets]).square().mean((1, 2)).unsqueeze(1)
+        logits = model(batch["sar"], output="logits").float()
+        error = ESTIMATORS[self.config.estimator](logits, codebook, targets, tau)
+        return (error / codebook.shape[-1]).mean(1, keepdim=True)

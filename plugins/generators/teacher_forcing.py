@@ -17,7 +17,7 @@ from torch import nn
 
 from core.hookspecs import Batch, hookimpl
 from core.plugins import Plugin
-from plugins.generators import sar2opt_task
+from plugins.generators import prepare_target_tokens, sar2opt_task
 
 if TYPE_CHECKING:
     from core.context import RunContext
@@ -37,6 +37,10 @@ class TeacherForcing(Plugin):
 
     name = "teacher_forcing"
     Config = TeacherForcingConfig
+
+    @hookimpl
+    def setup(self, ctx: RunContext) -> None:
+        prepare_target_tokens(ctx, self.name)
 
     @hookimpl
     def training_forward(self, model: nn.Module, batch: Batch, ctx: RunContext) -> torch.Tensor:

@@ -1,0 +1,167 @@
+"""``python -m core.predict --checkpoint RUN_DIR S1.tif S2.tif`` on a sar2opt run.
+
+A Sentinel-1 GRD GeoTIFF (2 bands, VV and VH sigma0 in dB) of any size becomes a 12-band
+Sentinel-2 L2A GeoTIFF on the same grid: the same CRS, transform and size. TerraMind
+generates overlapping windows of the training tile size (each with its own seed), blended
+with the tapered weight of the DEM predict so window borders leave no seams. Rows of
+windows stream through a buffer one window high, so memory follows the scene's width. The
+output holds L2A digital numbers as the products do (uint16, reflectance x 10,000, scale
+1e-4 recorded per band); pixels whose SAR is nodata are nodata (0).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.errors import RasterioError
+from rasterio.windows import Window
+from tqdm.auto import tqdm
+
+from core.data.sar2opt import OPTICAL_BANDS, SAR_BANDS, TERRAMIND_V1
+from core.errors import DataError, UsageError
+from core.models.terramind import TerraMindSarToOptical
+from core.models.terramind_adapters import load_run_terramind
+from core.predict import taper, window_starts
+from core.safe_io import replaced_when_done
+from core.tasks.sar2opt import DEFAULT_TILE_SIZE, REFLECTANCE_SCALE, validation_steps
+
+MULTIPLE = 32
+"""Window sides must be multiples of this (the diffusion decoder's down-sampling)."""
+NODATA = 0
+
+
+def open_sar(path: Path) -> rasterio.DatasetReader:
+    """A georeferenced 2-band (VV, VH) raster; every problem is a DataError naming it."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        src = rasterio.open(path)
+    except RasterioError as error:
+        raise DataError(f"{path}: not a readable GeoTIFF: {error}") from None
+    if src.count != len(SAR_BANDS) or src.crs is None:
+        src.close()
+        raise DataError(
+            f"{path}: needs {len(SAR_BANDS)} bands ({', '.join(SAR_BANDS)} in dB) and a CRS; "
+            f"has {src.count} band(s), CRS {src.crs}"
+        )
+    return src
+
+
+class SarToOpticalPredictor:
+    """Streams a Sentinel-1 scene through a run's TerraMind, one row of windows at a time."""
+
+    def __init__(
+        self, terramind: TerraMindSarToOptical, steps: int, seed: int, window: int, overlap: int
+    ) -> None:
+        if window < MULTIPLE or window % MULTIPLE:
+            raise UsageError(f"--window {window} must be a positive multiple of {MULTIPLE}")
+        if not 0 <= 2 * overlap < window:
+            raise UsageError(f"--overlap {overlap} must be >= 0 and less than half of {window}")
+        self.terramind, self.steps, self.seed = terramind, steps, seed
+        self.window, self.overlap = window, overlap
+        weight = taper(window, overlap)
+        self.weight = np.outer(weight, weight)
+        stats = TERRAMIND_V1
+        self.sar_mean, self.sar_std = stats.sar_mean[:, None, None], stats.sar_std[:, None, None]
+        self.optical_mean = stats.optical_mean[:, None, None]
+        self.optical_std = stats.optical_std[:, None, None]
+
+    @torch.no_grad()
+    def generate(self, sar_db: np.ndarray, index: int) -> np.ndarray:
+        """``[12, w, w]`` L2A DN from one ``[2, w, w]`` window in dB (NaN: nodata)."""
+        standard = (sar_db - self.sar_mean) / self.sar_std
+        standard = np.nan_to_num(standard, nan=0.0).astype(np.float32)  # nodata: the mean
+        device = next(self.terramind.parameters()).device
+        sar = torch.from_numpy(standard)[None].to(device)
+        optical = self.terramind.generate(sar, self.steps, self.seed + index)[0].cpu().numpy()
+        return optical * self.optical_std + self.optical_mean
+
+    def run(self, src_path: Path, dst_path: Path, progress: bool = True) -> None:
+        """Write through a temporary file, so a failure never leaves a half-written output."""
+        with open_sar(src_path) as src, replaced_when_done(dst_path) as tmp:
+            profile = {
+                "driver": "GTiff", "height": src.height, "width": src.width,
+                "count": len(OPTICAL_BANDS), "dtype": "uint16", "crs": src.crs,
+                "transform": src.transform, "nodata": NODATA, "tiled": True,
+                "blockxsize": 256, "blockysize": 256, "compress": "deflate",
+                "BIGTIFF": "IF_SAFER",
+            }  # fmt: skip
+            try:
+                with rasterio.open(tmp, "w", **profile) as dst:
+                    dst.descriptions = OPTICAL_BANDS
+                    dst.scales = (1 / REFLECTANCE_SCALE,) * len(OPTICAL_BANDS)
+                    self._stream(src, dst, progress)
+            except RasterioError as error:  # a write; reading errors are DataErrors already
+                raise DataError(f"{dst_path}: cannot be written: {error}") from None
+
+    def _read(self, src: rasterio.DatasetReader, row: int, rows: int) -> np.ndarray:
+        """``[2, rows, width]`` dB, NaN where the raster says nodata."""
+        try:
+            data = src.read(window=Window(0, row, src.width, rows), masked=True)
+        except RasterioError as error:
+            raise DataError(f"{src.name}: unreadable: {error}") from None
+        values = data.data.astype(np.float32)
+        values[np.ma.getmaskarray(data) | ~np.isfinite(values)] = np.nan
+        return values
+
+    def _stream(
+        self, src: rasterio.DatasetReader, dst: rasterio.io.DatasetWriter, progress: bool
+    ) -> None:
+        size, stride = self.window, self.window - 2 * self.overlap
+        height, width = src.height, src.width
+        rows, cols = window_starts(height, size, stride), window_starts(width, size, stride)
+        band_rows = min(size, height)
+        total = np.zeros((len(OPTICAL_BANDS), band_rows, width), dtype=np.float64)
+        weights = np.zeros((band_rows, width), dtype=np.float64)
+        index = 0
+        with tqdm(
+            total=len(rows) * len(cols), desc=Path(src.name).name, unit="window",
+            disable=not progress,
+        ) as bar:  # fmt: skip
+            for i, row in enumerate(rows):
+                band = self._read(src, row, band_rows)
+                for col in cols:
+                    sar = band[:, :, col : col + size]
+                    h, w = sar.shape[1:]
+                    padded = np.pad(sar, ((0, 0), (0, size - h), (0, size - w)), mode="symmetric")
+                    optical = self.generate(padded, index)[:, :h, :w]
+                    total[:, :, col : col + w] += optical * self.weight[:h, :w]
+                    weights[:, col : col + w] += self.weight[:h, :w]
+                    index += 1
+                    bar.update()
+                done = (rows[i + 1] if i + 1 < len(rows) else height) - row
+                out = total[:, :done] / weights[:done]
+                out = np.clip(np.rint(out), 1, np.iinfo(np.uint16).max).astype(np.uint16)
+                out[:, np.isnan(band[:, :done]).any(0)] = NODATA
+                dst.write(out, window=Window(0, row, width, done))
+                for buffer in (total, weights):
+                    buffer[..., :-done, :] = buffer[..., done:, :]
+                    buffer[..., -done:, :] = 0
+
+
+def predict(
+    run_dir: Path,
+    src: Path,
+    dst: Path,
+    *,
+    window: int | None,
+    overlap: int | None,
+    cpu: bool,
+    progress: bool,
+) -> None:
+    """Load the run's TerraMind (config and adapters only) and translate ``src`` to ``dst``."""
+    open_sar(src).close()  # a bad input is reported before the model loads
+    terramind, config, _ = load_run_terramind(run_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
+    size = window or config.data.tile_size or DEFAULT_TILE_SIZE
+    predictor = SarToOpticalPredictor(
+        terramind.to(device),
+        validation_steps(config, config.run.epochs),
+        config.run.seed,
+        size,
+        overlap if overlap is not None else size // 4,
+    )
+    predictor.run(src, dst, progress=progress)

@@ -1,0 +1,52 @@
+"""Per-tile scores of generated Sentinel-2 L2A against the target, in reflectance.
+
+Each function returns one value per tile (``[B]`` or ``[B, bands]``), so the task can sum
+them over tiles and processes and divide once: the metrics do not depend on how tiles were
+batched or shared between processes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from core.data.sar2opt import OPTICAL_BANDS
+
+RED, NIR = OPTICAL_BANDS.index("B04"), OPTICAL_BANDS.index("B08")
+
+
+def psnr(generated: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """dB, for reflectance in [0, 1]."""
+    mse = (generated - target).square().mean((1, 2, 3)).clamp_min(1e-10)
+    return -10 * torch.log10(mse)
+
+
+def band_l1(generated: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``[B, 12]``: mean absolute reflectance error of each band."""
+    return (generated - target).abs().mean((2, 3))
+
+
+def spectral_angle(generated: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean angle in degrees between generated and target spectra, per pixel: 0 when the
+    spectral shape is right whatever the brightness."""
+    cosine = F.cosine_similarity(generated, target, dim=1, eps=1e-8).clamp(-1, 1)
+    return torch.rad2deg(torch.arccos(cosine)).mean((1, 2))
+
+
+def ndvi(optical: torch.Tensor) -> torch.Tensor:
+    red, nir = optical[:, RED], optical[:, NIR]
+    return (nir - red) / (nir + red).clamp_min(1e-6)
+
+
+def ndvi_error(generated: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean absolute NDVI error: vegetation as a downstream user reads it."""
+    return (ndvi(generated) - ndvi(target)).abs().mean((1, 2))
+
+
+def token_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per tile: cross-entropy of the token logits against the target's tokens (what
+    ``teacher_forcing`` minimises) and the share of positions whose most likely token is
+    the target's."""
+    cross_entropy = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none").mean(1)
+    accuracy = (logits.argmax(-1) == targets).float().mean(1)
+    return cross_entropy, accuracy

@@ -1,0 +1,132 @@
+"""A trained sar2opt run leaves the run: peft adapters, a merged export, and the predict CLI.
+
+One short ``teacher_forcing`` run (TerraMind tiny, random weights) is shared by the module.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from accelerate import Accelerator
+from affine import Affine
+from rasterio.crs import CRS
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+
+from core.context import RunContext
+from core.data.sar2opt import OPTICAL_BANDS
+from core.models.terramind_adapters import ADAPTERS, load_merged, load_run_terramind
+from core.plugins import PluginManager
+from core.tasks.sar2opt import SarToOptical
+from tests.conftest import read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from accelerate.state import AcceleratorState, PartialState
+
+    from core.run import main
+
+    out = tmp_path_factory.mktemp("sar2opt") / "run"
+    settings = ["model.diffusion_steps=1", "train.progress='never'", "data.val_fraction=0.1",
+                "train.max_steps_per_epoch=3", "optim.lr=1e-2"]  # fmt: skip
+    args = ["--task", "sar2opt", "--plugins", "teacher_forcing", "--out", str(out)]
+    assert main([*args, "--epochs", "1", *(f"--set={s}" for s in settings)]) == 0
+    AcceleratorState._reset_state(True)
+    PartialState._reset_state()
+    return out
+
+
+def test_adapters_are_peft_files_that_reproduce_the_validation_metrics(run_dir: Path) -> None:
+    """A fresh TerraMind with the exported adapters (loaded by peft's own
+    ``PeftModel.from_pretrained``), built without the training set, scores the validation
+    tiles exactly as the run did."""
+    folder = run_dir / ADAPTERS
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 8
+    weights = load_file(folder / "adapter_model.safetensors")
+    assert all(key.startswith("base_model.model.") for key in weights)
+    assert any("lora_B" in key and weights[key].abs().sum() > 0 for key in weights)  # trained
+
+    terramind, run_config, _ = load_run_terramind(run_dir)
+    task = SarToOptical()
+    plugins = PluginManager.from_names(run_config.run.plugins, run_config.plugins)
+    ctx = RunContext(run_config, Accelerator(cpu=True), task, plugins, run_dir, 1)
+    ctx.epoch = 1
+    _, val = task.build_datasets(run_config, ctx)
+    metrics = task.validate(terramind, DataLoader(val, batch_size=2), ctx)
+    recorded = read_metrics(run_dir)[-1]
+    for key in ("val_l1", "val_psnr", "val_ssim", "val_token_ce", "val_ceiling_l1"):
+        assert metrics[key] == recorded[key], key
+
+
+def test_merged_export_equals_the_adapted_model(run_dir: Path, tmp_path: Path) -> None:
+    from core.models.terramind_adapters import main
+
+    merged_path = tmp_path / "merged.safetensors"
+    assert main([str(run_dir), "--merged", str(merged_path)]) == 0
+    merged = load_file(merged_path)
+    assert not any("lora_" in key for key in merged)
+    adapted, config, _ = load_run_terramind(run_dir)
+    config.model.lora_rank = 0
+    plain = SarToOptical().build_model(config)
+    load_merged(plain, merged)
+    sar = torch.randn(1, 2, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(sar), adapted(sar), rtol=1e-4, atol=1e-4)
+
+
+def write_s1_scene(path: Path, height: int, width: int) -> None:
+    """VV/VH backscatter in dB on a UTM grid, with a nodata corner."""
+    rng = np.random.default_rng(0)
+    data = np.stack([rng.normal(-12, 3, (height, width)), rng.normal(-19, 3, (height, width))])
+    data = data.astype(np.float32)
+    data[:, :5, :7] = -9999
+    profile = {"driver": "GTiff", "height": height, "width": width, "count": 2,
+               "dtype": "float32", "crs": CRS.from_epsg(32632), "nodata": -9999,
+               "transform": Affine(10, 0, 500_000, 0, -10, 5_200_000)}  # fmt: skip
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+
+
+def test_predict_turns_a_sentinel1_scene_into_a_georeferenced_sentinel2_geotiff(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    """A scene larger than a window and no multiple of it: 12 bands of L2A DN on the input's
+    grid (CRS, transform, size), nodata where the SAR is."""
+    from core.predict import main
+
+    source, output = tmp_path / "s1.tif", tmp_path / "s2.tif"
+    write_s1_scene(source, 90, 100)
+    assert main(["--checkpoint", str(run_dir), str(source), str(output), "--quiet"]) == 0
+    with rasterio.open(source) as src, rasterio.open(output) as out:
+        assert (out.count, out.dtypes[0], out.nodata) == (12, "uint16", 0)
+        assert (out.crs, out.transform, out.shape) == (src.crs, src.transform, src.shape)
+        assert out.bounds == src.bounds
+        assert out.descriptions == OPTICAL_BANDS
+        data = out.read()
+    assert (data[:, :5, :7] == 0).all()
+    valid = data[:, 5:, :]
+    assert (valid > 0).all() and valid.mean() < 10_000  # reflectance DN, not standardised
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_predict_refuses_a_one_band_raster_naming_it(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from core.predict import main
+
+    source = tmp_path / "one_band.tif"
+    with rasterio.open(source, "w", driver="GTiff", height=8, width=8, count=1,
+                       dtype="float32", crs=CRS.from_epsg(32632),
+                       transform=Affine(10, 0, 0, 0, -10, 0)) as dst:  # fmt: skip
+        dst.write(np.zeros((1, 8, 8), dtype=np.float32))
+    assert main(["--checkpoint", str(run_dir), str(source), str(tmp_path / "o.tif")]) == 2
+    assert "one_band.tif: needs 2 bands" in capsys.readouterr().err
