@@ -299,7 +299,7 @@ def test_refiner_caches_generations_and_freezes_terramind(tmp_path: Path) -> Non
 
     AcceleratorState._reset_state(True)
     PartialState._reset_state()
-    again, _ = make_trainer(out, "refiner", "data.val_fraction=0.75", "model.diffusion_steps=2")
+    again, _ = make_trainer(out, "refiner", "data.tile_size=32", "model.diffusion_steps=2")
     again.setup()
     assert stored_key(out, "refiner_generated")["diffusion_steps"] == 2
     terramind = again.accelerator.unwrap_model(again.model).terramind_generator
