@@ -167,6 +167,7 @@ def test_hook_auxiliary_loss(train_run):
     for row in rows:
         task_loss = sum(w * row[f"train_loss_{name}"] for name, w in weights.items())
         assert row["train_loss"] == pytest.approx(task_loss + 2.0, abs=0.02)
+        assert row["val_loss"] < 2.0, "validation scores the task's loss only"
     assert probe.bias.item() < -0.001, "the auxiliary term must reach the backward pass"
 
 

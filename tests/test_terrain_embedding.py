@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ from accelerate import Accelerator
 from torch import nn
 
 from core.config import Config
-from core.context import RunContext
+from core.context import RunContext, StepInfo
 from core.errors import ConfigError
 from core.hookspecs import hookimpl
 from core.models import build_rcan
@@ -20,6 +22,8 @@ from core.predict import load_trained_model
 from core.tasks import get_task
 from core.terrain import TERRAINS
 from plugins.conditioning.terrain_embedding import TerrainFiLM
+from tests.conftest import FAST, read_metrics
+from tests.distributed.two_processes import LAUNCH
 
 MIXED = torch.tensor([0, 1, 2, 0, 3, 1])
 
@@ -118,3 +122,32 @@ def test_trains_end_to_end_and_the_checkpoint_keeps_the_modulation(train_run, tm
     torch.testing.assert_close(out, expected)
     assert not torch.allclose(out[0], out[1]), "terrains modulate differently after training"
     torch.testing.assert_close(out[0], out[3])
+
+
+def test_terrains_of_the_whole_step_are_marked_trained(tmp_path: Path):
+    """Marked from the step's counts over all processes, not from this process's batch."""
+    model, manager, ctx = configured(tmp_path, build_rcan("small", 2))
+    ctx.step = StepInfo(torch.tensor([3.0, 0.0, 1.0, 0.0, 2.0]), 0, 1)
+    run(model.train(), manager, ctx, torch.randn(2, 1, 8, 8), torch.tensor([0, 2]))
+    assert film_of(model).trained.tolist() == [1, 0, 1, 0, 1]
+    run(model.eval(), manager, ctx, torch.randn(2, 1, 8, 8), torch.tensor([1, 3]))
+    assert film_of(model).trained.tolist() == [1, 0, 1, 0, 1], "evaluation marks nothing"
+
+
+@pytest.mark.slow
+def test_two_processes_train_both_plugins(procedural_dir: Path, tmp_path: Path):
+    """Under DDP the FiLM module and the head are part of the prepared model: the run ends,
+    reports the head's accuracy, and the checkpoint holds the trained modulation."""
+    out = tmp_path / "ddp"
+    args = ["--data", str(procedural_dir), "--out", str(out), "--epochs", "2"]
+    args += [item for setting in FAST for item in ("--set", setting)]
+    command = [*LAUNCH, "-m", "core.run", "--plugins", "terrain_embedding,terrain_head", *args]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    rows = read_metrics(out)
+    assert all(0 <= row["val_terrain_head_accuracy"] <= 1 for row in rows)
+    loaded = load_trained_model(out, cpu=True)[0]
+    assert (film_of(loaded).trained > 0).all()
+    assert all(layer.weight.abs().sum() > 0 for layer in film_of(loaded).film)
