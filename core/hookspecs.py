@@ -122,6 +122,18 @@ def loss_weights(weights: torch.Tensor, batch: Batch, ctx: RunContext) -> torch.
     """
 
 
+@hookspec
+def auxiliary_loss(model: nn.Module, batch: Batch, ctx: RunContext) -> torch.Tensor | None:
+    """An extra per-sample loss term, added to the objective after ``loss_weights``.
+
+    Composable: every implementation's ``[B]`` tensor is added to the per-sample loss, which
+    the ``backward`` hook then reduces, so ``balanced_grad`` and ``pcgrad`` balance or split
+    the auxiliary term with the rest. Called right after the training forward of the same
+    micro-batch (in training only), so a plugin can score what it captured during that
+    forward. Return ``None`` to add nothing. Example: ``terrain_head``.
+    """
+
+
 @hookspec(firstresult=True)
 def backward(per_sample_loss: torch.Tensor, batch: Batch, ctx: RunContext) -> bool | None:
     """Turn the ``[B]`` per-sample losses of one micro-batch into gradients.

@@ -3,7 +3,7 @@
 One optimizer step, as data flows through it::
 
     batch_plan (hook) -> micro-batches -> route_batch (hook) -> training_forward (hook)
-      -> [B, C] losses x loss_weights (hook) -> backward (hook)
+      -> [B, C] losses x loss_weights (hook) + auxiliary_loss (hook) -> backward (hook)
       -> transform_gradients (hook) -> clip -> optimizer.step
 
 The trainer cuts each epoch's plan into per-process shares itself (process ``r`` of ``n``
@@ -473,6 +473,16 @@ class Trainer:
                     "loss_weights", weights, "weights", batch=batch, ctx=ctx
                 )
                 per_sample = (weights * losses).sum(1)
+                for name, term in ctx.plugins.call(
+                    "auxiliary_loss", model=model, batch=batch, ctx=ctx
+                ):
+                    if term is not None:
+                        if term.shape != per_sample.shape:
+                            raise RuntimeError(
+                                f"plugin {name!r}: auxiliary_loss returned shape "
+                                f"{tuple(term.shape)}; expected {tuple(per_sample.shape)}"
+                            )
+                        per_sample = per_sample + term.float()
                 if not ctx.plugins.exclusive(
                     "backward", per_sample_loss=per_sample, batch=batch, ctx=ctx
                 ):

@@ -11,6 +11,8 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "pcgrad": "plugins.gradients.pcgrad:PCGrad",
     "terrain_loss": "plugins.losses.terrain_loss:TerrainLoss",
     "domain_bn": "plugins.norms.domain_bn:DomainBN",
+    "terrain_embedding": "plugins.conditioning.terrain_embedding:TerrainEmbedding",
+    "terrain_head": "plugins.auxiliary.terrain_head:TerrainHead",
     "teacher_forcing": "plugins.generators.teacher_forcing:TeacherForcing",
     "straight_through": "plugins.generators.straight_through:StraightThrough",
     "reinforce": "plugins.generators.reinforce:Reinforce",

@@ -148,6 +148,39 @@ def test_hook_loss_weights(train_run):
         assert row["train_loss"] == pytest.approx(3.0 * row["train_loss_elevation"], rel=1e-6)
 
 
+def test_hook_auxiliary_loss(train_run):
+    class ExtraTerm:
+        """Adds ``2 + bias`` to every sample's loss; ``bias`` is a trained parameter."""
+
+        @hookimpl
+        def configure_model(self, model, ctx):
+            self.bias = nn.Parameter(torch.zeros(()))
+            model.register_parameter("probe_bias", self.bias)
+
+        @hookimpl
+        def auxiliary_loss(self, model, batch, ctx):
+            return self.bias.expand(len(batch["idx"])) + 2.0
+
+    probe = ExtraTerm()
+    rows = train_run(probe)
+    weights = {"elevation": 1.0, "gradient": 0.5, "curvature": 0.2, "edge": 0.2, "spectral": 0.1}
+    for row in rows:
+        task_loss = sum(w * row[f"train_loss_{name}"] for name, w in weights.items())
+        assert row["train_loss"] == pytest.approx(task_loss + 2.0, abs=0.02)
+        assert row["val_loss"] < 2.0, "validation scores the task's loss only"
+    assert probe.bias.item() < -0.001, "the auxiliary term must reach the backward pass"
+
+
+def test_auxiliary_loss_must_be_per_sample(train_run):
+    class Scalar:
+        @hookimpl
+        def auxiliary_loss(self, model, batch, ctx):
+            return torch.zeros(())
+
+    with pytest.raises(RuntimeError, match=r"'Scalar': auxiliary_loss returned shape \(\)"):
+        train_run(Scalar())
+
+
 def test_hook_backward(train_run):
     class NoBackward:
         counts: list = []

@@ -11,6 +11,10 @@ Laid out like EDSR-PyTorch's ``src/model/rcan.py``: channel attention -> RCAB ->
 * ``norm="batch"`` puts a ``BatchNorm2d`` after the first conv of every RCAB, the seam where a
   plugin swaps in a terrain-adaptive norm (RCAN itself, like EDSR, uses none).
 
+Two more seams, reached by forward hooks so parameter names stay as they are: the output of
+every ``ResidualGroup`` (where ``terrain_embedding`` applies its per-terrain FiLM) and the
+output of ``RCAN.body`` (the deep features ``terrain_head`` pools and classifies).
+
 Parameter counts (``norm="none"``; ``"batch"`` adds 64 per RCAB in "default", 32 in "small"):
 
 ========  =============  =============  =============

@@ -30,6 +30,7 @@ from torch import nn
 from core.errors import ConfigError
 from core.hookspecs import Batch, hookimpl
 from core.plugins import Plugin
+from core.terrain import require_terrain_labels
 
 if TYPE_CHECKING:
     from core.context import RunContext
@@ -307,11 +308,7 @@ class DomainBN(Plugin):
     @hookimpl
     def route_batch(self, model: nn.Module, batch: Batch, ctx: RunContext) -> None:
         terrain = batch["terrain"]
-        if bool(((terrain < 0) | (terrain >= len(ctx.terrains))).any()):
-            raise ValueError(
-                f"plugin domain_bn: terrain labels {sorted(set(terrain.tolist()))} outside "
-                f"0..{len(ctx.terrains) - 1} ({', '.join(ctx.terrains)})"
-            )
+        require_terrain_labels(terrain, ctx.terrains, self.name)
         for module in model.modules():
             if isinstance(module, TerrainBatchNorm2d):
                 module.route(terrain)

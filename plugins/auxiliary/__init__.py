@@ -1,0 +1,1 @@
+"""Built-in auxiliary-task plugins: extra heads whose losses shape the shared features."""

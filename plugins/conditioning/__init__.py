@@ -1,0 +1,1 @@
+"""Built-in conditioning plugins: the model told which terrain it sees."""
