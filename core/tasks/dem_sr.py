@@ -20,6 +20,7 @@ from core.losses import COMPONENTS, dem_loss_components
 from core.metrics import ValidationAccumulator
 from core.models.rcan import build_rcan
 from core.plots import plot_hillshade_triptych, plot_loss_curves, plot_terrain_rmse
+from core.tasks import ReportMetric
 from core.terrain import TERRAINS
 
 Batch = dict[str, Any]
@@ -36,6 +37,11 @@ class DemSuperResolution:
     name = "dem_sr"
     components = COMPONENTS
     terrains = TERRAINS
+    report_metrics = (
+        ReportMetric("val_rmse_m", "val RMSE (m)", by_domain=True, reference="val_rmse_m_bicubic"),
+        ReportMetric("val_slope_rmse_deg", "val slope RMSE (°)", by_domain=True),
+    )
+    reference_name = "bicubic"
 
     def build_datasets(self, config: Config, ctx: RunContext) -> tuple[TileDataset, TileDataset]:
         data = config.data
@@ -49,7 +55,7 @@ class DemSuperResolution:
             )
             dataset = TileDataset.from_folder(folder, data.scale, strict=data.strict)
         self.skipped = dataset.skipped
-        train, val = train_val_split(dataset, data.val_fraction, config.run.seed)
+        train, val = train_val_split(dataset, data.val_fraction, data.split_seed)
         self.train_dataset, self.val_dataset = train, val
         self.bicubic: dict[str, Any] | None = None
         return train, val

@@ -25,6 +25,7 @@ from core.data.sar2opt import TERRAMIND_V1, PairDataset, ensure_default_pairs
 from core.errors import UsageError
 from core.models.terramind import TerraMindSarToOptical, build_terramind
 from core.plots import plot_loss_curves, plot_sar_optical
+from core.tasks import ReportMetric
 
 Batch = dict[str, Any]
 GENERATORS = ("teacher_forcing", "straight_through", "reinforce", "refiner", "encoder_only")
@@ -46,6 +47,12 @@ class SarToOptical:
     """Each generator plugin returns its own per-sample objective as the single component."""
     terrains = ("scene",)
     """Pairs carry no terrain label: one domain, so samplers and counts stay well-defined."""
+    report_metrics = (
+        ReportMetric("val_l1", "val L1 (reflectance)"),
+        ReportMetric("val_psnr", "val PSNR (dB)", higher_is_better=True),
+        ReportMetric("val_ssim", "val SSIM", higher_is_better=True),
+    )
+    reference_name = ""
 
     def build_datasets(self, config: Config, ctx: RunContext) -> tuple[PairDataset, PairDataset]:
         if ctx.plugins.provider("training_forward") is None:
@@ -64,7 +71,7 @@ class SarToOptical:
         dataset = PairDataset.from_folder(folder, TERRAMIND_V1, strict=data.strict)
         self.skipped = dataset.skipped
         self.train_dataset, self.val_dataset = train_val_split(
-            dataset, data.val_fraction, config.run.seed
+            dataset, data.val_fraction, data.split_seed
         )
         return self.train_dataset, self.val_dataset
 
@@ -132,7 +139,7 @@ class SarToOptical:
         sums = torch.zeros(4, dtype=torch.float64, device=ctx.device)  # l1, psnr, ssim, n
         for batch in batches:
             ctx.plugins.call("route_batch", model=model, batch=batch, ctx=ctx)
-            seed = config.run.seed + int(batch["idx"][0])  # fixed per tile: epochs comparable
+            seed = config.data.split_seed + int(batch["idx"][0])  # fixed per tile, every run
             generated = self.reflectance(
                 model.generate(batch["sar"], config.model.diffusion_steps, seed)
             )
