@@ -25,6 +25,7 @@ from core.experiment import (
 )
 from core.experiment.report import primary_column
 from core.experiment.stats import adjust, paired_test
+from core.experiment.summary import Column
 from core.metrics import spike_steps
 from core.plots import (
     plot_loss_curves_by_arm,
@@ -33,6 +34,7 @@ from core.plots import (
     run_step_losses,
     step_loss_figure,
 )
+from core.plugins import discover
 from core.tasks import get_task
 from core.terrain import TERRAINS
 from tests.conftest import read_metrics
@@ -278,15 +280,26 @@ def test_corrections_on_a_crafted_family():
 
 def test_the_documented_experiment_files_load(tmp_path: Path):
     page = (Path(__file__).resolve().parent.parent / "docs" / "experiments.md").read_text()
-    example = re.search(r"```toml\n(.*?)```", page, flags=re.DOTALL).group(1)
-    (tmp_path / "example.toml").write_text(example)
-    results = Path(__file__).resolve().parent.parent / "docs" / "results" / "experiment.toml"
-    for path in (tmp_path / "example.toml", results):
+    examples = re.findall(r"```toml\n(.*?)```", page, flags=re.DOTALL)
+    paths = []
+    for number, example in enumerate(examples):
+        paths.append(tmp_path / f"example{number}.toml")
+        paths[-1].write_text(example)
+    results = Path(__file__).resolve().parent.parent / "docs" / "results"
+    paths += [results / "experiment.toml", results / "srtm-experiment.toml"]
+    available = set(discover())
+    for path in paths:
         experiment = build_experiment(
             build_parser().parse_args(["--config", str(path), "--out", "x"])
         )
-        check_arms(experiment, tmp_path / "x")
-        assert experiment.arms and experiment.baseline == "baseline"
+        # plugins still to come (terrain_embedding, terrain_head) are checked once installed
+        runnable = tuple(arm for arm in experiment.arms if set(arm.plugins) <= available)
+        check_arms(attrs.evolve(experiment, arms=runnable), tmp_path / "x")
+        assert experiment.arms and experiment.baseline == "baseline", path
+    srtm = build_experiment(build_parser().parse_args(["--config", str(paths[-1]), "--out", "x"]))
+    assert len(srtm.seeds) >= 5 and srtm.control("sham") and srtm.control("harmful")
+    names = {arm.name for arm in srtm.arms}
+    assert {"terrain_embedding", "terrain_head", "pcgrad", "domain_bn", "baseline_bn"} <= names
 
 
 DEM = get_task("dem_sr")
@@ -444,3 +457,45 @@ def test_the_step_loss_plot_marks_the_spikes(tmp_path: Path):
     assert "2 loss spikes" in spiky_axes.get_title()
     plot_step_losses_by_arm(runs, tmp_path / "steps.png")
     assert (tmp_path / "steps.png").stat().st_size > 0
+
+
+def test_a_sar2opt_experiment_reports_the_tasks_own_columns():
+    """The task supplies the columns: sar2opt's L1 (lower is better, the primary one) and PSNR
+    and SSIM (higher is better); no per-terrain tables, no reference row."""
+    task = get_task("sar2opt")
+    args = ["--arms", "baseline;harmful", "--seeds", "0,1,2,3", "--out", "x"]
+    experiment = build_experiment(build_parser().parse_args(args))
+    experiment = attrs.evolve(
+        experiment, arms=(experiment.arms[0], attrs.evolve(experiment.arms[1], control="harmful"))
+    )
+
+    def rows(l1: float, psnr: float) -> list[dict]:
+        return [
+            {"epoch": 1, "train_loss": l1, "val_loss": l1, "loss_spikes": 0, "steps": 4,
+             "val_l1": l1, "val_psnr": psnr, "val_ssim": 0.5, "step_losses": [l1] * 4}
+        ]  # fmt: skip
+
+    def verdict(harmful_l1: float, harmful_psnr: float, primary: Column) -> str:
+        runs = {
+            "baseline": {s: rows(0.1 + 0.05 * s, 20.0 + s) for s in range(4)},
+            "harmful": {
+                s: rows(
+                    0.1 + 0.05 * s + harmful_l1 + 0.001 * s * s,
+                    20.0 + s + harmful_psnr + 0.1 * s * s,
+                )
+                for s in range(4)
+            },
+        }
+        summary = summarise(experiment, runs, task.report_metrics, task.terrains, "")
+        assert [t.title for t in summary.tables] == ["Headline", "At equal optimizer steps"]
+        assert "val PSNR (dB)" in markdown(experiment, summary, primary)
+        assert set(summary.per_seed) == {"baseline", "harmful"}
+        return " ".join(control_verdict(experiment, summary, primary))
+
+    l1 = primary_column(task.report_metrics)
+    assert (l1.name, l1.higher_is_better) == ("val_l1", False)
+    assert "harmful arm `harmful` is significantly worse in val L1" in verdict(0.2, -3.0, l1)
+    assert "not significantly worse" in verdict(-0.2, 3.0, l1)  # better is not harm
+    psnr = Column("val_psnr", "val PSNR (dB)", higher_is_better=True)
+    assert "significantly worse in val PSNR" in verdict(0.2, -3.0, psnr)
+    assert "not significantly worse" in verdict(0.2, 3.0, psnr)
