@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--config", type=Path, help="an experiment TOML file with [[arms]]")
     parser.add_argument("--seeds", help="comma-separated seeds (default 0,1,2)")
     parser.add_argument("--epochs", type=int, help="epochs per run (default: run.epochs, 8)")
-    parser.add_argument("--data", help="a folder of GeoTIFFs (default: the GLOBE tiles)")
+    parser.add_argument("--data", help="a folder of GeoTIFFs (default: the task's default data)")
     parser.add_argument(
         "--set",
         action="append",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from core.experiment.schedule import Runs, collect
 from core.experiment.spec import Experiment
-from core.experiment.summary import STAT_ROWS, Column, Summary, summarise
+from core.experiment.summary import EQUAL_STEPS, STAT_ROWS, Column, Summary, summarise
 from core.tasks import ReportMetric, get_task
 
 CORRECTED = {"holm": "Holm", "bh": "Benjamini-Hochberg", "none": "no"}
@@ -28,8 +28,7 @@ def marks(experiment: Experiment, summary: Summary, arm: str, name: str) -> str:
     stats = summary.stats[arm]
     p, adjusted = stats["paired_p"].get(name), stats["adjusted_p"].get(name)
     text = "*" if p is not None and p < experiment.alpha else ""
-    is_control = any(a.name == arm and a.control for a in experiment.arms)
-    if text and not is_control and adjusted is not None and adjusted < experiment.alpha:
+    if text and adjusted is not None and adjusted < experiment.alpha:
         text += "†"
     return text
 
@@ -42,7 +41,7 @@ def cell(experiment: Experiment, summary: Summary, arm: str, name: str) -> str:
     if mean is None:
         had_target = any(v.get("target_loss") is not None for v in summary.per_seed[arm].values())
         return f"none reached (0/{seeds})" if name == "epochs_to_target" and had_target else "–"
-    digits = 1 if name == "epochs_to_target" else decimals_for(mean)
+    digits = 1 if name in ("epochs_to_target", f"epoch{EQUAL_STEPS}") else decimals_for(mean)
     text = f"{mean:.{digits}f} ± {spread:.{digits}f}"
     if name == "epochs_to_target" and stats["count"][name] < seeds:
         text += f" ({stats['count'][name]:.0f}/{seeds} reached)"
@@ -133,7 +132,7 @@ def markdown(experiment: Experiment, summary: Summary, primary: Column) -> str:
         "",
         "Each cell: mean ± sample std over seeds, then the change of the mean against "
         f"`{experiment.baseline}` in %; * marks a change whose {TEST_NAMES[experiment.test]} over "
-        f"seeds (same seed = same initialisation and batch order of the baseline) gives "
+        f"seeds (pairs of runs with the same seed; every run validates on the same tiles) gives "
         f"p < {experiment.alpha}, † one that survives the {CORRECTED[experiment.correction]} "
         "correction over the table's tests (control arms excepted). "
         f"Epochs to target: the first epoch whose val_loss is at or below {target}; "

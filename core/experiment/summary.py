@@ -220,7 +220,7 @@ def summarise(
             change = None if arm == experiment.baseline else delta_pct(mean, base_mean)
             cells = (mean, spread, count, change)
             cells += (
-                (paired.mean, paired.std, paired.low, paired.high, paired.p, paired.p)
+                (paired.mean, paired.std, paired.low, paired.high, paired.p, None)
                 if paired
                 else (None,) * 6
             )
@@ -236,9 +236,9 @@ def correct(
     tables: Sequence[Table],
     exclude: set[str],
 ) -> None:
-    """Replace ``adjusted_p`` by the table-wise corrected p-values. The family of a table is
+    """Fill ``adjusted_p`` with the table-wise corrected p-values. The family of a table is
     every tested (arm, column) in it, the control arms and the reference row excepted: they
-    check the experiment, they are not its questions (their ``adjusted_p`` stays raw)."""
+    check the experiment, they are not its questions (their ``adjusted_p`` stays empty)."""
     controls = {arm.name for arm in experiment.arms if arm.control} | exclude
     for table in tables:
         family = [
