@@ -24,6 +24,7 @@ from core.experiment import (
     summarise,
 )
 from core.experiment.report import primary_column
+from core.experiment.spec import run_overrides
 from core.experiment.stats import adjust, paired_test
 from core.experiment.summary import Column
 from core.metrics import spike_steps
@@ -217,6 +218,8 @@ def test_toml_arms_and_the_domain_bn_rule(tmp_path: Path):
         ("dbn", ("stratified", "domain_bn"), ("model.norm='batch'",)),
     ]
     assert experiment.baseline == "baseline_bn"  # no arm is called baseline: the first one
+    sham = attrs.evolve(experiment.arms[0], name="sham", control="sham", seed_offset=1000)
+    assert "run.seed=1003" in run_overrides(experiment, sham, 3, tmp_path)
     args = build_parser().parse_args(
         ["--arms", "domain_bn", "--set", "model.norm='none'", "--out", "x"]
     )
@@ -265,6 +268,10 @@ def test_paired_test_matches_the_closed_form():
     )
     wilcoxon = paired_test({0: 1.0, 1: 2.5, 2: 4.0}, {0: 0.0, 1: 0.0, 2: 0.0}, test="wilcoxon")
     assert wilcoxon.p == pytest.approx(0.25)  # all 3 signs positive: 2 / 2**3, exactly
+    five = paired_test(
+        dict.fromkeys(range(5), 1.0) | {4: 2.0}, dict.fromkeys(range(5), 0.0), "wilcoxon"
+    )
+    assert five.p == pytest.approx(0.0625)  # the smallest two-sided p with 5 seeds
     assert paired_test({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0}).p == 1.0  # identical runs
     assert paired_test({0: 1.0}, {0: 2.0}) is None
 
