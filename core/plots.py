@@ -256,6 +256,8 @@ def plot_loss_curves_by_arm(
         ("val_loss", "val loss"),
         ("val_rmse_m", "val RMSE (m)"),
     )
+    present = {key for seeds in runs.values() for rows in seeds.values() for r in rows for key in r}
+    panels = tuple(panel for panel in panels if panel[0] in present) or panels[:2]
     paired = baseline in runs
     fig = Figure(figsize=(15, 8.5 if paired else 4.4), layout="constrained")
     axes = fig.subplots(2 if paired else 1, len(panels), squeeze=False)

@@ -148,8 +148,8 @@ class Runner:
             loss, rmse = row.get("val_loss"), row.get("val_rmse_m")
             print(
                 f"{self.stamp()} {job.arm.name} seed {job.seed} epoch {row['epoch']}: "
-                f"val_loss {'n/a' if loss is None else f'{loss:.4f}'} "
-                f"val_rmse {'n/a' if rmse is None else f'{rmse:.2f}'} m; "
+                f"val_loss {'n/a' if loss is None else f'{loss:.4f}'}"
+                f"{'' if rmse is None else f' val_rmse {rmse:.2f} m'}; "
                 f"experiment {done:.0%}, about {clock(elapsed / done - elapsed)} to go",
                 flush=True,
             )
