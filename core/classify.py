@@ -73,7 +73,10 @@ def _classify(path: Path) -> tuple[str, str]:
     stats = terrain_stats(dem.elevation, dem.cell_size_m())
     measured = (
         f"relief {stats.relief_m:.0f} m, roughness {stats.roughness_m:.1f} m, "
-        f"slope {stats.mean_slope_deg:.1f}°"
+        f"slope {stats.mean_slope_deg:.1f}°, hypsometric integral "
+        f"{stats.hypsometric_integral:.2f}, top-quarter area {stats.top_quarter_area:.2f}, "
+        f"elevation skewness {stats.elevation_skewness:.2f}, "
+        f"slope bimodality {stats.slope_bimodality:.2f}"
     )
     return category, f"{path}\t{category}\t{source}\t{measured}"
 

@@ -46,10 +46,12 @@ class DataSection:
     """Where tiles come from and how they are batched."""
 
     dir: str = ""
-    """A folder of GeoTIFFs; empty: the embedded GLOBE default (cut on first use)."""
+    """A folder of GeoTIFFs; empty: the built-in ``source`` (cut on first use)."""
+    source: str = "srtm90"
+    """dem_sr's built-in DEM without ``dir``: ``srtm90``, ``globe`` or ``colorado10m``."""
     scale: int = attrs.field(default=3, validator=check.positive_int)
     tile_size: int = attrs.field(default=0, validator=check.non_negative_int)
-    """Tile size in pixels of the embedded default; 0: the task's (dem_sr 48, sar2opt 64)."""
+    """Tile size in pixels of the built-in data; 0: the task's (dem_sr 48, sar2opt 64)."""
     val_fraction: float = attrs.field(default=0.2, validator=check.open_fraction)
     split_seed: int = attrs.field(default=0, validator=check.seed)
     """Seed of the train/validation split, apart from ``run.seed``: runs with other seeds

@@ -80,15 +80,25 @@ class RunContext:
         self.accelerator.backward(loss)
 
     def log(self, key: str, value: float) -> None:
-        """Record a scalar; its mean over the epoch (this process) enters ``metrics.jsonl``."""
-        self._logged[key].append(float(value))
+        """Record a scalar; its mean over the epoch (this process) enters ``metrics.jsonl``.
 
-    def logged(self) -> dict[str, list[float]]:
-        """A copy of the values logged since the last :meth:`pop_logged`, in order."""
-        return {key: list(values) for key, values in self._logged.items()}
+        Values logged from ``on_epoch_start`` to ``validation_metrics`` count towards that
+        epoch; the checkpoint keeps those of an interrupted epoch. A key the epoch row
+        already has (``train_loss``, a validation metric) is an error.
+        """
+        self._logged[key].append(float(value))
 
     def pop_logged(self) -> dict[str, float]:
         """Epoch means of everything logged since the last call, then forget them."""
         means = {key: sum(values) / len(values) for key, values in self._logged.items() if values}
         self._logged.clear()
         return means
+
+    def logged_values(self) -> dict[str, list[float]]:
+        """The values logged so far this epoch, for the checkpoint."""
+        return {key: list(values) for key, values in self._logged.items()}
+
+    def restore_logged(self, values: dict[str, list[float]]) -> None:
+        """Continue an epoch from the values :meth:`logged_values` returned."""
+        self._logged.clear()
+        self._logged.update({key: list(items) for key, items in values.items()})

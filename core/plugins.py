@@ -2,29 +2,37 @@
 
 Built-in strategies are listed in :data:`plugins.BUILTIN_PLUGINS`; third-party ones come from
 the ``terraplug.plugins`` entry-point group (name = the name users type, value = a plugin
-class or a module of hook functions). Only the plugins named in ``--plugins`` are imported.
+class or a module of hook functions). Only the plugins named in ``--plugins`` (and those
+with a ``[plugins.<name>]`` section, to check it) are imported.
 
 Pluggy calls hook implementations in reverse registration order; composable hooks here run
-in ``--plugins`` order instead, and an exclusive hook with two providers is an error.
+in ``--plugins`` order instead, and an exclusive hook with two providers is an error. Each
+implementation receives only the arguments it declares (pluggy's ``HookImpl.argnames``).
+Pluggy's ordering and wrapper options have no meaning under that rule, so a plugin that
+uses them is refused at registration; ``specname`` and ``optionalhook`` are honoured.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import inspect
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from importlib.metadata import entry_points
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import attrs
 import pluggy
+import torch
 
 from core import hookspecs
-from core.config import structure
+from core.config import structure, unstructure
 from core.errors import PluginError
+
+T = TypeVar("T")
 
 ENTRY_POINT_GROUP = "terraplug.plugins"
 BUILTIN = "built-in"
@@ -38,8 +46,11 @@ class NoConfig:
 class Plugin:
     """Base class of strategy plugins: a name, an attrs ``Config`` and hook implementations.
 
-    The manager builds the plugin's config from ``[plugins.<name>]`` and passes it to
-    ``__init__``; hook methods are marked with :data:`core.hookspecs.hookimpl`.
+    The manager builds the plugin's config from ``[plugins.<name>]`` (the name users type,
+    which for a third-party plugin is its entry-point name) and passes it to ``__init__``,
+    which stores it as ``self.config``; hook methods are marked with
+    :data:`core.hookspecs.hookimpl`. ``name`` is the plugin's own idea of that name, used
+    where no entry point is involved (built-ins, the testing harness).
     """
 
     name: ClassVar[str] = ""
@@ -47,6 +58,17 @@ class Plugin:
 
     def __init__(self, config: Any) -> None:
         self.config = config
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to keep in the checkpoint, so ``--resume`` continues where the run stopped.
+
+        Plain values only (str, int, float, bool, None, tensors, and dicts, lists and tuples
+        of them): checkpoints are read with ``torch.load(weights_only=True)``.
+        """
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; called on a resumed run after ``setup``."""
 
 
 @attrs.frozen
@@ -119,12 +141,14 @@ def unknown_plugin_message(name: str, available: list[str]) -> str:
 
 
 def implemented_hooks(obj: Any) -> list[str]:
-    """Names of the hooks ``obj`` implements, in hook-spec order."""
-    return [
-        name
-        for name in hook_names()
-        if hasattr(getattr(obj, name, None), f"{hookspecs.PROJECT}_impl")
-    ]
+    """Names of the hooks ``obj`` implements, in hook-spec order (``specname`` honoured)."""
+    marker = f"{hookspecs.PROJECT}_impl"
+    implemented = set()
+    for attribute in dir(obj):
+        opts = getattr(getattr(obj, attribute, None), marker, None)
+        if isinstance(opts, dict):
+            implemented.add(opts.get("specname") or attribute)
+    return [name for name in hook_names() if name in implemented]
 
 
 def hook_names() -> list[str]:
@@ -150,6 +174,66 @@ def instantiate(name: str, origin: str, loaded: type | ModuleType, raw: dict[str
     return loaded(config), config
 
 
+REFUSED_OPTIONS = {
+    "tryfirst": "hooks run in --plugins order (an exclusive one has a single provider): "
+    "list the plugin earlier instead",
+    "trylast": "hooks run in --plugins order (an exclusive one has a single provider): "
+    "list the plugin later instead",
+    "wrapper": "terraplug does not run hook wrappers; implement the hook itself",
+    "hookwrapper": "terraplug does not run hook wrappers; implement the hook itself",
+}
+"""Pluggy hookimpl options terraplug refuses, with what to do instead."""
+
+PLAIN_SCALARS = (str, int, float, bool, type(None))
+"""Exact types: a subclass such as ``numpy.float64`` is not read back by a weights-only load."""
+
+
+def check_plain(value: Any, where: str) -> None:
+    """Refuse anything ``torch.load(weights_only=True)`` would not read back."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str | int):
+                raise PluginError(f"{where}: key {key!r} is not a str or int")
+            check_plain(item, f"{where}[{key!r}]")
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            check_plain(item, f"{where}[{index}]")
+    elif type(value) not in PLAIN_SCALARS and not isinstance(value, torch.Tensor):
+        raise PluginError(
+            f"{where} is a {type(value).__name__}; a checkpoint keeps only str, int, float, "
+            "bool, None, tensors and dicts, lists and tuples of them"
+        )
+
+
+def without_none(tree: dict[str, Any]) -> dict[str, Any]:
+    """``tree`` without its ``None`` values, at any depth of nested tables."""
+    return {
+        key: without_none(value) if isinstance(value, dict) else value
+        for key, value in tree.items()
+        if value is not None
+    }
+
+
+def load_or_warn(source: PluginSource, strict: bool, why: str) -> type | ModuleType | None:
+    """Load a plugin no run needs yet; a failure warns, or stops the run with ``strict``."""
+    try:
+        return source.load()
+    except PluginError as error:
+        if strict:
+            raise
+        warnings.warn(f"{error}; {why} (--strict-plugins makes this an error)", stacklevel=3)
+        return None
+
+
+def labelled(name: str, hook: str, call: Callable[[], T]) -> T:
+    """Run ``call``, labelling any exception with the plugin and the hook (or method)."""
+    try:
+        return call()
+    except Exception as error:
+        error.add_note(f"raised by plugin {name!r} in hook {hook!r}")
+        raise
+
+
 class PluginManager:
     """The active plugins of one run, in ``--plugins`` order, and the calls into them."""
 
@@ -168,6 +252,7 @@ class PluginManager:
             raise PluginError(f"{error} (no such hook; see docs/hooks.md)") from None
         self._order = {id(plugin.obj): position for position, plugin in enumerate(active)}
         self._names = {id(plugin.obj): plugin.name for plugin in active}
+        self._check_options()
         self._check_exclusive()
 
     @classmethod
@@ -178,8 +263,13 @@ class PluginManager:
         *,
         strict: bool = False,
     ) -> PluginManager:
-        """Load, configure and register ``names``; a broken third-party plugin is skipped
-        with a warning naming its distribution, or is fatal with ``strict``."""
+        """Load, configure and register ``names``.
+
+        A named plugin that fails to load stops the run, naming its distribution. A
+        ``[plugins.<name>]`` section must name a known plugin; the section of a known plugin
+        that is not active is checked against its Config and otherwise unused. ``strict``
+        also stops on a broken third-party entry point that the run does not name.
+        """
         plugin_configs = plugin_configs or {}
         if len(set(names)) != len(names):
             duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -188,25 +278,73 @@ class PluginManager:
         unknown = [name for name in names if name not in sources]
         if unknown:
             raise PluginError(unknown_plugin_message(unknown[0], list(sources)))
-        for section in plugin_configs:
+        for section, raw in plugin_configs.items():
+            if section not in sources:
+                raise PluginError(
+                    f"config section [plugins.{section}]: "
+                    + unknown_plugin_message(section, list(sources))
+                )
             if section not in names:
+                loaded = load_or_warn(sources[section], strict, "its section is not checked")
+                if loaded is not None:
+                    instantiate(section, sources[section].origin, loaded, raw)
                 warnings.warn(
-                    f"[plugins.{section}] is configured but {section!r} is not active",
+                    f"[plugins.{section}] is configured but {section!r} is not in run.plugins; "
+                    "the section is unused",
                     stacklevel=2,
                 )
+        if strict:
+            for name, source in sources.items():
+                if source.origin != BUILTIN and name not in names:
+                    source.load()
         active = []
         for name in names:
             source = sources[name]
-            try:
-                loaded = source.load()
-            except PluginError as error:
-                if strict or source.origin == BUILTIN:
-                    raise
-                warnings.warn(f"{error}; skipped (use --strict-plugins to stop)", stacklevel=2)
-                continue
-            obj, config = instantiate(name, source.origin, loaded, plugin_configs.get(name, {}))
+            raw = plugin_configs.get(name, {})
+            obj, config = instantiate(name, source.origin, source.load(), raw)
             active.append(ActivePlugin(name, source.origin, obj, config))
         return cls(active)
+
+    def _check_options(self) -> None:
+        for hook in hook_names():
+            for impl in self._impls(hook):
+                refused = [option for option in REFUSED_OPTIONS if impl.opts.get(option)]
+                if refused:
+                    raise PluginError(
+                        f"plugin {self._names[id(impl.plugin)]!r} marks hook {hook!r} "
+                        f"{refused[0]}=True: {REFUSED_OPTIONS[refused[0]]}"
+                    )
+
+    def resolved_sections(self, sections: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """The config's ``[plugins]`` tables with every key of every active plugin, defaults
+        included, for ``config.toml`` (inactive plugins' tables stay as written).
+
+        TOML has no null: a ``None`` value is left out, which reads back as that key's
+        default (``None`` for every such key of the built-ins).
+        """
+        resolved = {
+            plugin.name: without_none(unstructure(plugin.config))
+            for plugin in self.active
+            if attrs.has(type(plugin.config))
+        }
+        return {**sections, **resolved}
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        """Each stateful active plugin's ``state_dict()``, checked to be plain values."""
+        states = {}
+        for plugin in self.active:
+            if callable(getattr(plugin.obj, "state_dict", None)):
+                state = labelled(plugin.name, "state_dict", plugin.obj.state_dict)
+                check_plain(state, f"plugin {plugin.name!r}: state_dict()")
+                states[plugin.name] = state
+        return states
+
+    def load_state_dict(self, states: dict[str, dict[str, Any]]) -> None:
+        """Hand each active plugin the state its ``state_dict()`` saved."""
+        for plugin in self.active:
+            if plugin.name in states:
+                restore = functools.partial(plugin.obj.load_state_dict, states[plugin.name])
+                labelled(plugin.name, "load_state_dict", restore)
 
     def _impls(self, hook: str) -> list[pluggy.HookImpl]:
         impls = getattr(self.pm.hook, hook).get_hookimpls()
@@ -225,7 +363,9 @@ class PluginManager:
         return [
             name
             for name, caller in vars(self.pm.hook).items()
-            if isinstance(caller, pluggy.HookCaller) and caller.spec.opts.get("firstresult")
+            if isinstance(caller, pluggy.HookCaller)
+            and caller.spec is not None  # an optionalhook implementation of no known hook
+            and caller.spec.opts.get("firstresult")
         ]
 
     def config(self, name: str) -> Any:
@@ -235,9 +375,9 @@ class PluginManager:
                 return plugin.config
         raise KeyError(f"plugin {name!r} is not active")
 
-    def _calls(self, hook: str) -> Iterator[tuple[str, Callable[..., Any]]]:
+    def _calls(self, hook: str) -> Iterator[tuple[str, pluggy.HookImpl]]:
         for impl in self._impls(hook):
-            yield self._names[id(impl.plugin)], impl.function
+            yield self._names[id(impl.plugin)], impl
 
     def call(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
         """Call a composable hook in ``--plugins`` order; returns (plugin name, result) pairs."""
@@ -262,13 +402,9 @@ class PluginManager:
         return next((name for name, _ in self._calls(hook)), None)
 
     @staticmethod
-    def _guarded(name: str, hook: str, fn: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
-        """Call one implementation, labelling any exception with the plugin and the hook."""
-        try:
-            return fn(**kwargs)
-        except Exception as error:
-            error.add_note(f"raised by plugin {name!r} in hook {hook!r}")
-            raise
+    def _guarded(name: str, hook: str, impl: pluggy.HookImpl, kwargs: dict[str, Any]) -> Any:
+        """Call one implementation with the arguments it declares, as pluggy passes them."""
+        return labelled(name, hook, lambda: impl.function(*(kwargs[a] for a in impl.argnames)))
 
 
 def describe_all() -> list[dict[str, str]]:

@@ -3,15 +3,19 @@
 The raster is processed in overlapping windows of the size the model was trained on, each
 normalised like a training tile, and blended with a tapered weight so window borders leave
 no seams. Rows of windows stream through a band buffer of one window's height: reads and
-writes are windowed, so memory depends on the raster's width, not its height. Voids stay
-voids: an output pixel is nodata where its source pixel is.
+writes are windowed, so the numpy buffers depend on the raster's width, not its height, and
+GDAL's block cache is capped (``--gdal-cache``), so resident memory stays flat however large
+the raster. Voids stay voids: an output pixel is nodata where its source pixel is.
+
+The output is checked before any work (never the input, never an existing file without
+``--overwrite``) and written under a temporary name that replaces it only when complete;
+SIGINT and SIGTERM stop with status 130 and leave no partial file.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -28,9 +32,21 @@ from tqdm.auto import tqdm
 from core.config import load_config
 from core.context import RunContext
 from core.data.dataset import normalisation
-from core.data.geotiff import mask_implausible, require_file, warn_georeferencing
+from core.data.geotiff import (
+    gdal_cache,
+    mask_implausible,
+    open_dem,
+)
 from core.errors import DataError, UsageError
 from core.plugins import PluginManager
+from core.safe_io import (
+    SignalInterrupt,
+    check_output,
+    load_checkpoint,
+    replaced_when_done,
+    require_finite,
+    signals_interrupt,
+)
 from core.tasks import get_task
 from core.terrain import TERRAINS, terrain_index
 from core.train import CHECKPOINT, load_trained_state
@@ -38,13 +54,20 @@ from core.train import CHECKPOINT, load_trained_state
 PREDICTED_TASK = "dem_sr"
 """The task whose run folders this command serves; a run of another task is refused."""
 
+DEFAULT_GDAL_CACHE_MB = 64
+"""GDAL's block cache for reading and writing: a few rows of 256 x 256 tiles of the widest
+rasters, instead of GDAL's default of 5 % of RAM."""
+
 
 def load_trained_model(run_dir: Path, cpu: bool = False) -> tuple[nn.Module, RunContext, dict]:
     """The run's model with its plugins' surgery applied, in eval mode, and a context for
     the plugins' ``route_batch`` hooks."""
     config_path, checkpoint_path = run_dir / "config.toml", run_dir / CHECKPOINT
-    if not config_path.is_file() or not checkpoint_path.is_file():
-        raise UsageError(f"--checkpoint {run_dir}: no config.toml and {CHECKPOINT} there")
+    for needed in (config_path, checkpoint_path):
+        if not needed.is_file():
+            raise UsageError(f"--checkpoint {run_dir}: no {needed.name} there")
+    state = load_checkpoint(checkpoint_path)  # before anything is built: a refusal is quick
+    require_finite(state["model"], checkpoint_path)
     config = load_config(config_path)
     if config.run.task != PREDICTED_TASK:
         raise UsageError(
@@ -56,10 +79,6 @@ def load_trained_model(run_dir: Path, cpu: bool = False) -> tuple[nn.Module, Run
     task = get_task(config.run.task)
     ctx = RunContext(config, accelerator, task, plugins, run_dir, config.run.epochs)
     model = plugins.chain("configure_model", task.build_model(config), "model", ctx=ctx)
-    try:
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
-    except Exception as error:  # torch raises several types for a damaged file
-        raise UsageError(f"{checkpoint_path}: not a readable checkpoint ({error})") from None
     load_trained_state(model, state["model"], checkpoint_path)
     ctx.model = model.to(accelerator.device).eval()
     return ctx.model, ctx, {"scale": config.data.scale, "lr_shape": state["lr_shape"]}
@@ -117,25 +136,6 @@ def read_elevation(
     return values
 
 
-def open_dem(path: Path) -> rasterio.DatasetReader:
-    """Open a single-band, georeferenced raster; every problem is a DataError naming it."""
-    require_file(path)
-    try:
-        src = rasterio.open(path)
-    except RasterioError as error:
-        raise DataError(
-            f"{path}: not a readable GeoTIFF (truncated or not a raster): {error}"
-        ) from None
-    if src.count != 1:
-        src.close()
-        raise DataError(f"{path}: has {src.count} bands; an elevation raster needs exactly 1")
-    if src.crs is None:
-        src.close()
-        raise DataError(f"{path}: has no CRS, so the output could not be georeferenced")
-    warn_georeferencing(path, src.transform, src.crs, (src.height, src.width))
-    return src
-
-
 class Predictor:
     """Streams a raster through a trained model, one row of windows at a time."""
 
@@ -173,21 +173,15 @@ class Predictor:
         return [p * std + mean for p, (_, mean, std) in zip(pred, chunk, strict=True)]
 
     def run(self, src_path: Path, dst_path: Path, progress: bool = True) -> None:
-        """Write the super-resolved raster through a temporary file, so a failure never
-        leaves a half-written ``dst_path``."""
-        tmp = dst_path.with_name(dst_path.name + ".partial")
-        with open_dem(src_path) as src:
+        """Write the super-resolved raster through a temporary file, so a failure or a
+        signal never leaves a half-written ``dst_path``, nor the temporary file."""
+        with open_dem(src_path) as src, replaced_when_done(dst_path) as tmp:
             nodata = src.nodata if src.nodata is not None and np.isfinite(src.nodata) else np.nan
             try:
-                dst = rasterio.open(tmp, "w", **self._profile(src, nodata))
-            except RasterioError as error:
-                raise DataError(f"{dst_path}: cannot be written: {error}") from None
-            try:
-                with dst:
+                with rasterio.open(tmp, "w", **self._profile(src, nodata)) as dst:
                     self._stream(src, dst, nodata, progress)
-                os.replace(tmp, dst_path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            except RasterioError as error:  # a write; reading errors are DataErrors already
+                raise DataError(f"{dst_path}: cannot be written: {error}") from None
 
     def _profile(self, src: rasterio.DatasetReader, nodata: float) -> dict:
         """Float32 (super-resolved elevations are fractional), the input's CRS and nodata."""
@@ -302,24 +296,47 @@ def main(argv: list[str] | None = None) -> int:
         help="stop at values no terrain has (unmarked voids) instead of treating them as voids",
     )
     parser.add_argument("--cpu", action="store_true", help="run on the CPU")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUT.tif if it exists (never the input)"
+    )
+    parser.add_argument(
+        "--gdal-cache",
+        type=int,
+        default=DEFAULT_GDAL_CACHE_MB,
+        metavar="MB",
+        help=f"GDAL's raster block cache (default {DEFAULT_GDAL_CACHE_MB} MB)",
+    )
     args = parser.parse_args(argv)
     try:
-        open_dem(args.input).close()  # a bad input is reported before the model loads
-        model, ctx, meta = load_trained_model(args.checkpoint, cpu=args.cpu)
-        window = args.window or max(meta["lr_shape"])
-        overlap = args.overlap if args.overlap is not None else window // 4
-        routed = any("route_batch" in plugin.hooks for plugin in ctx.plugins.active)
-        terrain = args.terrain or (
-            guess_terrain(args.input, strict=args.strict_data) if routed else "moderate"
-        )
-        predictor = Predictor(
-            model, ctx, meta["scale"], window, overlap, terrain, strict_data=args.strict_data
-        )
-        predictor.run(args.input, args.output, progress=not args.quiet and sys.stderr.isatty())
+        with signals_interrupt():
+            check_output(args.output, args.input, args.overwrite)
+            if args.gdal_cache < 1:
+                raise UsageError(f"--gdal-cache {args.gdal_cache} must be at least 1 (MB)")
+            with gdal_cache(args.gdal_cache):
+                predict(args)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except SignalInterrupt as stop:
+        print(f"{stop}: stopped; {args.output} was not written", file=sys.stderr)
+        return 130
     return 0
+
+
+def predict(args: argparse.Namespace) -> None:
+    with open_dem(args.input):
+        pass  # a bad input is reported before the model loads
+    model, ctx, meta = load_trained_model(args.checkpoint, cpu=args.cpu)
+    window = args.window or max(meta["lr_shape"])
+    overlap = args.overlap if args.overlap is not None else window // 4
+    routed = any("route_batch" in plugin.hooks for plugin in ctx.plugins.active)
+    terrain = args.terrain or (
+        guess_terrain(args.input, strict=args.strict_data) if routed else "moderate"
+    )
+    predictor = Predictor(
+        model, ctx, meta["scale"], window, overlap, terrain, strict_data=args.strict_data
+    )
+    predictor.run(args.input, args.output, progress=not args.quiet and sys.stderr.isatty())
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 from core.config import Config, load_config
-from core.errors import UsageError
+from core.errors import StorageError, UsageError
 from core.plugins import PluginManager, describe_all
+from core.provenance import version_line
 from core.resume import check_resume
 
 EXIT_USAGE = 2
@@ -26,6 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m core.run",
         description="Train a geospatial model with a mix of training-strategy plugins.",
+    )
+    parser.add_argument(
+        "--version",
+        action="store_true",
+        help="terraplug's version and the folders core and plugins were imported from",
     )
     parser.add_argument("--plugins", help="plugins to activate, in this order: a,b,c")
     parser.add_argument("--list-plugins", action="store_true", help="list plugins and exit")
@@ -38,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override a config key (repeatable); the value is read as TOML",
     )
-    parser.add_argument("--data", help="a folder of GeoTIFFs (default: the embedded GLOBE tiles)")
+    parser.add_argument("--data", help="a folder of GeoTIFFs (default: tiles of data.source)")
     parser.add_argument("--epochs", type=int, help="shortcut for run.epochs")
     parser.add_argument("--out", help="run folder (shortcut for run.out)")
     parser.add_argument("--seed", type=int, help="shortcut for run.seed")
@@ -46,7 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--strict-plugins",
         action="store_true",
-        help="stop when a third-party plugin fails to load instead of skipping it",
+        help="stop when any installed third-party plugin fails to load, even one not named "
+        "in --plugins (a named plugin must always load)",
     )
     parser.add_argument(
         "--strict-data",
@@ -87,13 +94,36 @@ def resolve_config(args: argparse.Namespace) -> Config:
         config.resumed = []  # a run repeated from another's config.toml starts its own history
         return config
     saved = args.resume / "config.toml"
-    if not (args.resume / "checkpoint.pt").is_file() or not saved.is_file():
-        raise UsageError(f"--resume {args.resume}: no checkpoint.pt and config.toml to resume")
+    problem = resume_problem(args.resume)
+    if problem:
+        raise UsageError(f"--resume {args.resume}: {problem}")
     if args.config:
         raise UsageError("--resume uses the run's own config.toml; drop --config")
     config = load_config(saved, [*overrides, f"run.out={json.dumps(str(args.resume))}"])
     check_resume(args.resume, load_config(saved), config)
     return config
+
+
+def resume_problem(run_dir: Path) -> str | None:
+    """What ``run_dir`` lacks to be resumed, and what to run instead; None if nothing."""
+    if not run_dir.is_dir():
+        return "no such run folder"
+    config = run_dir / "config.toml"
+    if not config.is_file():
+        return "no config.toml there: not a run folder, or its run never started"
+    if (run_dir / "checkpoint.pt").is_file():
+        return None
+    # config.toml is written at start-up, the checkpoint after the first epoch (or after
+    # train.checkpoint_every epochs), so the run stopped before it: start it again.
+    if (run_dir / "metrics.jsonl").exists():  # epochs ran, but none was checkpointed
+        again = run_dir.with_name(run_dir.name + "-again")
+        where = f"in a new folder: python -m core.run --config {config} --out {again}"
+    else:
+        where = f"with: python -m core.run --config {config} --out {run_dir}"
+    return (
+        "config.toml is there but checkpoint.pt is not: the run stopped before its first "
+        f"checkpoint, so there is nothing to resume. Start it again {where}"
+    )
 
 
 def list_plugins(strict: bool) -> int:
@@ -102,12 +132,23 @@ def list_plugins(strict: bool) -> int:
     widths = {key: max(len(row[key]) for row in [headers, *rows]) for key in headers}
     for row in [headers, *rows]:
         print("  ".join(row[key].ljust(widths[key]) for key in headers).rstrip())
-    broken = [row["name"] for row in rows if row["summary"].startswith("BROKEN")]
-    return EXIT_USAGE if strict and broken else 0
+    broken = [row for row in rows if row["summary"].startswith("BROKEN")]
+    if strict and broken:
+        for row in broken:
+            print(
+                f"error: plugin {row['name']!r} from {row['origin']} failed to load: "
+                f"{row['summary'].removeprefix('BROKEN: ')}",
+                file=sys.stderr,
+            )
+        return EXIT_USAGE
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.version:
+        print(version_line())
+        return 0
     try:
         if args.list_plugins:
             return list_plugins(args.strict_plugins)
@@ -127,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                 )
             return EXIT_INTERRUPTED
-        except NonFiniteLossError as error:
+        except (NonFiniteLossError, StorageError) as error:
             print(f"error: {error}", file=sys.stderr)
             return 1
         finally:

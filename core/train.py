@@ -41,6 +41,7 @@ from core.metrics import count_loss_spikes
 from core.plugins import PluginManager
 from core.resume import record_resume
 from core.runlock import RunLock, claim_run_dir
+from core.safe_io import load_checkpoint, nonfinite_tensors, save_tensors
 from core.tasks import get_task
 
 CHECKPOINT = "checkpoint.pt"
@@ -49,6 +50,10 @@ INTERRUPTED = "interrupted.json"
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive optimizer steps had a non-finite loss or gradient."""
+
+
+class NonFiniteWeightsError(NonFiniteLossError):
+    """The weights became NaN or inf; they are never checkpointed."""
 
 
 class Interrupted(Exception):
@@ -116,11 +121,11 @@ def chunks(items: list, size: int) -> Iterator[list]:
         yield items[start : start + size]
 
 
-def atomic_write_bytes(path: Path, write: Any) -> None:
-    """Write through a temporary file and rename, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+def numpy_rng_state() -> dict[str, Any]:
+    """numpy's global RNG state in plain types (its key array as a list), which a
+    weights-only checkpoint load accepts; ``np.random.set_state`` takes it back as is."""
+    state = np.random.get_state(legacy=False)
+    return {**state, "state": {**state["state"], "key": state["state"]["key"].tolist()}}
 
 
 def all_finite(tensors: list[torch.Tensor]) -> bool:
@@ -175,7 +180,7 @@ def rng_state() -> dict[str, Any]:
     """This process's Python, NumPy and torch generator states."""
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": numpy_rng_state(),
         "torch": torch.get_rng_state(),
     }
 
@@ -279,8 +284,11 @@ class Trainer:
             device=accelerator.device,
         )
         start_epoch = 1
+        plugin_states: dict[str, dict[str, Any]] = {}
         if self.resume:
-            start_epoch = self.load_checkpoint()
+            start_epoch, plugin_states = self.load_checkpoint()
+        else:
+            config.plugins = ctx.plugins.resolved_sections(config.plugins)
         if accelerator.is_main_process:
             if self.resume:  # config.toml keeps the settings in force and the history
                 saved = load_config(self.run_dir / "config.toml")
@@ -290,6 +298,7 @@ class Trainer:
         if config.train.tensorboard:
             accelerator.init_trackers("tensorboard")
         ctx.plugins.call("setup", ctx=ctx)
+        ctx.plugins.load_state_dict(plugin_states)
         self.report_setup(train, val)
         return start_epoch
 
@@ -366,16 +375,13 @@ class Trainer:
         plan, stats = self.epoch_plan(epoch)
         local = plan[accelerator.process_index :: ctx.world_size]
         steps = list(chunks(local, config.optim.accumulation_steps))
-        logged_before_steps = ctx.logged()
         partial = self.partial.pop(epoch, None)
         if partial is None:
             sums = torch.zeros(2 + len(ctx.task.components), dtype=torch.float64)
             epoch_losses: list[float] = []
         else:  # the steps an interruption finished count as if never interrupted
             sums, epoch_losses = partial["sums"], partial["losses"]
-            for key, values in partial["logged"].items():
-                for value in values:
-                    ctx.log(key, value)
+            ctx.restore_logged(partial["logged"])  # replaces what the replayed hooks logged
         done = len(epoch_losses)  # steps completed before an interruption, replayed from here
         loader = DataLoader(
             ctx.train_dataset,
@@ -406,11 +412,11 @@ class Trainer:
             stop = self.agreed_stop()
             if stop is not None:
                 bar.close()
-                logged = {
-                    key: values[len(logged_before_steps.get(key, ())) :]
-                    for key, values in ctx.logged().items()
+                self.partial[epoch] = {
+                    "sums": sums,
+                    "losses": epoch_losses,
+                    "logged": ctx.logged_values(),
                 }
-                self.partial[epoch] = {"sums": sums, "losses": epoch_losses, "logged": logged}
                 self.save_checkpoint(epoch - 1)
                 self.write_interrupted(stop, epoch, step_index + 1, len(steps))
                 raise Interrupted(signal.Signals(stop).name)
@@ -432,12 +438,16 @@ class Trainer:
             step_losses=list(epoch_losses),  # per optimizer step: the spikes, visible
         )
         self.step_losses.extend(epoch_losses)
-        row.update(ctx.pop_logged())
         for name, extra in ctx.plugins.call("validation_metrics", model=self.model, ctx=ctx):
             clash = set(extra or {}) & set(row)
             if clash:
                 raise RuntimeError(f"plugin {name!r} returned metric keys that exist: {clash}")
             row.update(extra or {})
+        logged = ctx.pop_logged()
+        clash = set(logged) & set(row)
+        if clash:
+            raise RuntimeError(f"ctx.log keys {sorted(clash)} clash with metrics of the epoch row")
+        row.update(logged)
         return row
 
     def optimizer_step(self, micro: list[dict[str, Any]], progress: float) -> torch.Tensor:
@@ -569,11 +579,13 @@ class Trainer:
         """The last checkpoint, with every process's own state, written atomically by the
         main process.
 
-        ``partial`` in each process's state carries an epoch interrupted by a signal, so a
-        resumed run skips the finished steps and ends with the same metrics. Every process
-        returns only once the file is written: a launcher stops the others as soon as one
-        exits.
+        ``partial`` in each process's state carries the loss sums and ``ctx.log`` values of an
+        epoch interrupted by a signal, so a resumed run skips the finished steps and ends with
+        the same metrics. Every process returns only once the file is written: a launcher
+        stops the others as soon as one exits.
         """
+        weights = trained_state(self.accelerator.unwrap_model(self.model))
+        self.refuse_nonfinite(weights)  # on every process: they all hold the same weights
         processes = gather_object([self.process_state()])
         if self.accelerator.is_main_process:
             state = {
@@ -581,18 +593,31 @@ class Trainer:
                 **self.ctx.task.checkpoint_meta(),
                 "processes": processes,
                 "global_step": self.ctx.global_step,
-                "model": trained_state(self.accelerator.unwrap_model(self.model)),
+                "model": weights,
                 "optimizer": self.optimizer.state_dict(),
                 "rows": self.rows,
                 "nonfinite_total": self.nonfinite_total,
+                "plugins": self.ctx.plugins.state_dict(),
             }
-            atomic_write_bytes(self.run_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
+            save_tensors(self.run_dir / CHECKPOINT, state)
         self.accelerator.wait_for_everyone()
 
-    def load_checkpoint(self) -> int:
-        """Restore everything :meth:`save_checkpoint` wrote; returns the epoch to run next."""
+    def refuse_nonfinite(self, weights: dict[str, torch.Tensor]) -> None:
+        """Stop before NaN or inf weights overwrite the last good checkpoint."""
+        bad = nonfinite_tensors(weights)
+        if bad:
+            raise NonFiniteWeightsError(
+                f"epoch {self.ctx.epoch}: {len(bad)} of {len(weights)} weight tensors hold NaN "
+                f"or inf ({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}); they are "
+                f"not saved, {self.run_dir / CHECKPOINT} keeps the last finite weights (if "
+                "any). Lower optim.lr or enable optim.grad_clip"
+            )
+
+    def load_checkpoint(self) -> tuple[int, dict[str, dict[str, Any]]]:
+        """Restore everything :meth:`save_checkpoint` wrote; returns the epoch to run next
+        and the plugins' saved states (handed back after their ``setup``)."""
         path = self.run_dir / CHECKPOINT
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(path)
         load_trained_state(self.accelerator.unwrap_model(self.model), state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.restore_process_state(path, state["processes"])
@@ -603,7 +628,7 @@ class Trainer:
             with open(self.run_dir / "metrics.jsonl", "w") as handle:
                 handle.writelines(json.dumps(row) + "\n" for row in self.rows)
             (self.run_dir / INTERRUPTED).unlink(missing_ok=True)
-        return state["epoch"] + 1
+        return state["epoch"] + 1, state["plugins"]
 
     def restore_process_state(self, path: Path, processes: list[dict[str, Any]]) -> None:
         """This process's own state; between epochs a run may resume with another number

@@ -52,6 +52,15 @@ RATIO = re.compile(
         ("data_loading.py", [], {"loader_vs_small_model", "geotiff_vs_small_model"}),
         ("gpu_throughput.py", ["--device", "cpu", "--no-others"], {"bf16_vs_fp32_small"}),
         (
+            "predict_memory.py",
+            [],
+            {
+                "predict_rss_rise_largest_vs_cache_capped",
+                "predict_rss_rise_largest_vs_output_gdal_default",
+                "predict_vs_forward_windows_per_s_small",
+            },
+        ),
+        (
             "generators.py",
             [],
             {

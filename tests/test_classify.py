@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import pytest
 from affine import Affine
 
 from core.classify import main
-from core.data.geotiff import write_dem
+from core.data.distfiles import SRTM90, fetch
+from core.data.geotiff import read_dem, write_dem
 from core.terrain import TERRAINS
 
 
@@ -70,3 +72,21 @@ def test_runs_as_a_module(procedural_dir: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "\talpine\tregion\t" in result.stdout
+
+
+def test_a_real_canyon_is_extreme_and_its_shape_is_printed(tmp_path: Path, capsys) -> None:
+    """A Kings Canyon tile (SRTM 90 m) is as rough and steep as the High Sierra: only its shape,
+    most of the area near the top, makes it extreme."""
+    dem = read_dem(fetch(SRTM90))
+    row, col = 2064, 2448
+    tile = dem.elevation[row : row + 48, col : col + 48]
+    transform = dem.transform @ Affine.translation(col, row)
+    write_dem(tmp_path / "n36w118.tif", tile, transform, "EPSG:4326")
+    assert main([str(tmp_path / "n36w118.tif")]) == 0
+    category, source, measured = output_rows(capsys.readouterr().out)["n36w118.tif"]
+    assert (category, source) == ("extreme", "dem")
+    parts = (re.match(r"([a-z -]+) (-?[\d.]+)", part) for part in measured.split(", "))
+    stats = {match[1]: float(match[2]) for match in parts}
+    assert stats["top-quarter area"] >= 0.3 and stats["elevation skewness"] < 0
+    assert 0 < stats["hypsometric integral"] < 1 and 0 < stats["slope bimodality"] < 1
+    assert stats["roughness"] < 500 and stats["slope"] < 30  # alpine, not extreme, by both

@@ -36,6 +36,12 @@ def unmarked_voids(path: Path) -> Path:
     return write_dem(path, z, UTM_ORIGIN, UTM, dtype="int16")
 
 
+def open_input(path: Path) -> None:
+    """Open a raster as ``core.predict`` opens its input."""
+    with open_dem(path):
+        pass
+
+
 def messages(caught: list[warnings.WarningMessage]) -> str:
     return "\n".join(str(w.message) for w in caught)
 
@@ -86,12 +92,13 @@ def test_training_masks_unmarked_voids_and_reports_a_dangling_link(
         # UTM zone 13N coordinates on the other side of the globe
         (UTM, Affine(30.0, 0, -9_000_000.0, 0, -30.0, 4_400_000.0), "area of use of EPSG:32613"),
         (UTM, Affine(0.01, 0, 500_000.0, 0, -0.01, 4_400_000.0), "cells of 0.01 x 0.01 m"),
-        (UTM, Affine(9_000.0, 0, 500_000.0, 0, -9_000.0, 4_400_000.0), "cells of 9000 x 9000 m"),
+        # 9 km of grid is 8998 m of ground at the raster's centre, 216 km east of the meridian
+        (UTM, Affine(9_000.0, 0, 500_000.0, 0, -9_000.0, 4_400_000.0), "cells of 8998 x 8998 m"),
     ],
 )
 def test_doubtful_georeferencing_is_warned_naming_the_file(tmp_path, crs, transform, problem):
     path = write_dem(tmp_path / "tile.tif", hills(), transform, crs)
-    for read in (read_dem, lambda p: open_dem(p).close()):  # training tiles, predict inputs
+    for read in (read_dem, open_input):  # training tiles, predict inputs
         with pytest.warns(UserWarning, match="is the CRS right") as caught:
             read(path)
         assert f"{path}: " in messages(caught) and problem in messages(caught)
@@ -113,7 +120,7 @@ def test_sound_georeferencing_is_quiet(tmp_path: Path, crs: str, transform: Affi
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         read_dem(path)
-        open_dem(path).close()
+        open_input(path)
 
 
 def test_a_dangling_link_stops_a_strict_run(procedural_dir: Path, tmp_path: Path):

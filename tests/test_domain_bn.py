@@ -88,7 +88,7 @@ class PerTerrainReference:
 
 def train_both(momentum: float | None) -> tuple[TerrainBatchNorm2d, PerTerrainReference]:
     """Run BATCHES through the layer and the reference; check outputs and gradients on the way."""
-    layer = TerrainBatchNorm2d.from_batchnorm(trained_bn(momentum))
+    layer = TerrainBatchNorm2d.from_batchnorm(trained_bn(momentum), len(TERRAINS))
     reference = PerTerrainReference(trained_bn(momentum))
     for seed, labels in enumerate(BATCHES):
         terrain = torch.tensor(labels)
@@ -152,7 +152,7 @@ def test_before_training_the_swapped_layer_is_the_original_batchnorm():
     bn = trained_bn()
     model = nn.Sequential(nn.Conv2d(1, CHANNELS, 3), bn, nn.ReLU())
     original = copy.deepcopy(model)
-    assert swap_batchnorms(model) == 1
+    assert swap_batchnorms(model, len(TERRAINS)) == 1
     layer = model[1]
     assert isinstance(layer, TerrainBatchNorm2d)
     assert (layer.eps, layer.momentum) == (bn.eps, bn.momentum)
@@ -173,7 +173,7 @@ def test_shared_batchnorm_stays_shared_and_every_one_is_swapped():
     model = nn.Sequential(
         nn.Sequential(nn.Conv2d(3, 3, 1), shared), shared, nn.Sequential(nn.BatchNorm2d(3))
     )
-    assert swap_batchnorms(model) == 2
+    assert swap_batchnorms(model, len(TERRAINS)) == 2
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert model[0][1] is model[1]
 
@@ -184,7 +184,7 @@ def test_state_dict_round_trip_keeps_per_terrain_statistics_and_seen_flags():
     state = model.state_dict()
     assert state["1.running_mean"].shape == (len(TERRAINS), CHANNELS)
     fresh = nn.Sequential(nn.Conv2d(CHANNELS, CHANNELS, 1), nn.BatchNorm2d(CHANNELS))
-    swap_batchnorms(fresh)
+    swap_batchnorms(fresh, len(TERRAINS))
     fresh.load_state_dict(state)
     assert fresh[1].seen.tolist() == layer.seen.tolist()
     for name, value in fresh.state_dict().items():
@@ -199,7 +199,7 @@ def test_state_dict_round_trip_keeps_per_terrain_statistics_and_seen_flags():
 
 
 def test_unrouted_or_misrouted_layer_names_the_plugin():
-    layer = TerrainBatchNorm2d(CHANNELS)
+    layer = TerrainBatchNorm2d(CHANNELS, len(TERRAINS))
     with pytest.raises(RuntimeError, match=r"domain_bn.*route_batch"):
         layer(torch.randn(2, CHANNELS, 3, 3))
     layer.route(torch.tensor([0, 1, 2]))

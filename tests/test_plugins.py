@@ -1,13 +1,18 @@
-"""The plugin manager: ordering, exclusivity, discovery, broken and unknown plugins."""
+"""The plugin manager: ordering, exclusivity, pluggy's hookimpl contract, discovery, broken
+and unknown plugins, config sections and plugin state."""
 
 from __future__ import annotations
 
 import sys
 import textwrap
+import tomllib
+import warnings
 from pathlib import Path
 
 import attrs
+import numpy as np
 import pytest
+import tomli_w
 import torch
 
 from core.errors import ConfigError, PluginError
@@ -215,15 +220,17 @@ def test_plugin_config_errors_name_the_key(fake_distributions):
         PluginManager.from_names(["scaled"], {"scaled": {"factor": "big"}})
 
 
-def test_broken_entry_point_is_skipped_with_its_distribution(fake_distributions):
-    with pytest.warns(UserWarning, match=r"'broken' from broken_dist 1\.0.*skipped"):
-        pm = PluginManager.from_names(["broken", "scaled"])
-    assert [p.name for p in pm.active] == ["scaled"]
+def test_a_named_plugin_that_fails_to_load_stops_the_run(fake_distributions):
+    with pytest.raises(PluginError, match=r"'broken' from broken_dist 1\.0.*no_such_module_xyz"):
+        PluginManager.from_names(["broken", "scaled"])
 
 
-def test_broken_entry_point_is_fatal_when_strict(fake_distributions):
-    with pytest.raises(PluginError, match=r"broken_dist 1\.0.*no_such_module_xyz"):
-        PluginManager.from_names(["broken"], strict=True)
+def test_a_broken_plugin_the_run_does_not_name_stops_it_only_when_strict(fake_distributions):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [p.name for p in PluginManager.from_names(["scaled"]).active] == ["scaled"]
+    with pytest.raises(PluginError, match=r"'broken' from broken_dist 1\.0"):
+        PluginManager.from_names(["scaled"], strict=True)
 
 
 def test_list_shows_origin_hooks_summary_and_broken(fake_distributions):
@@ -245,9 +252,30 @@ def test_plugin_named_twice_is_an_error():
         PluginManager.from_names(["a", "a"])
 
 
-def test_unused_plugin_section_warns(fake_distributions):
-    with pytest.warns(UserWarning, match=r"\[plugins\.other\]"):
-        PluginManager.from_names(["scaled"], {"other": {}})
+def test_a_section_for_an_unknown_plugin_is_an_error_suggesting_the_closest(fake_distributions):
+    with pytest.raises(PluginError, match=r"\[plugins\.scaledd\].*Did you mean 'scaled'"):
+        PluginManager.from_names([], {"scaledd": {"factor": 3.0}})
+
+
+def test_a_section_for_an_inactive_plugin_is_checked_then_unused(fake_distributions):
+    with pytest.raises(ConfigError, match=r"plugins\.scaled"):
+        PluginManager.from_names([], {"scaled": {"factr": 3.0}})
+    with pytest.warns(UserWarning, match=r"\[plugins\.scaled\].*unused"):
+        pm = PluginManager.from_names([], {"scaled": {"factor": 3.0}})
+    assert pm.active == []
+
+
+def test_resolved_sections_hold_every_key_with_defaults(fake_distributions):
+    pm = PluginManager.from_names(["scaled"], {"scaled": {}})
+    assert pm.resolved_sections({"scaled": {}}) == {"scaled": {"factor": 2.0}}
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_PLUGINS))
+def test_every_builtins_resolved_section_reads_back_as_the_same_config(name):
+    pm = PluginManager.from_names([name])
+    text = tomli_w.dumps({"plugins": pm.resolved_sections({})})
+    again = PluginManager.from_names([name], tomllib.loads(text)["plugins"])
+    assert again.config(name) == pm.config(name)
 
 
 def test_module_plugins_are_registered_as_modules(tmp_path, monkeypatch):
@@ -263,3 +291,192 @@ def test_module_plugins_are_registered_as_modules(tmp_path, monkeypatch):
     assert pm.active[0].hooks == ["loss_weights"]
     assert chain_weights(pm).item() == 5.0
     sys.modules.pop("module_plugin", None)
+
+
+# --- pluggy's hookimpl contract ----------------------------------------------------------------
+
+
+def test_an_implementation_declaring_a_subset_of_arguments_runs():
+    class WeightsOnly:
+        @hookimpl
+        def loss_weights(self, weights):
+            return weights * 3
+
+    seen = []
+
+    class NoArguments:
+        @hookimpl
+        def on_epoch_start(self):
+            seen.append("called")
+
+    assert chain_weights(manager(WeightsOnly())).item() == 3.0
+    manager(NoArguments()).call("on_epoch_start", epoch=1, ctx=None)
+    assert seen == ["called"]
+
+
+def test_arguments_are_passed_by_name_in_any_order():
+    class Reordered:
+        @hookimpl
+        def batch_plan(self, epoch, ctx, indices):
+            return [[epoch, *indices]]
+
+    plan = manager(Reordered()).exclusive(
+        "batch_plan", dataset=None, indices=[7, 8], epoch=3, ctx=None
+    )
+    assert plan == [[3, 7, 8]]
+
+
+def test_module_plugin_with_a_subset_of_arguments(tmp_path, monkeypatch):
+    (tmp_path / "subset_module.py").write_text(
+        "from terraplug import hookimpl\n\n"
+        "@hookimpl\n"
+        "def loss_weights(weights):\n"
+        "    return weights * 7\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(BUILTIN_PLUGINS, "subset_module", "subset_module")
+    assert chain_weights(PluginManager.from_names(["subset_module"])).item() == 7.0
+    sys.modules.pop("subset_module", None)
+
+
+@pytest.mark.parametrize(
+    ("option", "advice"),
+    [
+        ("tryfirst", "list the plugin earlier"),
+        ("trylast", "list the plugin later"),
+        ("wrapper", "does not run hook wrappers"),
+        ("hookwrapper", "does not run hook wrappers"),
+    ],
+)
+@pytest.mark.parametrize("hook", ["loss_weights", "backward"])
+def test_ordering_and_wrapper_options_are_refused_at_registration(option, advice, hook):
+    def weights(self, weights, batch, ctx):
+        yield
+
+    def backward(self, per_sample_loss, batch, ctx):
+        yield
+
+    function = {"loss_weights": weights, "backward": backward}[hook]
+    Marked = type("Marked", (), {hook: hookimpl(**{option: True})(function)})
+    with pytest.raises(
+        PluginError, match=rf"'Marked' marks hook '{hook}' {option}=True: .*{advice}"
+    ):
+        manager(Marked())
+
+
+def test_specname_implements_the_named_hook():
+    class Renamed:
+        @hookimpl(specname="loss_weights")
+        def triple(self, weights):
+            return weights * 3
+
+    pm = manager(Renamed())
+    assert pm.active[0].hooks == ["loss_weights"]
+    assert chain_weights(pm).item() == 3.0
+
+
+def test_optionalhook_for_a_hook_terraplug_lacks_is_accepted_and_never_called():
+    class FutureHook:
+        @hookimpl(optionalhook=True)
+        def on_batch_end(self, ctx):
+            raise AssertionError("no such hook: never called")
+
+        @hookimpl
+        def loss_weights(self, weights):
+            return weights + 1
+
+    assert chain_weights(manager(FutureHook())).item() == 2.0
+
+
+# --- plugin state ---------------------------------------------------------------------------
+
+
+class Counter(Plugin):
+    """Counts calls; keeps the count in the checkpoint."""
+
+    name = "counter"
+
+    def __init__(self, config=None, extra=None):
+        super().__init__(config)
+        self.calls = 0
+        self.extra = extra
+
+    @hookimpl
+    def on_epoch_start(self):
+        self.calls += 1
+
+    def state_dict(self):
+        return {"calls": self.calls, "history": torch.arange(3), "extra": self.extra}
+
+    def load_state_dict(self, state):
+        self.calls = state["calls"]
+
+
+def test_plugin_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    saved = manager(Counter(), names=["counter"])
+    saved.call("on_epoch_start", epoch=1, ctx=None)
+    path = tmp_path / "state.pt"
+    torch.save({"plugins": saved.state_dict()}, path)
+    restored = manager(Counter(), names=["counter"])
+    restored.load_state_dict(torch.load(path, weights_only=True)["plugins"])
+    assert restored.active[0].obj.calls == 1
+
+
+def test_plugin_state_that_a_weights_only_load_refuses_is_an_error_naming_the_plugin():
+    with pytest.raises(
+        PluginError, match=r"'counter': state_dict\(\)\['extra'\]\[0\] is a float64"
+    ):
+        manager(Counter(extra=[np.float64(1.0)]), names=["counter"]).state_dict()
+
+
+def test_a_module_plugin_has_a_checked_config_and_state(tmp_path, monkeypatch):
+    (tmp_path / "stateful_module.py").write_text(
+        textwrap.dedent("""\
+            import attrs
+            from terraplug import hookimpl
+
+            @attrs.frozen
+            class Config:
+                factor: float = 1.0
+
+            calls = []
+
+            @hookimpl
+            def loss_weights(weights, ctx):
+                calls.append(1)
+                return weights * ctx.plugin_config("stateful_module").factor
+
+            def state_dict():
+                return {"calls": len(calls)}
+
+            def load_state_dict(state):
+                calls[:] = [1] * state["calls"]
+            """)
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(BUILTIN_PLUGINS, "stateful_module", "stateful_module")
+    with pytest.raises(ConfigError, match=r"plugins\.stateful_module"):
+        PluginManager.from_names(["stateful_module"], {"stateful_module": {"factr": 2.0}})
+    pm = PluginManager.from_names(["stateful_module"], {"stateful_module": {"factor": 4.0}})
+
+    class Context:
+        plugin_config = staticmethod(pm.config)
+
+    assert pm.chain("loss_weights", torch.ones(1), "weights", ctx=Context()).item() == 4.0
+    assert pm.state_dict() == {"stateful_module": {"calls": 1}}
+    pm.load_state_dict({"stateful_module": {"calls": 3}})
+    assert pm.state_dict() == {"stateful_module": {"calls": 3}}
+    sys.modules.pop("stateful_module", None)
+
+
+def test_the_registered_name_not_the_class_name_attribute_names_the_plugin(monkeypatch):
+    monkeypatch.setitem(BUILTIN_PLUGINS, "alias", "tests.test_plugins:Scaled")
+    pm = PluginManager.from_names(["alias"], {"alias": {"factor": 3.0}})
+    assert pm.active[0].name == "alias" and Scaled.name == "scaled"
+    assert pm.config("alias").factor == 3.0
+
+
+def test_a_plugin_without_options_accepts_only_an_empty_section():
+    assert PluginManager.from_names(["balanced_grad"], {"balanced_grad": {}}).active
+    with pytest.raises(ConfigError, match=r"anything.*plugins\.balanced_grad"):
+        PluginManager.from_names(["balanced_grad"], {"balanced_grad": {"anything": 1}})

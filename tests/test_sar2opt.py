@@ -215,7 +215,7 @@ def test_encoder_only_trains_the_encoder_adapters_alone(tmp_path: Path) -> None:
 
 
 def test_refiner_caches_generations_and_freezes_terramind(tmp_path: Path) -> None:
-    trainer, _ = make_trainer(tmp_path / "ref", "refiner", "data.val_fraction=0.75")
+    trainer, _ = make_trainer(tmp_path / "ref", "refiner", "data.tile_size=32")
     trainer.setup()
     trainable = [n for n, p in trainer.model.named_parameters() if p.requires_grad]
     assert trainable and all(n.startswith("refiner.") for n in trainable)
@@ -264,15 +264,23 @@ def test_pretrained_without_cached_weights_is_a_clear_error(
         build_terramind("tiny", pretrained=True, lora_rank=8, lora_alpha=16.0, lora_targets=".*qkv")
 
 
-def test_cli_run_writes_the_run_folder_and_resumes(tmp_path: Path) -> None:
-    """``python -m core.run --task sar2opt``: metrics with generation scores, the comparison
-    PNG, a checkpoint without the frozen 300 M parameters, and a resume that continues."""
+def test_cli_run_writes_the_run_folder_and_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``python -m core.run --task sar2opt``: validation on the six real BigEarthNet pairs,
+    named on the console; metrics with generation scores, the comparison PNG, a checkpoint
+    without the frozen 300 M parameters, and a resume that continues."""
     from core.run import main
 
     out = tmp_path / "cli"
     common = ["--task", "sar2opt", "--out", str(out), "--set", "model.diffusion_steps=1"]
     common += ["--set", "train.progress='never'", "--set", "train.max_steps_per_epoch=2"]
     assert main([*common, "--plugins", "teacher_forcing", "--epochs", "1"]) == 0
+    console = capsys.readouterr().out
+    assert "40 training / 6 validation tiles" in console
+    assert "6 real BigEarthNet S1 GRD / S2 L2A pairs" in console
+    for place in ("Austria", "Ireland", "Finland", "Portugal", "S2A_MSIL2A_20170613T101031_87_48"):
+        assert place in console
     rows = read_metrics(out)
     assert {"val_l1", "val_psnr", "val_ssim", "val_loss"} <= set(rows[0])
     assert 0 < rows[0]["val_ssim"] <= 1 and rows[0]["val_psnr"] > 0

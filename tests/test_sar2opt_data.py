@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import importlib.util
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,9 +79,7 @@ def test_a_second_call_reuses_the_cache_and_reports(
 ) -> None:
     monkeypatch.setenv("TERRAPLUG_CACHE", str(default_dir.parent))
     before = (default_dir / "manifest.json").stat().st_mtime_ns
-    start = time.perf_counter()
     assert ensure_default_pairs() == default_dir
-    assert time.perf_counter() - start < 0.2
     assert (default_dir / "manifest.json").stat().st_mtime_ns == before
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and str(default_dir) in out and "40" in out

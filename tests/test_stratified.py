@@ -144,7 +144,7 @@ def test_draws_only_from_given_indices_and_configured_categories():
 def test_samples_per_category_gives_the_seeds_batches():
     plugin = Stratified(StratifiedConfig(samples_per_category=2))
     labels = labels_for((0, 12, 9, 0, 20))
-    pools = category_pools(labels, np.arange(len(labels)), plugin.categories)
+    pools = category_pools(labels, np.arange(len(labels)), plugin.category_indices(TERRAINS))
     batch_size = plugin.batch_size(default=10, present=len(pools))
     counts = per_batch_counts(plan_batches(pools, batch_size, 0, 1), labels)
     assert np.all(counts[:, [1, 2, 4]] == 2) and np.all(counts[:, [0, 3]] == 0)
@@ -156,8 +156,7 @@ def test_samples_per_category_gives_the_seeds_batches():
     ("raw", "message"),
     [
         ({"batch_size": 8, "samples_per_category": 2}, "not both"),
-        ({"categories": ["flat", "glacier"]}, "glacier"),
-        ({"categories": []}, "at least one"),
+        ({"categories": ["flat", "alpine", "flat"]}, "twice"),
         ({"epoch_length": "forever"}, "epoch_length"),
         ({"batch_size": -1}, "batch_size"),
     ],
@@ -243,3 +242,15 @@ class WithoutFlat:
 def test_no_configured_category_in_the_epoch_is_a_config_error(train_run):
     with pytest.raises(ConfigError, match=r"plugins\.stratified\.categories"):
         train_run(WithoutFlat(), Stratified(StratifiedConfig(categories=["flat"])))
+
+
+def test_empty_categories_deal_out_every_domain_of_the_task():
+    plugin = Stratified(StratifiedConfig())
+    assert plugin.category_indices(("a", "b", "c")) == [0, 1, 2]
+    chosen = Stratified(StratifiedConfig(categories=["c", "a"]))
+    assert chosen.category_indices(("a", "b", "c")) == [2, 0]
+
+
+def test_category_the_task_lacks_is_a_config_error_naming_the_task_domains(train_run):
+    with pytest.raises(ConfigError, match=r"categories: unknown category 'glacier'.*flat"):
+        train_run(Stratified(StratifiedConfig(categories=["flat", "glacier"])))

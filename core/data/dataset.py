@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from core.config import DataSection
 from core.data.geotiff import read_dem
 from core.data.labels import label_tile
 from core.errors import DataError
@@ -198,6 +199,22 @@ def train_val_split(
     is_val = np.zeros(len(dataset), dtype=bool)
     is_val[val] = True
     return dataset.subset(np.flatnonzero(~is_val)), dataset.subset(np.flatnonzero(is_val))
+
+
+def load_split(folder: Path, data: DataSection, seed: int) -> tuple[TileDataset, TileDataset]:
+    """Training and validation tiles of ``folder``.
+
+    A folder with ``train/`` and ``val/`` subfolders is split already (the built-in sources
+    hold out a spatially separate block); any other folder is split by ``train_val_split``.
+    """
+    train_dir, val_dir = Path(folder) / "train", Path(folder) / "val"
+    if not (train_dir.is_dir() and val_dir.is_dir()):
+        dataset = TileDataset.from_folder(folder, data.scale, strict=data.strict)
+        return train_val_split(dataset, data.val_fraction, seed)
+    train = TileDataset.from_folder(train_dir, data.scale, strict=data.strict)
+    val = TileDataset.from_folder(val_dir, data.scale, strict=data.strict)
+    train.skipped.extend(val.skipped)
+    return train, val
 
 
 def _geotiffs(folder: Path) -> list[Path]:

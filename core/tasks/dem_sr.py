@@ -13,14 +13,14 @@ from torch import nn
 
 from core.config import Config
 from core.context import RunContext
-from core.data.dataset import TileDataset, train_val_split
-from core.data.globe import ensure_globe_tiles
+from core.data.dataset import TileDataset, load_split
+from core.data.sources import ensure_source_tiles
 from core.errors import ConfigError
 from core.losses import COMPONENTS, dem_loss_components
 from core.metrics import ValidationAccumulator
 from core.models.rcan import build_rcan
 from core.plots import plot_hillshade_triptych, plot_loss_curves, plot_terrain_rmse
-from core.tasks import ReportMetric
+from core.tasks import ReportMetric, metric_text
 from core.terrain import TERRAINS
 
 Batch = dict[str, Any]
@@ -49,13 +49,14 @@ class DemSuperResolution:
             folder = (
                 Path(data.dir)
                 if data.dir
-                else ensure_globe_tiles(
-                    tile_size=data.tile_size or 48, quiet=not ctx.accelerator.is_main_process
+                else ensure_source_tiles(
+                    data.source,
+                    tile_size=data.tile_size or 48,
+                    quiet=not ctx.accelerator.is_main_process,
                 )
             )
-            dataset = TileDataset.from_folder(folder, data.scale, strict=data.strict)
-        self.skipped = dataset.skipped
-        train, val = train_val_split(dataset, data.val_fraction, data.split_seed)
+            train, val = load_split(folder, data, data.split_seed)
+        self.skipped = train.skipped
         self.train_dataset, self.val_dataset = train, val
         self.bicubic: dict[str, Any] | None = None
         return train, val
@@ -105,14 +106,14 @@ class DemSuperResolution:
         return {**model_errors.summary(), **self.bicubic}
 
     def epoch_summary(self, row: dict[str, Any]) -> str:
-        def metres(value: float | None) -> str:
-            return "n/a" if value is None else f"{value:.2f}"
-
-        by_terrain = " ".join(f"{t} {metres(v)}" for t, v in row["val_rmse_m_by_terrain"].items())
+        by_terrain = " ".join(
+            f"{t} {metric_text(v, '.2f')}" for t, v in row["val_rmse_m_by_terrain"].items()
+        )
         return (
-            f"train_loss {row['train_loss']:.4f} val_loss {row['val_loss']:.4f} "
-            f"val_rmse {metres(row['val_rmse_m'])} m "
-            f"(bicubic {metres(row.get('val_rmse_m_bicubic'))} m; {by_terrain})"
+            f"train_loss {metric_text(row['train_loss'], '.4f')} "
+            f"val_loss {metric_text(row['val_loss'], '.4f')} "
+            f"val_rmse {metric_text(row['val_rmse_m'], '.2f')} m "
+            f"(bicubic {metric_text(row.get('val_rmse_m_bicubic'), '.2f')} m; {by_terrain})"
         )
 
     def checkpoint_meta(self) -> dict[str, Any]:

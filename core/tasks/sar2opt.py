@@ -20,12 +20,14 @@ from tqdm import tqdm
 
 from core.config import Config
 from core.context import RunContext
+from core.data.bigearthnet import ensure_bigearthnet_pairs
 from core.data.dataset import train_val_split
 from core.data.sar2opt import TERRAMIND_V1, PairDataset, ensure_default_pairs
 from core.errors import UsageError
 from core.models.terramind import TerraMindSarToOptical, build_terramind
 from core.plots import plot_loss_curves, plot_sar_optical
-from core.tasks import ReportMetric
+from core.safe_io import save_tensors
+from core.tasks import ReportMetric, metric_text
 
 Batch = dict[str, Any]
 GENERATORS = ("teacher_forcing", "straight_through", "reinforce", "refiner", "encoder_only")
@@ -59,21 +61,34 @@ class SarToOptical:
             raise UsageError(NO_GENERATOR)
         self.ctx = ctx
         data = config.data
-        with ctx.accelerator.main_process_first():
-            folder = (
-                Path(data.dir)
-                if data.dir
-                else ensure_default_pairs(
-                    data.tile_size or DEFAULT_TILE_SIZE,
-                    quiet=not ctx.accelerator.is_main_process,
-                )
+        if data.dir:
+            dataset = PairDataset.from_folder(Path(data.dir), TERRAMIND_V1, strict=data.strict)
+            self.skipped = dataset.skipped
+            self.train_dataset, self.val_dataset = train_val_split(
+                dataset, data.val_fraction, data.split_seed
             )
-        dataset = PairDataset.from_folder(folder, TERRAMIND_V1, strict=data.strict)
-        self.skipped = dataset.skipped
-        self.train_dataset, self.val_dataset = train_val_split(
-            dataset, data.val_fraction, data.split_seed
-        )
+        else:
+            self.train_dataset, self.val_dataset = self.default_datasets(config, ctx)
+            self.skipped = self.train_dataset.skipped
         return self.train_dataset, self.val_dataset
+
+    @staticmethod
+    def default_datasets(config: Config, ctx: RunContext) -> tuple[PairDataset, PairDataset]:
+        """Train on every procedural pair, validate on the six real BigEarthNet pairs.
+
+        Six pairs are too few to train on, but validating on them puts every run's pixel
+        metrics on real imagery. ``data.val_fraction`` applies to a ``--data`` folder only.
+        """
+        quiet = not ctx.accelerator.is_main_process
+        with ctx.accelerator.main_process_first():
+            procedural = ensure_default_pairs(
+                config.data.tile_size or DEFAULT_TILE_SIZE, quiet=quiet
+            )
+            real = ensure_bigearthnet_pairs(quiet=quiet)
+        return (
+            PairDataset.from_folder(procedural, TERRAMIND_V1, strict=True),
+            PairDataset.from_folder(real.folder, TERRAMIND_V1, strict=True),
+        )
 
     def build_model(self, config: Config) -> nn.Module:
         model = config.model
@@ -120,7 +135,7 @@ class SarToOptical:
                 ]
             )
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"names": names, "tokens": tokens}, path)
+            save_tensors(path, {"names": names, "tokens": tokens})
         return tokens
 
     def target_tokens(self, batch: Batch) -> torch.Tensor:
@@ -169,8 +184,10 @@ class SarToOptical:
 
     def epoch_summary(self, row: dict[str, Any]) -> str:
         return (
-            f"train_loss {row['train_loss']:.4f} val_l1 {row['val_l1']:.4f} "
-            f"PSNR {row['val_psnr']:.2f} dB SSIM {row.get('val_ssim', math.nan):.3f}"
+            f"train_loss {metric_text(row['train_loss'], '.4f')} "
+            f"val_l1 {metric_text(row['val_l1'], '.4f')} "
+            f"PSNR {metric_text(row['val_psnr'], '.2f')} dB "
+            f"SSIM {metric_text(row.get('val_ssim'), '.3f')}"
         )
 
     def checkpoint_meta(self) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from core.hookspecs import Batch, hookimpl
 from core.models.terramind import TerraMindSarToOptical
 from core.plugins import Plugin
+from core.safe_io import save_tensors
 from plugins.generators import sar2opt_task, terramind_of
 
 if TYPE_CHECKING:
@@ -118,7 +119,8 @@ class Refiner(Plugin):
             )
             if ctx.accelerator.is_main_process:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save({"names": names, "diffusion_steps": steps, "generated": generated}, path)
+                cache = {"names": names, "diffusion_steps": steps, "generated": generated}
+                save_tensors(path, cache)
         return generated
 
     @hookimpl

@@ -1,5 +1,6 @@
 """``domain_bn``: terrain-adaptive batch normalisation (seed Solution D), per sample.
 
+Works on the task's domains (``ctx.terrains``; for dem_sr the five terrain categories).
 The seed's ``TerrainAdaptiveBatchNorm`` holds one ``BatchNorm2d`` per terrain and picks one
 for the whole batch. Here one layer keeps per-terrain running statistics as ``[terrains, C]``
 buffers and normalises every sample with its own terrain's statistics in one vectorised pass,
@@ -29,7 +30,6 @@ from torch import nn
 from core.errors import ConfigError
 from core.hookspecs import Batch, hookimpl
 from core.plugins import Plugin
-from core.terrain import TERRAINS
 
 if TYPE_CHECKING:
     from core.context import RunContext
@@ -92,7 +92,7 @@ class TerrainBatchNorm2d(nn.Module):
     def __init__(
         self,
         num_features: int,
-        num_terrains: int = len(TERRAINS),
+        num_terrains: int,
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         affine: bool = True,
@@ -122,7 +122,7 @@ class TerrainBatchNorm2d(nn.Module):
 
     @classmethod
     def from_batchnorm(
-        cls, bn: nn.BatchNorm2d, num_terrains: int = len(TERRAINS), sync: str = "global"
+        cls, bn: nn.BatchNorm2d, num_terrains: int, sync: str = "global"
     ) -> TerrainBatchNorm2d:
         """A layer with ``bn``'s settings, affine and running statistics (in every row)."""
         layer = cls(
@@ -249,9 +249,7 @@ class TerrainBatchNorm2d(nn.Module):
         )
 
 
-def swap_batchnorms(
-    model: nn.Module, num_terrains: int = len(TERRAINS), sync: str = "global"
-) -> int:
+def swap_batchnorms(model: nn.Module, num_terrains: int, sync: str = "global") -> int:
     """Replace every ``nn.BatchNorm2d`` inside ``model`` in place; returns how many.
 
     A BN module registered at several places stays one shared layer.

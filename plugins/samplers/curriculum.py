@@ -32,6 +32,7 @@ import numpy as np
 
 from core import validators as check
 from core.context import RunContext
+from core.errors import ConfigError
 from core.hookspecs import hookimpl
 from core.plugins import Plugin
 from core.terrain import TERRAINS, terrain_index
@@ -201,6 +202,15 @@ class Curriculum(Plugin):
     def __init__(self, config: CurriculumConfig) -> None:
         super().__init__(config)
         self.warned: set[tuple[int, ...]] = set()
+
+    @hookimpl
+    def setup(self, ctx: RunContext) -> None:
+        if tuple(ctx.terrains) != TERRAINS:
+            raise ConfigError(
+                f"plugin curriculum orders the DEM terrain categories {', '.join(TERRAINS)} "
+                f"from easy to hard; task {ctx.task.name!r} has the domains "
+                f"{', '.join(ctx.terrains)}, which it cannot rank"
+            )
 
     @hookimpl
     def epoch_indices(self, indices: np.ndarray, epoch: int, ctx: RunContext) -> np.ndarray:

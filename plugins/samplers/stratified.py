@@ -25,19 +25,13 @@ from core.context import RunContext
 from core.errors import ConfigError
 from core.hookspecs import hookimpl
 from core.plugins import Plugin
-from core.terrain import TERRAINS, terrain_index
 
 EPOCH_LENGTHS = ("tiles", "smallest", "largest")
 
 
-def _terrain_names(_: Any, attribute: attrs.Attribute, names: list[str]) -> None:
-    if not names:
-        raise ValueError(f"{attribute.name} must name at least one terrain")
-    unknown = [name for name in names if name not in TERRAINS]
-    if unknown:
-        raise ValueError(f"{attribute.name}: unknown terrain {unknown[0]!r}; expected {TERRAINS}")
+def _distinct_names(_: Any, attribute: attrs.Attribute, names: list[str]) -> None:
     if len(set(names)) != len(names):
-        raise ValueError(f"{attribute.name} names a terrain twice: {names}")
+        raise ValueError(f"{attribute.name} names a category twice: {names}")
 
 
 @attrs.frozen
@@ -49,8 +43,9 @@ class StratifiedConfig:
     samples_per_category: int = attrs.field(default=0, validator=attrs.validators.ge(0))
     """The seed's YAML key: tiles of each category per batch, so the batch size is this times
     the number of categories present. 0: use ``batch_size``."""
-    categories: list[str] = attrs.field(factory=lambda: list(TERRAINS), validator=_terrain_names)
-    """The categories dealt out, in round-robin order; tiles of other categories are not used."""
+    categories: list[str] = attrs.field(factory=list, validator=_distinct_names)
+    """The categories dealt out, in round-robin order; tiles of other categories are not used.
+    Empty: every domain of the task (``ctx.terrains``, for dem_sr the five terrains)."""
     epoch_length: str = attrs.field(default="tiles", validator=attrs.validators.in_(EPOCH_LENGTHS))
     """Batches per epoch: ``tiles`` ceil(N / B), N the tiles of the epoch's categories (as many
     steps as a plain shuffle); ``smallest`` until the smallest category runs out (no tile
@@ -120,6 +115,7 @@ def plan_batches(
 class Stratified(Plugin):
     """Full batches that round-robin the terrain categories (seed §4 A, stratified batching).
 
+    Works on the task's domains (``ctx.terrains``) and refuses a task with only one.
     Random shuffling can fill a batch with one terrain, and the gradient then swings towards
     it; dealing the categories out in every batch keeps each step's terrain mix balanced.
     Draws only from the epoch's ``indices`` (so it composes with ``curriculum``) and only from
@@ -129,9 +125,26 @@ class Stratified(Plugin):
     name = "stratified"
     Config = StratifiedConfig
 
-    def __init__(self, config: StratifiedConfig) -> None:
-        super().__init__(config)
-        self.categories = [terrain_index(name) for name in config.categories]
+    def category_indices(self, domains: Sequence[str]) -> list[int]:
+        """The configured categories as indices into the task's ``domains``, in order."""
+        names = self.config.categories or list(domains)
+        unknown = [name for name in names if name not in domains]
+        if unknown:
+            raise ConfigError(
+                f"plugins.stratified.categories: unknown category {unknown[0]!r}; this task's "
+                f"domains are {', '.join(domains)}"
+            )
+        return [list(domains).index(name) for name in names]
+
+    @hookimpl
+    def setup(self, ctx: RunContext) -> None:
+        if len(ctx.terrains) < 2:
+            raise ConfigError(
+                f"plugin stratified deals a task's domains out round-robin, but task "
+                f"{ctx.task.name!r} has only {list(ctx.terrains)}: every batch would be a plain "
+                "shuffle; drop stratified from --plugins"
+            )
+        self.category_indices(ctx.terrains)
 
     def batch_size(self, default: int, present: int) -> int:
         """Tiles per batch for ``present`` categories, ``default`` being ``data.batch_size``."""
@@ -143,12 +156,14 @@ class Stratified(Plugin):
     def batch_plan(
         self, dataset: Any, indices: np.ndarray, epoch: int, ctx: RunContext
     ) -> list[np.ndarray]:
-        pools = category_pools(dataset.terrains, indices, self.categories)
+        categories = self.category_indices(ctx.terrains)
+        pools = category_pools(dataset.terrains, indices, categories)
         if not pools:
-            present = sorted({TERRAINS[t] for t in np.unique(dataset.terrains[indices])})
+            present = sorted({ctx.terrains[t] for t in np.unique(dataset.terrains[indices])})
+            chosen = [ctx.terrains[index] for index in categories]
             raise ConfigError(
                 f"epoch {epoch}: none of plugins.stratified.categories "
-                f"{self.config.categories} has tiles this epoch (present: {present})"
+                f"{chosen} has tiles this epoch (present: {present})"
             )
         batch_size = self.batch_size(ctx.config.data.batch_size, len(pools))
         plan = plan_batches(pools, batch_size, ctx.config.run.seed, epoch, self.config.epoch_length)

@@ -60,7 +60,7 @@ def build_model(sync: str) -> nn.Module:
         nn.ReLU(),
         nn.Conv2d(CHANNELS, 1, 3, padding=1),
     )
-    swap_batchnorms(model, sync=sync)
+    swap_batchnorms(model, len(TERRAINS), sync=sync)
     return model
 
 

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import attrs
 import torch
 
-from core.errors import ConfigError
-from core.hookspecs import hookimpl
-from core.plugins import Plugin
+from terraplug import ConfigError, Plugin, RunContext, hookimpl
 
 
 @attrs.define
@@ -25,7 +21,7 @@ class ComponentScale(Plugin):
     Config = ComponentScaleConfig
 
     @hookimpl
-    def setup(self, ctx: Any) -> None:
+    def setup(self, ctx: RunContext) -> None:
         unknown = set(self.config.scales) - set(ctx.task.components)
         if unknown:
             raise ConfigError(
@@ -34,7 +30,7 @@ class ComponentScale(Plugin):
             )
 
     @hookimpl
-    def loss_weights(self, weights: torch.Tensor, batch: dict, ctx: Any) -> torch.Tensor:
+    def loss_weights(self, weights: torch.Tensor, ctx: RunContext) -> torch.Tensor:
         factors = torch.tensor(
             [self.config.scales.get(name, 1.0) for name in ctx.task.components],
             device=weights.device,

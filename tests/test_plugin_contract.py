@@ -1,0 +1,161 @@
+"""What the CLI promises about plugins: broken and unknown plugins stop the run (exit 2),
+config.toml holds every active plugin's keys, plugin state and logged values survive
+``--resume``, ``ctx.log`` keys may not clash, and plugins serve only tasks they can."""
+
+from __future__ import annotations
+
+import os
+import signal
+import tomllib
+from typing import ClassVar
+
+import pytest
+import torch
+
+import plugins
+from core.config import unstructure
+from core.run import main
+from core.train import CHECKPOINT
+from plugins.samplers.curriculum import Curriculum, CurriculumConfig
+from plugins.samplers.stratified import Stratified, StratifiedConfig
+from terraplug import ConfigError, Plugin, hookimpl
+from tests.conftest import read_metrics
+from tests.test_plugins import fake_distributions  # noqa: F401  (a fixture)
+from tests.test_run import fast_args, without_timing
+
+# --- broken, unknown and inactive plugins ------------------------------------------------
+
+
+def test_a_named_broken_plugin_exits_2_naming_it_and_its_distribution(
+    fake_distributions,  # noqa: F811
+    tmp_path,
+    capsys,
+):
+    assert main(["--plugins", "broken", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "'broken' from broken_dist 1.0" in err and "no_such_module_xyz" in err
+    assert not (tmp_path / "run").exists(), "nothing trained"
+
+
+def test_list_plugins_strict_names_the_broken_plugin_and_exits_2(
+    fake_distributions,  # noqa: F811
+    capsys,
+):
+    assert main(["--list-plugins"]) == 0
+    assert main(["--list-plugins", "--strict-plugins"]) == 2
+    err = capsys.readouterr().err
+    assert "plugin 'broken' from broken_dist 1.0 failed to load: ModuleNotFoundError" in err
+
+
+def test_a_section_for_a_misspelt_plugin_exits_2_with_the_closest_name(tmp_path, capsys):
+    args = ["--set", "plugins.stratifed.batch_size=4", "--out", str(tmp_path / "run")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "[plugins.stratifed]" in err and "Did you mean 'stratified'?" in err
+
+
+# --- the resolved config -------------------------------------------------------------------
+
+
+def test_config_toml_holds_every_key_of_every_active_plugin(procedural_dir, tmp_path):
+    out = tmp_path / "run"
+    args = ["--plugins", "stratified,curriculum", "--epochs", "1"]
+    args += ["--set", "train.max_steps_per_epoch=1"]
+    args += ["--set", "plugins.stratified.batch_size=5"]
+    assert main(fast_args(procedural_dir, out, *args)) == 0
+    sections = tomllib.loads((out / "config.toml").read_text())["plugins"]
+    assert sections["stratified"] == unstructure(StratifiedConfig(batch_size=5))
+    assert sections["curriculum"] == unstructure(CurriculumConfig())
+    assert main(["--config", str(out / "config.toml"), "--out", str(tmp_path / "again")]) == 0
+    assert without_timing(read_metrics(tmp_path / "again")) == without_timing(read_metrics(out))
+
+
+# --- state and logged values on resume -------------------------------------------------------
+
+
+class Tally(Plugin):
+    """Test probe: logs values that depend on its own step count, which it checkpoints;
+    interrupts the run (SIGINT, as Ctrl-C) after step ``stop_at``."""
+
+    name = "tally"
+    stop_at: ClassVar[int | None] = None
+
+    def __init__(self, config: object) -> None:
+        super().__init__(config)
+        self.steps = 0
+
+    @hookimpl
+    def on_epoch_start(self, epoch, ctx):
+        ctx.log("tally_at_epoch_start", 100 * epoch + self.steps)
+
+    @hookimpl
+    def loss_weights(self, batch, ctx):
+        self.steps += 1
+        ctx.log("tally_steps", self.steps)
+        ctx.log("tally_tile", float(batch["idx"].float().mean()))
+        if self.steps == Tally.stop_at:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.steps = state["steps"]
+
+
+def test_resumed_run_equals_the_uninterrupted_one_including_plugin_logged_keys(
+    procedural_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setitem(plugins.BUILTIN_PLUGINS, "tally", f"{__name__}:Tally")
+    args = ["--plugins", "tally", "--epochs", "2", "--set", "train.max_steps_per_epoch=3"]
+    straight = tmp_path / "straight"
+    assert main(fast_args(procedural_dir, straight, *args)) == 0
+    reference = without_timing(read_metrics(straight))
+    steps = reference[0]["steps"]
+    assert {"tally_steps", "tally_tile", "tally_at_epoch_start"} <= set(reference[0])
+
+    interrupted = tmp_path / "interrupted"
+    monkeypatch.setattr(Tally, "stop_at", steps + 2)  # inside epoch 2
+    assert main(fast_args(procedural_dir, interrupted, *args)) == 130
+    assert len(read_metrics(interrupted)) == 1
+    state = torch.load(interrupted / CHECKPOINT, map_location="cpu", weights_only=False)
+    assert state["plugins"] == {"tally": {"steps": steps + 2}}
+
+    monkeypatch.setattr(Tally, "stop_at", None)
+    assert main(["--resume", str(interrupted)]) == 0
+    assert without_timing(read_metrics(interrupted)) == reference
+
+
+def test_a_logged_key_that_clashes_with_a_trainer_metric_is_an_error(train_run):
+    class Clash:
+        @hookimpl
+        def loss_weights(self, ctx):
+            ctx.log("train_loss", 0.0)
+
+    with pytest.raises(RuntimeError, match=r"ctx.log keys \['train_loss'\] clash"):
+        train_run(Clash(), overrides=("run.epochs=1",))
+
+
+# --- plugins serve the task's domains ----------------------------------------------------
+
+
+class OneDomain:
+    """Test probe: the task's domains become one, as sar2opt's ``("scene",)``."""
+
+    name = "one_domain"
+
+    @hookimpl
+    def setup(self, ctx):
+        ctx.terrains = ("scene",)
+
+
+@pytest.mark.parametrize(
+    ("plugin", "message"),
+    [
+        (Stratified(StratifiedConfig()), r"stratified .* has only \['scene'\]"),
+        (Curriculum(CurriculumConfig()), r"curriculum .* has the domains scene"),
+    ],
+)
+def test_a_plugin_refuses_a_task_it_cannot_serve(train_run, plugin, message):
+    with pytest.raises(ConfigError, match=message):
+        train_run(OneDomain(), plugin, overrides=("run.epochs=1",))
