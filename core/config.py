@@ -11,11 +11,16 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args, get_origin
 
 import attrs
 import cattrs
 import tomli_w
+from cattrs.cols import (
+    homogenous_tuple_structure_factory,
+    is_mutable_sequence,
+    list_structure_factory,
+)
 from cattrs.v import format_exception
 
 from core import validators as check
@@ -48,6 +53,9 @@ class DataSection:
     tile_size: int = attrs.field(default=0, validator=check.non_negative_int)
     """Tile size in pixels of the built-in data; 0: the task's (dem_sr 48, sar2opt 64)."""
     val_fraction: float = attrs.field(default=0.2, validator=check.open_fraction)
+    split_seed: int = attrs.field(default=0, validator=check.seed)
+    """Seed of the train/validation split, apart from ``run.seed``: runs with other seeds
+    validate on the same tiles and differ in initial weights and batch order only."""
     batch_size: int = attrs.field(default=10, validator=check.positive_int)
     num_workers: int = attrs.field(default=0, validator=check.non_negative_int)
     strict: bool = False
@@ -193,8 +201,36 @@ def _strict(kind: type, accepts: tuple[type, ...]) -> Any:
     return structure
 
 
+def is_homogeneous_tuple(kind: Any) -> bool:
+    """``tuple[X, ...]``."""
+    return get_origin(kind) is tuple and get_args(kind)[-1:] == (Ellipsis,)
+
+
+def _refuse_text(factory: Any) -> Any:
+    """cattrs reads a string given for a list as its characters ("ab" -> ["a", "b"]); a
+    list or tuple key refuses one instead."""
+
+    def make(kind: type, converter: cattrs.Converter) -> Any:
+        hook = factory(kind, converter)
+
+        def structure(value: Any, _: type) -> Any:
+            if isinstance(value, str):
+                raise TypeError(f"expected a list, got str {value!r}")
+            return hook(value, kind)
+
+        return structure
+
+    return make
+
+
 def _make_converter() -> cattrs.Converter:
     converter = cattrs.Converter(forbid_extra_keys=True)
+    converter.register_structure_hook_factory(
+        is_mutable_sequence, _refuse_text(list_structure_factory)
+    )
+    converter.register_structure_hook_factory(
+        is_homogeneous_tuple, _refuse_text(homogenous_tuple_structure_factory)
+    )
     converter.register_structure_hook(int, _strict(int, (int,)))
     converter.register_structure_hook(float, _strict(float, (int, float)))
     converter.register_structure_hook(bool, _strict(bool, (bool,)))

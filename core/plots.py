@@ -256,6 +256,8 @@ def plot_loss_curves_by_arm(
         ("val_loss", "val loss"),
         ("val_rmse_m", "val RMSE (m)"),
     )
+    present = {key for seeds in runs.values() for rows in seeds.values() for r in rows for key in r}
+    panels = tuple(panel for panel in panels if panel[0] in present) or panels[:2]
     paired = baseline in runs
     fig = Figure(figsize=(15, 8.5 if paired else 4.4), layout="constrained")
     axes = fig.subplots(2 if paired else 1, len(panels), squeeze=False)
@@ -379,3 +381,49 @@ def plot_terrain_rmse_by_arm(
     if finals:  # outside the axes: with many arms a legend inside hides bars
         fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right upper", fontsize=7)
     _save(fig, path)
+
+
+def run_step_losses(rows: Sequence[Mapping[str, Any]]) -> list[float]:
+    """A run's training loss per optimizer step (``step_losses`` of each metrics row; a
+    non-finite loss was written as null and reads as NaN)."""
+    return [
+        math.nan if value is None else float(value)
+        for row in rows
+        for value in row.get("step_losses", ())
+    ]
+
+
+def step_loss_figure(runs: ArmRuns) -> Figure:
+    """One panel per arm: each seed's training loss per optimizer step, and red crosses on the
+    steps ``core.metrics.spike_steps`` calls spikes, the definition behind the trainer's
+    ``loss_spikes`` (a non-finite spike sits at the top of its seed's curve)."""
+    arms = [arm for arm, seeds in runs.items() if seeds]
+    fig = Figure(figsize=(12, 1.2 + 2.2 * max(1, len(arms))), layout="constrained")
+    axes = fig.subplots(max(1, len(arms)), 1, squeeze=False)[:, 0]
+    for ax, arm in zip(axes, arms, strict=False):
+        count, finite_losses = 0, []
+        for i, (seed, rows) in enumerate(runs[arm].items()):
+            losses = np.array(run_step_losses(rows))
+            if not losses.size:
+                continue
+            finite = losses[np.isfinite(losses)]
+            finite_losses.extend(finite.tolist())
+            spikes = np.array(spike_steps(losses.tolist()), dtype=int)
+            count += len(spikes)
+            top = finite.max() if finite.size else 1.0
+            steps = np.arange(1, len(losses) + 1)
+            ax.plot(steps, losses, lw=0.7, color=f"C{i}", label=f"seed {seed}")
+            heights = np.where(np.isfinite(losses[spikes]), losses[spikes], top)
+            ax.scatter(steps[spikes], heights, marker="x", s=30, color="red", zorder=3)
+        _log_if_positive(ax, finite_losses)
+        ax.set_title(f"{arm}: {count} loss spikes (red ×) over {len(runs[arm])} seeds", fontsize=9)
+        ax.set_ylabel("train loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right")
+    axes[-1].set_xlabel("optimizer step")
+    return fig
+
+
+def plot_step_losses_by_arm(runs: ArmRuns, path: str | PathLike[str]) -> None:
+    """``step_loss_figure`` written to ``path``: the spikes behind the counts, visible."""
+    _save(step_loss_figure(runs), path)

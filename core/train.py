@@ -435,6 +435,7 @@ class Trainer:
             - count_loss_spikes(self.step_losses),
             nonfinite_steps=self.nonfinite_total,
             seconds=round(time.perf_counter() - started, 3),
+            step_losses=list(epoch_losses),  # per optimizer step: the spikes, visible
         )
         self.step_losses.extend(epoch_losses)
         for name, extra in ctx.plugins.call("validation_metrics", model=self.model, ctx=ctx):

@@ -9,6 +9,7 @@ import re
 import statistics
 from pathlib import Path
 
+import attrs
 import pytest
 
 from core.errors import UsageError
@@ -16,13 +17,26 @@ from core.experiment import (
     build_experiment,
     build_parser,
     check_arms,
+    control_verdict,
     main,
     markdown,
     parse_arms,
     summarise,
-    t_two_sided_p,
 )
-from core.plots import plot_loss_curves_by_arm, plot_terrain_rmse_by_arm
+from core.experiment.report import primary_column
+from core.experiment.spec import run_overrides
+from core.experiment.stats import adjust, paired_test
+from core.experiment.summary import Column
+from core.metrics import spike_steps
+from core.plots import (
+    plot_loss_curves_by_arm,
+    plot_step_losses_by_arm,
+    plot_terrain_rmse_by_arm,
+    run_step_losses,
+    step_loss_figure,
+)
+from core.plugins import discover
+from core.tasks import get_task
 from core.terrain import TERRAINS
 from tests.conftest import read_metrics
 
@@ -81,6 +95,13 @@ def recomputed(run_dir: Path, target: float) -> dict[str, float | None]:
 def test_report_matches_the_runs(experiment: Path):
     for name in ("results.md", "results.csv", "loss_curves_by_arm.png", "terrain_rmse_by_arm.png"):
         assert (experiment / name).stat().st_size > 0, name
+    assert (experiment / "step_losses_by_arm.png").stat().st_size > 0
+    for slug in SLUGS:  # the per-step losses the plot marks are the ones the trainer counted
+        for seed in SEEDS:
+            metrics = read_metrics(experiment / slug / f"seed{seed}")
+            assert len(run_step_losses(metrics)) == sum(row["steps"] for row in metrics)
+            spikes = spike_steps(run_step_losses(metrics))
+            assert len(spikes) == sum(row["loss_spikes"] for row in metrics)
     rows = csv_rows(experiment)
     targets = {
         seed: read_metrics(experiment / "baseline" / f"seed{seed}")[-1]["val_loss"]
@@ -121,6 +142,14 @@ def test_report_matches_the_runs(experiment: Path):
     # the bicubic reference row is the same split's interpolation, from the runs' own rows
     bicubic = read_metrics(experiment / "baseline" / "seed0")[-1]["val_rmse_m_bicubic"]
     assert float(rows[("bicubic", "0")]["val_rmse_m"]) == pytest.approx(bicubic)
+    # every seed validates on the same tiles (data.split_seed): the same interpolation error
+    assert rows[("bicubic", "1")]["val_rmse_m"] == rows[("bicubic", "0")]["val_rmse_m"]
+    # the equal-steps view reads every run within the fewest steps any arm took
+    for seed in SEEDS:
+        budget = min(int(float(rows[(arm, str(seed))]["steps"])) for arm in ARMS.split(";"))
+        for arm in ARMS.split(";"):
+            assert int(float(rows[(arm, str(seed))]["steps@equal_steps"])) <= budget
+    assert "## At equal optimizer steps" in table and "## Controls" in table
 
 
 @pytest.mark.slow
@@ -189,34 +218,106 @@ def test_toml_arms_and_the_domain_bn_rule(tmp_path: Path):
         ("dbn", ("stratified", "domain_bn"), ("model.norm='batch'",)),
     ]
     assert experiment.baseline == "baseline_bn"  # no arm is called baseline: the first one
+    sham = attrs.evolve(experiment.arms[0], name="sham", control="sham", seed_offset=1000)
+    assert "run.seed=1003" in run_overrides(experiment, sham, 3, tmp_path)
     args = build_parser().parse_args(
         ["--arms", "domain_bn", "--set", "model.norm='none'", "--out", "x"]
     )
     assert build_experiment(args).arms[0].overrides == ()
     path.write_text('[[arms]]\nname = "a"\nplugin = ["stratified"]\n')
-    with pytest.raises(UsageError, match="name, plugins and set"):
+    with pytest.raises(UsageError, match=r"extra fields found \(plugin\) @ .*arms\[0\]"):
         build_experiment(build_parser().parse_args(["--config", str(path), "--out", "x"]))
 
 
 @pytest.mark.parametrize(
-    ("t", "dof", "p"),
-    [(12.706, 1, 0.05), (4.303, 2, 0.05), (2.776, 4, 0.05), (1.0, 1, 0.5), (0.0, 3, 1.0)],
+    ("text", "message"),
+    [
+        ('epochs = "8"\n', "expected int, got str '8' @ {path}.epochs"),
+        (
+            '[[arms]]\nname = "a"\nplugins = "stratified"\n',
+            "expected a list, got str 'stratified' @ {path}.arms[0].plugins",
+        ),
+        ('[[arms]]\nname = "a"\ncontrol = "fake"\n', "'control' must be in ('sham', 'harmful')"),
+        ('correction = "bonferroni"\n[[arms]]\nname = "a"\n', "@ {path}.correction"),
+        ('seed = [1]\n[[arms]]\nname = "a"\n', "extra fields found (seed) @ {path}"),
+        (
+            '[[arms]]\nname = "a"\ncontrol = "sham"\n[[arms]]\nname = "b"\ncontrol = "sham"\n',
+            "marked control = 'sham'",
+        ),
+    ],
 )
-def test_t_test_p_values_match_tables(t: float, dof: int, p: float):
-    assert t_two_sided_p(t, dof) == pytest.approx(p, abs=2e-4)
+def test_bad_experiment_files_exit_2_naming_the_key(
+    text: str, message: str, tmp_path: Path, capsys
+):
+    path = tmp_path / "spec.toml"
+    path.write_text(text)
+    assert main(["--config", str(path), "--out", str(tmp_path / "exp")]) == 2
+    assert message.format(path=path) in capsys.readouterr().err
+    assert not (tmp_path / "exp").exists()
+
+
+def test_paired_test_matches_the_closed_form():
+    """Differences 1, 2, 3: t = 2 / (1 / sqrt 3); with 2 degrees of freedom Student's t has
+    P(|T| >= t) = 1 - t / sqrt(t^2 + 2), and the 95 % interval is 2 ± 4.3027 / sqrt 3."""
+    result = paired_test({0: 11.0, 1: 12.0, 2: 13.0, 3: 5.0}, {0: 10.0, 1: 10.0, 2: 10.0})
+    t = 2 * 3**0.5
+    assert result.n == 3 and result.mean == pytest.approx(2.0) and result.std == pytest.approx(1)
+    assert result.p == pytest.approx(1 - t / (t * t + 2) ** 0.5)
+    assert (result.low, result.high) == pytest.approx(
+        (2 - 4.302653 / 3**0.5, 2 + 4.302653 / 3**0.5)
+    )
+    wilcoxon = paired_test({0: 1.0, 1: 2.5, 2: 4.0}, {0: 0.0, 1: 0.0, 2: 0.0}, test="wilcoxon")
+    assert wilcoxon.p == pytest.approx(0.25)  # all 3 signs positive: 2 / 2**3, exactly
+    five = paired_test(
+        dict.fromkeys(range(5), 1.0) | {4: 2.0}, dict.fromkeys(range(5), 0.0), "wilcoxon"
+    )
+    assert five.p == pytest.approx(0.0625)  # the smallest two-sided p with 5 seeds
+    assert paired_test({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0}).p == 1.0  # identical runs
+    assert paired_test({0: 1.0}, {0: 2.0}) is None
+
+
+def test_corrections_on_a_crafted_family():
+    p_values = [0.01, 0.04, 0.03, 0.005]
+    # Holm: sorted p x (4, 3, 2, 1) = 0.02, 0.03, 0.06, 0.04 -> running max 0.02 0.03 0.06 0.06
+    assert adjust(p_values, "holm") == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    # BH: sorted p x 4 / rank = 0.02, 0.02, 0.04, 0.04 (already monotone)
+    assert adjust(p_values, "bh") == pytest.approx([0.02, 0.04, 0.04, 0.02])
+    assert adjust(p_values, "none") == p_values
 
 
 def test_the_documented_experiment_files_load(tmp_path: Path):
     page = (Path(__file__).resolve().parent.parent / "docs" / "experiments.md").read_text()
-    example = re.search(r"```toml\n(.*?)```", page, flags=re.DOTALL).group(1)
-    (tmp_path / "example.toml").write_text(example)
-    results = Path(__file__).resolve().parent.parent / "docs" / "results" / "experiment.toml"
-    for path in (tmp_path / "example.toml", results):
+    examples = re.findall(r"```toml\n(.*?)```", page, flags=re.DOTALL)
+    paths = []
+    for number, example in enumerate(examples):
+        paths.append(tmp_path / f"example{number}.toml")
+        paths[-1].write_text(example)
+    results = Path(__file__).resolve().parent.parent / "docs" / "results"
+    paths += [results / "experiment.toml", results / "srtm-experiment.toml"]
+    available = set(discover())
+    for path in paths:
         experiment = build_experiment(
             build_parser().parse_args(["--config", str(path), "--out", "x"])
         )
-        check_arms(experiment, tmp_path / "x")
-        assert experiment.arms and experiment.baseline == "baseline"
+        # plugins still to come (terrain_embedding, terrain_head) are checked once installed
+        runnable = tuple(arm for arm in experiment.arms if set(arm.plugins) <= available)
+        check_arms(attrs.evolve(experiment, arms=runnable), tmp_path / "x")
+        assert experiment.arms and experiment.baseline == "baseline", path
+    srtm = build_experiment(build_parser().parse_args(["--config", str(paths[-1]), "--out", "x"]))
+    assert len(srtm.seeds) >= 5 and srtm.control("sham") and srtm.control("harmful")
+    names = {arm.name for arm in srtm.arms}
+    assert {"terrain_embedding", "terrain_head", "pcgrad", "domain_bn", "baseline_bn"} <= names
+
+
+DEM = get_task("dem_sr")
+
+
+def summarise_dem(experiment, runs):
+    return summarise(experiment, runs, DEM.report_metrics, DEM.terrains, DEM.reference_name)
+
+
+def report(experiment, summary) -> str:
+    return markdown(experiment, summary, primary_column(DEM.report_metrics))
 
 
 def synthetic_rows(level: float, epochs: int = 3) -> list[dict]:
@@ -229,6 +330,7 @@ def synthetic_rows(level: float, epochs: int = 3) -> list[dict]:
             "val_loss": level / epoch,
             "loss_spikes": epoch % 2,
             "steps": 10,
+            "step_losses": [level / epoch] * 10,
             "val_rmse_m": level,
             "val_slope_rmse_deg": level / 10,
             "val_rmse_m_by_terrain": by_terrain,
@@ -248,13 +350,13 @@ def test_a_partial_experiment_still_gives_a_report(tmp_path: Path):
         "baseline": {0: synthetic_rows(1.0), 1: synthetic_rows(1.2)},
         "stratified": {1: synthetic_rows(0.6, epochs=2)},
     }
-    summary = summarise(experiment, runs)
+    summary = summarise_dem(experiment, runs)
     assert summary.stats["stratified"]["count"]["val_rmse_m"] == 1
     assert summary.stats["stratified"]["delta_pct"]["val_rmse_m"] == pytest.approx(-50 / 1.1)
     assert summary.stats["stratified"]["paired_p"]["val_rmse_m"] is None  # one pair: no test
     # seed 1's target is the baseline's final val_loss, 1.2 / 3; stratified's 0.6 / 2 is below
     assert summary.per_seed["stratified"][1]["epochs_to_target"] == 2
-    table = markdown(experiment, summary)
+    table = report(experiment, summary)
     assert "3 of 6 runs complete" in table
     assert "| `stratified` | 1 |" in table and "curriculum" not in table
     plot_loss_curves_by_arm(runs, tmp_path / "curves.png", baseline="baseline")
@@ -273,3 +375,134 @@ def test_arm_syntax():
             "stratified+terrain_loss__optim.lr=5e-4__data.batch_size=20",
         ),
     ]
+
+
+def controlled(sham_shift: float, harmful_shift: float, seeds: int = 5):
+    """An experiment with sham and harmful controls whose final RMSE is the baseline's per
+    seed plus a shift and a seed-dependent wobble (differences with a spread, as real runs)."""
+    spec = "baseline;stratified;sham;harmful"
+    args = ["--arms", spec, "--seeds", ",".join(map(str, range(seeds))), "--out", "x"]
+    experiment = build_experiment(build_parser().parse_args(args))
+    roles = {"sham": "sham", "harmful": "harmful"}
+    experiment = attrs.evolve(
+        experiment,
+        arms=tuple(attrs.evolve(arm, control=roles.get(arm.name)) for arm in experiment.arms),
+    )
+    wobble = [0.03, -0.02, 0.01, -0.04, 0.02, 0.0, -0.01][:seeds]
+    level = {seed: 10.0 + 3 * seed for seed in range(seeds)}  # seeds differ a lot: pairing
+    shifts = {"baseline": 0.0, "stratified": -0.5, "sham": sham_shift, "harmful": harmful_shift}
+    runs = {
+        arm: {s: synthetic_rows(level[s] + shift + (wobble[s] if arm != "baseline" else 0))
+              for s in range(seeds)}
+        for arm, shift in shifts.items()
+    }  # fmt: skip
+    return experiment, summarise_dem(experiment, runs)
+
+
+def test_the_controls_verdict_follows_the_tests():
+    experiment, summary = controlled(sham_shift=0.0, harmful_shift=4.0)
+    primary = primary_column(DEM.report_metrics)
+    assert primary.name == "val_rmse_m"
+    stats = summary.stats
+    assert stats["sham"]["paired_p"]["val_rmse_m"] > 0.05
+    assert stats["harmful"]["paired_p"]["val_rmse_m"] < 0.05
+    verdict = " ".join(control_verdict(experiment, summary, primary))
+    assert "controls hold" in verdict and "no power" not in verdict
+    assert f"p = {stats['sham']['paired_p']['val_rmse_m']:.3g}" in verdict
+
+    # a harmful arm as good as the baseline, a sham that differs: no power, both named
+    experiment, summary = controlled(sham_shift=0.3, harmful_shift=0.0)
+    verdict = " ".join(control_verdict(experiment, summary, primary))
+    assert "**The experiment has no power:**" in verdict and "controls hold" not in verdict
+    assert "sham arm `sham` differs significantly" in verdict
+    assert "harmful arm `harmful` is not significantly worse" in verdict
+    assert "## Controls" in report(experiment, summary)
+
+    # a harmful arm significantly *better* is no evidence of power either
+    experiment, summary = controlled(sham_shift=0.0, harmful_shift=-4.0)
+    assert "no power" in " ".join(control_verdict(experiment, summary, primary))
+
+
+def test_the_correction_marks_what_survives():
+    """stratified is 0.5 m better on every seed (p tiny: survives Holm over the table), the
+    sham and harmful controls are left out of the family, and the † follows adjusted_p."""
+    experiment, summary = controlled(sham_shift=0.0, harmful_shift=4.0)
+    stats = summary.stats["stratified"]
+    family = [
+        summary.stats[arm]["paired_p"][column.name]
+        for arm in ("stratified",)
+        for column in summary.tables[0].columns
+        if summary.stats[arm]["paired_p"].get(column.name) is not None
+    ]
+    names = [c.name for c in summary.tables[0].columns if stats["paired_p"].get(c.name) is not None]
+    expected = dict(zip(names, adjust(family, "holm"), strict=True))
+    for name, value in expected.items():
+        assert stats["adjusted_p"][name] == pytest.approx(value)
+    lines = report(experiment, summary).splitlines()
+    line = next(row for row in lines if row.startswith("| `stratified`"))
+    assert "*†)" in line
+    harmful_line = next(row for row in lines if "[harmful]" in row)
+    assert "*)" in harmful_line and "†" not in harmful_line  # a control: never in the family
+
+
+def test_the_step_loss_plot_marks_the_spikes(tmp_path: Path):
+    calm = [1.0 - 0.01 * i for i in range(40)]
+    spiky = list(calm)
+    spiky[25], spiky[33] = 5.0, None  # a spike and a non-finite loss (written as null)
+    rows = [
+        {"epoch": 1, "step_losses": spiky[:20]},
+        {"epoch": 2, "step_losses": spiky[20:]},
+    ]
+    runs = {"baseline": {0: [{"epoch": 1, "step_losses": calm}]}, "spiky": {3: rows}}
+    assert spike_steps(run_step_losses(rows)) == [25, 33]
+    figure = step_loss_figure(runs)
+    calm_axes, spiky_axes = figure.axes
+    assert calm_axes.collections[0].get_offsets().shape[0] == 0
+    marked = spiky_axes.collections[0].get_offsets()
+    assert marked[:, 0].tolist() == [26, 34]  # optimizer steps count from 1
+    assert marked[:, 1].tolist() == [5.0, 5.0]  # the non-finite one at the curve's top
+    assert "2 loss spikes" in spiky_axes.get_title()
+    plot_step_losses_by_arm(runs, tmp_path / "steps.png")
+    assert (tmp_path / "steps.png").stat().st_size > 0
+
+
+def test_a_sar2opt_experiment_reports_the_tasks_own_columns():
+    """The task supplies the columns: sar2opt's L1 (lower is better, the primary one) and PSNR
+    and SSIM (higher is better); no per-terrain tables, no reference row."""
+    task = get_task("sar2opt")
+    args = ["--arms", "baseline;harmful", "--seeds", "0,1,2,3", "--out", "x"]
+    experiment = build_experiment(build_parser().parse_args(args))
+    experiment = attrs.evolve(
+        experiment, arms=(experiment.arms[0], attrs.evolve(experiment.arms[1], control="harmful"))
+    )
+
+    def rows(l1: float, psnr: float) -> list[dict]:
+        return [
+            {"epoch": 1, "train_loss": l1, "val_loss": l1, "loss_spikes": 0, "steps": 4,
+             "val_l1": l1, "val_psnr": psnr, "val_ssim": 0.5, "step_losses": [l1] * 4}
+        ]  # fmt: skip
+
+    def verdict(harmful_l1: float, harmful_psnr: float, primary: Column) -> str:
+        runs = {
+            "baseline": {s: rows(0.1 + 0.05 * s, 20.0 + s) for s in range(4)},
+            "harmful": {
+                s: rows(
+                    0.1 + 0.05 * s + harmful_l1 + 0.001 * s * s,
+                    20.0 + s + harmful_psnr + 0.1 * s * s,
+                )
+                for s in range(4)
+            },
+        }
+        summary = summarise(experiment, runs, task.report_metrics, task.terrains, "")
+        assert [t.title for t in summary.tables] == ["Headline", "At equal optimizer steps"]
+        assert "val PSNR (dB)" in markdown(experiment, summary, primary)
+        assert set(summary.per_seed) == {"baseline", "harmful"}
+        return " ".join(control_verdict(experiment, summary, primary))
+
+    l1 = primary_column(task.report_metrics)
+    assert (l1.name, l1.higher_is_better) == ("val_l1", False)
+    assert "harmful arm `harmful` is significantly worse in val L1" in verdict(0.2, -3.0, l1)
+    assert "not significantly worse" in verdict(-0.2, 3.0, l1)  # better is not harm
+    psnr = Column("val_psnr", "val PSNR (dB)", higher_is_better=True)
+    assert "significantly worse in val PSNR" in verdict(0.2, -3.0, psnr)
+    assert "not significantly worse" in verdict(0.2, 3.0, psnr)

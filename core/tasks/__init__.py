@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import attrs
 import torch
 from torch import nn
 
@@ -17,6 +18,22 @@ if TYPE_CHECKING:
     from core.context import RunContext
 
 Batch = dict[str, Any]
+
+
+@attrs.frozen
+class ReportMetric:
+    """A column of ``python -m core.experiment``'s tables, read from a run's last
+    ``metrics.jsonl`` row."""
+
+    key: str
+    """The row's key, e.g. ``val_rmse_m``."""
+    label: str
+    """The column heading, with the unit."""
+    higher_is_better: bool = False
+    by_domain: bool = False
+    """The row also has ``<key>_by_terrain`` ({domain: value}): a table per domain follows."""
+    reference: str | None = None
+    """The key of the same measure for the task's reference (dem_sr: bicubic interpolation)."""
 
 
 def metric_text(value: float | None, spec: str) -> str:
@@ -33,6 +50,11 @@ class Task(Protocol):
     """Names of the per-sample loss components, the columns of ``training_forward``'s result."""
     terrains: tuple[str, ...]
     """Names of the domains ``sample["terrain"]`` indexes (dem_sr: the five categories)."""
+    report_metrics: tuple[ReportMetric, ...]
+    """The experiment report's task columns; the first is the primary one the controls'
+    verdict reads."""
+    reference_name: str
+    """What the ``reference`` keys of ``report_metrics`` measure (a row of the report)."""
 
     def build_datasets(self, config: Config, ctx: RunContext) -> tuple[Any, Any]:
         """Training and validation datasets; samples carry ``terrain`` and ``idx``."""

@@ -20,7 +20,7 @@ from core.losses import COMPONENTS, dem_loss_components
 from core.metrics import ValidationAccumulator
 from core.models.rcan import build_rcan
 from core.plots import plot_hillshade_triptych, plot_loss_curves, plot_terrain_rmse
-from core.tasks import metric_text
+from core.tasks import ReportMetric, metric_text
 from core.terrain import TERRAINS
 
 Batch = dict[str, Any]
@@ -37,6 +37,11 @@ class DemSuperResolution:
     name = "dem_sr"
     components = COMPONENTS
     terrains = TERRAINS
+    report_metrics = (
+        ReportMetric("val_rmse_m", "val RMSE (m)", by_domain=True, reference="val_rmse_m_bicubic"),
+        ReportMetric("val_slope_rmse_deg", "val slope RMSE (°)", by_domain=True),
+    )
+    reference_name = "bicubic"
 
     def build_datasets(self, config: Config, ctx: RunContext) -> tuple[TileDataset, TileDataset]:
         data = config.data
@@ -50,7 +55,7 @@ class DemSuperResolution:
                     quiet=not ctx.accelerator.is_main_process,
                 )
             )
-            train, val = load_split(folder, data, config.run.seed)
+            train, val = load_split(folder, data, data.split_seed)
         self.skipped = train.skipped
         self.train_dataset, self.val_dataset = train, val
         self.bicubic: dict[str, Any] | None = None

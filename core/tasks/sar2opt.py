@@ -32,7 +32,7 @@ from core.models.terramind import (
     seeded,
 )
 from core.plots import plot_loss_curves, plot_sar_optical
-from core.tasks import metric_text
+from core.tasks import ReportMetric, metric_text
 from core.tasks import sar2opt_metrics as metrics
 
 Batch = dict[str, Any]
@@ -69,6 +69,12 @@ class SarToOptical:
         self.ceilings: dict[int, dict[str, float]] = {}
         """The tokenizer's ceiling per number of diffusion steps: decode(tokenize(target))
         scored against the target, the best any token prediction can reach."""
+    report_metrics = (
+        ReportMetric("val_l1", "val L1 (reflectance)"),
+        ReportMetric("val_psnr", "val PSNR (dB)", higher_is_better=True),
+        ReportMetric("val_ssim", "val SSIM", higher_is_better=True),
+    )
+    reference_name = ""
 
     def build_datasets(self, config: Config, ctx: RunContext) -> tuple[PairDataset, PairDataset]:
         if ctx.plugins.provider("training_forward") is None:
@@ -79,7 +85,7 @@ class SarToOptical:
             dataset = PairDataset.from_folder(Path(data.dir), TERRAMIND_V1, strict=data.strict)
             self.skipped = dataset.skipped
             self.train_dataset, self.val_dataset = train_val_split(
-                dataset, data.val_fraction, config.run.seed
+                dataset, data.val_fraction, data.split_seed
             )
         else:
             self.train_dataset, self.val_dataset = self.default_datasets(config, ctx)
@@ -240,7 +246,7 @@ class SarToOptical:
         """``(name, value)`` of one tile, in :meth:`score_names` order."""
         from torchmetrics.functional.image import structural_similarity_index_measure
 
-        seed = ctx.config.run.seed + int(tile["idx"][0])  # fixed per tile: epochs comparable
+        seed = ctx.config.data.split_seed + int(tile["idx"][0])  # fixed per tile, every run
         terramind = getattr(model, "terramind_generator", model)
         target = self.reflectance(tile["optical"])
         generated = self.reflectance(model.generate(tile["sar"], steps, seed))

@@ -1,0 +1,229 @@
+"""Running the (arm, seed) runs: one ``python -m core.run`` process each, restartable.
+
+A restarted experiment skips the runs whose ``summary.json`` exists and resumes the ones that
+left a checkpoint; a run folder written with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from core.config import load_config, unstructure
+from core.errors import UsageError
+from core.experiment.spec import Arm, Experiment, run_overrides
+from core.plugins import PluginManager
+
+Runs = dict[str, dict[int, list[dict[str, Any]]]]
+"""arm name -> seed -> that run's metrics.jsonl rows (complete runs only)."""
+
+
+@attrs.define
+class Job:
+    arm: Arm
+    seed: int
+    run_dir: Path
+    command: list[str] = attrs.Factory(list)
+    process: subprocess.Popen | None = None
+    started: float = 0.0
+    epochs_seen: int = 0
+
+
+def run_dir_of(out: Path, arm: Arm, seed: int) -> Path:
+    return out / arm.slug / f"seed{seed}"
+
+
+def is_complete(run_dir: Path) -> bool:
+    return (run_dir / "summary.json").is_file()
+
+
+def check_same_settings(experiment: Experiment, arm: Arm, seed: int, run_dir: Path) -> None:
+    """A run folder from an earlier start must hold this run's config, or the comparison
+    would mix budgets; everything but the folder itself must match."""
+    saved = run_dir / "config.toml"
+    if not saved.is_file():
+        return
+    config = load_config(None, run_overrides(experiment, arm, seed, run_dir))
+    manager = PluginManager.from_names(config.run.plugins, config.plugins)
+    config.plugins = manager.resolved_sections(config.plugins)  # as the run wrote them
+    expected = unstructure(config)
+    found = unstructure(load_config(saved))
+    for tree in (expected, found):
+        tree["run"].pop("out")
+    if expected != found:
+        keys = [
+            f"{section}.{key}"
+            for section in expected
+            for key in set(expected[section]) | set(found.get(section, {}))
+            if expected[section].get(key) != found.get(section, {}).get(key)
+        ]
+        raise UsageError(
+            f"{run_dir} was run with other settings ({', '.join(sorted(keys))}); "
+            "use another --out or the settings it was run with"
+        )
+
+
+def plan_jobs(experiment: Experiment, out: Path) -> tuple[list[Job], list[Job]]:
+    """(finished, to run): a half-finished run resumes from its checkpoint."""
+    finished, pending = [], []
+    for arm in experiment.arms:
+        for seed in experiment.seeds:
+            run_dir = run_dir_of(out, arm, seed)
+            check_same_settings(experiment, arm, seed, run_dir)
+            job = Job(arm, seed, run_dir)
+            if is_complete(run_dir):
+                finished.append(job)
+                continue
+            if (run_dir / "checkpoint.pt").is_file():
+                job.command = ["--resume", str(run_dir)]
+            else:
+                overrides = run_overrides(experiment, arm, seed, run_dir)
+                job.command = [arg for s in overrides for arg in ("--set", s)]
+            pending.append(job)
+    return finished, pending
+
+
+def child_env(jobs: int, threads: int) -> dict[str, str]:
+    """Threads per run: ``--threads``, else OMP_NUM_THREADS if set, else the cores shared out.
+
+    Small convolutions scale poorly over threads, and runs side by side that each take every
+    core oversubscribe the CPU, so each run gets its share.
+    """
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    elif "OMP_NUM_THREADS" not in env:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    return env
+
+
+def clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+class Runner:
+    """Runs the pending jobs, ``jobs`` at a time, printing progress as epochs finish."""
+
+    def __init__(self, pending: list[Job], total_epochs: int, jobs: int, threads: int) -> None:
+        self.queue = list(pending)
+        self.total_epochs = total_epochs
+        self.jobs = max(1, jobs)
+        self.env = child_env(self.jobs, threads)
+        self.running: list[Job] = []
+        self.failed: list[Job] = []
+        self.epochs_done = 0
+        self.started = time.monotonic()
+
+    def start(self, job: Job) -> None:
+        job.run_dir.parent.mkdir(parents=True, exist_ok=True)
+        log = open(job.run_dir.parent / f"seed{job.seed}.log", "a")  # noqa: SIM115
+        job.epochs_seen = count_rows(job.run_dir)
+        job.started = time.monotonic()
+        job.process = subprocess.Popen(
+            [sys.executable, "-m", "core.run", *job.command],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+        )
+        log.close()
+        how = "resuming" if job.command[0] == "--resume" else "starting"
+        print(f"{self.stamp()} {how} {job.arm.name} seed {job.seed} -> {job.run_dir}", flush=True)
+
+    def stamp(self) -> str:
+        return f"[{clock(time.monotonic() - self.started)}]"
+
+    def report_epochs(self, job: Job) -> None:
+        """One line per newly finished epoch, with the experiment's progress and an ETA."""
+        rows = read_rows(job.run_dir)
+        for row in rows[job.epochs_seen :]:
+            self.epochs_done += 1
+            done = self.epochs_done / max(1, self.total_epochs)
+            elapsed = time.monotonic() - self.started
+            loss, rmse = row.get("val_loss"), row.get("val_rmse_m")
+            print(
+                f"{self.stamp()} {job.arm.name} seed {job.seed} epoch {row['epoch']}: "
+                f"val_loss {'n/a' if loss is None else f'{loss:.4f}'}"
+                f"{'' if rmse is None else f' val_rmse {rmse:.2f} m'}; "
+                f"experiment {done:.0%}, about {clock(elapsed / done - elapsed)} to go",
+                flush=True,
+            )
+        job.epochs_seen = len(rows)
+
+    def finish(self, job: Job, status: int) -> None:
+        self.report_epochs(job)
+        took = clock(time.monotonic() - job.started)
+        if status == 0 and is_complete(job.run_dir):
+            print(f"{self.stamp()} done {job.arm.name} seed {job.seed} in {took}", flush=True)
+            return
+        self.failed.append(job)
+        log = job.run_dir.parent / f"seed{job.seed}.log"
+        print(
+            f"{self.stamp()} FAILED {job.arm.name} seed {job.seed} (exit {status}); see {log}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def run(self) -> None:
+        """Until the queue is empty; on an interruption every running job gets SIGINT (it
+        saves a checkpoint) and KeyboardInterrupt propagates once they have stopped."""
+        try:
+            while self.queue or self.running:
+                while self.queue and len(self.running) < self.jobs:
+                    job = self.queue.pop(0)
+                    self.start(job)
+                    self.running.append(job)
+                time.sleep(1.0)
+                for job in list(self.running):
+                    status = job.process.poll() if job.process else None
+                    if status is None:
+                        self.report_epochs(job)
+                        continue
+                    self.running.remove(job)
+                    self.finish(job, status)
+        except KeyboardInterrupt:
+            for job in self.running:
+                if job.process and job.process.poll() is None:
+                    job.process.send_signal(signal.SIGINT)
+            for job in self.running:
+                if job.process:
+                    job.process.wait()
+            raise
+
+
+def count_rows(run_dir: Path) -> int:
+    return len(read_rows(run_dir))
+
+
+def read_rows(run_dir: Path) -> list[dict[str, Any]]:
+    """The run's ``metrics.jsonl`` rows; a line still being written is left for later."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+def collect(experiment: Experiment, out: Path) -> Runs:
+    """The metrics rows of every complete run under ``out``."""
+    runs: Runs = {}
+    for arm in experiment.arms:
+        for seed in experiment.seeds:
+            run_dir = run_dir_of(out, arm, seed)
+            if is_complete(run_dir):
+                runs.setdefault(arm.name, {})[seed] = read_rows(run_dir)
+    return runs

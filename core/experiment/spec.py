@@ -1,0 +1,190 @@
+"""What an experiment runs: arms, seeds, budget, controls and the statistics' settings.
+
+An experiment file is read with the project's strict cattrs converter (``core.config``), so
+an unknown key or a value of the wrong type is refused with the key's path, as in run configs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+
+from core import validators as check
+from core.config import load_config, parse_override, read_toml, structure
+from core.errors import UsageError
+from core.plugins import PluginManager
+
+BASELINE = "baseline"
+REFERENCE = "bicubic"
+"""A name reserved for the task's reference row (dem_sr: bicubic interpolation)."""
+CONTROLS = ("sham", "harmful")
+CORRECTIONS = ("holm", "bh", "none")
+TESTS = ("t", "wilcoxon")
+
+
+def _non_empty(_: object, attribute: attrs.Attribute, value: str) -> None:
+    if not value.strip():
+        raise ValueError(f"'{attribute.name}' must be a non-empty string")
+
+
+@attrs.frozen
+class Arm:
+    """One plugin combination, with the overrides that only this arm gets."""
+
+    name: str = attrs.field(validator=_non_empty)
+    plugins: tuple[str, ...] = ()
+    set: tuple[str, ...] = ()
+    """``section.key=value`` overrides of this arm alone."""
+    control: str | None = attrs.field(
+        default=None, validator=attrs.validators.optional(attrs.validators.in_(CONTROLS))
+    )
+    """``sham``: must differ from the baseline by chance only; ``harmful``: must be worse."""
+    seed_offset: int = attrs.field(default=0, validator=check.non_negative_int)
+    """Added to every seed of this arm. A sham arm with an offset draws other initial weights
+    and batch orders than the baseline, so it measures the spread between seeds; with 0 it
+    repeats the baseline's runs exactly (the trainer is deterministic)."""
+
+    @property
+    def overrides(self) -> tuple[str, ...]:
+        return self.set
+
+    @property
+    def slug(self) -> str:
+        """The arm's folder name: ``a,b`` -> ``a+b``; characters unsafe in paths -> ``-``."""
+        text = self.name.replace(",", "+").replace("|", "__").replace(" ", "")
+        return re.sub(r"[^A-Za-z0-9._+=-]", "-", text)
+
+
+@attrs.frozen
+class SpecFile:
+    """The keys of an experiment TOML file; command-line options take precedence."""
+
+    arms: tuple[Arm, ...] = ()
+    seeds: tuple[int, ...] | None = None
+    epochs: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(check.positive_int)
+    )
+    set: tuple[str, ...] = ()
+    data: str | None = None
+    baseline: str | None = None
+    target_loss: float | None = None
+    correction: str = attrs.field(default="holm", validator=attrs.validators.in_(CORRECTIONS))
+    """The family correction of each table's paired tests."""
+    test: str = attrs.field(default="t", validator=attrs.validators.in_(TESTS))
+    alpha: float = attrs.field(default=0.05, validator=check.open_fraction)
+
+
+@attrs.frozen
+class Experiment:
+    """What to run: arms x seeds, sharing data, epochs and the common overrides."""
+
+    arms: tuple[Arm, ...]
+    seeds: tuple[int, ...]
+    epochs: int
+    common: tuple[str, ...] = ()
+    data: str | None = None
+    baseline: str = BASELINE
+    target_loss: float | None = None
+    """A fixed val_loss target; None: each seed's baseline final val_loss (see docs)."""
+    correction: str = "holm"
+    test: str = "t"
+    alpha: float = 0.05
+    task: str = "dem_sr"
+    """``run.task`` of every arm: it supplies the report's columns."""
+
+    def control(self, kind: str) -> Arm | None:
+        return next((arm for arm in self.arms if arm.control == kind), None)
+
+
+def parse_arm(spec: str) -> Arm:
+    """``baseline`` or ``a,b,c``, optionally followed by ``|section.key=value`` overrides."""
+    name = spec.strip()
+    head, *overrides = (part.strip() for part in name.split("|"))
+    plugins = [p.strip() for p in head.split(",") if p.strip()]
+    if not plugins:
+        raise UsageError(f"--arms: arm {name!r} names no plugins (write 'baseline' for none)")
+    if plugins == [BASELINE]:
+        plugins = []
+    elif BASELINE in plugins:
+        raise UsageError(f"--arms: arm {name!r}: 'baseline' means no plugins; it stands alone")
+    return Arm(name, tuple(plugins), tuple(overrides))
+
+
+def parse_arms(text: str) -> list[Arm]:
+    """``--arms "baseline;stratified;stratified,terrain_loss"``: arms separated by ``;``."""
+    return [parse_arm(spec) for spec in text.split(";") if spec.strip()]
+
+
+def read_spec(path: Path) -> SpecFile:
+    """The experiment file, checked key by key (errors name ``<path>.arms[2].plugins``...)."""
+    return structure(read_toml(path), SpecFile, str(path))
+
+
+def with_norm_rule(arm: Arm, common: Sequence[str]) -> Arm:
+    """``domain_bn`` needs BatchNorm layers: its arms get ``model.norm=batch`` unless the arm
+    or the common overrides set ``model.norm`` themselves."""
+    sets_norm = any(parse_override(s)[0] == ["model", "norm"] for s in [*common, *arm.set])
+    if "domain_bn" not in arm.plugins or sets_norm:
+        return arm
+    return attrs.evolve(arm, set=(*arm.set, "model.norm='batch'"))
+
+
+def run_overrides(experiment: Experiment, arm: Arm, seed: int, run_dir: Path) -> list[str]:
+    """The ``--set`` assignments that make up one (arm, seed) run's config."""
+    shortcuts = {
+        "run.plugins": list(arm.plugins),
+        "run.seed": seed + arm.seed_offset,
+        "run.epochs": experiment.epochs,
+        "run.out": str(run_dir),
+    }
+    if experiment.data is not None:
+        shortcuts["data.dir"] = experiment.data
+    return [
+        *experiment.common,
+        *arm.set,
+        *(f"{key}={json.dumps(value)}" for key, value in shortcuts.items()),
+    ]
+
+
+def check_arms(experiment: Experiment, out: Path) -> None:
+    """Load every arm's config and plugins now, so a typo stops the experiment before any
+    run starts (exit 2, naming the arm)."""
+    slugs: dict[str, str] = {}
+    for arm in experiment.arms:
+        if arm.name == REFERENCE:
+            raise UsageError(f"arm name {REFERENCE!r} is reserved for the reference row")
+        if arm.slug in slugs:
+            raise UsageError(f"arms {slugs[arm.slug]!r} and {arm.name!r} share a folder name")
+        slugs[arm.slug] = arm.name
+        try:
+            config = load_config(None, run_overrides(experiment, arm, 0, out))
+            PluginManager.from_names(config.run.plugins, config.plugins)
+        except UsageError as error:
+            raise UsageError(f"arm {arm.name!r}: {error}") from None
+        if config.run.task != experiment.task:
+            raise UsageError(
+                f"arm {arm.name!r}: run.task {config.run.task!r}; every arm must train "
+                f"{experiment.task!r}, the task of the common settings"
+            )
+    if experiment.baseline not in slugs.values():
+        raise UsageError(f"--baseline {experiment.baseline!r} is not one of the arms")
+    for kind in ("sham", "harmful"):
+        arms = [arm.name for arm in experiment.arms if arm.control == kind]
+        if len(arms) > 1:
+            raise UsageError(f"arms {arms} are all marked control = {kind!r}; mark one")
+        if experiment.baseline in arms:
+            raise UsageError(f"the baseline {experiment.baseline!r} cannot be a {kind} control")
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise UsageError(f"--seeds expects comma-separated integers, got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UsageError(f"--seeds needs distinct seeds, got {text!r}")
+    return seeds
