@@ -92,11 +92,11 @@ class ModelSection:
     cannot make any token likely."""
     diffusion_steps: int = attrs.field(default=2, validator=check.positive_int)
     """Diffusion decoding steps of validation generation (TerraMind's default is 50)."""
-    final_diffusion_steps: int = 0
+    final_diffusion_steps: int = attrs.field(default=0, validator=check.non_negative_int)
     """Diffusion steps of the last epoch's validation and of ``core.predict``; 0: as above."""
-    top_p: float = attrs.field(default=0.8, validator=[attrs.validators.ge(0.0)])
+    top_p: float = attrs.field(default=0.8, validator=check.fraction)
     """Generation's nucleus (top-p) token sampling; 0 samples from all tokens."""
-    temperature: float = attrs.field(default=1.0, validator=attrs.validators.gt(0.0))
+    temperature: float = attrs.field(default=1.0, validator=check.positive)
     """Generation's token sampling temperature."""
     decoder_thresholding: bool = False
     """TerraTorch's default (true): dynamic thresholding with ``sample_max_value`` 1, which
@@ -105,7 +105,7 @@ class ModelSection:
     gradient_checkpointing: bool = False
     """Recompute TerraMind's transformer blocks in the backward pass instead of keeping their
     activations: less memory for about one more forward's time."""
-    decoder_clip: float = attrs.field(default=3.0, validator=attrs.validators.ge(0.0))
+    decoder_clip: float = attrs.field(default=3.0, validator=check.non_negative)
     """Without thresholding: clip each predicted image to +-this many standard deviations
     (0: no clipping)."""
 

@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 import attrs
-from attrs.validators import and_, ge, gt, lt, optional
+from attrs.validators import and_, ge, gt, le, lt, optional
 
 SEED_LIMIT = 2**32
 """numpy's legacy seeding (``accelerate.utils.set_seed``) takes seeds below 2**32."""
@@ -30,4 +30,5 @@ positive = and_(finite, gt(0.0))
 non_negative = and_(finite, ge(0.0))
 optional_non_negative = optional(non_negative)
 open_fraction = and_(finite, gt(0.0), lt(1.0))
+fraction = and_(finite, ge(0.0), le(1.0))
 seed = and_(ge(0), lt(SEED_LIMIT))
