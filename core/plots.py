@@ -55,7 +55,7 @@ def plot_loss_curves(rows: Sequence[Mapping[str, Any]], path: str | PathLike[str
     when rows carry ``step_losses`` (that epoch's per-step losses), the concatenated step
     series with ``spike_steps`` marked.
     """
-    steps = [float(v) for row in rows for v in row.get("step_losses", ())]
+    steps = run_step_losses(rows)
     fig = Figure(figsize=(15 if steps else 10, 4.2), layout="constrained")
     axes = fig.subplots(1, 3 if steps else 2)
 
