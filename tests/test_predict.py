@@ -240,14 +240,15 @@ def test_bad_run_folder_or_options_exit_2(trained_run: Path, tmp_path: Path, cap
 
 
 @pytest.mark.parametrize(
-    ("original", "edited", "message"),
+    ("original", "edited", "message", "named"),
     [
-        ('task = "dem_sr"', 'task = "sar2opt"', "this run is task 'sar2opt'"),
-        ("n_feats = 8", "n_feats = 12", "does not match the model its config.toml describes"),
+        # a sar2opt run translates Sentinel-1 scenes: a DEM is the wrong input for it
+        ('task = "dem_sr"', 'task = "sar2opt"', "needs 2 bands (VV, VH in dB)", "input"),
+        ("n_feats = 8", "n_feats = 12", "does not match the model its config.toml", "run"),
     ],
 )
 def test_run_of_another_task_or_edited_model_exits_2(
-    trained_run: Path, tmp_path: Path, capsys, original: str, edited: str, message: str
+    trained_run: Path, tmp_path: Path, capsys, original: str, edited: str, message: str, named: str
 ) -> None:
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
@@ -257,7 +258,7 @@ def test_run_of_another_task_or_edited_model_exits_2(
     src = write_dem(tmp_path / "in.tif", terrain((20, 20)), UTM_TRANSFORM, UTM)
     assert main(["--checkpoint", str(run), str(src), str(tmp_path / "out.tif")]) == 2
     err = capsys.readouterr().err
-    assert message in err and str(run) in err
+    assert message in err and str({"input": src, "run": run}[named]) in err
     assert not (tmp_path / "out.tif").exists()
 
 
