@@ -245,6 +245,7 @@ def test_bad_run_folder_or_options_exit_2(trained_run: Path, tmp_path: Path, cap
         # a sar2opt run translates Sentinel-1 scenes: a DEM is the wrong input for it
         ('task = "dem_sr"', 'task = "sar2opt"', "needs 2 bands (VV, VH in dB)", "input"),
         ("n_feats = 8", "n_feats = 12", "does not match the model its config.toml", "run"),
+        ('task = "dem_sr"', 'task = "other"', "this run is task 'other'", "run"),
     ],
 )
 def test_run_of_another_task_or_edited_model_exits_2(
