@@ -35,9 +35,8 @@ from tests.conftest import read_metrics
 
 pytestmark = pytest.mark.slow
 
-TOKENIZER_ENCODER = (
-    "generator.tokenizer.tok_sen2l2a@224.encoder.",
-    "generator.tokenizer.tok_sen2l2a@224.quant_proj.",
+TOKENIZER_ENCODER = tuple(
+    f"generator.tokenizer.tok_sen2l2a@224.{part}." for part in ("encoder", "quant_proj", "quantize")
 )
 FAST = [
     "run.task='sar2opt'",
@@ -383,7 +382,9 @@ def test_after_setup_training_and_validation_never_run_the_tokenizer_encoder(
     are the tokenizer's, tile by tile, so validation scores are those of tokenizing each
     tile. With bf16 frozen weights a teacher_forcing step trains: finite loss, LoRA gradient."""
     out = tmp_path / "park"
-    trainer, probe = make_trainer(out, "teacher_forcing", "model.frozen_dtype='bf16'")
+    trainer, probe = make_trainer(
+        out, "teacher_forcing", "model.frozen_dtype='bf16'", "data.tile_size=32"
+    )
     trainer.setup()
     ctx = trainer.ctx
     model = trainer.accelerator.unwrap_model(trainer.model)

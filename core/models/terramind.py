@@ -70,8 +70,9 @@ class TerraMindSarToOptical(nn.Module):
 
     @property
     def tokenizer_encoder(self) -> tuple[nn.Module, ...]:
-        """What ``target_tokens`` runs: needed only while target tokens are cached."""
-        return self.tokenizer.encoder, self.tokenizer.quant_proj, self.tokenizer.quantize
+        """The weights ``target_tokens`` runs before the quantizer (whose buffers give the
+        ``codebook`` that training reads): needed only while target tokens are cached."""
+        return self.tokenizer.encoder, self.tokenizer.quant_proj
 
     def park_tokenizer_encoder(self) -> None:
         """Move the tokenizer's encoder to the CPU, off the training device: once the target
@@ -230,13 +231,15 @@ def hold_frozen_weights(model: TerraMindSarToOptical, dtype: torch.dtype) -> int
     Two parts stay float32, where TerraTorch computes in float32 or exact values matter:
     normalisation layers (the diffusion decoder's ``GroupNorm32`` and the tokenizer encoder's
     last norm cast their input to float32 and need float32 weights), and the tokenizer's
-    encoder, so target tokens are exactly those of float32; it runs only while tokens are
-    cached and is parked on the CPU afterwards. Returns the number of tensors cast.
+    encoder and quantizer, so target tokens are exactly those of float32; the encoder runs
+    only while tokens are cached and is parked on the CPU afterwards. Returns the number of
+    tensors cast.
     """
     kept = {
         id(tensor)
         for module in model.modules()
-        if isinstance(module, nn.LayerNorm | nn.GroupNorm) or module in model.tokenizer_encoder
+        if isinstance(module, nn.LayerNorm | nn.GroupNorm)
+        or module in (*model.tokenizer_encoder, model.tokenizer.quantize)
         for tensor in (*module.parameters(), *module.buffers())
     }
     cast = 0

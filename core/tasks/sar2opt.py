@@ -145,7 +145,7 @@ class SarToOptical:
             "model": f"terramind_v1_{model.terramind}",
             "pretrained": model.pretrained,
             "weights": fingerprint(weights),
-            "tiles": (dataset or self.train_dataset).fingerprint(tiles),
+            "tiles": (self.train_dataset if dataset is None else dataset).fingerprint(tiles),
             **settings,
         }
 
@@ -160,7 +160,7 @@ class SarToOptical:
         memory-mapped in ``cache/<name>.npy`` of the run folder and recomputed whenever
         ``key`` changes."""
         path = self.ctx.run_dir / "cache" / f"{name}.npy"
-        rows = len(dataset or self.train_dataset)
+        rows = len(self.train_dataset if dataset is None else dataset)
         return cached_rows(path, key, rows, compute, self.ctx.accelerator)
 
     def prepare_target_tokens(self, terramind: TerraMindSarToOptical) -> None:
