@@ -25,7 +25,7 @@ from torch.utils.data import default_collate
 
 from core.config import load_config
 from core.data.sar2opt import OPTICAL_BANDS
-from core.errors import PluginError, UsageError
+from core.errors import ConfigError, PluginError, UsageError
 from core.hookspecs import hookimpl
 from core.models.terramind import build_terramind, checkpoint_blocks, hold_frozen_weights
 from core.plugins import ActivePlugin, PluginManager
@@ -302,6 +302,17 @@ def test_bf16_frozen_weights_keep_lora_in_fp32_and_the_loss_close(terramind: nn.
     terramind.zero_grad()
 
 
+def test_frozen_dtype_comes_from_the_config_and_refuses_other_values() -> None:
+    from core.tasks.sar2opt import SarToOptical
+
+    with pytest.raises(ConfigError, match="frozen_dtype"):
+        load_config(None, ["model.frozen_dtype='fp16'"])
+    model = SarToOptical().build_model(load_config(None, [*FAST, "model.frozen_dtype='bf16'"]))
+    assert model.compute_dtype == torch.bfloat16
+    assert model.terramind.encoder[0].mlp.fc1.base_layer.weight.dtype == torch.bfloat16
+    assert model.terramind.encoder[0].mlp.fc1.lora_A.default.weight.dtype == torch.float32
+
+
 def test_lora_sits_on_transformer_blocks_and_the_tokenizer_is_frozen(
     terramind: nn.Module,
 ) -> None:
@@ -380,15 +391,12 @@ def test_after_setup_training_and_validation_never_run_the_tokenizer_encoder(
     """Training and validation targets are tokenized once at set-up; after it the encoder is
     parked on the CPU and no training step or validation pass runs it. The validation tokens
     are the tokenizer's, tile by tile, so validation scores are those of tokenizing each
-    tile. With bf16 frozen weights a teacher_forcing step trains: finite loss, LoRA gradient."""
+    tile."""
     out = tmp_path / "park"
-    trainer, probe = make_trainer(
-        out, "teacher_forcing", "model.frozen_dtype='bf16'", "data.tile_size=32"
-    )
+    trainer, probe = make_trainer(out, "teacher_forcing", "data.tile_size=32")
     trainer.setup()
     ctx = trainer.ctx
     model = trainer.accelerator.unwrap_model(trainer.model)
-    assert model.terramind.encoder[0].mlp.fc1.base_layer.weight.dtype == torch.bfloat16
     calls = []
     hook = model.tokenizer.encoder.register_forward_pre_hook(lambda *_: calls.append(1))
     batch = default_collate([ctx.train_dataset[i] for i in range(2)])
