@@ -105,6 +105,11 @@ class ModelSection:
     gradient_checkpointing: bool = False
     """Recompute TerraMind's transformer blocks in the backward pass instead of keeping their
     activations: less memory for about one more forward's time."""
+    frozen_dtype: str = attrs.field(
+        default="fp32", validator=attrs.validators.in_(("fp32", "bf16"))
+    )
+    """``bf16`` holds TerraMind's frozen weights in bfloat16 (about half their memory) and
+    computes under autocast; LoRA adapters and the tokenizer's encoder stay float32."""
     decoder_clip: float = attrs.field(default=3.0, validator=check.non_negative)
     """Without thresholding: clip each predicted image to +-this many standard deviations
     (0: no clipping)."""

@@ -63,7 +63,11 @@ RATIO = re.compile(
         (
             "terramind_memory.py",
             [],
-            {"checkpointing_step_memory_vs_plain_tiny"},
+            {
+                "checkpointing_step_memory_vs_plain_tiny",
+                "bf16_weight_bytes_vs_fp32_tiny",
+                "bf16_peak_vs_fp32_tiny",
+            },
         ),
         (
             "straight_through_estimators.py",

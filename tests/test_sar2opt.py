@@ -8,6 +8,7 @@ with the seed's error.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -24,9 +25,9 @@ from torch.utils.data import default_collate
 
 from core.config import load_config
 from core.data.sar2opt import OPTICAL_BANDS
-from core.errors import PluginError, UsageError
+from core.errors import ConfigError, PluginError, UsageError
 from core.hookspecs import hookimpl
-from core.models.terramind import build_terramind, checkpoint_blocks
+from core.models.terramind import build_terramind, checkpoint_blocks, hold_frozen_weights
 from core.plugins import ActivePlugin, PluginManager
 from core.train import Trainer
 from plugins.generators.straight_through import expected_code_error, gumbel_code_error
@@ -34,6 +35,9 @@ from tests.conftest import read_metrics
 
 pytestmark = pytest.mark.slow
 
+TOKENIZER_ENCODER = tuple(
+    f"generator.tokenizer.tok_sen2l2a@224.{part}." for part in ("encoder", "quant_proj", "quantize")
+)
 FAST = [
     "run.task='sar2opt'",
     "train.progress='never'",
@@ -258,6 +262,57 @@ def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_gradient(
         torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6)
 
 
+def test_bf16_frozen_weights_keep_lora_in_fp32_and_the_loss_close(terramind: nn.Module) -> None:
+    """Frozen weights in bfloat16, LoRA, norms and the tokenizer's encoder in float32; the
+    teacher_forcing loss and its LoRA gradients stay close to float32's on the same batch.
+
+    Tolerance: bfloat16 keeps 8 significant bits, a relative rounding of 2^-9 (0.2 %) per
+    weight and per autocast matmul input; averaged over positions the cross-entropy moves far
+    less, so 1 % of the loss and a gradient cosine of 0.99 leave room, while a wrong cast
+    (a layer dropped, the encoder's tokens changed) moves the loss by far more."""
+    half = copy.deepcopy(terramind)
+    assert hold_frozen_weights(half, torch.bfloat16) > 0
+    for name, module in half.named_modules():
+        norm = isinstance(module, nn.LayerNorm | nn.GroupNorm)
+        for p in module.parameters(recurse=False):
+            fp32 = norm or p.requires_grad or f"{name}.".startswith(TOKENIZER_ENCODER)
+            assert p.dtype == (torch.float32 if fp32 else torch.bfloat16), name
+    assert half.terramind.encoder[0].attn.qkv.base_layer.weight.dtype == torch.bfloat16
+    assert half.tokenizer.decoder.out[-1].weight.dtype == torch.bfloat16  # diffusion decoder
+
+    sar, optical = torch.randn(2, 2, 64, 64), torch.randn(2, 12, 64, 64)
+    targets = terramind.target_tokens(optical)
+    assert torch.equal(half.target_tokens(optical), targets)
+
+    def step(model: nn.Module) -> tuple[float, torch.Tensor]:
+        model.zero_grad()
+        torch.manual_seed(1)
+        logits = model(sar)
+        assert logits.dtype == torch.float32
+        loss = F.cross_entropy(logits.transpose(1, 2), targets)
+        loss.backward()
+        grads = [p.grad.flatten() for n, p in model.named_parameters() if p.requires_grad]
+        return loss.item(), torch.cat(grads)
+
+    loss32, grad32 = step(terramind)
+    loss16, grad16 = step(half)
+    assert math.isfinite(loss16) and grad16.abs().sum() > 0
+    assert loss16 == pytest.approx(loss32, rel=1e-2)
+    assert F.cosine_similarity(grad16, grad32, dim=0) > 0.99
+    terramind.zero_grad()
+
+
+def test_frozen_dtype_comes_from_the_config_and_refuses_other_values() -> None:
+    from core.tasks.sar2opt import SarToOptical
+
+    with pytest.raises(ConfigError, match="frozen_dtype"):
+        load_config(None, ["model.frozen_dtype='fp16'"])
+    model = SarToOptical().build_model(load_config(None, [*FAST, "model.frozen_dtype='bf16'"]))
+    assert model.compute_dtype == torch.bfloat16
+    assert model.terramind.encoder[0].mlp.fc1.base_layer.weight.dtype == torch.bfloat16
+    assert model.terramind.encoder[0].mlp.fc1.lora_A.default.weight.dtype == torch.float32
+
+
 def test_lora_sits_on_transformer_blocks_and_the_tokenizer_is_frozen(
     terramind: nn.Module,
 ) -> None:
@@ -328,6 +383,35 @@ def test_target_tokens_are_cached_per_tile_and_keyed_by_the_tokenizer(tmp_path: 
         AcceleratorState._reset_state(True)
         PartialState._reset_state()
     assert not torch.equal(tokens["tiny"], tokens["small"])
+
+
+def test_after_setup_training_and_validation_never_run_the_tokenizer_encoder(
+    tmp_path: Path,
+) -> None:
+    """Training and validation targets are tokenized once at set-up; after it the encoder is
+    parked on the CPU and no training step or validation pass runs it. The validation tokens
+    are the tokenizer's, tile by tile, so validation scores are those of tokenizing each
+    tile."""
+    out = tmp_path / "park"
+    trainer, probe = make_trainer(out, "teacher_forcing", "data.tile_size=32")
+    trainer.setup()
+    ctx = trainer.ctx
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    calls = []
+    hook = model.tokenizer.encoder.register_forward_pre_hook(lambda *_: calls.append(1))
+    batch = default_collate([ctx.train_dataset[i] for i in range(2)])
+    sums = trainer.optimizer_step([batch], progress=0.0)
+    assert math.isfinite(float(sums[0] / sums[1])) and trainer.nonfinite_total == 0
+    assert_gradient_every_step(probe, 1)
+    ctx.epoch = 1
+    row = trainer.validate()
+    assert math.isfinite(row["val_token_ce"]) and math.isfinite(row["val_ceiling_l1"])
+    assert calls == []
+    hook.remove()
+    val = trainer.val_dataset
+    cached = torch.from_numpy(np.load(out / "cache" / "val_target_tokens.npy"))
+    per_tile = torch.cat([model.target_tokens(val[i]["optical"][None]) for i in range(len(val))])
+    assert torch.equal(cached, per_tile)
 
 
 def test_validation_scores_every_tile_alike_whatever_the_batch_size(tmp_path: Path) -> None:

@@ -25,6 +25,8 @@ SIZES = ("tiny", "small", "base", "large")
 SAR = "untok_sen1grd@224"
 OPTICAL_RAW = "untok_sen2l2a@224"
 OPTICAL_TOKENS = "tok_sen2l2a@224"
+FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""``model.frozen_dtype``: how TerraMind's frozen weights are held."""
 
 
 @contextlib.contextmanager
@@ -52,6 +54,9 @@ class TerraMindSarToOptical(nn.Module):
     def __init__(self, generator: nn.Module) -> None:
         super().__init__()
         self.generator = generator
+        self.compute_dtype = torch.float32
+        """The dtype the transformer and the diffusion decoder compute in (autocast below
+        float32); set by :func:`hold_frozen_weights`."""
 
     @property
     def terramind(self) -> nn.Module:
@@ -64,16 +69,34 @@ class TerraMindSarToOptical(nn.Module):
         return self.generator.tokenizer[OPTICAL_TOKENS]
 
     @property
+    def tokenizer_encoder(self) -> tuple[nn.Module, ...]:
+        """The weights ``target_tokens`` runs before the quantizer (whose buffers give the
+        ``codebook`` that training reads): needed only while target tokens are cached."""
+        return self.tokenizer.encoder, self.tokenizer.quant_proj
+
+    def park_tokenizer_encoder(self) -> None:
+        """Move the tokenizer's encoder to the CPU, off the training device: once the target
+        tokens are cached, nothing runs it. ``target_tokens`` brings it back when called."""
+        for module in self.tokenizer_encoder:
+            module.to("cpu")
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """Autocast to ``compute_dtype`` when the frozen weights are held below float32."""
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.compute_dtype)
+
+    @property
     def codebook(self) -> torch.Tensor:
         """``[V, d]``: the FSQ code of every token id, the latent the diffusion decoder reads."""
         return self.tokenizer.quantize.codebook
 
     def forward(self, image: torch.Tensor, output: str = "logits") -> torch.Tensor:
-        if output == "logits":
-            return self.token_logits(image)
-        if output == "encoding":
-            return self.encode(image)
-        raise ValueError(f"unknown output {output!r}: logits or encoding")
+        paths = {"logits": self.token_logits, "encoding": self.encode}
+        if output not in paths:
+            raise ValueError(f"unknown output {output!r}: logits or encoding")
+        with self.autocast(image.device):
+            return paths[output](image).float()
 
     def _input(self, image: torch.Tensor, modality: str) -> dict:
         from terratorch.models.backbones.terramind.model.generate import init_full_input_modality
@@ -126,8 +149,12 @@ class TerraMindSarToOptical(nn.Module):
 
     @torch.no_grad()
     def target_tokens(self, optical: torch.Tensor) -> torch.Tensor:
-        """``[B, N]`` token ids of standardised optical images (raster order)."""
-        return self.tokenizer.tokenize(optical).flatten(1).long()
+        """``[B, N]`` token ids of standardised optical images (raster order), always in
+        float32 (see :func:`hold_frozen_weights`), on the images' device."""
+        for module in self.tokenizer_encoder:
+            module.to(optical.device)
+        with torch.autocast(optical.device.type, enabled=False):
+            return self.tokenizer.tokenize(optical).flatten(1).long()
 
     @torch.no_grad()
     def decode(
@@ -140,17 +167,19 @@ class TerraMindSarToOptical(nn.Module):
         """
         patch = self.tokenizer.patch_size
         grid = tokens.reshape(tokens.shape[0], size[0] // patch, size[1] // patch)
-        return torch.cat(
-            [
-                self.tokenizer.decode_tokens(
-                    one.unsqueeze(0),
-                    image_size=size,
-                    timesteps=steps,
-                    generator=torch.Generator().manual_seed(seed),  # the pipeline draws on CPU
-                )
-                for one in grid
-            ]
-        ).float()
+        with self.autocast(tokens.device):
+            images = torch.cat(
+                [
+                    self.tokenizer.decode_tokens(
+                        one.unsqueeze(0),
+                        image_size=size,
+                        timesteps=steps,
+                        generator=torch.Generator().manual_seed(seed),  # draws on the CPU
+                    )
+                    for one in grid
+                ]
+            )
+        return images.float()
 
     def configure_generation(
         self, *, top_p: float, temperature: float, thresholding: bool, clip: float
@@ -169,8 +198,9 @@ class TerraMindSarToOptical(nn.Module):
     @torch.no_grad()
     def generate(self, sar: torch.Tensor, steps: int, seed: int) -> torch.Tensor:
         """TerraTorch's own generation (token sampling + diffusion decoding), seeded."""
-        with seeded(seed):
-            return self.generator({"S1GRD": sar}, standardize=False, timesteps=steps)["S2L2A"]
+        with seeded(seed), self.autocast(sar.device):
+            generated = self.generator({"S1GRD": sar}, standardize=False, timesteps=steps)
+        return generated["S2L2A"].float()
 
 
 def checkpoint_blocks(transformer: nn.Module) -> int:
@@ -192,6 +222,42 @@ def checkpoint_blocks(transformer: nn.Module) -> int:
 
         block.forward = forward
     return len(blocks)
+
+
+def hold_frozen_weights(model: TerraMindSarToOptical, dtype: torch.dtype) -> int:
+    """Hold the frozen parameters and floating buffers in ``dtype`` (bfloat16 halves their
+    memory); trainable ones (LoRA) stay float32, and the model then computes under autocast.
+
+    Two parts stay float32, where TerraTorch computes in float32 or exact values matter:
+    normalisation layers (the diffusion decoder's ``GroupNorm32`` and the tokenizer encoder's
+    last norm cast their input to float32 and need float32 weights), and the tokenizer's
+    encoder and quantizer, so target tokens are exactly those of float32; the encoder runs
+    only while tokens are cached and is parked on the CPU afterwards. Returns the number of
+    tensors cast.
+    """
+    kept = {
+        id(tensor)
+        for module in model.modules()
+        if isinstance(module, nn.LayerNorm | nn.GroupNorm)
+        or module in (*model.tokenizer_encoder, model.tokenizer.quantize)
+        for tensor in (*module.parameters(), *module.buffers())
+    }
+    cast = 0
+    for module in model.modules():
+        for parameter in module.parameters(recurse=False):
+            if not parameter.requires_grad and castable(parameter, kept, dtype):
+                parameter.data = parameter.data.to(dtype)
+                cast += 1
+        for name, buffer in module.named_buffers(recurse=False):
+            if castable(buffer, kept, dtype):
+                setattr(module, name, buffer.to(dtype))
+                cast += 1
+    model.compute_dtype = dtype
+    return cast
+
+
+def castable(tensor: torch.Tensor, kept: set[int], dtype: torch.dtype) -> bool:
+    return tensor.is_floating_point() and tensor.dtype != dtype and id(tensor) not in kept
 
 
 def lora_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:

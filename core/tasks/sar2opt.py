@@ -26,9 +26,11 @@ from core.data.sar2opt import OPTICAL_BANDS, TERRAMIND_V1, PairDataset, ensure_d
 from core.errors import UsageError
 from core.keyed_cache import cached_rows, fingerprint
 from core.models.terramind import (
+    FROZEN_DTYPES,
     TerraMindSarToOptical,
     build_terramind,
     checkpoint_blocks,
+    hold_frozen_weights,
     seeded,
 )
 from core.plots import plot_loss_curves, plot_sar_optical
@@ -64,6 +66,7 @@ class SarToOptical:
     terrains = ("scene",)
     """Pairs carry no terrain label: one domain, so samplers and counts stay well-defined."""
     train_tokens: np.ndarray | None = None
+    val_tokens: np.ndarray | None = None
 
     def __init__(self) -> None:
         self.ceilings: dict[int, dict[str, float]] = {}
@@ -122,6 +125,7 @@ class SarToOptical:
         )
         if model.gradient_checkpointing:
             checkpoint_blocks(terramind.terramind)
+        hold_frozen_weights(terramind, FROZEN_DTYPES[model.frozen_dtype])
         terramind.configure_generation(
             top_p=model.top_p,
             temperature=model.temperature,
@@ -130,34 +134,61 @@ class SarToOptical:
         )
         return terramind
 
-    def cache_key(self, what: str, weights: nn.Module, tiles: str, **settings: Any) -> dict:
-        """The key of a per-tile cache made by ``weights`` from the training ``tiles``
-        (``"sar"`` or ``"optical"``): model, weight and tile fingerprints, ``settings``."""
+    def cache_key(
+        self,
+        what: str,
+        weights: nn.Module,
+        tiles: str,
+        dataset: PairDataset | None = None,
+        **settings: Any,
+    ) -> dict:
+        """The key of a per-tile cache made by ``weights`` from the ``tiles`` (``"sar"`` or
+        ``"optical"``) of ``dataset`` (default: training): model, weight and tile
+        fingerprints, ``settings``."""
         model = self.ctx.config.model
         return {
             "what": what,
             "model": f"terramind_v1_{model.terramind}",
             "pretrained": model.pretrained,
             "weights": fingerprint(weights),
-            "tiles": self.train_dataset.fingerprint(tiles),
+            "tiles": (self.train_dataset if dataset is None else dataset).fingerprint(tiles),
             **settings,
         }
 
     def cached_per_tile(
-        self, name: str, key: dict, compute: Callable[[np.ndarray], torch.Tensor]
+        self,
+        name: str,
+        key: dict,
+        compute: Callable[[np.ndarray], torch.Tensor],
+        dataset: PairDataset | None = None,
     ) -> np.ndarray:
-        """``compute`` over every training tile, kept memory-mapped in ``cache/<name>.npy``
-        of the run folder and recomputed whenever ``key`` changes."""
+        """``compute`` over every tile of ``dataset`` (default: training), kept
+        memory-mapped in ``cache/<name>.npy`` of the run folder and recomputed whenever
+        ``key`` changes."""
         path = self.ctx.run_dir / "cache" / f"{name}.npy"
-        return cached_rows(path, key, len(self.train_dataset), compute, self.ctx.accelerator)
+        rows = len(self.train_dataset if dataset is None else dataset)
+        return cached_rows(path, key, rows, compute, self.ctx.accelerator)
 
     def prepare_target_tokens(self, terramind: TerraMindSarToOptical) -> None:
         """Tokenize every training target once, for the plugins that read target tokens.
 
         Keyed by the tokenizer's weights, so a run re-started with another model size or
-        with pretrained weights never reads the tokens of another tokenizer.
+        with pretrained weights never reads the tokens of another tokenizer. The validation
+        targets are tokenized now too, after which nothing runs the tokenizer's encoder.
         """
-        tokenizer = terramind.tokenizer
+        self.train_tokens = self.cached_tokens(terramind, self.train_dataset, "target_tokens")
+        self.prepare_validation_tokens(terramind)
+
+    def prepare_validation_tokens(self, terramind: TerraMindSarToOptical) -> None:
+        """Tokenize every validation target once (token scores and the ceiling read them),
+        then park the tokenizer's encoder on the CPU, off the training device."""
+        self.val_tokens = self.cached_tokens(terramind, self.val_dataset, "val_target_tokens")
+        terramind.park_tokenizer_encoder()
+
+    def cached_tokens(
+        self, terramind: TerraMindSarToOptical, dataset: PairDataset, name: str
+    ) -> np.ndarray:
+        """``[N, T]`` token ids of ``dataset``'s targets, cached per tile as ``name``."""
         device = self.ctx.device
 
         def tokenize(indices: np.ndarray) -> torch.Tensor:
@@ -165,7 +196,7 @@ class SarToOptical:
             return torch.cat(
                 [
                     terramind.target_tokens(
-                        torch.stack([self.train_dataset[i]["optical"] for i in chunk]).to(device)
+                        torch.stack([dataset[i]["optical"] for i in chunk]).to(device)
                     ).cpu()
                     for chunk in tqdm(
                         chunks,
@@ -176,8 +207,8 @@ class SarToOptical:
                 ]
             )
 
-        key = self.cache_key("target_tokens", tokenizer, "optical")
-        self.train_tokens = self.cached_per_tile("target_tokens", key, tokenize)
+        key = self.cache_key(name, terramind.tokenizer, "optical", dataset)
+        return self.cached_per_tile(name, key, tokenize, dataset)
 
     def target_tokens(self, batch: Batch) -> torch.Tensor:
         """``[B, T]`` cached token ids of a training batch's targets, on its device."""
@@ -194,6 +225,8 @@ class SarToOptical:
         """Scores of real generations against the targets in reflectance, token scores of the
         logits, and the tokenizer's ceiling, tile by tile with a seed per tile: the same
         whatever the batch size or number of processes."""
+        if self.val_tokens is None:  # plugins that read no target tokens: at the first epoch
+            self.prepare_validation_tokens(getattr(model, "terramind_generator", model))
         steps = validation_steps(ctx.config, ctx.epoch)
         with_ceiling = steps not in self.ceilings
         sums = {
@@ -257,7 +290,7 @@ class SarToOptical:
         yield "spectral_angle_deg", metrics.spectral_angle(generated, target)
         yield "ndvi_mae", metrics.ndvi_error(generated, target)
         yield "band_l1", metrics.band_l1(generated, target)[0]
-        tokens = terramind.target_tokens(tile["optical"])
+        tokens = torch.from_numpy(self.val_tokens[tile["idx"].cpu().numpy()]).to(target.device)
         with seeded(seed):  # the logits do not depend on ROAR's shuffle; keep RNGs untouched
             logits = terramind(tile["sar"], output="logits").float()
         cross_entropy, accuracy = metrics.token_scores(logits, tokens)
