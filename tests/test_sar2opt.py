@@ -352,6 +352,7 @@ def test_refiner_caches_generations_and_freezes_terramind(tmp_path: Path) -> Non
     assert cache.shape[0] == len(trainer.ctx.train_dataset)
     assert stored_key(out, "refiner_generated")["diffusion_steps"] == 1
 
+    trainer.release_run_dir()  # the re-start below claims the same folder
     AcceleratorState._reset_state(True)
     PartialState._reset_state()
     again, _ = make_trainer(out, "refiner", "data.tile_size=32", "model.diffusion_steps=2")
@@ -380,6 +381,7 @@ def test_target_tokens_are_cached_per_tile_and_keyed_by_the_tokenizer(tmp_path: 
         assert stored_key(out, "target_tokens")["model"] == f"terramind_v1_{size}"
         optical = torch.stack([dataset[i]["optical"] for i in (0, len(dataset) - 1)])
         assert torch.equal(tokens[size][[0, len(dataset) - 1]], model.target_tokens(optical))
+        trainer.release_run_dir()  # the next size re-starts into the same folder
         AcceleratorState._reset_state(True)
         PartialState._reset_state()
     assert not torch.equal(tokens["tiny"], tokens["small"])
