@@ -239,7 +239,7 @@ def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_gradient(
 ) -> None:
     """Checkpointed blocks run their forward again in the backward pass; the LoRA gradients
     are those of the plain model, and parameter names (LoRA targets) do not change."""
-    model = terramind
+    model = copy.deepcopy(terramind)  # the module's other tests use the plain blocks
     sar, names = torch.randn(1, 2, 64, 64), [n for n, _ in model.named_parameters()]
     calls = []
     hook = model.terramind.encoder[0].attn.register_forward_hook(lambda *_: calls.append(1))
