@@ -25,6 +25,7 @@ from core.hookspecs import hookimpl
 from core.plugins import Plugin
 from core.predict import main as predict_main
 from core.run import main
+from core.safe_io import load_checkpoint
 from core.terrain import TERRAINS
 from core.train import CHECKPOINT, NonFiniteLossError, all_finite
 from tests.conftest import FAST, read_metrics
@@ -281,7 +282,7 @@ def test_plugin_exception_names_plugin_and_hook_and_keeps_the_checkpoint(
     assert result.returncode == 1, result.stderr[-2000:]
     assert "Traceback" in result.stderr and "RuntimeError: boom in epoch 2" in result.stderr
     assert "raised by plugin 'boom' in hook 'on_epoch_start'" in result.stderr
-    state = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)
+    state = load_checkpoint(out / CHECKPOINT)
     assert state["epoch"] == 1 and len(read_metrics(out)) == 1
 
     monkeypatch.setitem(plugins.BUILTIN_PLUGINS, "boom", target)

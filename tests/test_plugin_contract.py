@@ -10,11 +10,11 @@ import tomllib
 from typing import ClassVar
 
 import pytest
-import torch
 
 import plugins
 from core.config import unstructure
 from core.run import main
+from core.safe_io import load_checkpoint
 from core.train import CHECKPOINT
 from plugins.samplers.curriculum import Curriculum, CurriculumConfig
 from plugins.samplers.stratified import Stratified, StratifiedConfig
@@ -118,7 +118,7 @@ def test_resumed_run_equals_the_uninterrupted_one_including_plugin_logged_keys(
     monkeypatch.setattr(Tally, "stop_at", steps + 2)  # inside epoch 2
     assert main(fast_args(procedural_dir, interrupted, *args)) == 130
     assert len(read_metrics(interrupted)) == 1
-    state = torch.load(interrupted / CHECKPOINT, map_location="cpu", weights_only=False)
+    state = load_checkpoint(interrupted / CHECKPOINT)
     assert state["plugins"] == {"tally": {"steps": steps + 2}}
 
     monkeypatch.setattr(Tally, "stop_at", None)

@@ -29,6 +29,7 @@ from core.errors import ConfigError, PluginError, UsageError
 from core.hookspecs import hookimpl
 from core.models.terramind import build_terramind, checkpoint_blocks, hold_frozen_weights
 from core.plugins import ActivePlugin, PluginManager
+from core.safe_io import load_checkpoint
 from core.train import Trainer
 from plugins.generators.straight_through import expected_code_error, gumbel_code_error
 from tests.conftest import read_metrics
@@ -508,7 +509,7 @@ def test_cli_run_writes_the_run_folder_and_resumes(
     assert {"val_l1", "val_psnr", "val_ssim", "val_loss"} <= set(rows[0])
     assert 0 < rows[0]["val_ssim"] <= 1 and rows[0]["val_psnr"] > 0
     assert (out / "sar_generated_target.png").stat().st_size > 0
-    state = torch.load(out / "checkpoint.pt", weights_only=False)
+    state = load_checkpoint(out / "checkpoint.pt")
     assert all("lora_" in key or not key.endswith("weight") for key in state["model"])
     assert (out / "checkpoint.pt").stat().st_size < 10 * 2**20  # adapters, not 1.2 GB
     assert main(["--resume", str(out), "--epochs", "2"]) == 0
