@@ -42,7 +42,6 @@ import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 import attrs
 import numpy as np
@@ -64,17 +63,16 @@ from torch import nn
 
 from core.config import load_config
 from core.context import RunContext, StepInfo
-from core.data.dataset import TileDataset
-from core.models.rcan import build_rcan
 from core.plugins import PluginManager
-from core.tasks import get_task
-from core.terrain import TERRAINS
+from core.tasks import Batch, get_task
+from core.tasks.dem_sr.data.dataset import TileDataset
+from core.tasks.dem_sr.rcan import build_rcan
+from core.tasks.dem_sr.terrain import TERRAINS
 from core.train import to_device
 
 TARGET = 1.10
 """balanced_grad may cost at most 10 % more time and memory than a plain step."""
 VARIANTS = ("plain", "balanced_grad", "recipe", "naive")
-Batch = dict[str, Any]
 
 
 @attrs.define

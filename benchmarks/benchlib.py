@@ -153,7 +153,7 @@ def tiles_folder(data: Path | None, per_terrain: int, scratch: Path) -> Path:
     """
     if data is not None:
         return data
-    from core.data.procedural import write_procedural_tiles
+    from core.tasks.dem_sr.data.procedural import write_procedural_tiles
 
     return write_procedural_tiles(scratch / "tiles", per_terrain=per_terrain)
 

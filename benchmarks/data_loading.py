@@ -41,10 +41,10 @@ from benchlib import (
 from torch.utils.data import DataLoader
 
 from core.config import Config
-from core.data.dataset import TileDataset
-from core.losses import dem_loss_components
-from core.models.rcan import build_rcan
-from core.tasks.dem_sr import base_loss_weights
+from core.tasks.dem_sr.data.dataset import TileDataset
+from core.tasks.dem_sr.losses import dem_loss_components
+from core.tasks.dem_sr.rcan import build_rcan
+from core.tasks.dem_sr.task import base_loss_weights
 from core.train import to_device
 
 SCALE = 3

@@ -35,9 +35,9 @@ from benchlib import (
 )
 
 from core.config import Config
-from core.losses import dem_loss_components
-from core.models.rcan import build_rcan
-from core.tasks.dem_sr import base_loss_weights
+from core.tasks.dem_sr.losses import dem_loss_components
+from core.tasks.dem_sr.rcan import build_rcan
+from core.tasks.dem_sr.task import base_loss_weights
 
 TILE = 48
 SCALE = 3

@@ -58,12 +58,13 @@ from benchlib import (
 from torch.utils.data import DataLoader
 
 from core.config import Config
-from core.data.dataset import TileDataset, train_val_split
-from core.losses import dem_loss_components
-from core.models.rcan import build_rcan
+from core.data.datasets import train_val_split
 from core.plugins import PluginManager
 from core.run import build_parser, resolve_config
-from core.tasks.dem_sr import base_loss_weights
+from core.tasks.dem_sr.data.dataset import TileDataset
+from core.tasks.dem_sr.losses import dem_loss_components
+from core.tasks.dem_sr.rcan import build_rcan
+from core.tasks.dem_sr.task import base_loss_weights
 from core.train import Trainer, to_device
 
 TARGET = 1.03
@@ -148,8 +149,7 @@ class TimedTrainer(Trainer):
 
     def plot(self) -> None:
         """The plots ``end_epoch`` draws after the last epoch."""
-        model = self.accelerator.unwrap_model(self.model)
-        self.ctx.task.write_plots(self.run_dir, self.rows, model, self.ctx)
+        self.write_plots()
 
 
 class HandLoop:

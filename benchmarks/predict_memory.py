@@ -35,10 +35,13 @@ from torch import nn
 from core.config import Config
 from core.context import RunContext
 from core.data.geotiff import gdal_cache, write_dem
-from core.models.rcan import build_rcan
+from core.data.windows import window_starts
+from core.inference import TrainedRun
 from core.plugins import PluginManager
-from core.predict import DEFAULT_GDAL_CACHE_MB, Predictor, normalise, window_starts
+from core.predict import DEFAULT_GDAL_CACHE_MB
 from core.tasks import get_task
+from core.tasks.dem_sr.predict import Predictor, normalise
+from core.tasks.dem_sr.rcan import build_rcan
 
 SCALE = 3
 WINDOW, OVERLAP = 64, 8
@@ -63,7 +66,7 @@ def predictor(model: nn.Module) -> Predictor:
     accelerator = Accelerator(cpu=True)
     ctx = RunContext(config, accelerator, get_task("dem_sr"), PluginManager([]), Path("."), 1)
     ctx.model = model.eval()
-    return Predictor(ctx.model, ctx, SCALE, WINDOW, OVERLAP, "moderate")
+    return Predictor(TrainedRun(config, ctx.model, ctx, {}), SCALE, WINDOW, OVERLAP, "moderate")
 
 
 def max_rss_mib() -> float:

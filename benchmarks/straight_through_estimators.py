@@ -18,8 +18,8 @@ import argparse
 import torch
 from benchlib import add_common_arguments, finish, ratio_line, start
 
-from core.data.sar2opt import TERRAMIND_V1, PairDataset, ensure_default_pairs
-from core.models.terramind import build_terramind
+from core.tasks.sar2opt.data import TERRAMIND_V1, PairDataset, ensure_default_pairs
+from core.tasks.sar2opt.terramind import build_terramind
 from plugins.generators.straight_through import expected_code_error, gumbel_code_error
 
 TEMPERATURES = (1.0, 0.5, 0.2)

@@ -32,10 +32,10 @@ import torch
 from benchlib import add_common_arguments, finish, interleave, paired, ratio_line, spread, start
 
 from core.config import Config
-from core.losses import dem_loss_components
-from core.models.rcan import build_rcan
-from core.tasks.dem_sr import base_loss_weights
-from core.terrain import TERRAINS
+from core.tasks.dem_sr.losses import dem_loss_components
+from core.tasks.dem_sr.rcan import build_rcan
+from core.tasks.dem_sr.task import base_loss_weights
+from core.tasks.dem_sr.terrain import TERRAINS
 from plugins.samplers.stratified import category_pools, plan_batches
 
 SHARES = (0.11, 0.22, 0.25, 0.21, 0.21)

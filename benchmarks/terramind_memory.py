@@ -50,7 +50,7 @@ def measure(size: str, pixels: int, variant: str) -> dict:
     import torch.nn.functional as F
 
     from core.config import load_config
-    from core.models.terramind import (
+    from core.tasks.sar2opt.terramind import (
         FROZEN_DTYPES,
         build_terramind,
         checkpoint_blocks,

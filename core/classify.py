@@ -1,85 +1,9 @@
-"""``python -m core.classify PATH...``: the terrain category of each GeoTIFF, then the counts.
+"""``python -m core.classify PATH...``: the command name DESIGN.md §3 fixes for dem_sr's
+terrain classifier, which lives with its task (``core.tasks.dem_sr.classify``)."""
 
-Shows what the dataset will see before a run starts: each file's category, whether it came
-from a region name or was measured from the DEM, and the measurements. Bad files are reported
-on stderr and skipped; the exit status is 2 if any path was bad, else 0.
-"""
-
-from __future__ import annotations
-
-import argparse
 import sys
-from collections import Counter
-from pathlib import Path
 
-from core.data.geotiff import read_dem
-from core.data.labels import label_tile, terrain_stats
-from core.errors import DataError
-from core.terrain import TERRAINS
-
-GEOTIFF_SUFFIXES = (".tif", ".tiff")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m core.classify",
-        description="Print the terrain category of GeoTIFF tiles (files or folders, recursive).",
-    )
-    parser.add_argument("paths", nargs="+", type=Path, metavar="PATH")
-    args = parser.parse_args(argv)
-
-    counts: Counter[str] = Counter()
-    failed = 0
-    for path in args.paths:
-        try:
-            files = _expand(path)
-        except DataError as error:
-            print(f"error: {error}", file=sys.stderr)
-            failed += 1
-            continue
-        for file in files:
-            try:
-                category, line = _classify(file)
-            except DataError as error:
-                print(f"error: {error}", file=sys.stderr)
-                failed += 1
-                continue
-            counts[category] += 1
-            print(line)
-
-    print(f"\n{sum(counts.values())} tiles: " + ", ".join(f"{t} {counts[t]}" for t in TERRAINS))
-    if failed:
-        print(f"{failed} bad path(s), see the errors above", file=sys.stderr)
-        return 2
-    return 0
-
-
-def _expand(path: Path) -> list[Path]:
-    """A file as itself; a folder as its GeoTIFFs, recursively and sorted."""
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in GEOTIFF_SUFFIXES)
-        if not files:
-            raise DataError(f"{path}: no .tif or .tiff files in this folder")
-        return files
-    if not path.exists():
-        raise DataError(f"{path}: no such file or folder")
-    return [path]
-
-
-def _classify(path: Path) -> tuple[str, str]:
-    """(category, printed line) for one file."""
-    dem = read_dem(path)
-    category, source = label_tile(path.stem, dem.elevation, dem.cell_size_m())
-    stats = terrain_stats(dem.elevation, dem.cell_size_m())
-    measured = (
-        f"relief {stats.relief_m:.0f} m, roughness {stats.roughness_m:.1f} m, "
-        f"slope {stats.mean_slope_deg:.1f}°, hypsometric integral "
-        f"{stats.hypsometric_integral:.2f}, top-quarter area {stats.top_quarter_area:.2f}, "
-        f"elevation skewness {stats.elevation_skewness:.2f}, "
-        f"slope bimodality {stats.slope_bimodality:.2f}"
-    )
-    return category, f"{path}\t{category}\t{source}\t{measured}"
-
+from core.tasks.dem_sr.classify import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,13 +3,15 @@
 A run's config is resolved from the defaults, then ``--config FILE.toml``, then each
 ``--set section.key=value``; the result is written to the run folder as ``config.toml``,
 and passing that file back with ``--config`` repeats the run. Plugins declare their own
-attrs config class, read from ``[plugins.<name>]`` with the same strict converter.
+attrs config class, read from ``[plugins.<name>]`` with the same strict converter, and the
+task declares its ``[model]`` and ``[loss]`` sections (``Task.sections``).
 """
 
 from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin
 
@@ -60,70 +62,6 @@ class DataSection:
     num_workers: int = attrs.field(default=0, validator=check.non_negative_int)
     strict: bool = False
     """Stop at the first bad tile instead of skipping it with a warning."""
-
-
-@attrs.define
-class ModelSection:
-    """dem_sr: RCAN-DEM size (a preset, with optional overrides) and its norm layers.
-    sar2opt: TerraMind size, weights, LoRA adapters and generation."""
-
-    preset: str = "small"
-    norm: str = attrs.field(default="none", validator=attrs.validators.in_(("none", "batch")))
-    """``none`` (RCAN's default) or ``batch``, which gives ``domain_bn`` layers to swap."""
-    n_resgroups: int = attrs.field(default=0, validator=check.non_negative_int)
-    n_resblocks: int = attrs.field(default=0, validator=check.non_negative_int)
-    n_feats: int = attrs.field(default=0, validator=check.non_negative_int)
-    """Overrides of the preset; 0 keeps the preset's value."""
-    terramind: str = attrs.field(
-        default="tiny", validator=attrs.validators.in_(("tiny", "small", "base", "large"))
-    )
-    pretrained: bool = False
-    """Load TerraMind's weights from the local Hugging Face cache (never downloads)."""
-    lora_rank: int = attrs.field(default=8, validator=check.non_negative_int)
-    """0 trains no adapters (``refiner`` needs none)."""
-    lora_alpha: float = attrs.field(default=16.0, validator=check.positive)
-    lora_targets: str = (
-        r".*((encoder|decoder)\.\d+\.(attn|self_attn|cross_attn|mlp)\.(qkv|q|kv|proj|fc1|fc2)"
-        r"|decoder_embeddings\..*\.to_logits)"
-    )
-    """Full-match regex over TerraMind's module names. Default: the transformer blocks and the
-    token-logit head (a bare ``proj`` would also wrap the patch embeddings). With random
-    weights the frozen head's small norm caps the logits, so adapters on the blocks alone
-    cannot make any token likely."""
-    diffusion_steps: int = attrs.field(default=2, validator=check.positive_int)
-    """Diffusion decoding steps of validation generation (TerraMind's default is 50)."""
-    final_diffusion_steps: int = attrs.field(default=0, validator=check.non_negative_int)
-    """Diffusion steps of the last epoch's validation and of ``core.predict``; 0: as above."""
-    top_p: float = attrs.field(default=0.8, validator=check.fraction)
-    """Generation's nucleus (top-p) token sampling; 0 samples from all tokens."""
-    temperature: float = attrs.field(default=1.0, validator=check.positive)
-    """Generation's token sampling temperature."""
-    decoder_thresholding: bool = False
-    """TerraTorch's default (true): dynamic thresholding with ``sample_max_value`` 1, which
-    bounds every generated image to +-1 standard deviation of the pretraining data, so no
-    dark pixels (water, shadow). False clips to +-``decoder_clip`` instead."""
-    gradient_checkpointing: bool = False
-    """Recompute TerraMind's transformer blocks in the backward pass instead of keeping their
-    activations: less memory for about one more forward's time."""
-    frozen_dtype: str = attrs.field(
-        default="fp32", validator=attrs.validators.in_(("fp32", "bf16"))
-    )
-    """``bf16`` holds TerraMind's frozen weights in bfloat16 (about half their memory) and
-    computes under autocast; LoRA adapters and the tokenizer's encoder stay float32."""
-    decoder_clip: float = attrs.field(default=3.0, validator=check.non_negative)
-    """Without thresholding: clip each predicted image to +-this many standard deviations
-    (0: no clipping)."""
-
-
-@attrs.define
-class LossSection:
-    """Base weights of the five DEM loss components (the seed's ``moderate`` profile)."""
-
-    elevation: float = attrs.field(default=1.0, validator=check.non_negative)
-    gradient: float = attrs.field(default=0.5, validator=check.non_negative)
-    curvature: float = attrs.field(default=0.2, validator=check.non_negative)
-    edge: float = attrs.field(default=0.2, validator=check.non_negative)
-    spectral: float = attrs.field(default=0.1, validator=check.non_negative)
 
 
 @attrs.define
@@ -180,12 +118,15 @@ class ResumeNote:
 
 @attrs.define
 class Config:
-    """The whole run. Every key has a default; ``plugins`` holds raw per-plugin sections."""
+    """The whole run. Every key has a default; ``plugins`` holds raw per-plugin sections,
+    ``model`` and ``loss`` the classes the task declares."""
 
     run: RunSection = attrs.Factory(RunSection)
     data: DataSection = attrs.Factory(DataSection)
-    model: ModelSection = attrs.Factory(ModelSection)
-    loss: LossSection = attrs.Factory(LossSection)
+    model: Any = attrs.Factory(lambda self: task_section(self.run.task, "model"), takes_self=True)
+    """The task's ``[model]`` section (``Task.sections``), e.g. RCAN's size for dem_sr."""
+    loss: Any = attrs.Factory(lambda self: task_section(self.run.task, "loss"), takes_self=True)
+    """The task's ``[loss]`` section, e.g. the five component weights for dem_sr."""
     optim: OptimSection = attrs.Factory(OptimSection)
     train: TrainSection = attrs.Factory(TrainSection)
     plugins: dict[str, dict[str, Any]] = attrs.Factory(dict)
@@ -327,7 +268,27 @@ def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
         isinstance(section, dict) for section in plugin_sections.values()
     ):
         raise ConfigError("config: [plugins] must hold one table per plugin, [plugins.<name>]")
-    return structure(tree, Config, "config")
+    run = structure(tree.get("run", {}), RunSection, "config.run")
+    sections = task_sections(run.task)  # an unknown task is refused here, by name
+    raw = {name: tree.pop(name, {}) for name in sections}
+    config = structure(tree, Config, "config")
+    for name, cls in sections.items():
+        if not isinstance(raw[name], dict):
+            raise ConfigError(f"config.{name} must be a table, [{name}]")
+        setattr(config, name, structure(raw[name], cls, f"config.{name}"))
+    return config
+
+
+def task_section(task: str, name: str) -> Any:
+    """The default ``name`` section of task ``task``."""
+    return task_sections(task)[name]()
+
+
+def task_sections(task: str) -> Mapping[str, type]:
+    """The classes of the sections task ``task`` defines (``Task.sections``)."""
+    from core.tasks import task_class
+
+    return task_class(task).sections
 
 
 def dump_config(config: Config, path: Path) -> None:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
-
-from core.terrain import TERRAINS
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -61,8 +60,11 @@ class RunContext:
     """Optimizer steps taken so far; set by the trainer."""
     step: StepInfo | None = None
     """The step being computed; set by the trainer before each micro-batch."""
-    terrains: tuple[str, ...] = TERRAINS
-    """Names of the task's domains, indexed by ``sample["terrain"]`` (dem_sr: the five)."""
+    terrains: tuple[str, ...] = attrs.field(
+        default=attrs.Factory(lambda self: tuple(self.task.terrains), takes_self=True)
+    )
+    """Names of the task's domains, indexed by ``sample["terrain"]`` (dem_sr: the five
+    terrain categories)."""
     _logged: dict[str, list[float]] = attrs.field(factory=lambda: defaultdict(list))
 
     @property
@@ -104,3 +106,13 @@ class RunContext:
         """Continue an epoch from the values :meth:`logged_values` returned."""
         self._logged.clear()
         self._logged.update({key: list(items) for key, items in values.items()})
+
+
+def require_terrain_labels(terrain: torch.Tensor, domains: Sequence[str], plugin: str) -> None:
+    """Refuse a ``[B]`` tensor of domain labels outside ``0..len(domains) - 1``, naming
+    ``plugin``; a plugin that indexes per-domain tables with the labels calls it first."""
+    if bool(((terrain < 0) | (terrain >= len(domains))).any()):
+        raise ValueError(
+            f"plugin {plugin}: terrain labels {sorted(set(terrain.tolist()))} outside "
+            f"0..{len(domains) - 1} ({', '.join(domains)})"
+        )

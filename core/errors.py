@@ -1,7 +1,18 @@
-"""Errors a user can fix. The CLIs print their message and exit with status 2, except
-``StorageError`` (exit 1: the input was fine, the disk was not)."""
+"""Errors a user can fix, and the exit statuses of every command (DESIGN.md §3).
+
+The CLIs print a UsageError's message and exit with ``EXIT_USAGE``; ``StorageError`` exits
+with ``EXIT_FAILED`` (the input was fine, the disk was not).
+"""
 
 from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+"""Anything else: a crash, a diverged run, a full disk."""
+EXIT_USAGE = 2
+"""A usage or input error; the message names the bad option, key, file or plugin."""
+EXIT_INTERRUPTED = 130
+"""Stopped by SIGINT or SIGTERM (128 + SIGINT, the shell's convention)."""
 
 
 class UsageError(Exception):

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pluggy
 
+from core.tasks import Batch
+
 if TYPE_CHECKING:
     import torch
     from torch import nn
@@ -31,8 +33,6 @@ if TYPE_CHECKING:
 PROJECT = "terraplug"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
-
-Batch = dict[str, Any]
 
 
 # --- set-up --------------------------------------------------------------------------------

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import difflib
 import functools
-import importlib
 import inspect
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from importlib.metadata import entry_points
 from types import ModuleType
 from typing import Any, ClassVar, TypeVar
 
@@ -31,11 +29,11 @@ import torch
 from core import hookspecs
 from core.config import structure, unstructure
 from core.errors import PluginError
+from core.registry import BUILTIN, Registration, registrations
 
 T = TypeVar("T")
 
 ENTRY_POINT_GROUP = "terraplug.plugins"
-BUILTIN = "built-in"
 
 
 @attrs.frozen
@@ -72,31 +70,6 @@ class Plugin:
 
 
 @attrs.frozen
-class PluginSource:
-    """Where a plugin comes from, before it is imported."""
-
-    name: str
-    origin: str
-    """``built-in``, or the distribution that registered the entry point, with its version."""
-    target: str
-    """``module:attribute`` or ``module``."""
-
-    def load(self) -> type | ModuleType:
-        """Import the plugin; any failure becomes a PluginError naming the origin."""
-        module_name, _, attribute = self.target.partition(":")
-        try:
-            obj: Any = importlib.import_module(module_name)
-            for part in filter(None, attribute.split(".")):
-                obj = getattr(obj, part)
-        except Exception as error:
-            raise PluginError(
-                f"plugin {self.name!r} from {self.origin} ({self.target}) failed to load: "
-                f"{type(error).__name__}: {error}"
-            ) from error
-        return obj
-
-
-@attrs.frozen
 class ActivePlugin:
     """A loaded, configured and registered plugin."""
 
@@ -111,25 +84,17 @@ class ActivePlugin:
         return implemented_hooks(self.obj)
 
 
-def builtin_sources() -> dict[str, PluginSource]:
+def builtin_sources() -> dict[str, Registration]:
     from plugins import BUILTIN_PLUGINS
 
-    return {name: PluginSource(name, BUILTIN, target) for name, target in BUILTIN_PLUGINS.items()}
+    return registrations("plugin", BUILTIN_PLUGINS, None, PluginError)
 
 
-def discover() -> dict[str, PluginSource]:
+def discover() -> dict[str, Registration]:
     """All plugins a run can name: built-ins, then entry points (a name may appear once)."""
-    sources = builtin_sources()
-    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
-        dist = entry_point.dist
-        origin = f"{dist.name} {dist.version}" if dist else "an unknown distribution"
-        if entry_point.name in sources:
-            raise PluginError(
-                f"plugin name {entry_point.name!r} from {origin} is already taken by "
-                f"{sources[entry_point.name].origin}; rename the entry point"
-            )
-        sources[entry_point.name] = PluginSource(entry_point.name, origin, entry_point.value)
-    return sources
+    from plugins import BUILTIN_PLUGINS
+
+    return registrations("plugin", BUILTIN_PLUGINS, ENTRY_POINT_GROUP, PluginError)
 
 
 def unknown_plugin_message(name: str, available: list[str]) -> str:
@@ -214,7 +179,7 @@ def without_none(tree: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def load_or_warn(source: PluginSource, strict: bool, why: str) -> type | ModuleType | None:
+def load_or_warn(source: Registration, strict: bool, why: str) -> type | ModuleType | None:
     """Load a plugin no run needs yet; a failure warns, or stops the run with ``strict``."""
     try:
         return source.load()

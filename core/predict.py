@@ -1,302 +1,45 @@
-"""``python -m core.predict --checkpoint RUN_DIR IN.tif OUT.tif``: super-resolve a DEM.
+"""``python -m core.predict --checkpoint RUN_DIR IN.tif OUT.tif``: apply a trained run.
 
-A sar2opt run instead translates Sentinel-1 to Sentinel-2 (``core.predict_sar2opt``).
-
-The raster is processed in overlapping windows of the size the model was trained on, each
-normalised like a training tile, and blended with a tapered weight so window borders leave
-no seams. Rows of windows stream through a band buffer of one window's height: reads and
-writes are windowed, so the numpy buffers depend on the raster's width, not its height, and
-GDAL's block cache is capped (``--gdal-cache``), so resident memory stays flat however large
-the raster. Voids stay voids: an output pixel is nodata where its source pixel is.
-
-The output is checked before any work (never the input, never an existing file without
-``--overwrite``) and written under a temporary name that replaces it only when complete;
-SIGINT and SIGTERM stop with status 130 and leave no partial file.
+The run's task does the work (``Task.predict``): a dem_sr run super-resolves a DEM, a
+sar2opt run translates Sentinel-1 to Sentinel-2. The output is checked before any work
+(never the input, never an existing file without ``--overwrite``) and written under a
+temporary name that replaces it only when complete; SIGINT and SIGTERM stop with status 130
+and leave no partial file.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
-import numpy as np
-import rasterio
-import torch
-from accelerate import Accelerator
-from affine import Affine
-from rasterio.errors import RasterioError
-from rasterio.windows import Window
-from torch import nn
-from tqdm.auto import tqdm
-
-from core.config import load_config
-from core.context import RunContext
-from core.data.dataset import normalisation
-from core.data.geotiff import (
-    gdal_cache,
-    mask_implausible,
-    open_dem,
-)
-from core.errors import DataError, UsageError
-from core.plugins import PluginManager
-from core.safe_io import (
-    SignalInterrupt,
-    check_output,
-    load_checkpoint,
-    replaced_when_done,
-    require_finite,
-    signals_interrupt,
-)
-from core.tasks import get_task
-from core.terrain import TERRAINS, terrain_index
-from core.train import CHECKPOINT, load_trained_state
-
-PREDICTED_TASK = "dem_sr"
-"""The task whose run folders this command serves; a run of another task is refused."""
+from core.data.geotiff import gdal_cache
+from core.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
+from core.inference import run_task
+from core.safe_io import SignalInterrupt, check_output, signals_interrupt
+from core.tasks import PredictOptions, get_task
 
 DEFAULT_GDAL_CACHE_MB = 64
 """GDAL's block cache for reading and writing: a few rows of 256 x 256 tiles of the widest
 rasters, instead of GDAL's default of 5 % of RAM."""
 
 
-def load_trained_model(run_dir: Path, cpu: bool = False) -> tuple[nn.Module, RunContext, dict]:
-    """The run's model with its plugins' surgery applied, in eval mode, and a context for
-    the plugins' ``route_batch`` hooks."""
-    config_path, checkpoint_path = run_dir / "config.toml", run_dir / CHECKPOINT
-    for needed in (config_path, checkpoint_path):
-        if not needed.is_file():
-            raise UsageError(f"--checkpoint {run_dir}: no {needed.name} there")
-    state = load_checkpoint(checkpoint_path)  # before anything is built: a refusal is quick
-    require_finite(state["model"], checkpoint_path)
-    config = load_config(config_path)
-    if config.run.task != PREDICTED_TASK:
-        raise UsageError(
-            f"--checkpoint {run_dir}: this run is task {config.run.task!r}; core.predict "
-            f"super-resolves DEMs with a {PREDICTED_TASK} run"
-        )
-    plugins = PluginManager.from_names(config.run.plugins, config.plugins)
-    accelerator = Accelerator(cpu=cpu or config.train.cpu)
-    task = get_task(config.run.task)
-    ctx = RunContext(config, accelerator, task, plugins, run_dir, config.run.epochs)
-    model = plugins.chain("configure_model", task.build_model(config), "model", ctx=ctx)
-    load_trained_state(model, state["model"], checkpoint_path)
-    ctx.model = model.to(accelerator.device).eval()
-    return ctx.model, ctx, {"scale": config.data.scale, "lr_shape": state["lr_shape"]}
-
-
-def run_task(run_dir: Path) -> str:
-    """The task a run folder trained (``dem_sr`` when it has no readable config)."""
-    config_path = run_dir / "config.toml"
-    return load_config(config_path).run.task if config_path.is_file() else "dem_sr"
-
-
-def taper(size: int, overlap: int) -> np.ndarray:
-    """1-D blending weight: a linear ramp over ``overlap`` pixels at each end, 1 inside.
-
-    Never zero, so every output pixel has weight, even at the raster's edge where only one
-    window covers it; low at a window's border, where a CNN's padding makes it least sure.
-    """
-    weight = np.ones(size, dtype=np.float64)
-    if overlap:
-        ramp = (np.arange(overlap, dtype=np.float64) + 0.5) / overlap
-        weight[:overlap] = np.minimum(weight[:overlap], ramp)
-        weight[-overlap:] = np.minimum(weight[-overlap:], ramp[::-1])
-    return weight
-
-
-def window_starts(length: int, size: int, stride: int) -> list[int]:
-    """Window origins covering ``[0, length)``; the last one is pulled back to fit."""
-    if length <= size:
-        return [0]
-    return [*range(0, length - size, stride), length - size]
-
-
-def normalise(window: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """As in training: fill voids with the mean, scale by the std (floored at 1 m)."""
-    mean, std = normalisation(window)
-    filled = np.where(np.isfinite(window), window, mean)
-    return ((filled - mean) / std).astype(np.float32), mean, std
-
-
-def read_elevation(
-    src: rasterio.DatasetReader,
-    window: Window | None = None,
-    out_shape: tuple | None = None,
-    *,
-    strict: bool = False,
-) -> np.ndarray:
-    """Band 1 as float32, NaN wherever the raster says nodata (value, mask, NaN) or inf,
-    or holds a value no terrain has (``mask_implausible``; an error with ``strict``).
-
-    Converted to float before masking: an int16/uint16 DEM cannot hold NaN.
-    """
-    try:
-        data = src.read(1, window=window, out_shape=out_shape, masked=True)
-    except RasterioError as error:
-        raise DataError(f"{src.name}: unreadable (truncated or damaged?): {error}") from None
-    values = data.data.astype(np.float32)
-    values[np.ma.getmaskarray(data) | ~np.isfinite(values)] = np.nan
-    if src.nodata is not None and np.isfinite(src.nodata):
-        values[values == np.float32(src.nodata)] = np.nan
-    mask_implausible(values, src.name, strict=strict)
-    return values
-
-
-class Predictor:
-    """Streams a raster through a trained model, one row of windows at a time."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        ctx: RunContext,
-        scale: int,
-        window: int,
-        overlap: int,
-        terrain: str,
-        batch_size: int = 16,
-        strict_data: bool = False,
-    ) -> None:
-        if window < 1:
-            raise UsageError(f"--window {window} must be at least 1")
-        if not 0 <= 2 * overlap < window:
-            raise UsageError(f"--overlap {overlap} must be >= 0 and less than half of {window}")
-        self.model, self.ctx, self.scale = model, ctx, scale
-        self.window, self.overlap, self.batch_size = window, overlap, batch_size
-        self.strict_data = strict_data
-        self.terrain = terrain_index(terrain)
-        weight = taper(window * scale, overlap * scale)
-        self.weight = np.outer(weight, weight)
-
-    @torch.no_grad()
-    def predict_windows(self, windows: list[np.ndarray]) -> list[np.ndarray]:
-        """Super-resolve equally sized LR windows (metres, NaN voids) in one batch."""
-        chunk = [normalise(w) for w in windows]
-        device = self.ctx.device
-        lr = torch.from_numpy(np.stack([c[0] for c in chunk]))[:, None].to(device)
-        batch = {"lr": lr, "terrain": torch.full((len(chunk),), self.terrain, device=device)}
-        self.ctx.plugins.call("route_batch", model=self.model, batch=batch, ctx=self.ctx)
-        pred = self.model(lr)[:, 0].float().cpu().numpy()
-        return [p * std + mean for p, (_, mean, std) in zip(pred, chunk, strict=True)]
-
-    def run(self, src_path: Path, dst_path: Path, progress: bool = True) -> None:
-        """Write the super-resolved raster through a temporary file, so a failure or a
-        signal never leaves a half-written ``dst_path``, nor the temporary file."""
-        with open_dem(src_path) as src, replaced_when_done(dst_path) as tmp:
-            nodata = src.nodata if src.nodata is not None and np.isfinite(src.nodata) else np.nan
-            try:
-                with rasterio.open(tmp, "w", **self._profile(src, nodata)) as dst:
-                    self._stream(src, dst, nodata, progress)
-            except RasterioError as error:  # a write; reading errors are DataErrors already
-                raise DataError(f"{dst_path}: cannot be written: {error}") from None
-
-    def _profile(self, src: rasterio.DatasetReader, nodata: float) -> dict:
-        """Float32 (super-resolved elevations are fractional), the input's CRS and nodata."""
-        s = self.scale
-        height, width = src.height * s, src.width * s
-        block = 16 * math.ceil(min(256, max(height, width)) / 16)
-        return {
-            "driver": "GTiff", "height": height, "width": width, "count": 1,
-            "dtype": "float32", "crs": src.crs, "nodata": nodata,
-            # output pixel (col, row) is input pixel (col / s, row / s): the input's bounds at
-            # 1/s of its cell size, whether the CRS counts in degrees or in metres
-            "transform": src.transform @ Affine.scale(1 / s),
-            "tiled": True, "blockxsize": block, "blockysize": block,
-            "compress": "deflate", "predictor": 3, "BIGTIFF": "IF_SAFER",
-        }  # fmt: skip
-
-    def _stream(
-        self,
-        src: rasterio.DatasetReader,
-        dst: rasterio.io.DatasetWriter,
-        nodata: float,
-        progress: bool,
-    ) -> None:
-        s, size, stride = self.scale, self.window, self.window - 2 * self.overlap
-        height, width = src.height, src.width
-        rows, cols = window_starts(height, size, stride), window_starts(width, size, stride)
-        lr_rows, lr_cols = min(size, height), min(size, width)
-        # The output rows of one row of windows; finished rows leave from the top.
-        total = np.zeros((lr_rows * s, width * s), dtype=np.float64)
-        weights = np.zeros_like(total)
-        weight = self.weight[: lr_rows * s, : lr_cols * s]
-        name, total_windows = Path(src.name).name, len(rows) * len(cols)
-        with tqdm(total=total_windows, desc=name, unit="window", disable=not progress) as bar:
-            for i, row in enumerate(rows):
-                band = read_elevation(src, Window(0, row, width, lr_rows), strict=self.strict_data)
-                for start in range(0, len(cols), self.batch_size):
-                    batch_cols = cols[start : start + self.batch_size]
-                    windows = [self._padded(band[:, c : c + lr_cols]) for c in batch_cols]
-                    for col, pred in zip(batch_cols, self.predict_windows(windows), strict=True):
-                        span = slice(col * s, (col + lr_cols) * s)
-                        total[:, span] += pred[: lr_rows * s, : lr_cols * s] * weight
-                        weights[:, span] += weight
-                    bar.update(len(batch_cols))
-                # LR rows no later window touches: blend, mask and write them, then shift up
-                done = (rows[i + 1] if i + 1 < len(rows) else height) - row
-                out = self._finish(total[: done * s], weights[: done * s], band[:done], nodata)
-                dst.write(out, 1, window=Window(0, row * s, width * s, done * s))
-                for buffer in (total, weights):
-                    buffer[: -done * s] = buffer[done * s :]
-                    buffer[-done * s :] = 0
-
-    def _padded(self, window: np.ndarray) -> np.ndarray:
-        """Mirror-pad a window smaller than the model's input (rasters smaller than it)."""
-        pad_y, pad_x = self.window - window.shape[0], self.window - window.shape[1]
-        if pad_y == 0 and pad_x == 0:
-            return window
-        return np.pad(window, ((0, pad_y), (0, pad_x)), mode="symmetric")
-
-    def _finish(
-        self, total: np.ndarray, weights: np.ndarray, source: np.ndarray, nodata: float
-    ) -> np.ndarray:
-        """Blended output rows, nodata wherever the source pixel is void.
-
-        A valid prediction that happens to equal the nodata value is nudged off it, so it
-        is not read back as a void.
-        """
-        s = self.scale
-        out = (total / weights).astype(np.float32)
-        void = np.repeat(np.repeat(np.isnan(source), s, axis=0), s, axis=1)
-        if np.isfinite(nodata):
-            clash = ~void & (out == np.float32(nodata))
-            out[clash] = np.nextafter(out[clash], np.float32(np.inf))
-        out[void] = nodata
-        return out
-
-
-def guess_terrain(path: Path, max_pixels: int = 512, *, strict: bool = False) -> str:
-    """The raster's category from its name, else from a decimated read of its relief."""
-    from core.data.geotiff import cell_size_m
-    from core.data.labels import label_tile
-
-    with open_dem(path) as src:
-        factor = max(1, -(-max(src.height, src.width) // max_pixels))
-        shape = (max(1, src.height // factor), max(1, src.width // factor))
-        data = read_elevation(src, out_shape=shape, strict=strict)
-        dy, dx = cell_size_m(src.transform, src.crs, (src.height, src.width))
-        cell = (dy * src.height / shape[0], dx * src.width / shape[1])
-    if not np.isfinite(data).any():
-        raise DataError(f"{path}: every pixel is nodata")
-    return label_tile(path.stem, data, cell)[0]
-
-
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m core.predict",
-        description="Super-resolve a single-band DEM GeoTIFF with a trained run's model "
-        "(a sar2opt run: translate a 2-band Sentinel-1 GeoTIFF to 12-band Sentinel-2).",
+        description="Apply a trained run's model to a GeoTIFF: a dem_sr run super-resolves "
+        "a single-band DEM, a sar2opt run translates a 2-band Sentinel-1 GeoTIFF to 12-band "
+        "Sentinel-2.",
     )
     parser.add_argument("--checkpoint", type=Path, required=True, metavar="RUN_DIR")
     parser.add_argument("input", type=Path)
     parser.add_argument("output", type=Path)
-    parser.add_argument("--window", type=int, help="LR window size (default: training tiles)")
+    parser.add_argument("--window", type=int, help="input window size (default: training tiles)")
     parser.add_argument(
-        "--overlap", type=int, help="LR pixels of overlap on each side (default: window / 4)"
+        "--overlap", type=int, help="input pixels of overlap on each side (default: window / 4)"
     )
     parser.add_argument(
-        "--terrain", choices=TERRAINS, help="terrain category for terrain-aware models"
+        "--terrain", help="dem_sr: the terrain category for terrain-aware models (default: guessed)"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
@@ -315,46 +58,34 @@ def main(argv: list[str] | None = None) -> int:
         metavar="MB",
         help=f"GDAL's raster block cache (default {DEFAULT_GDAL_CACHE_MB} MB)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    options = PredictOptions(
+        window=args.window,
+        overlap=args.overlap,
+        domain=args.terrain,
+        strict_data=args.strict_data,
+        cpu=args.cpu,
+        progress=not args.quiet and sys.stderr.isatty(),
+    )
     try:
         with signals_interrupt():
             check_output(args.output, args.input, args.overwrite)
             if args.gdal_cache < 1:
                 raise UsageError(f"--gdal-cache {args.gdal_cache} must be at least 1 (MB)")
+            task = get_task(run_task(args.checkpoint))
             with gdal_cache(args.gdal_cache):
-                if run_task(args.checkpoint) == "sar2opt":
-                    from core.predict_sar2opt import predict as translate_sar
-
-                    progress = not args.quiet and sys.stderr.isatty()
-                    translate_sar(
-                        args.checkpoint, args.input, args.output, window=args.window,
-                        overlap=args.overlap, cpu=args.cpu, progress=progress,
-                    )  # fmt: skip
-                else:
-                    predict(args)
+                task.predict(args.checkpoint, args.input, args.output, options)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     except SignalInterrupt as stop:
         print(f"{stop}: stopped; {args.output} was not written", file=sys.stderr)
-        return 130
-    return 0
-
-
-def predict(args: argparse.Namespace) -> None:
-    with open_dem(args.input):
-        pass  # a bad input is reported before the model loads
-    model, ctx, meta = load_trained_model(args.checkpoint, cpu=args.cpu)
-    window = args.window or max(meta["lr_shape"])
-    overlap = args.overlap if args.overlap is not None else window // 4
-    routed = any("route_batch" in plugin.hooks for plugin in ctx.plugins.active)
-    terrain = args.terrain or (
-        guess_terrain(args.input, strict=args.strict_data) if routed else "moderate"
-    )
-    predictor = Predictor(
-        model, ctx, meta["scale"], window, overlap, terrain, strict_data=args.strict_data
-    )
-    predictor.run(args.input, args.output, progress=not args.quiet and sys.stderr.isatty())
+        return EXIT_INTERRUPTED
+    return EXIT_OK
 
 
 if __name__ == "__main__":

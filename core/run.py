@@ -14,13 +14,10 @@ import sys
 from pathlib import Path
 
 from core.config import Config, load_config
-from core.errors import StorageError, UsageError
+from core.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, StorageError, UsageError
 from core.plugins import PluginManager, describe_all
 from core.provenance import version_line
 from core.resume import check_resume
-
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_INTERRUPTED
         except (NonFiniteLossError, StorageError) as error:
             print(f"error: {error}", file=sys.stderr)
-            return 1
+            return EXIT_FAILED
         finally:
             trainer.release_run_dir()
     except UsageError as error:

@@ -21,7 +21,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +31,20 @@ import torch.distributed as dist
 from accelerate import Accelerator, PartialState
 from accelerate.utils import broadcast_object_list, gather_object, set_seed
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 from tqdm.auto import tqdm
 
 from core.config import Config, dump_config, load_config
 from core.context import RunContext, StepInfo
 from core.errors import UsageError
-from core.metrics import count_loss_spikes
+from core.plots import plot_loss_curves
 from core.plugins import PluginManager
 from core.resume import record_resume
+from core.run_folder import CHECKPOINT, CONFIG, INTERRUPTED, METRICS, SUMMARY
 from core.runlock import RunLock, claim_run_dir
 from core.safe_io import load_checkpoint, nonfinite_tensors, save_tensors
-from core.tasks import get_task
-
-CHECKPOINT = "checkpoint.pt"
-INTERRUPTED = "interrupted.json"
+from core.spikes import count_loss_spikes
+from core.tasks import Batch, get_task
 
 
 class NonFiniteLossError(RuntimeError):
@@ -103,6 +102,14 @@ def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {
         k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
     }
+
+
+def route_batches(batches: Iterable[Batch], model: nn.Module, ctx: RunContext) -> Iterator[Batch]:
+    """Each batch after the plugins' ``route_batch`` (domain-specific layers learn which
+    domain each sample has), just before the caller runs ``model`` on it."""
+    for batch in batches:
+        ctx.plugins.call("route_batch", model=model, batch=batch, ctx=ctx)
+        yield batch
 
 
 def json_safe(value: Any) -> Any:
@@ -214,7 +221,6 @@ class Trainer:
             plugins=plugins,
             run_dir=run_dir,
             total_epochs=config.run.epochs,
-            terrains=task.terrains,
         )
         self.rows: list[dict[str, Any]] = []
         self.step_losses: list[float] = []
@@ -291,9 +297,9 @@ class Trainer:
             config.plugins = ctx.plugins.resolved_sections(config.plugins)
         if accelerator.is_main_process:
             if self.resume:  # config.toml keeps the settings in force and the history
-                saved = load_config(self.run_dir / "config.toml")
+                saved = load_config(self.run_dir / CONFIG)
                 record_resume(saved, config, after_epoch=start_epoch - 1)
-            dump_config(config, self.run_dir / "config.toml")
+            dump_config(config, self.run_dir / CONFIG)
         ctx.epoch = start_epoch
         if config.train.tensorboard:
             accelerator.init_trackers("tensorboard")
@@ -546,7 +552,7 @@ class Trainer:
             num_workers=self.config.data.num_workers,
         )
         batches = (to_device(batch, self.accelerator.device) for batch in loader)
-        metrics = self.ctx.task.validate(model, batches, self.ctx)
+        metrics = self.ctx.task.validate(model, route_batches(batches, model, self.ctx), self.ctx)
         model.train()
         return metrics
 
@@ -565,18 +571,30 @@ class Trainer:
         if epoch % every == 0 or epoch == self.config.run.epochs:
             self.save_checkpoint(epoch)
         if accelerator.is_main_process:
-            with open(self.run_dir / "metrics.jsonl", "a") as handle:
+            with open(self.run_dir / METRICS, "a") as handle:
                 handle.write(json.dumps(row) + "\n")
             self.print_epoch(row)
             every = self.config.train.plot_every
             if epoch == self.config.run.epochs or (every and epoch % every == 0):
-                ctx.task.write_plots(
-                    self.run_dir, self.rows, accelerator.unwrap_model(self.model), ctx
-                )
+                self.write_plots()
         if self.config.train.tensorboard:
             scalars = {k: v for k, v in row.items() if isinstance(v, int | float)}
             accelerator.log(scalars, step=epoch)
         ctx.plugins.call("on_epoch_end", epoch=epoch, metrics=row, ctx=ctx)
+
+    @torch.no_grad()
+    def write_plots(self) -> None:
+        """``loss_curves.png``, then the task's own plots of its example samples."""
+        plot_loss_curves(self.rows, self.run_dir / "loss_curves.png", self.ctx.task.components)
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        samples = (self.val_dataset[i] for i in self.ctx.task.plot_examples())
+        examples = (to_device(default_collate([s]), self.accelerator.device) for s in samples)
+        self.ctx.task.write_plots(
+            self.run_dir, self.rows, model, route_batches(examples, model, self.ctx), self.ctx
+        )
+        model.train(was_training)
 
     def print_epoch(self, row: dict[str, Any]) -> None:
         print(
@@ -605,7 +623,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             state = {
                 "epoch": completed_epoch,
-                **self.ctx.task.checkpoint_meta(),
+                "task": self.ctx.task.checkpoint_meta(),
                 "processes": processes,
                 "global_step": self.ctx.global_step,
                 "model": weights,
@@ -615,7 +633,7 @@ class Trainer:
                 "plugins": self.ctx.plugins.state_dict(),
             }
             save_tensors(self.run_dir / CHECKPOINT, state)
-            self.ctx.task.export_model(self.run_dir, self.accelerator.unwrap_model(self.model))
+            self.ctx.task.export_model(self.accelerator.unwrap_model(self.model), self.ctx)
         self.accelerator.wait_for_everyone()
 
     def refuse_nonfinite(self, weights: dict[str, torch.Tensor]) -> None:
@@ -641,7 +659,7 @@ class Trainer:
         self.nonfinite_total = state["nonfinite_total"]
         self.ctx.global_step = state["global_step"]
         if self.accelerator.is_main_process:
-            with open(self.run_dir / "metrics.jsonl", "w") as handle:
+            with open(self.run_dir / METRICS, "w") as handle:
                 handle.writelines(json.dumps(row) + "\n" for row in self.rows)
             (self.run_dir / INTERRUPTED).unlink(missing_ok=True)
         return state["epoch"] + 1, state["plugins"]
@@ -723,7 +741,7 @@ class Trainer:
             "nonfinite_steps": self.nonfinite_total,
             "skipped_tiles": [
                 {"path": path, "reason": reason}
-                for path, reason in getattr(self.ctx.task, "skipped", [])
+                for path, reason in self.ctx.task.skipped
             ],
         }
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))

@@ -24,8 +24,8 @@ from typing import Any
 from accelerate.state import AcceleratorState, PartialState
 
 from core.config import load_config
-from core.data.procedural import write_procedural_tiles
 from core.plugins import ActivePlugin, PluginManager
+from core.tasks.dem_sr.data.procedural import write_procedural_tiles
 from core.train import Trainer
 
 FAST: tuple[str, ...] = (

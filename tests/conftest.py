@@ -11,7 +11,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, PartialState
 
-from core.data.procedural import write_procedural_tiles
+from core.tasks.dem_sr.data.procedural import write_procedural_tiles
 from terraplug.testing import FAST, read_metrics, run_training
 
 __all__ = ["FAST", "read_metrics"]

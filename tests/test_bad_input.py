@@ -17,17 +17,18 @@ import torch
 from affine import Affine
 
 import plugins
-from core.data.dataset import TileDataset
 from core.data.geotiff import read_dem, write_dem
-from core.data.labels import label_from_dem
 from core.errors import ConfigError
 from core.hookspecs import hookimpl
 from core.plugins import Plugin
 from core.predict import main as predict_main
 from core.run import main
+from core.run_folder import CHECKPOINT
 from core.safe_io import load_checkpoint
-from core.terrain import TERRAINS
-from core.train import CHECKPOINT, NonFiniteLossError, all_finite
+from core.tasks.dem_sr.data.dataset import TileDataset
+from core.tasks.dem_sr.data.labels import label_from_dem
+from core.tasks.dem_sr.terrain import TERRAINS
+from core.train import NonFiniteLossError, all_finite
 from tests.conftest import FAST, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent

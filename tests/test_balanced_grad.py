@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from core.plugins import NoConfig
-from core.terrain import TERRAINS
+from core.tasks.dem_sr.terrain import TERRAINS
 from plugins.gradients.balanced_grad import BalancedGrad, balanced_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "distributed"))

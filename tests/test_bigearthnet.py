@@ -19,18 +19,18 @@ from affine import Affine
 from rasterio.shutil import copy as copy_raster
 
 from core.config import load_config
-from core.data.bigearthnet import (
+from core.data.distfiles import BIGEARTHNET_S1, BIGEARTHNET_S2, fetch
+from core.data.geotiff import open_geotiff
+from core.errors import DataError
+from core.plugins import PluginManager
+from core.tasks.sar2opt.bigearthnet import (
     TILE_SIZE,
     RealPairs,
     ensure_bigearthnet_pairs,
     extract_archive,
     read_patch_pair,
 )
-from core.data.distfiles import BIGEARTHNET_S1, BIGEARTHNET_S2, fetch
-from core.data.geotiff import open_geotiff
-from core.data.sar2opt import OPTICAL_BANDS, SAR_BANDS, TERRAMIND_V1, PairDataset
-from core.errors import DataError
-from core.plugins import PluginManager
+from core.tasks.sar2opt.data import OPTICAL_BANDS, SAR_BANDS, TERRAMIND_V1, PairDataset
 from core.train import Trainer
 from tests.test_sar2opt_data import write_good_pairs
 

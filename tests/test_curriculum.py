@@ -13,7 +13,7 @@ import pytest
 from core.errors import ConfigError
 from core.hookspecs import hookimpl
 from core.plugins import PluginManager
-from core.terrain import TERRAINS, terrain_index
+from core.tasks.dem_sr.terrain import TERRAINS, terrain_index
 from plugins.samplers.curriculum import (
     ALL,
     Curriculum,

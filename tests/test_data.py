@@ -15,11 +15,13 @@ from rasterio.warp import Resampling, calculate_default_transform, reproject
 from rasterio.windows import Window
 from torch.utils.data import DataLoader
 
-from core.data.dataset import TileDataset, block_mean, train_val_split
+from core.data.datasets import train_val_split
 from core.data.distfiles import SRTM90, fetch
 from core.data.geotiff import cell_size_m, read_dem, write_dem
-from core.data.globe import GLOBE_REGIONS
-from core.data.labels import (
+from core.errors import DataError
+from core.tasks.dem_sr.data.dataset import TileDataset, block_mean
+from core.tasks.dem_sr.data.globe import GLOBE_REGIONS
+from core.tasks.dem_sr.data.labels import (
     DEM_THRESHOLDS,
     REGIONS,
     SEED_REGIONS,
@@ -28,10 +30,9 @@ from core.data.labels import (
     label_tile,
     terrain_stats,
 )
-from core.data.procedural import write_procedural_tiles
-from core.errors import DataError
-from core.metrics import horn_slope_deg
-from core.terrain import TERRAINS, terrain_index
+from core.tasks.dem_sr.data.procedural import write_procedural_tiles
+from core.tasks.dem_sr.metrics import horn_slope_deg
+from core.tasks.dem_sr.terrain import TERRAINS, terrain_index
 
 UTM = "EPSG:32613"
 CELL = 30.0

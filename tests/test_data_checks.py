@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 from affine import Affine
 
-from core.data.dataset import TileDataset
-from core.data.geotiff import read_dem, write_dem
+from core.data.geotiff import open_dem, read_dem, write_dem
 from core.errors import DataError
-from core.predict import open_dem
 from core.run import main
+from core.tasks.dem_sr.data.dataset import TileDataset
 from tests.conftest import read_metrics
 from tests.test_bad_input import fast_args as cli_args
 

@@ -19,10 +19,10 @@ from core.config import Config
 from core.context import RunContext
 from core.errors import ConfigError
 from core.hookspecs import hookimpl
-from core.models import build_rcan
 from core.plugins import PluginManager
 from core.tasks import get_task
-from core.terrain import TERRAINS
+from core.tasks.dem_sr.rcan import build_rcan
+from core.tasks.dem_sr.terrain import TERRAINS
 from plugins.norms.domain_bn import (
     SYNC_MODES,
     DomainBN,

@@ -23,20 +23,20 @@ from core.experiment import (
     parse_arms,
     summarise,
 )
+from core.experiment.plots import (
+    plot_domain_metrics_by_arm,
+    plot_loss_curves_by_arm,
+    plot_step_losses_by_arm,
+    step_loss_figure,
+)
 from core.experiment.report import primary_column
 from core.experiment.spec import run_overrides
 from core.experiment.stats import adjust, paired_test
 from core.experiment.summary import Column
-from core.metrics import spike_steps
-from core.plots import (
-    plot_loss_curves_by_arm,
-    plot_step_losses_by_arm,
-    plot_terrain_rmse_by_arm,
-    run_step_losses,
-    step_loss_figure,
-)
+from core.plots import run_step_losses
+from core.spikes import spike_steps
 from core.tasks import get_task
-from core.terrain import TERRAINS
+from core.tasks.dem_sr.terrain import TERRAINS
 from tests.conftest import read_metrics
 
 TINY = [
@@ -356,7 +356,10 @@ def test_a_partial_experiment_still_gives_a_report(tmp_path: Path):
     assert "3 of 6 runs complete" in table
     assert "| `stratified` | 1 |" in table and "curriculum" not in table
     plot_loss_curves_by_arm(runs, tmp_path / "curves.png", baseline="baseline")
-    plot_terrain_rmse_by_arm(runs, tmp_path / "bars.png", baseline="baseline")
+    task = get_task("dem_sr")
+    plot_domain_metrics_by_arm(
+        runs, tmp_path / "bars.png", task.report_metrics, task.terrains, "bicubic", "baseline"
+    )
     assert (tmp_path / "curves.png").stat().st_size and (tmp_path / "bars.png").stat().st_size
 
 

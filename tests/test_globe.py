@@ -15,7 +15,8 @@ from core.data import globe
 from core.data.cache import cache_root
 from core.data.distfiles import GLOBE_TILE_G, fetch
 from core.data.geotiff import read_dem
-from core.data.globe import (
+from core.errors import DataError
+from core.tasks.dem_sr.data.globe import (
     GLOBE_REGIONS,
     ensure_globe_tiles,
     load_globe_grid,
@@ -23,9 +24,8 @@ from core.data.globe import (
     seam_strength,
     smoothness,
 )
-from core.data.labels import label_from_tile_id
-from core.errors import DataError
-from core.terrain import TERRAINS
+from core.tasks.dem_sr.data.labels import label_from_tile_id
+from core.tasks.dem_sr.terrain import TERRAINS
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from torch import nn
 
 from core.hookspecs import hookimpl
 from core.plugins import hook_names
-from core.terrain import TERRAINS, terrain_index
+from core.tasks.dem_sr.terrain import TERRAINS, terrain_index
 
 
 def test_every_hook_has_a_test():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.losses import COMPONENTS, dem_loss_components
+from core.tasks.dem_sr.losses import COMPONENTS, dem_loss_components
 
 
 @pytest.fixture

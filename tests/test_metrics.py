@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from core.metrics import ValidationAccumulator, count_loss_spikes, horn_slope_deg, spike_steps
-from core.terrain import TERRAINS, terrain_index
+from core.spikes import count_loss_spikes, spike_steps
+from core.tasks.dem_sr.metrics import ValidationAccumulator, horn_slope_deg
+from core.tasks.dem_sr.terrain import TERRAINS, terrain_index
 
 
 def plane(a: float, b: float, dy: float, dx: float, shape: tuple[int, int] = (7, 9)) -> np.ndarray:

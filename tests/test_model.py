@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.models import PRESETS, build_rcan
+from core.tasks.dem_sr.rcan import PRESETS, build_rcan
 
 
 def n_params(model: nn.Module) -> int:

@@ -13,7 +13,7 @@ import torch
 from core.errors import ConfigError, PluginError
 from core.hookspecs import hookimpl
 from core.plugins import PluginManager
-from core.terrain import terrain_index
+from core.tasks.dem_sr.terrain import terrain_index
 from plugins.gradients.pcgrad import (
     PCGrad,
     PCGradConfig,

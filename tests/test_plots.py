@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from core.losses import COMPONENTS
-from core.plots import hillshade, plot_hillshade_triptych, plot_loss_curves, plot_terrain_rmse
+from core.plots import plot_loss_curves
+from core.tasks.dem_sr.losses import COMPONENTS
+from core.tasks.dem_sr.plots import hillshade, plot_hillshade_triptych, plot_terrain_rmse
 
 
 def assert_png(path: Path) -> None:
@@ -38,7 +39,7 @@ def test_loss_curves(tmp_path: Path, with_steps: bool) -> None:
     path = tmp_path / "loss.png"
     rows = metric_rows(4, with_steps)
     rows[2]["val_loss"] = math.nan  # a missing value is skipped, not plotted
-    plot_loss_curves(rows, path)
+    plot_loss_curves(rows, path, COMPONENTS)
     assert_png(path)
 
 

@@ -14,8 +14,8 @@ import pytest
 import plugins
 from core.config import unstructure
 from core.run import main
+from core.run_folder import CHECKPOINT
 from core.safe_io import load_checkpoint
-from core.train import CHECKPOINT
 from plugins.samplers.curriculum import Curriculum, CurriculumConfig
 from plugins.samplers.stratified import Stratified, StratifiedConfig
 from terraplug import ConfigError, Plugin, hookimpl

@@ -14,8 +14,11 @@ import rasterio
 from affine import Affine
 
 from core.data.geotiff import write_dem
-from core.predict import Predictor, guess_terrain, load_trained_model, main, window_starts
+from core.data.windows import window_starts
+from core.inference import TrainedRun
+from core.predict import main
 from core.run import main as train_main
+from core.tasks.dem_sr.predict import Predictor, guess_terrain
 from tests.conftest import FAST
 
 SCALE = 3  # data.scale of the trained run (the default)
@@ -47,9 +50,9 @@ def terrain(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
 
 
 def predictor(run: Path, window: int, overlap: int) -> Predictor:
-    model, ctx, meta = load_trained_model(run, cpu=True)
-    assert meta["scale"] == SCALE
-    return Predictor(model, ctx, SCALE, window, overlap, "moderate")
+    trained = TrainedRun.restore(run, cpu=True)
+    assert trained.config.data.scale == SCALE
+    return Predictor(trained, SCALE, window, overlap, "moderate")
 
 
 def read(path: Path) -> np.ndarray:
@@ -242,10 +245,10 @@ def test_bad_run_folder_or_options_exit_2(trained_run: Path, tmp_path: Path, cap
 @pytest.mark.parametrize(
     ("original", "edited", "message", "named"),
     [
-        # a sar2opt run translates Sentinel-1 scenes: a DEM is the wrong input for it
-        ('task = "dem_sr"', 'task = "sar2opt"', "needs 2 bands (VV, VH in dB)", "input"),
+        # [model] holds RCAN's keys, which sar2opt's TerraMind section does not have
+        ('task = "dem_sr"', 'task = "sar2opt"', "extra fields found (n_feats", "run"),
         ("n_feats = 8", "n_feats = 12", "does not match the model its config.toml", "run"),
-        ('task = "dem_sr"', 'task = "other"', "this run is task 'other'", "run"),
+        ('task = "dem_sr"', 'task = "other"', "unknown task 'other'", "run"),
     ],
 )
 def test_run_of_another_task_or_edited_model_exits_2(

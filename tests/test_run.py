@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from core.run import main
-from core.train import INTERRUPTED
+from core.run_folder import INTERRUPTED
 from tests.conftest import FAST, read_metrics
 from tests.distributed.two_processes import LAUNCH
 

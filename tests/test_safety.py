@@ -30,13 +30,12 @@ from rasterio.env import getenv
 
 import plugins
 from core.data.geotiff import open_geotiff, read_dem, write_dem
-from core.data.sar2opt import TERRAMIND_V1, PairDataset
 from core.errors import DataError, StorageError
 from core.hookspecs import hookimpl
 from core.plugins import Plugin
-from core.predict import Predictor
 from core.predict import main as predict_main
 from core.run import main as run_main
+from core.run_folder import CHECKPOINT
 from core.safe_io import (
     atomic_write,
     load_checkpoint,
@@ -45,7 +44,8 @@ from core.safe_io import (
     storage_error,
 )
 from core.tasks import get_task
-from core.train import CHECKPOINT
+from core.tasks.dem_sr.predict import Predictor
+from core.tasks.sar2opt.data import TERRAMIND_V1, PairDataset
 from tests.conftest import FAST, read_metrics
 from tests.test_sar2opt_data import write_good_pairs, write_sar
 

@@ -24,12 +24,12 @@ from torch import nn
 from torch.utils.data import default_collate
 
 from core.config import load_config
-from core.data.sar2opt import OPTICAL_BANDS
 from core.errors import ConfigError, PluginError, UsageError
 from core.hookspecs import hookimpl
-from core.models.terramind import build_terramind, checkpoint_blocks, hold_frozen_weights
 from core.plugins import ActivePlugin, PluginManager
 from core.safe_io import load_checkpoint
+from core.tasks.sar2opt.data import OPTICAL_BANDS
+from core.tasks.sar2opt.terramind import build_terramind, checkpoint_blocks, hold_frozen_weights
 from core.train import Trainer
 from plugins.generators.straight_through import expected_code_error, gumbel_code_error
 from tests.conftest import read_metrics
@@ -304,7 +304,7 @@ def test_bf16_frozen_weights_keep_lora_in_fp32_and_the_loss_close(terramind: nn.
 
 
 def test_frozen_dtype_comes_from_the_config_and_refuses_other_values() -> None:
-    from core.tasks.sar2opt import SarToOptical
+    from core.tasks.sar2opt.task import SarToOptical
 
     with pytest.raises(ConfigError, match="frozen_dtype"):
         load_config(None, ["model.frozen_dtype='fp16'"])

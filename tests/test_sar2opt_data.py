@@ -15,8 +15,9 @@ import torch
 from affine import Affine
 from torch.utils.data import DataLoader
 
-from core.data.dataset import train_val_split
-from core.data.sar2opt import (
+from core.data.datasets import train_val_split
+from core.errors import DataError
+from core.tasks.sar2opt.data import (
     LAND_COVER,
     OPTICAL_BANDS,
     SAR_BANDS,
@@ -25,7 +26,6 @@ from core.data.sar2opt import (
     Standardisation,
     ensure_default_pairs,
 )
-from core.errors import DataError
 
 UTM = "EPSG:32632"
 

@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from core.context import RunContext
-from core.data.sar2opt import OPTICAL_BANDS
-from core.models.terramind_adapters import ADAPTERS, load_merged, load_run_terramind
 from core.plugins import PluginManager
-from core.tasks.sar2opt import SarToOptical
+from core.tasks.sar2opt.adapters import ADAPTERS, load_merged, load_run_terramind
+from core.tasks.sar2opt.data import OPTICAL_BANDS
+from core.tasks.sar2opt.task import SarToOptical
 from tests.conftest import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -68,7 +68,7 @@ def test_adapters_are_peft_files_that_reproduce_the_validation_metrics(run_dir: 
 
 
 def test_merged_export_equals_the_adapted_model(run_dir: Path, tmp_path: Path) -> None:
-    from core.models.terramind_adapters import main
+    from core.tasks.sar2opt.adapters import main
 
     merged_path = tmp_path / "merged.safetensors"
     assert main([str(run_dir), "--merged", str(merged_path)]) == 0

@@ -13,15 +13,15 @@ import pytest
 from affine import Affine
 
 from core.config import load_config
-from core.data.dataset import load_split
 from core.data.distfiles import COLORADO_10M, SRTM90, fetch
 from core.data.geotiff import cell_size_m, read_dem
-from core.data.labels import label_from_dem
-from core.data.regions import SRTM_REGIONS
-from core.data.sources import COLORADO, SOURCES, SRTM, source_named
-from core.data.tiling import ensure_tiles, region_corners
 from core.errors import ConfigError
-from core.terrain import TERRAINS
+from core.tasks.dem_sr.data.dataset import load_split
+from core.tasks.dem_sr.data.labels import label_from_dem
+from core.tasks.dem_sr.data.regions import SRTM_REGIONS
+from core.tasks.dem_sr.data.sources import COLORADO, SOURCES, SRTM, source_named
+from core.tasks.dem_sr.data.tiling import ensure_tiles, region_corners
+from core.tasks.dem_sr.terrain import TERRAINS
 from tests.conftest import FAST, read_metrics
 
 

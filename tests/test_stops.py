@@ -18,7 +18,7 @@ import pytest
 
 import plugins
 from core.run import main
-from core.train import INTERRUPTED
+from core.run_folder import INTERRUPTED
 from tests.conftest import read_metrics
 from tests.distributed.stop_probe import LOG_KEY, PAUSED, StopProbe
 from tests.distributed.two_processes import LAUNCH

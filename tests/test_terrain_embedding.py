@@ -16,11 +16,11 @@ from core.config import Config
 from core.context import RunContext, StepInfo
 from core.errors import ConfigError
 from core.hookspecs import hookimpl
-from core.models import build_rcan
+from core.inference import TrainedRun
 from core.plugins import PluginManager
-from core.predict import load_trained_model
 from core.tasks import get_task
-from core.terrain import TERRAINS
+from core.tasks.dem_sr.rcan import build_rcan
+from core.tasks.dem_sr.terrain import TERRAINS
 from plugins.conditioning.terrain_embedding import TerrainFiLM
 from tests.conftest import FAST, read_metrics
 from tests.distributed.two_processes import LAUNCH
@@ -114,7 +114,8 @@ def test_trains_end_to_end_and_the_checkpoint_keeps_the_modulation(train_run, tm
     assert (trained.trained > 0).all(), "every terrain of the training tiles is marked"
     assert all(layer.weight.abs().sum() > 0 for layer in trained.film), "FiLM maps trained"
 
-    loaded, ctx = load_trained_model(tmp_path / "run", cpu=True)[:2]
+    restored = TrainedRun.restore(tmp_path / "run", cpu=True)
+    loaded, ctx = restored.model, restored.ctx
     lr = torch.randn(1, 1, 16, 16).expand(len(MIXED), -1, -1, -1)
     with torch.no_grad():
         out = run(loaded, ctx.plugins, ctx, lr, MIXED)
@@ -148,6 +149,6 @@ def test_two_processes_train_both_plugins(procedural_dir: Path, tmp_path: Path):
     assert "2 process(es)" in result.stdout
     rows = read_metrics(out)
     assert all(0 <= row["val_terrain_head_accuracy"] <= 1 for row in rows)
-    loaded = load_trained_model(out, cpu=True)[0]
+    loaded = TrainedRun.restore(out, cpu=True).model
     assert (film_of(loaded).trained > 0).all()
     assert all(layer.weight.abs().sum() > 0 for layer in film_of(loaded).film)

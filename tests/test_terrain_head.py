@@ -14,11 +14,11 @@ from core.config import Config
 from core.context import RunContext
 from core.errors import ConfigError
 from core.hookspecs import hookimpl
-from core.models import build_rcan
+from core.inference import TrainedRun
 from core.plugins import PluginManager
-from core.predict import load_trained_model
 from core.tasks import get_task
-from core.terrain import TERRAINS
+from core.tasks.dem_sr.rcan import build_rcan
+from core.tasks.dem_sr.terrain import TERRAINS
 
 LABELS = torch.tensor([0, 1, 2, 3, 4, 4, 1, 0])
 WEIGHTS = {"elevation": 1.0, "gradient": 0.5, "curvature": 0.2, "edge": 0.2, "spectral": 0.1}
@@ -97,5 +97,5 @@ def test_trains_end_to_end_and_reports_its_accuracy(train_run, tmp_path, backwar
         assert row["train_loss"] - task_loss == pytest.approx(0.5 * math.log(5), rel=0.25)
     head = probe.model.terrain_head.weight
     assert not torch.equal(head, probe.initial), "the head trains"
-    loaded = load_trained_model(tmp_path / "run", cpu=True)[0]
+    loaded = TrainedRun.restore(tmp_path / "run", cpu=True).model
     torch.testing.assert_close(loaded.terrain_head.weight, head.detach())

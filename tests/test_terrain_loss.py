@@ -14,10 +14,10 @@ from core.config import load_config
 from core.context import RunContext
 from core.errors import ConfigError
 from core.hookspecs import hookimpl
-from core.losses import COMPONENTS
 from core.plugins import ActivePlugin, PluginManager
 from core.tasks import get_task
-from core.terrain import TERRAINS, terrain_index
+from core.tasks.dem_sr.losses import COMPONENTS
+from core.tasks.dem_sr.terrain import TERRAINS, terrain_index
 from plugins.losses.terrain_loss import LOG_KEY, SEED_PROFILES, TerrainLoss
 
 MIXED = [4, 0, 2, 0, 3, 1, 2, 4]  # terrain labels of a mixed batch

@@ -1,4 +1,4 @@
-"""``core.models.terratorch_import``: terratorch imports beside a CUDA build of torchvision.
+"""``core.tasks.sar2opt.terratorch_import``: terratorch imports beside a CUDA build of torchvision.
 
 The shim defines operators process-wide and only before torchvision's first import, so every
 check runs in a fresh interpreter. One of them imports terratorch (10-15 s) and reports
@@ -42,7 +42,7 @@ def after_import() -> dict[str, Any]:
         """
         import json
         import torch
-        from core.models.terratorch_import import compiled_ops_loadable, import_terratorch
+        from core.tasks.sar2opt.terratorch_import import compiled_ops_loadable, import_terratorch
 
         def error(call):
             try:
@@ -108,7 +108,7 @@ def test_torchvision_fails_to_import_without_the_shim() -> None:
         """
     )
     assert outcome["error"] is not None, (
-        "torchvision now imports without the shim; core.models.terratorch_import can go"
+        "torchvision now imports without the shim; core.tasks.sar2opt.terratorch_import can go"
     )
     assert "torchvision::nms" in outcome["error"]
 
@@ -122,7 +122,7 @@ def test_missing_terratorch_is_a_usage_error(tmp_path: Path) -> None:
         import json, sys
         sys.path.insert(0, {str(tmp_path)!r})
         from core.errors import UsageError
-        from core.models.terratorch_import import import_terratorch
+        from core.tasks.sar2opt.terratorch_import import import_terratorch
 
         try:
             import_terratorch()

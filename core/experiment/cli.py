@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from core.config import load_config
-from core.errors import UsageError
+from core.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
 from core.experiment.report import write_report
 from core.experiment.schedule import Runner, clock, count_rows, plan_jobs
 from core.experiment.spec import (
@@ -22,10 +22,6 @@ from core.experiment.spec import (
     read_spec,
     with_norm_rule,
 )
-
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         try:
             runner.run()
-            status = EXIT_FAILED if runner.failed else 0
+            status = EXIT_FAILED if runner.failed else EXIT_OK
         except KeyboardInterrupt:
             print("interrupted: running jobs saved checkpoints; run again to continue")
             status = EXIT_INTERRUPTED

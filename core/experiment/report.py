@@ -190,10 +190,10 @@ def primary_column(metrics: Sequence[ReportMetric]) -> Column:
 
 def write_report(experiment: Experiment, out: Path, report_dir: Path) -> Summary:
     """Tables, CSV and plots from the complete runs under ``out``."""
-    from core.plots import (
+    from core.experiment.plots import (
+        plot_domain_metrics_by_arm,
         plot_loss_curves_by_arm,
         plot_step_losses_by_arm,
-        plot_terrain_rmse_by_arm,
     )
 
     task = get_task(experiment.task)
@@ -207,5 +207,12 @@ def write_report(experiment: Experiment, out: Path, report_dir: Path) -> Summary
     plot_loss_curves_by_arm(runs, report_dir / "loss_curves_by_arm.png", baseline=baseline)
     plot_step_losses_by_arm(runs, report_dir / "step_losses_by_arm.png")
     if any(metric.by_domain for metric in task.report_metrics):
-        plot_terrain_rmse_by_arm(runs, report_dir / "terrain_rmse_by_arm.png", baseline=baseline)
+        plot_domain_metrics_by_arm(
+            runs,
+            report_dir / "terrain_rmse_by_arm.png",
+            task.report_metrics,
+            task.terrains,
+            task.reference_name,
+            baseline=baseline,
+        )
     return summary

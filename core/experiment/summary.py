@@ -65,7 +65,7 @@ def tables_for(metrics: Sequence[ReportMetric], domains: Sequence[str]) -> list[
 
 
 def spikes_per_100_epochs(rows: Sequence[Mapping[str, Any]]) -> float:
-    """Loss spikes (``core.metrics.spike_steps``, counted per epoch by the trainer) per 100
+    """Loss spikes (``core.spikes.spike_steps``, counted per epoch by the trainer) per 100
     epochs: the unit of the seed's §7.2."""
     return sum(row["loss_spikes"] for row in rows) / len(rows) * 100
 

@@ -1,9 +1,16 @@
-"""Tasks: what is trained (data, model, losses, validation). Strategies are plugins."""
+"""Tasks: what is trained (data, model, losses, validation); strategies are plugins.
+
+Each task is a vertical slice under ``core/tasks/<task>/`` (its data, model, losses, metrics,
+plots, config sections and tools) that the framework reaches only through :class:`Task` and
+:func:`get_task`. Built-in tasks are listed in :data:`BUILTIN_TASKS`; third-party ones come
+from the ``terraplug.tasks`` entry-point group (name = what ``--task`` takes, value =
+``module:TaskClass``).
+"""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -12,12 +19,21 @@ import torch
 from torch import nn
 
 from core.errors import ConfigError
+from core.registry import registrations
 
 if TYPE_CHECKING:
     from core.config import Config
     from core.context import RunContext
 
 Batch = dict[str, Any]
+"""A collated batch: tensors (``[B, ...]``) and lists, keyed by name (``terrain``, ``idx``
+and the task's own keys)."""
+
+TASK_GROUP = "terraplug.tasks"
+BUILTIN_TASKS: dict[str, str] = {
+    "dem_sr": "core.tasks.dem_sr.task:DemSuperResolution",
+    "sar2opt": "core.tasks.sar2opt.task:SarToOptical",
+}
 
 
 @attrs.frozen
@@ -43,11 +59,23 @@ def metric_text(value: float | None, spec: str) -> str:
 
 
 class Task(Protocol):
-    """The contract between the trainer and a task such as ``dem_sr``."""
+    """The contract between the framework and a task such as ``dem_sr``: everything a task
+    provides. The trainer is the only caller of plugin hooks; a task never calls one.
+
+    One instance serves one run. The trainer calls ``build_datasets``, then ``build_model``;
+    then per step ``forward_losses`` (unless a plugin provides ``training_forward``), and per
+    epoch ``validate``, ``checkpoint_meta`` and ``export_model`` when it checkpoints,
+    ``plot_examples`` and ``write_plots`` when it draws. Methods listed later may use what
+    earlier ones stored (the datasets); nothing else is shared between calls.
+    """
 
     name: str
+    sections: Mapping[str, type]
+    """The attrs classes of the task's ``model`` and ``loss`` config sections (both keys
+    required; an empty class for a task without keys)."""
     components: tuple[str, ...]
-    """Names of the per-sample loss components, the columns of ``training_forward``'s result."""
+    """Names of the per-sample loss components, the columns of ``training_forward``'s result;
+    each is weighted by the ``[loss]`` key of its name (1.0 where there is none)."""
     terrains: tuple[str, ...]
     """Names of the domains ``sample["terrain"]`` indexes (dem_sr: the five categories)."""
     report_metrics: tuple[ReportMetric, ...]
@@ -55,18 +83,23 @@ class Task(Protocol):
     verdict reads."""
     reference_name: str
     """What the ``reference`` keys of ``report_metrics`` measure (a row of the report)."""
+    skipped: list[tuple[str, str]]
+    """(file, reason) of every input file the datasets left out; ``summary.json`` lists them."""
 
     def build_datasets(self, config: Config, ctx: RunContext) -> tuple[Any, Any]:
-        """Training and validation datasets; samples carry ``terrain`` and ``idx``."""
+        """Training and validation datasets; samples carry ``terrain`` and ``idx``, and the
+        datasets a ``terrains`` array (one label per sample) for samplers."""
 
     def build_model(self, config: Config) -> nn.Module:
-        """The model, on the CPU; the trainer places and wraps it."""
+        """The model, on the CPU; the trainer places and wraps it. Needs no data, so a
+        trained model is rebuilt without its training set."""
 
     def forward_losses(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """Per-sample, per-component training losses ``[B, len(components)]``."""
 
     def validate(self, model: nn.Module, batches: Iterable[Batch], ctx: RunContext) -> dict:
-        """Metrics over this process's validation batches, reduced over all processes."""
+        """Metrics over this process's validation batches (already routed through the
+        plugins' ``route_batch``), reduced over all processes."""
 
     def epoch_summary(self, row: dict[str, Any]) -> str:
         """The headline metrics of a ``metrics.jsonl`` row, for the console."""
@@ -74,23 +107,53 @@ class Task(Protocol):
     def checkpoint_meta(self) -> dict[str, Any]:
         """Extra entries the checkpoint carries for the task's own tools (``core.predict``)."""
 
-    def export_model(self, run_dir: Path, model: nn.Module) -> None:
+    def export_model(self, model: nn.Module, ctx: RunContext) -> None:
         """Write the trained model for use outside the run, after each checkpoint (main
         process only); a task whose checkpoint is its export does nothing."""
 
+    def plot_examples(self) -> list[int]:
+        """Indices of the validation samples ``write_plots`` draws."""
+
     def write_plots(
-        self, run_dir: Path, rows: list[dict], model: nn.Module, ctx: RunContext
+        self,
+        run_dir: Path,
+        rows: list[dict],
+        model: nn.Module,
+        examples: Iterable[Batch],
+        ctx: RunContext,
     ) -> None:
-        """The run folder's PNGs, on the main process after each epoch."""
+        """The task's PNGs in the run folder, on the main process; ``examples`` are the
+        ``plot_examples`` as one-sample batches on the device, routed like validation's.
+        The trainer draws ``loss_curves.png`` itself."""
+
+    def predict(self, run_dir: Path, src: Path, dst: Path, options: PredictOptions) -> None:
+        """``python -m core.predict``: write ``dst`` from ``src`` with the run's model. The
+        command has checked ``dst`` already; a task without the tool raises UsageError."""
+
+
+@attrs.frozen
+class PredictOptions:
+    """``python -m core.predict``'s options, for the task's ``predict``."""
+
+    window: int | None = None
+    """Input window size; None: the training tiles'."""
+    overlap: int | None = None
+    """Input pixels of overlap on each side; None: a quarter of the window."""
+    domain: str | None = None
+    """The domain (dem_sr: terrain) for domain-aware models; None: the task guesses."""
+    strict_data: bool = False
+    cpu: bool = False
+    progress: bool = True
+
+
+def task_class(name: str) -> type[Task]:
+    """The class registered as ``name``; an unknown name is a ConfigError listing the known."""
+    known = registrations("task", BUILTIN_TASKS, TASK_GROUP, ConfigError)
+    if name not in known:
+        raise ConfigError(f"run.task: unknown task {name!r}; available: {', '.join(known)}")
+    return known[name].load()
 
 
 def get_task(name: str) -> Task:
-    if name == "dem_sr":
-        from core.tasks.dem_sr import DemSuperResolution
-
-        return DemSuperResolution()
-    if name == "sar2opt":
-        from core.tasks.sar2opt import SarToOptical
-
-        return SarToOptical()
-    raise ConfigError(f"run.task: unknown task {name!r}; available: dem_sr, sar2opt")
+    """A fresh instance of the task ``name`` (one per run: tasks keep the run's datasets)."""
+    return task_class(name)()

@@ -2,7 +2,7 @@
 
 The seed's v3.2 "multi-task terrain prediction head". A linear classifier reads the
 globally average-pooled output of RCAN-DEM's body (``model.body`` in
-``core/models/rcan.py``: the deep features before the long skip and the upsampling tail) and
+``core/tasks/dem_sr/rcan.py``: the deep features before the long skip and the upsampling tail) and
 its per-sample cross-entropy, times ``weight``, joins each sample's loss through the
 ``auxiliary_loss`` hook, so the shared features are pushed to carry terrain information.
 The head runs inside the model's forward (a forward hook on ``model.body``) and is a
@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.context import require_terrain_labels
 from core.errors import ConfigError
 from core.hookspecs import Batch, hookimpl
-from core.models.rcan import RCAN
 from core.plugins import Plugin
-from core.terrain import require_terrain_labels
+from core.tasks.dem_sr.rcan import RCAN
 from core.validators import positive
 
 if TYPE_CHECKING:

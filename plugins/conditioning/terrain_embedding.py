@@ -8,7 +8,7 @@ its own terrain's pair, so mixed batches are conditioned per sample. No BatchNor
 RCAN, like EDSR, has none, and this conditions the network without batch statistics.
 
 The points are the outputs of RCAN-DEM's residual groups (``ResidualGroup`` in
-``core/models/rcan.py``), one per group, reached by forward hooks, so the model's own
+``core/tasks/dem_sr/rcan.py``), one per group, reached by forward hooks, so the model's own
 parameter names are unchanged and the new parameters live under ``terrain_embedding.``.
 """
 
@@ -21,11 +21,11 @@ import attrs
 import torch
 from torch import nn
 
+from core.context import require_terrain_labels
 from core.errors import ConfigError
 from core.hookspecs import Batch, hookimpl
-from core.models.rcan import ResidualGroup
 from core.plugins import Plugin
-from core.terrain import require_terrain_labels
+from core.tasks.dem_sr.rcan import ResidualGroup
 from core.validators import positive_int
 
 if TYPE_CHECKING:

@@ -22,8 +22,8 @@ from torch import nn
 
 from core.errors import PluginError
 from core.hookspecs import Batch, hookimpl
-from core.models.terramind import OPTICAL_RAW, TerraMindSarToOptical, lora_parameters
 from core.plugins import Plugin
+from core.tasks.sar2opt.terramind import OPTICAL_RAW, TerraMindSarToOptical, lora_parameters
 from plugins.generators import sar2opt_task, terramind_of
 
 if TYPE_CHECKING:

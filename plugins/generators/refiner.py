@@ -20,8 +20,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from core.hookspecs import Batch, hookimpl
-from core.models.terramind import TerraMindSarToOptical
 from core.plugins import Plugin
+from core.tasks.sar2opt.terramind import TerraMindSarToOptical
 from plugins.generators import sar2opt_task, terramind_of
 
 if TYPE_CHECKING:
@@ -121,6 +121,7 @@ class Refiner(Plugin):
             "refiner_generated",
             terramind,
             "sar",
+            config,
             diffusion_steps=steps,
             seed=seed,
             top_p=model.top_p,
@@ -128,7 +129,7 @@ class Refiner(Plugin):
             decoder_thresholding=model.decoder_thresholding,
             decoder_clip=model.decoder_clip,
         )
-        return task.cached_per_tile("refiner_generated", key, generate)
+        return task.cached_per_tile("refiner_generated", key, generate, ctx)
 
     @hookimpl
     def training_forward(self, model: nn.Module, batch: Batch, ctx: RunContext) -> torch.Tensor:

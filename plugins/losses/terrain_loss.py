@@ -17,9 +17,9 @@ import torch
 from core import validators as check
 from core.errors import ConfigError
 from core.hookspecs import Batch, hookimpl
-from core.losses import COMPONENTS
 from core.plugins import Plugin
-from core.terrain import TERRAINS
+from core.tasks.dem_sr.losses import COMPONENTS
+from core.tasks.dem_sr.terrain import TERRAINS
 
 if TYPE_CHECKING:
     from core.context import RunContext

@@ -27,10 +27,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from core.context import require_terrain_labels
 from core.errors import ConfigError
 from core.hookspecs import Batch, hookimpl
 from core.plugins import Plugin
-from core.terrain import require_terrain_labels
 
 if TYPE_CHECKING:
     from core.context import RunContext

@@ -35,7 +35,7 @@ from core.context import RunContext
 from core.errors import ConfigError
 from core.hookspecs import hookimpl
 from core.plugins import Plugin
-from core.terrain import TERRAINS, terrain_index
+from core.tasks.dem_sr.terrain import TERRAINS, terrain_index
 
 ALL = "all"
 SCHEDULES = ("phases", "linear", "root", "step")

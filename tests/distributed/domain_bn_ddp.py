@@ -33,7 +33,7 @@ from torch import nn
 from core.config import load_config
 from core.hookspecs import hookimpl
 from core.plugins import ActivePlugin, PluginManager
-from core.terrain import TERRAINS
+from core.tasks.dem_sr.terrain import TERRAINS
 from core.train import Trainer
 from plugins.gradients.pcgrad import PCGrad
 from plugins.norms.domain_bn import (

@@ -30,9 +30,9 @@ import re
 import attrs
 import numpy as np
 
-from core.data.regions import COLORADO_REGIONS, GLOBE_REGIONS, SRTM_REGIONS
-from core.metrics import horn_slope_deg
-from core.terrain import TERRAINS
+from core.tasks.dem_sr.data.regions import COLORADO_REGIONS, GLOBE_REGIONS, SRTM_REGIONS
+from core.tasks.dem_sr.metrics import horn_slope_deg
+from core.tasks.dem_sr.terrain import TERRAINS
 
 SEED_REGIONS: dict[str, str] = {
     "kansas": "flat",

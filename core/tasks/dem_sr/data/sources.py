@@ -2,7 +2,8 @@
 and ``colorado10m``.
 
 Each is a raster inside a pinned PyPI wheel (``core.data.distfiles``), cut into labelled tiles
-by ``core.data.tiling``; docs/data-format.md describes their origin, licences and regions.
+by ``core.tasks.dem_sr.data.tiling``; docs/data-format.md describes their origin, licences
+and regions.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from pathlib import Path
 
 from core.data.distfiles import COLORADO_10M, SRTM90, fetch
 from core.data.geotiff import read_dem
-from core.data.globe import GLOBE
-from core.data.regions import COLORADO_REGIONS, SRTM_REGIONS
-from core.data.tiling import Raster, RasterSource, ensure_tiles
 from core.errors import ConfigError
+from core.tasks.dem_sr.data.globe import GLOBE
+from core.tasks.dem_sr.data.regions import COLORADO_REGIONS, SRTM_REGIONS
+from core.tasks.dem_sr.data.tiling import Raster, RasterSource, ensure_tiles
 
 SRTM_CITATION = (
     "Farr, T. G., Rosen, P. A., Caro, E., Crippen, R., Duren, R., Hensley, S., Kobrick, M., "

@@ -1,4 +1,4 @@
-"""Validation metrics in physical units (metres, degrees), overall and per terrain, and spikes.
+"""dem_sr's validation metrics in physical units (metres, degrees), overall and per terrain.
 
 Losses are computed on per-tile normalised values, which hides how wrong a model is on a
 2000 m-relief Himalayan tile compared with a Hungarian plain; these metrics undo the
@@ -9,8 +9,6 @@ degrees (Horn's method with each tile's true cell size).
 from __future__ import annotations
 
 import math
-import statistics
-from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -18,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from core.terrain import TERRAINS
+from core.tasks.dem_sr.terrain import TERRAINS
 
 ArrayT = TypeVar("ArrayT", torch.Tensor, np.ndarray)
 CellSize = torch.Tensor | np.ndarray | Sequence[float]
@@ -151,31 +149,3 @@ class ValidationAccumulator:
             out["val_loss"] = ratio(total["loss"], total["samples"])
             out["val_loss_by_terrain"] = by_terrain("loss", "samples")
         return out
-
-
-def spike_steps(losses: Sequence[float], window: int = 20, factor: float = 1.5) -> list[int]:
-    """Indices of loss spikes: the seed's "loss spikes when encountering hard terrain batches".
-
-    Step ``i`` is a spike when its loss exceeds ``factor`` x the median of the last ``window``
-    finite losses before it, provided at least ``window // 2`` such losses exist (early steps
-    have no baseline, so warm-up never counts). The median, unlike a mean, is not dragged up by
-    an earlier spike. A non-finite loss (the run blew up) counts as a spike once a baseline
-    exists; it never enters the baseline.
-    """
-    history: deque[float] = deque(maxlen=window)
-    spikes: list[int] = []
-    for step, value in enumerate(losses):
-        value = float(value)
-        finite = math.isfinite(value)
-        if len(history) >= max(1, window // 2) and (
-            not finite or value > factor * statistics.median(history)
-        ):
-            spikes.append(step)
-        if finite:
-            history.append(value)
-    return spikes
-
-
-def count_loss_spikes(losses: Sequence[float], window: int = 20, factor: float = 1.5) -> int:
-    """Number of loss spikes, as defined by ``spike_steps``."""
-    return len(spike_steps(losses, window, factor))

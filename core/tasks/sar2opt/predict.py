@@ -20,13 +20,14 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
-from core.data.sar2opt import OPTICAL_BANDS, SAR_BANDS, TERRAMIND_V1
+from core.data.windows import taper, window_starts
 from core.errors import DataError, UsageError
-from core.models.terramind import TerraMindSarToOptical
-from core.models.terramind_adapters import load_run_terramind
-from core.predict import taper, window_starts
 from core.safe_io import replaced_when_done
-from core.tasks.sar2opt import DEFAULT_TILE_SIZE, REFLECTANCE_SCALE, validation_steps
+from core.tasks import PredictOptions
+from core.tasks.sar2opt.adapters import load_run_terramind
+from core.tasks.sar2opt.data import OPTICAL_BANDS, SAR_BANDS, TERRAMIND_V1
+from core.tasks.sar2opt.task import DEFAULT_TILE_SIZE, REFLECTANCE_SCALE, validation_steps
+from core.tasks.sar2opt.terramind import TerraMindSarToOptical
 
 MULTIPLE = 32
 """Window sides must be multiples of this (the diffusion decoder's down-sampling)."""
@@ -142,20 +143,14 @@ class SarToOpticalPredictor:
                     buffer[..., -done:, :] = 0
 
 
-def predict(
-    run_dir: Path,
-    src: Path,
-    dst: Path,
-    *,
-    window: int | None,
-    overlap: int | None,
-    cpu: bool,
-    progress: bool,
-) -> None:
+def predict(run_dir: Path, src: Path, dst: Path, options: PredictOptions) -> None:
     """Load the run's TerraMind (config and adapters only) and translate ``src`` to ``dst``."""
+    if options.domain is not None:
+        raise UsageError("--terrain: a sar2opt run has no terrains")
     open_sar(src).close()  # a bad input is reported before the model loads
     terramind, config, _ = load_run_terramind(run_dir)
-    device = torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() and not options.cpu else "cpu")
+    window, overlap = options.window, options.overlap
     size = window or config.data.tile_size or DEFAULT_TILE_SIZE
     predictor = SarToOpticalPredictor(
         terramind.to(device),
@@ -164,4 +159,4 @@ def predict(
         size,
         overlap if overlap is not None else size // 4,
     )
-    predictor.run(src, dst, progress=progress)
+    predictor.run(src, dst, progress=options.progress)

@@ -15,7 +15,8 @@ import numpy as np
 from affine import Affine
 
 from core.data.geotiff import write_dem
-from core.terrain import TERRAINS, terrain_index
+from core.data.noise import power_law_noise
+from core.tasks.dem_sr.terrain import TERRAINS, terrain_index
 
 CRS = "EPSG:32613"
 """UTM zone 13N (Colorado), a projected CRS in metres."""
@@ -44,16 +45,6 @@ def write_procedural_tiles(
     return out_dir
 
 
-def _noise(rng: np.random.Generator, size: int, beta: float) -> np.ndarray:
-    """Zero-mean, unit-std noise with power spectrum ~ f^-beta (larger beta: smoother)."""
-    f = np.hypot(*np.meshgrid(np.fft.fftfreq(size), np.fft.rfftfreq(size), indexing="ij"))
-    f[0, 0] = 1.0
-    spectrum = (rng.normal(size=f.shape) + 1j * rng.normal(size=f.shape)) * f ** (-beta / 2)
-    spectrum[0, 0] = 0.0
-    z = np.fft.irfft2(spectrum, s=(size, size))
-    return z / z.std()
-
-
 def _grid(size: int, cell: float) -> tuple[np.ndarray, np.ndarray]:
     """Northing-like (rows) and easting-like (cols) coordinates in metres."""
     return np.meshgrid(np.arange(size) * cell, np.arange(size) * cell, indexing="ij")
@@ -64,12 +55,14 @@ def _flat(rng: np.random.Generator, size: int, cell: float) -> np.ndarray:
     y, x = _grid(size, cell)
     tilt = np.tan(np.radians(rng.uniform(0.1, 0.3)))
     angle = rng.uniform(0, 2 * np.pi)
-    return 300 + tilt * (x * np.cos(angle) + y * np.sin(angle)) + 0.5 * _noise(rng, size, 3.0)
+    plane = tilt * (x * np.cos(angle) + y * np.sin(angle))
+    return 300 + plane + 0.5 * power_law_noise(rng, size, 3.0)
 
 
 def _moderate(rng: np.random.Generator, size: int, cell: float) -> np.ndarray:
     """Rolling hills: smooth noise of ~25 m amplitude (slopes of a few to ~12°)."""
-    return 500 + rng.uniform(20, 30) * _noise(rng, size, 4.0) + 0.3 * _noise(rng, size, 2.0)
+    hills = rng.uniform(20, 30) * power_law_noise(rng, size, 4.0)
+    return 500 + hills + 0.3 * power_law_noise(rng, size, 2.0)
 
 
 def _alpine(rng: np.random.Generator, size: int, cell: float) -> np.ndarray:
@@ -78,20 +71,20 @@ def _alpine(rng: np.random.Generator, size: int, cell: float) -> np.ndarray:
     extent = size * cell
     angle = rng.uniform(0, np.pi)
     across = (x - extent / 2) * np.cos(angle) - (y - extent / 2) * np.sin(angle)
-    across = across + 0.05 * extent * _noise(rng, size, 4.0)  # a winding valley axis
+    across = across + 0.05 * extent * power_law_noise(rng, size, 4.0)  # a winding valley axis
     half_width = extent * rng.uniform(0.36, 0.42)
     depth = rng.uniform(200, 230)
     u = np.clip(np.abs(across) / half_width, 0, 1.25)
     trough = depth * u**2  # parabolic U profile, steepening towards the ridges
-    return 2500 + trough + 10 * _noise(rng, size, 4.0)
+    return 2500 + trough + 10 * power_law_noise(rng, size, 4.0)
 
 
 def _desert(rng: np.random.Generator, size: int, cell: float) -> np.ndarray:
     """Mesas and terraces: smooth noise quantised into flat benches with one-cell cliffs."""
     step = rng.uniform(40, 60)
-    field = 1.5 * step * _noise(rng, size, 5.0)
+    field = 1.5 * step * power_law_noise(rng, size, 5.0)
     benches = step * np.floor(field / step)
-    return 1200 + benches + 0.5 * _noise(rng, size, 3.0)
+    return 1200 + benches + 0.5 * power_law_noise(rng, size, 3.0)
 
 
 def _extreme(rng: np.random.Generator, size: int, cell: float) -> np.ndarray:
@@ -100,11 +93,11 @@ def _extreme(rng: np.random.Generator, size: int, cell: float) -> np.ndarray:
     extent = size * cell
     angle = rng.uniform(0, np.pi)
     across = (x - extent / 2) * np.cos(angle) - (y - extent / 2) * np.sin(angle)
-    across = across + 0.1 * extent * _noise(rng, size, 4.0)
+    across = across + 0.1 * extent * power_law_noise(rng, size, 4.0)
     depth = rng.uniform(700, 900)
     floor_half, rim_half = 2 * cell, 0.3 * extent
     wall = np.clip((np.abs(across) - floor_half) / (rim_half - floor_half), 0, 1)
-    return 2000 - depth * (1 - wall**0.5) + 15 * _noise(rng, size, 3.0)
+    return 2000 - depth * (1 - wall**0.5) + 15 * power_law_noise(rng, size, 3.0)
 
 
 _SURFACES = {

@@ -26,7 +26,8 @@ artefacts instead of terrain, so each candidate tile is checked and rejected whe
   line, where source blocks meet; the other row hits mix sub-degree seams and striping with
   long east-west ridges, which cost a few good tiles (the detector errs towards rejecting).
 
-Cutting and caching are ``core.data.tiling``'s; data: GLOBE Task Team (1999), see ``CITATION``.
+Cutting and caching are ``core.tasks.dem_sr.data.tiling``'s; data: GLOBE Task Team (1999),
+see ``CITATION``.
 """
 
 from __future__ import annotations
@@ -37,9 +38,9 @@ import numpy as np
 from affine import Affine
 
 from core.data.distfiles import GLOBE_TILE_G, fetch
-from core.data.regions import GLOBE_REGIONS, Region
-from core.data.tiling import Raster, RasterSource, ensure_tiles, region_corners
 from core.errors import DataError
+from core.tasks.dem_sr.data.regions import GLOBE_REGIONS, Region
+from core.tasks.dem_sr.data.tiling import Raster, RasterSource, ensure_tiles, region_corners
 
 CITATION = (
     "GLOBE Task Team and others (Hastings, D.A., Dunbar, P.K., Elphingstone, G.M., Bootz, M., "

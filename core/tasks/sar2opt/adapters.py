@@ -5,7 +5,7 @@ would (``adapter_config.json`` and ``adapter_model.safetensors``, keys under
 ``base_model.model.``), so ``peft.PeftModel.from_pretrained(transformer, RUN_DIR/adapters)``
 applies them to any TerraMind of the same size, with or without this project::
 
-    python -m core.models.terramind_adapters RUN_DIR --merged OUT.safetensors
+    python -m core.tasks.sar2opt.adapters RUN_DIR --merged OUT.safetensors
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from core.config import Config, load_config
-from core.errors import UsageError
-from core.models.terramind import TerraMindSarToOptical, lora_parameters
-from core.models.terratorch_import import import_terratorch
+from core.errors import EXIT_OK, EXIT_USAGE, UsageError
+from core.tasks.sar2opt.terramind import TerraMindSarToOptical, lora_parameters
+from core.tasks.sar2opt.terratorch_import import import_terratorch
 
 ADAPTERS = "adapters"
 PEFT_PREFIX = "base_model.model."
@@ -70,7 +70,7 @@ def load_run_terramind(run_dir: Path) -> tuple[TerraMindSarToOptical, Config, nn
     """A sar2opt run's TerraMind from its ``config.toml`` and exported adapters, in eval mode,
     with peft's model around the adapted transformer (None without adapters). Needs neither
     the training data nor the checkpoint."""
-    from core.tasks.sar2opt import SarToOptical
+    from core.tasks.sar2opt.task import SarToOptical
 
     config_path = run_dir / "config.toml"
     if not config_path.is_file():
@@ -115,7 +115,7 @@ def load_merged(terramind: TerraMindSarToOptical, state: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m core.models.terramind_adapters",
+        prog="python -m core.tasks.sar2opt.adapters",
         description="Merge a sar2opt run's LoRA adapters into TerraMind's weights.",
     )
     parser.add_argument("run_dir", type=Path)
@@ -127,8 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         save_file(merged_state(args.run_dir), args.merged)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_USAGE
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -54,8 +54,8 @@ from rasterio.warp import Resampling, reproject
 from core.data.cache import build_once, cache_root, read_manifest
 from core.data.distfiles import BIGEARTHNET_COUNTRIES, BIGEARTHNET_S1, BIGEARTHNET_S2, fetch
 from core.data.geotiff import open_geotiff
-from core.data.sar2opt import OPTICAL_BANDS, OPTICAL_DIR, SAR_BANDS, SAR_DIR, write_bands
 from core.errors import DataError
+from core.tasks.sar2opt.data import OPTICAL_BANDS, OPTICAL_DIR, SAR_BANDS, SAR_DIR, write_bands
 
 TILE_SIZE = 96
 """Validation tile side: the largest multiple of 32 inside a 120-pixel patch."""

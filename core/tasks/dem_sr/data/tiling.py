@@ -7,9 +7,9 @@ one path; a ``RasterSource`` says only what differs between them:
   tiles never overlap; ``checkerboard`` keeps every other one (no two kept tiles share an edge,
   which halves an epoch without losing any region).
 - **labels**: a tile wholly inside a named ``Region`` box takes its category; any other tile is
-  measured by the automatic classifier (``core.data.labels``) or, with ``unnamed=False``,
-  dropped. Tiles are named ``<region>_tile_<n>`` (``<source>_tile_<n>`` when unnamed), so the
-  dataset reading them back finds the same labels from the names.
+  measured by the automatic classifier (``core.tasks.dem_sr.data.labels``) or, with
+  ``unnamed=False``, dropped. Tiles are named ``<region>_tile_<n>`` (``<source>_tile_<n>``
+  when unnamed), so the dataset reading them back finds the same labels from the names.
 - **rejection**: the source's ``reject`` (by default, any tile with a void cell; GLOBE's finds
   sea, seams and interpolated patches).
 - **the split**: with ``validation_south_of``, the tiles whose centre lies south of that
@@ -32,10 +32,10 @@ from tqdm.auto import tqdm
 
 from core.data.cache import build_once, cache_root, read_manifest
 from core.data.geotiff import cell_size_m, write_dem
-from core.data.labels import label_tile
-from core.data.regions import Region
 from core.errors import DataError
-from core.terrain import TERRAINS
+from core.tasks.dem_sr.data.labels import label_tile
+from core.tasks.dem_sr.data.regions import Region
+from core.tasks.dem_sr.terrain import TERRAINS
 
 
 @attrs.frozen(eq=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -13,17 +14,16 @@ from torch import nn
 
 from core.config import Config
 from core.context import RunContext
-from core.data.dataset import TileDataset, load_split
-from core.data.sources import ensure_source_tiles
 from core.errors import ConfigError
-from core.losses import COMPONENTS, dem_loss_components
-from core.metrics import ValidationAccumulator
-from core.models.rcan import build_rcan
-from core.plots import plot_hillshade_triptych, plot_loss_curves, plot_terrain_rmse
-from core.tasks import ReportMetric, metric_text
-from core.terrain import TERRAINS
-
-Batch = dict[str, Any]
+from core.tasks import Batch, PredictOptions, ReportMetric, metric_text
+from core.tasks.dem_sr.config import DemLossSection, RcanSection
+from core.tasks.dem_sr.data.dataset import TileDataset, load_split
+from core.tasks.dem_sr.data.sources import ensure_source_tiles
+from core.tasks.dem_sr.losses import COMPONENTS, dem_loss_components
+from core.tasks.dem_sr.metrics import ValidationAccumulator
+from core.tasks.dem_sr.plots import plot_hillshade_triptych, plot_terrain_rmse
+from core.tasks.dem_sr.rcan import build_rcan
+from core.tasks.dem_sr.terrain import TERRAINS
 
 
 def base_loss_weights(config: Config) -> torch.Tensor:
@@ -42,6 +42,13 @@ class DemSuperResolution:
         ReportMetric("val_slope_rmse_deg", "val slope RMSE (°)", by_domain=True),
     )
     reference_name = "bicubic"
+    sections = MappingProxyType({"model": RcanSection, "loss": DemLossSection})
+
+    def __init__(self) -> None:
+        self.skipped: list[tuple[str, str]] = []
+        self.bicubic: dict[str, Any] | None = None
+        """Bicubic interpolation's scores: the validation tiles never change, so the first
+        validation measures them once."""
 
     def build_datasets(self, config: Config, ctx: RunContext) -> tuple[TileDataset, TileDataset]:
         data = config.data
@@ -58,7 +65,6 @@ class DemSuperResolution:
             train, val = load_split(folder, data, data.split_seed)
         self.skipped = train.skipped
         self.train_dataset, self.val_dataset = train, val
-        self.bicubic: dict[str, Any] | None = None
         return train, val
 
     def build_model(self, config: Config) -> nn.Module:
@@ -85,7 +91,6 @@ class DemSuperResolution:
         model_errors = ValidationAccumulator(device=ctx.device)
         bicubic_errors = ValidationAccumulator(device=ctx.device) if self.bicubic is None else None
         for batch in batches:
-            ctx.plugins.call("route_batch", model=model, batch=batch, ctx=ctx)
             with ctx.accelerator.autocast():
                 pred = model(batch["lr"]).float()
             losses = dem_loss_components(pred, batch["hr"], batch["mask"])
@@ -116,43 +121,49 @@ class DemSuperResolution:
             f"(bicubic {metric_text(row.get('val_rmse_m_bicubic'), '.2f')} m; {by_terrain})"
         )
 
-    def export_model(self, run_dir: Path, model: nn.Module) -> None:
+    def export_model(self, model: nn.Module, ctx: RunContext) -> None:
         """The checkpoint is what ``core.predict`` reads."""
 
     def checkpoint_meta(self) -> dict[str, Any]:
         """``core.predict`` sizes its windows like the training tiles."""
         return {"lr_shape": tuple(self.train_dataset[0]["lr"].shape[-2:])}
 
+    def plot_examples(self) -> list[int]:
+        """The first validation tile of each terrain."""
+        terrains = self.val_dataset.terrains
+        return [int(np.flatnonzero(terrains == t)[0]) for t in np.unique(terrains)]
+
     @torch.no_grad()
     def write_plots(
-        self, run_dir: Path, rows: list[dict], model: nn.Module, ctx: RunContext
+        self,
+        run_dir: Path,
+        rows: list[dict],
+        model: nn.Module,
+        examples: Iterable[Batch],
+        ctx: RunContext,
     ) -> None:
-        plot_loss_curves(rows, run_dir / "loss_curves.png")
         plot_terrain_rmse(rows[-1], run_dir / "terrain_rmse.png")
-        plot_hillshade_triptych(self._examples(model, ctx), run_dir / "hillshade.png")
+        plot_hillshade_triptych(self.hillshade_examples(model, examples), run_dir / "hillshade.png")
 
-    def _examples(self, model: nn.Module, ctx: RunContext) -> dict[str, tuple]:
-        """The first validation tile of each terrain, in metres: (LR, prediction, HR, cell)."""
-        examples: dict[str, tuple] = {}
-        was_training = model.training
-        model.eval()
-        for terrain_id in np.unique(self.val_dataset.terrains):
-            position = int(np.flatnonzero(self.val_dataset.terrains == terrain_id)[0])
-            sample = self.val_dataset[position]
-            batch = {
-                key: value.unsqueeze(0).to(ctx.device) if torch.is_tensor(value) else [value]
-                for key, value in sample.items()
-            }
-            ctx.plugins.call("route_batch", model=model, batch=batch, ctx=ctx)
-            pred = model(batch["lr"]).float()[0, 0]
-            mean, std = sample["mean"].item(), sample["std"].item()
-            hr = (sample["hr"][0] * std + mean).numpy()
-            hr[~sample["mask"][0].numpy()] = np.nan
-            examples[TERRAINS[terrain_id]] = (
-                (sample["lr"][0] * std + mean).numpy(),
-                (pred.cpu() * std + mean).numpy(),
+    def hillshade_examples(
+        self, model: nn.Module, examples: Iterable[Batch]
+    ) -> dict[str, tuple]:
+        """Each one-tile batch in metres: (LR, prediction, HR, cell size), by terrain."""
+        shown: dict[str, tuple] = {}
+        for batch in examples:
+            pred = model(batch["lr"]).float()[0, 0].cpu()
+            mean, std = batch["mean"][0].item(), batch["std"][0].item()
+            hr = (batch["hr"][0, 0].cpu() * std + mean).numpy()
+            hr[~batch["mask"][0, 0].cpu().numpy()] = np.nan
+            shown[TERRAINS[int(batch["terrain"][0])]] = (
+                (batch["lr"][0, 0].cpu() * std + mean).numpy(),
+                (pred * std + mean).numpy(),
                 hr,
-                tuple(sample["cell_size"].tolist()),
+                tuple(batch["cell_size"][0].tolist()),
             )
-        model.train(was_training)
-        return examples
+        return shown
+
+    def predict(self, run_dir: Path, src: Path, dst: Path, options: PredictOptions) -> None:
+        from core.tasks.dem_sr.predict import predict
+
+        predict(run_dir, src, dst, options)

@@ -31,9 +31,9 @@ from rasterio.crs import CRS
 from torch.utils.data import Dataset
 
 from core.data.cache import build_once, cache_root, read_manifest
-from core.data.dataset import SkippedFiles
+from core.data.datasets import SkippedFiles
 from core.data.geotiff import open_geotiff, require_file
-from core.data.procedural import _noise
+from core.data.noise import power_law_noise
 from core.errors import DataError
 
 SAR_BANDS = ("VV", "VH")
@@ -412,7 +412,7 @@ def _default_pair(n: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
 def _scene(rng: np.random.Generator, size: int) -> _Scene:
     """A lake fills the lowest ground, a settlement and patches of bare soil lie on the rest,
     vegetation covers what is left; canopy density and soil moisture vary smoothly."""
-    elevation = 300 + rng.uniform(2, 12) * _noise(rng, size, 4.0)  # slopes mostly < 20°
+    elevation = 300 + rng.uniform(2, 12) * power_law_noise(rng, size, 4.0)  # slopes mostly < 20°
     water_fraction = 0.0 if rng.random() < 0.3 else rng.uniform(0.05, 0.3)
     level = np.quantile(elevation, water_fraction)
     water = elevation < level
@@ -422,20 +422,20 @@ def _scene(rng: np.random.Generator, size: int) -> _Scene:
     cover = np.full((size, size), LAND_COVER.index("vegetation"), dtype=np.uint8)
     for name, where in (("water", water), ("urban", urban), ("bare", bare)):
         cover[where] = LAND_COVER.index(name)
-    density = _noise(rng, size, 3.0)
+    density = power_law_noise(rng, size, 3.0)
     canopy = np.select(
         [cover == LAND_COVER.index("vegetation"), cover == LAND_COVER.index("bare")],
         [np.clip(0.85 + 0.1 * density, 0.5, 1.0), np.clip(0.1 + 0.08 * density, 0.0, 0.3)],
         0.0,
     )
-    return _Scene(cover, canopy, _noise(rng, size, 3.0), _surface_normal(elevation))
+    return _Scene(cover, canopy, power_law_noise(rng, size, 3.0), _surface_normal(elevation))
 
 
 def _patches(
     rng: np.random.Generator, size: int, within: np.ndarray, fraction: float
 ) -> np.ndarray:
     """About ``fraction`` of the ``within`` pixels, as smooth blobs."""
-    field = _noise(rng, size, 3.5)
+    field = power_law_noise(rng, size, 3.5)
     if not within.any():
         return within
     return within & (field > np.quantile(field[within], 1.0 - fraction))
@@ -475,8 +475,8 @@ def _optical(rng: np.random.Generator, scene: _Scene) -> np.ndarray:
     wetness = np.clip(1 - 0.12 * scene.moisture, 0.6, 1.3)
     soil = np.array(_REFLECTANCE_DN["bare"])[:, None, None] * wetness
     reflectance = _mix_canopy(scene, _REFLECTANCE_DN, soil)
-    reflectance *= 1 + 0.04 * _noise(rng, size, 2.0)
-    reflectance *= np.where(scene.where("urban"), 1 + 0.15 * _noise(rng, size, 1.0), 1.0)
+    reflectance *= 1 + 0.04 * power_law_noise(rng, size, 2.0)
+    reflectance *= np.where(scene.where("urban"), 1 + 0.15 * power_law_noise(rng, size, 1.0), 1.0)
     sun = _towards(rng.uniform(135, 170), rng.uniform(30, 55))
     hillshade = np.einsum("c,chw->hw", sun, scene.normal) / sun[2]
     illumination = np.where(scene.where("water"), 1.0, np.clip(hillshade, 0.15, None))
@@ -492,7 +492,7 @@ def _sar(rng: np.random.Generator, scene: _Scene) -> np.ndarray:
     wetness = 10 ** (2.0 * scene.moisture / 10)  # +-2 dB
     soil = _BACKSCATTER_POWER["bare"][:, None, None] * wetness
     power = _mix_canopy(scene, _BACKSCATTER_POWER, soil)
-    roughness_db = np.where(scene.where("urban"), 3.0, 1.0) * _noise(rng, size, 2.0)
+    roughness_db = np.where(scene.where("urban"), 3.0, 1.0) * power_law_noise(rng, size, 2.0)
     power *= 10 ** (roughness_db / 10)
     incidence = rng.uniform(31, 45)  # Sentinel-1 IW swath
     look = 80.0 if rng.random() < 0.5 else 280.0  # right-looking, ascending or descending

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from core.data.sar2opt import OPTICAL_BANDS
+from core.tasks.sar2opt.data import OPTICAL_BANDS
 
 RED, NIR = OPTICAL_BANDS.index("B04"), OPTICAL_BANDS.index("B08")
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from core.errors import ConfigError
-from core.models.terratorch_import import import_terratorch
+from core.tasks.sar2opt.terratorch_import import import_terratorch
 
 SIZES = ("tiny", "small", "base", "large")
 SAR = "untok_sen1grd@224"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -20,12 +21,16 @@ from tqdm import tqdm
 
 from core.config import Config
 from core.context import RunContext
-from core.data.bigearthnet import ensure_bigearthnet_pairs
-from core.data.dataset import train_val_split
-from core.data.sar2opt import OPTICAL_BANDS, TERRAMIND_V1, PairDataset, ensure_default_pairs
+from core.data.datasets import train_val_split
 from core.errors import UsageError
 from core.keyed_cache import cached_rows, fingerprint
-from core.models.terramind import (
+from core.tasks import Batch, PredictOptions, ReportMetric, metric_text
+from core.tasks.sar2opt import metrics
+from core.tasks.sar2opt.bigearthnet import ensure_bigearthnet_pairs
+from core.tasks.sar2opt.config import NoLossSection, TerraMindSection
+from core.tasks.sar2opt.data import OPTICAL_BANDS, TERRAMIND_V1, PairDataset, ensure_default_pairs
+from core.tasks.sar2opt.plots import plot_sar_optical
+from core.tasks.sar2opt.terramind import (
     FROZEN_DTYPES,
     TerraMindSarToOptical,
     build_terramind,
@@ -33,11 +38,7 @@ from core.models.terramind import (
     hold_frozen_weights,
     seeded,
 )
-from core.plots import plot_loss_curves, plot_sar_optical
-from core.tasks import ReportMetric, metric_text
-from core.tasks import sar2opt_metrics as metrics
 
-Batch = dict[str, Any]
 GENERATORS = ("teacher_forcing", "straight_through", "reinforce", "refiner", "encoder_only")
 REFLECTANCE_SCALE = 10_000.0
 """S2 L2A digital numbers per unit reflectance; metrics compare reflectances in [0, 1]."""
@@ -68,21 +69,23 @@ class SarToOptical:
     train_tokens: np.ndarray | None = None
     val_tokens: np.ndarray | None = None
 
-    def __init__(self) -> None:
-        self.ceilings: dict[int, dict[str, float]] = {}
-        """The tokenizer's ceiling per number of diffusion steps: decode(tokenize(target))
-        scored against the target, the best any token prediction can reach."""
     report_metrics = (
         ReportMetric("val_l1", "val L1 (reflectance)"),
         ReportMetric("val_psnr", "val PSNR (dB)", higher_is_better=True),
         ReportMetric("val_ssim", "val SSIM", higher_is_better=True),
     )
     reference_name = ""
+    sections = MappingProxyType({"model": TerraMindSection, "loss": NoLossSection})
+
+    def __init__(self) -> None:
+        self.skipped: list[tuple[str, str]] = []
+        self.ceilings: dict[int, dict[str, float]] = {}
+        """The tokenizer's ceiling per number of diffusion steps: decode(tokenize(target))
+        scored against the target, the best any token prediction can reach."""
 
     def build_datasets(self, config: Config, ctx: RunContext) -> tuple[PairDataset, PairDataset]:
         if ctx.plugins.provider("training_forward") is None:
             raise UsageError(NO_GENERATOR)
-        self.ctx = ctx
         data = config.data
         if data.dir:
             dataset = PairDataset.from_folder(Path(data.dir), TERRAMIND_V1, strict=data.strict)
@@ -139,13 +142,14 @@ class SarToOptical:
         what: str,
         weights: nn.Module,
         tiles: str,
+        config: Config,
         dataset: PairDataset | None = None,
         **settings: Any,
     ) -> dict:
         """The key of a per-tile cache made by ``weights`` from the ``tiles`` (``"sar"`` or
         ``"optical"``) of ``dataset`` (default: training): model, weight and tile
         fingerprints, ``settings``."""
-        model = self.ctx.config.model
+        model = config.model
         return {
             "what": what,
             "model": f"terramind_v1_{model.terramind}",
@@ -160,36 +164,43 @@ class SarToOptical:
         name: str,
         key: dict,
         compute: Callable[[np.ndarray], torch.Tensor],
+        ctx: RunContext,
         dataset: PairDataset | None = None,
     ) -> np.ndarray:
         """``compute`` over every tile of ``dataset`` (default: training), kept
         memory-mapped in ``cache/<name>.npy`` of the run folder and recomputed whenever
         ``key`` changes."""
-        path = self.ctx.run_dir / "cache" / f"{name}.npy"
+        path = ctx.run_dir / "cache" / f"{name}.npy"
         rows = len(self.train_dataset if dataset is None else dataset)
-        return cached_rows(path, key, rows, compute, self.ctx.accelerator)
+        return cached_rows(path, key, rows, compute, ctx.accelerator)
 
-    def prepare_target_tokens(self, terramind: TerraMindSarToOptical) -> None:
+    def prepare_target_tokens(self, terramind: TerraMindSarToOptical, ctx: RunContext) -> None:
         """Tokenize every training target once, for the plugins that read target tokens.
 
         Keyed by the tokenizer's weights, so a run re-started with another model size or
         with pretrained weights never reads the tokens of another tokenizer. The validation
         targets are tokenized now too, after which nothing runs the tokenizer's encoder.
         """
-        self.train_tokens = self.cached_tokens(terramind, self.train_dataset, "target_tokens")
-        self.prepare_validation_tokens(terramind)
+        self.train_tokens = self.cached_tokens(
+            terramind, self.train_dataset, "target_tokens", ctx
+        )
+        self.prepare_validation_tokens(terramind, ctx)
 
-    def prepare_validation_tokens(self, terramind: TerraMindSarToOptical) -> None:
+    def prepare_validation_tokens(
+        self, terramind: TerraMindSarToOptical, ctx: RunContext
+    ) -> None:
         """Tokenize every validation target once (token scores and the ceiling read them),
         then park the tokenizer's encoder on the CPU, off the training device."""
-        self.val_tokens = self.cached_tokens(terramind, self.val_dataset, "val_target_tokens")
+        self.val_tokens = self.cached_tokens(
+            terramind, self.val_dataset, "val_target_tokens", ctx
+        )
         terramind.park_tokenizer_encoder()
 
     def cached_tokens(
-        self, terramind: TerraMindSarToOptical, dataset: PairDataset, name: str
+        self, terramind: TerraMindSarToOptical, dataset: PairDataset, name: str, ctx: RunContext
     ) -> np.ndarray:
         """``[N, T]`` token ids of ``dataset``'s targets, cached per tile as ``name``."""
-        device = self.ctx.device
+        device = ctx.device
 
         def tokenize(indices: np.ndarray) -> torch.Tensor:
             chunks = np.array_split(indices, max(1, len(indices) // 16))
@@ -202,13 +213,13 @@ class SarToOptical:
                         chunks,
                         desc="tokenizing targets",
                         leave=False,
-                        disable=len(indices) < 64 or not self.ctx.accelerator.is_main_process,
+                        disable=len(indices) < 64 or not ctx.accelerator.is_main_process,
                     )
                 ]
             )
 
-        key = self.cache_key(name, terramind.tokenizer, "optical", dataset)
-        return self.cached_per_tile(name, key, tokenize, dataset)
+        key = self.cache_key(name, terramind.tokenizer, "optical", ctx.config, dataset)
+        return self.cached_per_tile(name, key, tokenize, ctx, dataset)
 
     def target_tokens(self, batch: Batch) -> torch.Tensor:
         """``[B, T]`` cached token ids of a training batch's targets, on its device."""
@@ -226,7 +237,7 @@ class SarToOptical:
         logits, and the tokenizer's ceiling, tile by tile with a seed per tile: the same
         whatever the batch size or number of processes."""
         if self.val_tokens is None:  # plugins that read no target tokens: at the first epoch
-            self.prepare_validation_tokens(getattr(model, "terramind_generator", model))
+            self.prepare_validation_tokens(getattr(model, "terramind_generator", model), ctx)
         steps = validation_steps(ctx.config, ctx.epoch)
         with_ceiling = steps not in self.ceilings
         sums = {
@@ -238,7 +249,6 @@ class SarToOptical:
             for name in self.score_names(with_ceiling)
         }  # a process without tiles still joins the reduction with zeros
         for batch in batches:
-            ctx.plugins.call("route_batch", model=model, batch=batch, ctx=ctx)
             for i in range(len(batch["idx"])):
                 tile = {key: value[i : i + 1] for key, value in batch.items()}
                 for name, value in self.tile_scores(model, tile, steps, with_ceiling, ctx):
@@ -317,36 +327,45 @@ class SarToOptical:
             f"(ceiling: L1 {metric_text(row.get('val_ceiling_l1'), '.4f')})"
         )
 
-    def export_model(self, run_dir: Path, model: nn.Module) -> None:
+    def export_model(self, model: nn.Module, ctx: RunContext) -> None:
         """The LoRA adapters in peft's format in ``RUN_DIR/adapters`` (none for the refiner,
         whose TerraMind is frozen)."""
-        from core.models.terramind_adapters import ADAPTERS, has_adapters, save_adapters
+        from core.tasks.sar2opt.adapters import ADAPTERS, has_adapters, save_adapters
 
         terramind = getattr(model, "terramind_generator", model)
         if has_adapters(terramind) and not hasattr(model, "refiner"):
-            save_adapters(terramind, self.ctx.config, run_dir / ADAPTERS)
+            save_adapters(terramind, ctx.config, ctx.run_dir / ADAPTERS)
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {}
 
+    def plot_examples(self) -> list[int]:
+        """The first four validation pairs."""
+        return list(range(min(4, len(self.val_dataset))))
+
     @torch.no_grad()
     def write_plots(
-        self, run_dir: Path, rows: list[dict], model: nn.Module, ctx: RunContext
+        self,
+        run_dir: Path,
+        rows: list[dict],
+        model: nn.Module,
+        examples: Iterable[Batch],
+        ctx: RunContext,
     ) -> None:
-        plot_loss_curves(rows, run_dir / "loss_curves.png")
-        count = min(4, len(self.val_dataset))
-        samples = [self.val_dataset[i] for i in range(count)]
-        sar = torch.stack([s["sar"] for s in samples]).to(ctx.device)
-        seed = ctx.config.run.seed
-        generated = torch.cat(
-            [
-                model.generate(sar[i : i + 1], ctx.config.model.diffusion_steps, seed + i)
-                for i in range(count)
-            ]
-        )
+        sar, generated, target = [], [], []
+        steps, seed = ctx.config.model.diffusion_steps, ctx.config.run.seed
+        for i, batch in enumerate(examples):  # a seed per position: the same every epoch
+            generated.append(model.generate(batch["sar"], steps, seed + i))
+            sar.append(batch["sar"])
+            target.append(batch["optical"])
         plot_sar_optical(
-            sar.cpu().numpy(),
-            self.reflectance(generated).cpu().numpy(),
-            self.reflectance(torch.stack([s["optical"] for s in samples])).numpy(),
+            torch.cat(sar).cpu().numpy(),
+            self.reflectance(torch.cat(generated)).cpu().numpy(),
+            self.reflectance(torch.cat(target).cpu()).numpy(),
             run_dir / "sar_generated_target.png",
         )
+
+    def predict(self, run_dir: Path, src: Path, dst: Path, options: PredictOptions) -> None:
+        from core.tasks.sar2opt.predict import predict
+
+        predict(run_dir, src, dst, options)

@@ -8,9 +8,7 @@ rather than in a worker mid-epoch, and terrain labels are known without touching
 
 from __future__ import annotations
 
-import warnings
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,10 +18,11 @@ import torch
 from torch.utils.data import Dataset
 
 from core.config import DataSection
+from core.data.datasets import SkippedFiles, train_val_split
 from core.data.geotiff import read_dem
-from core.data.labels import label_tile
 from core.errors import DataError
-from core.terrain import terrain_index
+from core.tasks.dem_sr.data.labels import label_tile
+from core.tasks.dem_sr.terrain import terrain_index
 
 T = TypeVar("T", bound=tuple)
 
@@ -41,39 +40,6 @@ class _Tiles:
     terrains: np.ndarray  # [N] int64
     tile_ids: list[str]
     paths: list[Path]
-
-
-class SkippedFiles:
-    """Bad input files: with ``strict`` the first raises; otherwise each is skipped with a
-    warning and listed in ``entries`` as ``(path, reason)`` (the run's ``summary.json``)."""
-
-    def __init__(self, strict: bool) -> None:
-        self.strict = strict
-        self.entries: list[tuple[str, str]] = []
-
-    def add(self, path: Path, error: DataError) -> None:
-        if self.strict:
-            raise error
-        warnings.warn(f"skipping {error}", stacklevel=3)
-        self.entries.append((str(path), str(error)))
-
-    def keep_common_shape(self, loaded: list[T], shape_of: Callable[[T], tuple]) -> list[T]:
-        """The items of the most common shape; the others are bad input (``item[0]`` is the
-        path): one dataset stacks one tile shape."""
-        common = Counter(shape_of(item) for item in loaded).most_common(1)[0][0]
-        kept = []
-        for item in loaded:
-            if shape_of(item) != common:
-                self.add(
-                    item[0],
-                    DataError(
-                        f"{item[0]}: shape {shape_of(item)} differs from {common} of most "
-                        "files; one dataset needs one tile shape"
-                    ),
-                )
-            else:
-                kept.append(item)
-        return kept
 
 
 class TileDataset(Dataset):
@@ -176,29 +142,6 @@ def normalisation(lr: np.ndarray) -> tuple[float, float]:
     if not valid.any():
         return 0.0, MIN_STD_M
     return float(lr[valid].mean()), max(float(lr[valid].std()), MIN_STD_M)
-
-
-def train_val_split(
-    dataset: TileDataset, val_fraction: float, seed: int
-) -> tuple[TileDataset, TileDataset]:
-    """Split per terrain so validation covers every terrain with at least two tiles.
-
-    Each terrain gives ``round(val_fraction * n)`` tiles to validation, at least one and at
-    most ``n - 1``; a terrain with a single tile keeps it for training. Same seed, same split.
-    """
-    if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    rng = np.random.default_rng(seed)
-    val: list[int] = []
-    for terrain in np.unique(dataset.terrains):
-        members = np.flatnonzero(dataset.terrains == terrain)
-        if len(members) < 2:
-            continue
-        n_val = min(max(round(val_fraction * len(members)), 1), len(members) - 1)
-        val.extend(rng.permutation(members)[:n_val].tolist())
-    is_val = np.zeros(len(dataset), dtype=bool)
-    is_val[val] = True
-    return dataset.subset(np.flatnonzero(~is_val)), dataset.subset(np.flatnonzero(is_val))
 
 
 def load_split(folder: Path, data: DataSection, seed: int) -> tuple[TileDataset, TileDataset]:

@@ -1,0 +1,223 @@
+"""The experiment report's plots: curves and final errors per arm, and per-step losses with
+their spikes marked."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from os import PathLike
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from core.plots import domain_order, log_if_positive, run_step_losses, save
+from core.spikes import spike_steps
+from core.tasks import ReportMetric
+
+
+def _mean_band(curves: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per position: mean and sample std over the curves that reach it (NaN-aware)."""
+    length = max(len(curve) for curve in curves)
+    table = np.full((len(curves), length), np.nan)
+    for i, curve in enumerate(curves):
+        table[i, : len(curve)] = curve
+    counts = np.sum(np.isfinite(table), axis=0)
+    mean = np.nanmean(table, axis=0)
+    centred = np.where(np.isfinite(table), table - mean, 0.0)
+    std = np.sqrt(np.sum(centred**2, axis=0) / np.maximum(counts - 1, 1))
+    return np.arange(1, length + 1), mean, std
+
+
+ArmRuns = Mapping[str, Mapping[int, Sequence[Mapping[str, Any]]]]
+"""arm name -> seed -> that run's ``metrics.jsonl`` rows."""
+
+
+def _curve(rows: Sequence[Mapping[str, Any]], key: str) -> list[float]:
+    return [float(row[key]) if row.get(key) is not None else math.nan for row in rows]
+
+
+def plot_loss_curves_by_arm(
+    runs: ArmRuns, path: str | PathLike[str], baseline: str | None = None
+) -> None:
+    """Train loss, val loss and val RMSE per epoch for each arm: the mean over seeds with a
+    band of ± one std. The seed also picks the validation tiles, so that band holds the
+    split's spread too; with a ``baseline`` a second row shows each arm's change in % against
+    the baseline run with the same seed, where only the arm's own effect and noise remain."""
+    panels = (
+        ("train_loss", "train loss"),
+        ("val_loss", "val loss"),
+        ("val_rmse_m", "val RMSE (m)"),
+    )
+    present = {key for seeds in runs.values() for rows in seeds.values() for r in rows for key in r}
+    panels = tuple(panel for panel in panels if panel[0] in present) or panels[:2]
+    paired = baseline in runs
+    fig = Figure(figsize=(15, 8.5 if paired else 4.4), layout="constrained")
+    axes = fig.subplots(2 if paired else 1, len(panels), squeeze=False)
+    for column, (key, title) in enumerate(panels):
+        for i, (arm, seeds) in enumerate(runs.items()):
+            curves = [_curve(rows, key) for rows in seeds.values()]
+            if not curves:
+                continue
+            epochs, mean, std = _mean_band(curves)
+            ax = axes[0][column]
+            ax.plot(epochs, mean, "-o", ms=3, color=f"C{i}", label=f"{arm} ({len(curves)})")
+            ax.fill_between(epochs, mean - std, mean + std, color=f"C{i}", alpha=0.15, lw=0)
+            if not paired or arm == baseline:
+                continue
+            base = {seed: np.array(_curve(rows, key)) for seed, rows in runs[baseline].items()}
+            changes = []
+            for seed, curve in zip(seeds, curves, strict=True):
+                if seed in base:
+                    length = min(len(curve), len(base[seed]))
+                    changes.append(list(np.array(curve[:length]) / base[seed][:length] * 100 - 100))
+            if changes:
+                epochs, mean, std = _mean_band(changes)
+                ax = axes[1][column]
+                ax.plot(epochs, mean, "-o", ms=3, color=f"C{i}")
+                ax.fill_between(epochs, mean - std, mean + std, color=f"C{i}", alpha=0.15, lw=0)
+        axes[0][column].set_title(f"{title}, mean ± std over seeds")
+        if paired:
+            axes[1][column].axhline(0, color="k", lw=0.8)
+            axes[1][column].set_title(f"{title}: % change vs {baseline}, same seed")
+    for ax in axes.flat:
+        ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+    if runs:
+        axes[0][0].legend(fontsize=7, title="arm (seeds)", title_fontsize=7)
+    save(fig, path)
+
+
+def plot_domain_metrics_by_arm(
+    runs: ArmRuns,
+    path: str | PathLike[str],
+    metrics: Sequence[ReportMetric],
+    domains: Sequence[str],
+    reference_name: str = "",
+    baseline: str | None = None,
+) -> None:
+    """Grouped bars per domain (dem_sr: terrain) of each ``by_domain`` task metric's final
+    value, mean over seeds with ± std error bars; with a ``baseline`` a second row shows each
+    arm's change in % against the baseline with the same seed (same validation tiles), whose
+    error bars are the std of those paired changes. The task's reference (dem_sr: bicubic)
+    joins a metric's panel when the rows carry its ``<reference>_by_terrain``."""
+    keys = tuple(
+        (
+            f"{metric.key}_by_terrain",
+            f"{metric.reference}_by_terrain" if metric.reference else None,
+            metric.label,
+        )
+        for metric in metrics
+        if metric.by_domain
+    )
+    finals = {
+        arm: {seed: rows[-1] for seed, rows in seeds.items() if rows} for arm, seeds in runs.items()
+    }
+    finals = {arm: seeds for arm, seeds in finals.items() if seeds}
+    paired = baseline in finals
+    fig = Figure(figsize=(7 * len(keys), 8.5 if paired else 4.5), layout="constrained")
+    axes = fig.subplots(2 if paired else 1, len(keys), squeeze=False)
+    seen = [
+        name
+        for seeds in finals.values()
+        for row in seeds.values()
+        for key, _, _ in keys
+        for name in row.get(key) or {}
+    ]
+    names = domain_order(seen, domains)
+    x = np.arange(len(names))
+
+    def values(rows: Mapping[int, Mapping[str, Any]], key: str) -> dict[int, list[float]]:
+        return {
+            seed: [float((row.get(key) or {}).get(name, math.nan)) for name in names]
+            for seed, row in rows.items()
+        }
+
+    for column, (key, reference_key, title) in enumerate(keys):
+        groups = {arm: values(seeds, key) for arm, seeds in finals.items()}
+        if reference_key and any(
+            reference_key in row for s in finals.values() for row in s.values()
+        ):
+            first = next(iter(finals.values()))
+            groups[reference_name or "reference"] = values(first, reference_key)
+        width = 0.8 / max(1, len(groups))
+        rows_of_axes = [(axes[0][column], False)] + ([(axes[1][column], True)] if paired else [])
+        for ax, relative in rows_of_axes:
+            for i, (arm, per_seed) in enumerate(groups.items()):
+                if relative and arm == baseline:
+                    continue
+                if relative:
+                    base = values(finals[baseline], key)
+                    seeds = [s for s in per_seed if s in base]
+                    table = np.array(
+                        [np.array(per_seed[s]) / np.array(base[s]) * 100 - 100 for s in seeds]
+                    )
+                else:
+                    table = np.array(list(per_seed.values()))
+                if table.size == 0:
+                    continue
+                mean = np.nanmean(table, axis=0)
+                std = np.nanstd(table, axis=0, ddof=1) if len(table) > 1 else np.zeros_like(mean)
+                reference = arm not in finals
+                hatch = "//" if reference else None
+                color = "0.6" if reference else f"C{i}"
+                offset = (i - (len(groups) - 1) / 2) * width
+                ax.bar(
+                    x + offset,
+                    mean,
+                    width,
+                    yerr=std,
+                    capsize=2,
+                    color=color,
+                    hatch=hatch,
+                    label=arm,
+                    error_kw={"lw": 0.8},
+                )
+            ax.set_xticks(x, names)
+            ax.grid(axis="y", alpha=0.3)
+            if relative:
+                ax.axhline(0, color="k", lw=0.8)
+                ax.set_title(f"{title}: change vs {baseline} with the same seed (%)")
+            else:
+                ax.set_yscale("log")
+                ax.set_title(f"final {title}, mean ± std over seeds")
+    if finals:  # outside the axes: with many arms a legend inside hides bars
+        fig.legend(*axes[0][0].get_legend_handles_labels(), loc="outside right upper", fontsize=7)
+    save(fig, path)
+
+
+def step_loss_figure(runs: ArmRuns) -> Figure:
+    """One panel per arm: each seed's training loss per optimizer step, and red crosses on the
+    steps ``core.spikes.spike_steps`` calls spikes, the definition behind the trainer's
+    ``loss_spikes`` (a non-finite spike sits at the top of its seed's curve)."""
+    arms = [arm for arm, seeds in runs.items() if seeds]
+    fig = Figure(figsize=(12, 1.2 + 2.2 * max(1, len(arms))), layout="constrained")
+    axes = fig.subplots(max(1, len(arms)), 1, squeeze=False)[:, 0]
+    for ax, arm in zip(axes, arms, strict=False):
+        count, finite_losses = 0, []
+        for i, (seed, rows) in enumerate(runs[arm].items()):
+            losses = np.array(run_step_losses(rows))
+            if not losses.size:
+                continue
+            finite = losses[np.isfinite(losses)]
+            finite_losses.extend(finite.tolist())
+            spikes = np.array(spike_steps(losses.tolist()), dtype=int)
+            count += len(spikes)
+            top = finite.max() if finite.size else 1.0
+            steps = np.arange(1, len(losses) + 1)
+            ax.plot(steps, losses, lw=0.7, color=f"C{i}", label=f"seed {seed}")
+            heights = np.where(np.isfinite(losses[spikes]), losses[spikes], top)
+            ax.scatter(steps[spikes], heights, marker="x", s=30, color="red", zorder=3)
+        log_if_positive(ax, finite_losses)
+        ax.set_title(f"{arm}: {count} loss spikes (red ×) over {len(runs[arm])} seeds", fontsize=9)
+        ax.set_ylabel("train loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right")
+    axes[-1].set_xlabel("optimizer step")
+    return fig
+
+
+def plot_step_losses_by_arm(runs: ArmRuns, path: str | PathLike[str]) -> None:
+    """``step_loss_figure`` written to ``path``: the spikes behind the counts, visible."""
+    save(step_loss_figure(runs), path)

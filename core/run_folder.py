@@ -1,0 +1,17 @@
+"""The names of the files in a run folder (DESIGN.md §3), spelled once.
+
+::
+
+    RUN_DIR/config.toml      the resolved config; --config it to repeat the run
+    RUN_DIR/metrics.jsonl    one JSON object per epoch
+    RUN_DIR/checkpoint.pt    the last checkpoint (weights-only, see docs/safety.md)
+    RUN_DIR/summary.json     written when the run finishes
+    RUN_DIR/interrupted.json written when a signal stopped it: how to resume
+    RUN_DIR/*.png            plots
+"""
+
+CONFIG = "config.toml"
+METRICS = "metrics.jsonl"
+CHECKPOINT = "checkpoint.pt"
+SUMMARY = "summary.json"
+INTERRUPTED = "interrupted.json"
