@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--plugins", help="plugins to activate, in this order: a,b,c")
     parser.add_argument("--list-plugins", action="store_true", help="list plugins and exit")
-    parser.add_argument("--task", help="dem_sr (default)")
+    parser.add_argument(
+        "--task", help="dem_sr (default), sar2opt, or a task an installed distribution adds"
+    )
     parser.add_argument("--config", type=Path, help="a TOML config file")
     parser.add_argument(
         "--set",

@@ -71,3 +71,35 @@ def test_resolved_config_round_trips(tmp_path: Path):
     config = load_config(None, ["run.plugins=['x', 'y']", "plugins.x.scales={edge=2.0}"])
     dump_config(config, tmp_path / "config.toml")
     assert load_config(tmp_path / "config.toml") == config
+
+
+@pytest.mark.parametrize(
+    ("task", "key", "section"),
+    [
+        ("sar2opt", "model.preset='small'", "TerraMindSection"),  # an RCAN key
+        ("dem_sr", "model.lora_rank=4", "RcanSection"),  # a TerraMind key
+        ("sar2opt", "loss.edge=0.3", "NoLossSection"),  # a dem_sr loss weight
+    ],
+)
+def test_model_and_loss_are_the_tasks_own_sections(task: str, key: str, section: str):
+    """Each task declares its [model] and [loss]; another task's keys are refused by name."""
+    config = load_config(None, [f"run.task='{task}'"])
+    assert type(config.model).__name__ == section or type(config.loss).__name__ == section
+    name = key.partition("=")[0]
+    section_name, _, field = name.partition(".")
+    expected = rf"extra fields found \({field}\) @ config\.{section_name}"
+    with pytest.raises(ConfigError, match=expected):
+        load_config(None, [f"run.task='{task}'", key])
+
+
+def test_the_resolved_file_holds_the_tasks_sections(tmp_path: Path):
+    config = load_config(None, ["run.task='sar2opt'", "model.lora_rank=4"])
+    dump_config(config, tmp_path / "config.toml")
+    again = load_config(tmp_path / "config.toml")
+    assert again == config and again.model.lora_rank == 4
+    assert "preset" not in (tmp_path / "config.toml").read_text()
+
+
+def test_an_unknown_task_is_named():
+    with pytest.raises(ConfigError, match=r"run\.task: unknown task 'nosuch'; available: dem_sr"):
+        load_config(None, ["run.task='nosuch'"])

@@ -187,7 +187,9 @@ REFUSED = "not a readable GeoTIFF"
 
 
 @pytest.mark.parametrize("kind", DISGUISES)
-def test_another_format_named_tif_is_refused_naming_it(kind, tmp_path, outside, capsys) -> None:
+def test_another_format_named_tif_is_refused_naming_it(
+    kind, run_dir, tmp_path, outside, capsys
+) -> None:
     with rasterio.open(DISGUISES[kind](tmp_path / "probe.tif", outside)) as ds:
         assert ds.read(1).size, "GDAL itself reads the disguised file, or this proves nothing"
 
@@ -198,7 +200,7 @@ def test_another_format_named_tif_is_refused_naming_it(kind, tmp_path, outside, 
     assert f"{bad_tile}: {REFUSED}" in capsys.readouterr().err
 
     bad_input = DISGUISES[kind](tmp_path / "in.tif", outside)
-    args = ["--checkpoint", str(tmp_path / "no_run"), str(bad_input), str(tmp_path / "o.tif")]
+    args = ["--checkpoint", str(run_dir), str(bad_input), str(tmp_path / "o.tif")]
     assert predict_main(args) == 2
     assert f"{bad_input}: {REFUSED}" in capsys.readouterr().err
 

@@ -118,6 +118,32 @@ def test_predict_turns_a_sentinel1_scene_into_a_georeferenced_sentinel2_geotiff(
     assert not list(tmp_path.glob("*.partial"))
 
 
+def test_predict_reads_a_geotiff_only(run_dir: Path, tmp_path: Path, capsys) -> None:
+    """A VRT named .tif that reads a 2-band scene from elsewhere is refused by name, as every
+    input is (docs/safety.md): GDAL would otherwise follow it to any path or URL."""
+    from core.predict import main
+
+    secret = tmp_path / "elsewhere" / "secret.tif"
+    secret.parent.mkdir()
+    write_s1_scene(secret, 32, 32)
+    disguised = tmp_path / "s1.tif"
+    bands = "".join(
+        f'<VRTRasterBand dataType="Float32" band="{band}"><SimpleSource>'
+        f'<SourceFilename relativeToVRT="0">{secret}</SourceFilename>'
+        f"<SourceBand>{band}</SourceBand></SimpleSource></VRTRasterBand>"
+        for band in (1, 2)
+    )
+    disguised.write_text(
+        f'<VRTDataset rasterXSize="32" rasterYSize="32"><SRS>EPSG:32632</SRS>{bands}</VRTDataset>'
+    )
+    with rasterio.open(disguised) as ds:
+        assert ds.count == 2, "GDAL itself reads the disguised file, or this proves nothing"
+    output = tmp_path / "s2.tif"
+    assert main(["--checkpoint", str(run_dir), str(disguised), str(output)]) == 2
+    assert f"{disguised}: not a readable GeoTIFF" in capsys.readouterr().err
+    assert not output.exists()
+
+
 def test_predict_refuses_a_one_band_raster_naming_it(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -228,6 +228,38 @@ def _within_lon(lon: float, area: AreaOfUse, margin: float) -> bool:
     return lon >= area.west - margin or lon <= area.east + margin
 
 
+def geotiff_profile(
+    height: int,
+    width: int,
+    count: int,
+    dtype: str,
+    crs: CRS | str | None,
+    transform: Affine,
+    nodata: float | None = None,
+) -> dict[str, Any]:
+    """The profile of every GeoTIFF terraplug writes: tiled in blocks of up to 256 pixels
+    (a multiple of 16, as GeoTIFF requires), deflate with the predictor that suits the
+    dtype, BigTIFF when a raster might pass 4 GB."""
+    block = 16 * math.ceil(min(256, max(height, width)) / 16)
+    floating = np.issubdtype(np.dtype(dtype), np.floating)
+    return {
+        "driver": "GTiff",
+        "height": height,
+        "width": width,
+        "count": count,
+        "dtype": dtype,
+        "crs": crs,
+        "transform": transform,
+        "nodata": nodata,
+        "tiled": True,
+        "blockxsize": block,
+        "blockysize": block,
+        "compress": "deflate",
+        "predictor": 3 if floating else 2,
+        "BIGTIFF": "IF_SAFER",
+    }
+
+
 def write_dem(
     path: Path | str,
     elevation: np.ndarray,
@@ -249,23 +281,7 @@ def write_dem(
         raise ValueError(f"{path}: NaN pixels need a nodata value to be stored as {dtype}")
     if np.issubdtype(np.dtype(dtype), np.integer):
         data = np.rint(data)
-    height, width = data.shape
-    block = 16 * math.ceil(min(256, max(height, width)) / 16)
-    profile = {
-        "driver": "GTiff",
-        "height": height,
-        "width": width,
-        "count": 1,
-        "dtype": dtype,
-        "crs": crs,
-        "transform": transform,
-        "nodata": nodata,
-        "tiled": True,
-        "blockxsize": block,
-        "blockysize": block,
-        "compress": "deflate",
-        "predictor": 3 if np.issubdtype(np.dtype(dtype), np.floating) else 2,
-    }
+    profile = geotiff_profile(*data.shape, 1, dtype, crs, transform, nodata)
     path.parent.mkdir(parents=True, exist_ok=True)
     with rasterio.open(path, "w", **profile) as ds:
         ds.write(data.astype(dtype), 1)

@@ -10,7 +10,6 @@ the raster. Voids stay voids: an output pixel is nodata where its source pixel i
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
-from core.data.geotiff import mask_implausible, open_dem
+from core.data.geotiff import geotiff_profile, mask_implausible, open_dem
 from core.data.windows import taper, window_starts
 from core.errors import DataError, UsageError
 from core.inference import TrainedRun
@@ -110,17 +109,12 @@ class Predictor:
     def _profile(self, src: rasterio.DatasetReader, nodata: float) -> dict:
         """Float32 (super-resolved elevations are fractional), the input's CRS and nodata."""
         s = self.scale
-        height, width = src.height * s, src.width * s
-        block = 16 * math.ceil(min(256, max(height, width)) / 16)
-        return {
-            "driver": "GTiff", "height": height, "width": width, "count": 1,
-            "dtype": "float32", "crs": src.crs, "nodata": nodata,
-            # output pixel (col, row) is input pixel (col / s, row / s): the input's bounds at
-            # 1/s of its cell size, whether the CRS counts in degrees or in metres
-            "transform": src.transform @ Affine.scale(1 / s),
-            "tiled": True, "blockxsize": block, "blockysize": block,
-            "compress": "deflate", "predictor": 3, "BIGTIFF": "IF_SAFER",
-        }  # fmt: skip
+        # output pixel (col, row) is input pixel (col / s, row / s): the input's bounds at
+        # 1/s of its cell size, whether the CRS counts in degrees or in metres
+        transform = src.transform @ Affine.scale(1 / s)
+        return geotiff_profile(
+            src.height * s, src.width * s, 1, "float32", src.crs, transform, nodata
+        )
 
     def _stream(
         self,

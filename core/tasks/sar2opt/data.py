@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from core.data.cache import build_once, cache_root, read_manifest
 from core.data.datasets import SkippedFiles
-from core.data.geotiff import open_geotiff, require_file
+from core.data.geotiff import geotiff_profile, open_geotiff, require_file
 from core.data.noise import power_law_noise
 from core.errors import DataError
 
@@ -524,22 +524,7 @@ def write_bands(
 ) -> None:
     """A tiled, deflate-compressed multi-band GeoTIFF with named bands."""
     count, height, width = data.shape
-    block = 16 * math.ceil(min(256, max(height, width)) / 16)
-    floating = np.issubdtype(data.dtype, np.floating)
-    profile = {
-        "driver": "GTiff",
-        "height": height,
-        "width": width,
-        "count": count,
-        "dtype": data.dtype.name,
-        "crs": crs,
-        "transform": transform,
-        "tiled": True,
-        "blockxsize": block,
-        "blockysize": block,
-        "compress": "deflate",
-        "predictor": 3 if floating else 2,
-    }
+    profile = geotiff_profile(height, width, count, data.dtype.name, crs, transform)
     path.parent.mkdir(parents=True, exist_ok=True)
     with rasterio.open(path, "w", **profile) as ds:
         ds.write(data)

@@ -11,6 +11,8 @@ output holds L2A digital numbers as the products do (uint16, reflectance x 10,00
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,7 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
+from core.data.geotiff import geotiff_profile, open_geotiff, require_file
 from core.data.windows import taper, window_starts
 from core.errors import DataError, UsageError
 from core.safe_io import replaced_when_done
@@ -34,21 +37,18 @@ MULTIPLE = 32
 NODATA = 0
 
 
-def open_sar(path: Path) -> rasterio.DatasetReader:
-    """A georeferenced 2-band (VV, VH) raster; every problem is a DataError naming it."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    try:
-        src = rasterio.open(path)
-    except RasterioError as error:
-        raise DataError(f"{path}: not a readable GeoTIFF: {error}") from None
-    if src.count != len(SAR_BANDS) or src.crs is None:
-        src.close()
-        raise DataError(
-            f"{path}: needs {len(SAR_BANDS)} bands ({', '.join(SAR_BANDS)} in dB) and a CRS; "
-            f"has {src.count} band(s), CRS {src.crs}"
-        )
-    return src
+@contextlib.contextmanager
+def open_sar(path: Path) -> Iterator[rasterio.DatasetReader]:
+    """A georeferenced 2-band (VV, VH) GeoTIFF, opened with the GeoTIFF driver only (as
+    every input is, see docs/safety.md); every problem is a DataError naming it."""
+    require_file(path)
+    with open_geotiff(path) as src:
+        if src.count != len(SAR_BANDS) or src.crs is None:
+            raise DataError(
+                f"{path}: needs {len(SAR_BANDS)} bands ({', '.join(SAR_BANDS)} in dB) and a "
+                f"CRS; has {src.count} band(s), CRS {src.crs}"
+            )
+        yield src
 
 
 class SarToOpticalPredictor:
@@ -83,13 +83,9 @@ class SarToOpticalPredictor:
     def run(self, src_path: Path, dst_path: Path, progress: bool = True) -> None:
         """Write through a temporary file, so a failure never leaves a half-written output."""
         with open_sar(src_path) as src, replaced_when_done(dst_path) as tmp:
-            profile = {
-                "driver": "GTiff", "height": src.height, "width": src.width,
-                "count": len(OPTICAL_BANDS), "dtype": "uint16", "crs": src.crs,
-                "transform": src.transform, "nodata": NODATA, "tiled": True,
-                "blockxsize": 256, "blockysize": 256, "compress": "deflate",
-                "BIGTIFF": "IF_SAFER",
-            }  # fmt: skip
+            profile = geotiff_profile(
+                src.height, src.width, len(OPTICAL_BANDS), "uint16", src.crs, src.transform, NODATA
+            )
             try:
                 with rasterio.open(tmp, "w", **profile) as dst:
                     dst.descriptions = OPTICAL_BANDS
@@ -147,7 +143,8 @@ def predict(run_dir: Path, src: Path, dst: Path, options: PredictOptions) -> Non
     """Load the run's TerraMind (config and adapters only) and translate ``src`` to ``dst``."""
     if options.domain is not None:
         raise UsageError("--terrain: a sar2opt run has no terrains")
-    open_sar(src).close()  # a bad input is reported before the model loads
+    with open_sar(src):
+        pass  # a bad input is reported before the model loads
     terramind, config, _ = load_run_terramind(run_dir)
     device = torch.device("cuda" if torch.cuda.is_available() and not options.cpu else "cpu")
     window, overlap = options.window, options.overlap
