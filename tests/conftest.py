@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,3 +47,21 @@ def train_run(tmp_path: Path, procedural_dir: Path) -> Callable[..., list[dict[s
 def procedural_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Procedural tiles, 8 per terrain (48 x 48 at 30 m, UTM), written once per session."""
     return write_procedural_tiles(tmp_path_factory.mktemp("procedural"))
+
+
+def install_distribution(source: Path, target: Path) -> Path:
+    """pip-install the distribution in ``source`` for real (no dependencies) into ``target``,
+    a folder of its own, and return it: put it on ``sys.path`` (``monkeypatch.syspath_prepend``)
+    or ``PYTHONPATH`` to see its entry points. The running environment stays as it was, so
+    tests running side by side never see the distribution; it is built from a copy, so the
+    source tree gets no ``build/`` or ``*.egg-info``."""
+    build = target.with_name(f"{target.name}-source")
+    leftovers = shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+    shutil.copytree(source, build, ignore=leftovers)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q", "install",
+         "--no-deps", "--no-build-isolation", "--target", str(target), str(build)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return target
+

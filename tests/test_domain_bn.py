@@ -31,7 +31,7 @@ from plugins.norms.domain_bn import (
     swap_batchnorms,
 )
 from tests.distributed.domain_bn_ddp import reference
-from tests.distributed.two_processes import LAUNCH
+from tests.distributed.two_processes import launch
 
 CHANNELS = 4
 BATCHES = [  # terrain labels of successive training batches: mixed, one sample, one absent
@@ -257,7 +257,7 @@ def test_two_processes_where_one_lacks_terrains(tmp_path: Path, procedural_dir):
     and equal the one-process computation (``global``: outputs and gradients as on the
     global batch; ``running``: as on each process's own batch)."""
     script = Path(__file__).parent / "distributed" / "domain_bn_ddp.py"
-    command = [*LAUNCH, str(script), "--data", str(procedural_dir), "--out", str(tmp_path)]
+    command = [*launch(), str(script), "--data", str(procedural_dir), "--out", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=150)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

@@ -8,14 +8,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from core.run import main
 from core.run_folder import INTERRUPTED
-from tests.conftest import FAST, read_metrics
-from tests.distributed.two_processes import LAUNCH
+from tests.conftest import FAST, install_distribution, read_metrics
+from tests.distributed.two_processes import launch
 
 REPO = Path(__file__).resolve().parent.parent
 REQUIRED_KEYS = {
@@ -126,32 +127,29 @@ def test_list_plugins_prints_name_origin_hooks_summary(capsys):
     assert header == ["name", "origin", "hooks", "summary"]
 
 
-def run_cli(*args: str, cwd: Path = REPO, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+def run_cli(
+    *args: str, cwd: Path = REPO, timeout: int = 300, path: Sequence[Path] = ()
+) -> subprocess.CompletedProcess:
+    """Run a command with this checkout (and ``path``, e.g. installed distributions) first on
+    the import path."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [REPO, *path]))}
     return subprocess.run(
         args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
 
 
 @pytest.fixture(scope="module")
-def template_plugin_installed():
-    """pip-install the template third-party distribution for real, remove it afterwards."""
-    template = REPO / "entrypoints" / "terraplug-example"
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run(
-        [*pip, "install", "--no-deps", "--no-build-isolation", str(template)],
-        check=True,
-        capture_output=True,
-    )
-    yield
-    subprocess.run([*pip, "uninstall", "-y", "terraplug-example"], check=True, capture_output=True)
+def template_plugin(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The template third-party distribution, pip-installed for real into a folder of its own."""
+    target = tmp_path_factory.mktemp("template-plugin") / "site"
+    return install_distribution(REPO / "entrypoints" / "terraplug-example", target)
 
 
 @pytest.mark.slow
 def test_template_plugin_installs_and_runs_by_name(
-    template_plugin_installed, procedural_dir: Path, tmp_path: Path
+    template_plugin: Path, procedural_dir: Path, tmp_path: Path
 ):
-    listing = run_cli(sys.executable, "-m", "core.run", "--list-plugins")
+    listing = run_cli(sys.executable, "-m", "core.run", "--list-plugins", path=[template_plugin])
     assert listing.returncode == 0, listing.stderr
     line = next(line for line in listing.stdout.splitlines() if line.startswith("component_scale"))
     assert "terraplug-example 0.1.0" in line and "loss_weights" in line
@@ -159,7 +157,8 @@ def test_template_plugin_installs_and_runs_by_name(
     out = tmp_path / "run"
     args = fast_args(procedural_dir, out, "--plugins", "component_scale", "--epochs", "1")
     result = run_cli(sys.executable, "-m", "core.run", *args, "--set",
-                     "plugins.component_scale.scales={edge=0.0, spectral=0.0}")  # fmt: skip
+                     "plugins.component_scale.scales={edge=0.0, spectral=0.0}",
+                     path=[template_plugin])  # fmt: skip
     assert result.returncode == 0, result.stderr
     config = (out / "config.toml").read_text()
     assert "component_scale" in config and "spectral = 0.0" in config
@@ -171,7 +170,7 @@ def test_template_plugin_installs_and_runs_by_name(
     # The template's own tests, written against terraplug and terraplug.testing alone.
     template = REPO / "entrypoints" / "terraplug-example"
     own = run_cli(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests",
-                  cwd=template)  # fmt: skip
+                  cwd=template, path=[template_plugin])  # fmt: skip
     assert own.returncode == 0, own.stdout[-3000:]
     assert "2 passed" in own.stdout
 
@@ -179,7 +178,7 @@ def test_template_plugin_installs_and_runs_by_name(
 @pytest.mark.slow
 def test_two_process_accelerate_launch(procedural_dir: Path, tmp_path: Path):
     out = tmp_path / "ddp"
-    result = run_cli(*LAUNCH, "-m", "core.run", *fast_args(procedural_dir, out))
+    result = run_cli(*launch(), "-m", "core.run", *fast_args(procedural_dir, out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
     rows = read_metrics(out)

@@ -17,7 +17,7 @@ import pytest
 from core.run import main
 from core.runlock import LOCK_FILE, RunLock
 from tests.conftest import read_metrics
-from tests.distributed.two_processes import LAUNCH
+from tests.distributed.two_processes import launch
 from tests.test_run import fast_args
 
 REPO = Path(__file__).resolve().parent.parent
@@ -75,7 +75,7 @@ def test_every_process_of_a_multi_process_run_stops_on_a_busy_folder(
     try:
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         result = subprocess.run(
-            [*LAUNCH, "-m", "core.run", *fast_args(procedural_dir, out, "--epochs", "1")],
+            [*launch(), "-m", "core.run", *fast_args(procedural_dir, out, "--epochs", "1")],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=240, check=False,
         )  # fmt: skip
     finally:

@@ -21,7 +21,7 @@ from core.run import main
 from core.run_folder import INTERRUPTED
 from tests.conftest import read_metrics
 from tests.distributed.stop_probe import LOG_KEY, PAUSED, StopProbe
-from tests.distributed.two_processes import LAUNCH
+from tests.distributed.two_processes import launch
 from tests.test_run import REPO, fast_args, run_cli, without_timing
 
 PROBE = REPO / "tests" / "distributed" / "stop_probe.py"
@@ -35,7 +35,7 @@ START_SECONDS = 240
 def uninterrupted(procedural_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
     args = fast_args(procedural_dir, out, "--plugins", "stop_probe")
-    result = run_cli(*LAUNCH, str(PROBE), *args)
+    result = run_cli(*launch(), str(PROBE), *args)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_metrics(out)
     assert all(LOG_KEY in row for row in rows)
@@ -62,7 +62,7 @@ def stop_two_processes(
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     with open(log, "w") as handle:
         launcher = subprocess.Popen(
-            [*LAUNCH, str(PROBE), *args], cwd=REPO, env=env, stdout=handle, stderr=handle,
+            [*launch(), str(PROBE), *args], cwd=REPO, env=env, stdout=handle, stderr=handle,
             start_new_session=True,  # its own process group, so a failed test leaves nothing
         )  # fmt: skip
         try:
@@ -101,7 +101,7 @@ def check_stop_and_resume(
     assert main(["--resume", str(out)]) == 2  # one process cannot take over two shares
     assert "with 2 process(es); resume it with 2" in capsys.readouterr().err
     assert (out / "checkpoint.pt").read_bytes() == checkpoint
-    resumed = run_cli(*LAUNCH, str(PROBE), "--resume", str(out))
+    resumed = run_cli(*launch(), str(PROBE), "--resume", str(out))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert without_timing(read_metrics(out)) == without_timing(uninterrupted)
     assert not (out / INTERRUPTED).exists()

@@ -21,7 +21,7 @@ from plugins.samplers.stratified import (
     epoch_batches,
     plan_batches,
 )
-from tests.distributed.two_processes import LAUNCH
+from tests.distributed.two_processes import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,7 +210,7 @@ def test_two_processes_train_disjoint_shares_of_the_plan(tmp_path, procedural_di
     out = tmp_path / "shares"
     out.mkdir()
     command = [
-        *LAUNCH, str(ROOT / "tests" / "distributed" / "stratified_shares.py"),
+        *launch(), str(ROOT / "tests" / "distributed" / "stratified_shares.py"),
         str(procedural_dir), str(tmp_path / "run"), str(out),
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)

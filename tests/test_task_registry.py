@@ -3,9 +3,6 @@ and the task registry refuses unknown names, taken names and another task's conf
 
 from __future__ import annotations
 
-import importlib
-import shutil
-import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -13,46 +10,33 @@ from pathlib import Path
 import pytest
 
 from core.run import main
-from tests.conftest import read_metrics
+from tests.conftest import install_distribution, read_metrics
 from tests.test_run import REPO, run_cli
-
-PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-
-
-def pip_install(source: Path) -> None:
-    subprocess.run(
-        [*PIP, "install", "--no-deps", "--no-build-isolation", str(source)],
-        check=True,
-        capture_output=True,
-    )
-    importlib.invalidate_caches()  # in-process runs import the new package too
-
-
-def pip_uninstall(distribution: str) -> None:
-    subprocess.run([*PIP, "uninstall", "-y", distribution], check=True, capture_output=True)
 
 
 @pytest.fixture(scope="module")
-def template_task_installed(tmp_path_factory: pytest.TempPathFactory):
-    """pip-install the template task distribution for real, remove it afterwards. It is
-    built from a copy, so the build leaves no ``build/`` or ``*.egg-info`` in the source."""
-    source = tmp_path_factory.mktemp("template") / "terraplug-example-task"
-    leftovers = shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
-    shutil.copytree(REPO / "entrypoints" / "terraplug-example-task", source, ignore=leftovers)
-    pip_install(source)
-    yield
-    pip_uninstall("terraplug-example-task")
+def template_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The template task distribution, pip-installed for real into a folder of its own."""
+    target = tmp_path_factory.mktemp("template-task") / "site"
+    return install_distribution(REPO / "entrypoints" / "terraplug-example-task", target)
+
+
+@pytest.fixture
+def template_task_installed(template_task: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The template task visible to in-process runs (its folder on ``sys.path``)."""
+    monkeypatch.syspath_prepend(str(template_task))
+    return template_task
 
 
 @pytest.mark.slow
 def test_template_task_installs_and_trains_by_name(
-    template_task_installed, procedural_dir: Path, tmp_path: Path
+    template_task: Path, procedural_dir: Path, tmp_path: Path
 ):
     out = tmp_path / "run"
     result = run_cli(
         sys.executable, "-m", "core.run", "--task", "dem_denoise", "--data", str(procedural_dir),
         "--epochs", "4", "--out", str(out), "--set", "train.progress='never'",
-        "--set", "data.batch_size=4", "--set", "optim.lr=0.003",
+        "--set", "data.batch_size=4", "--set", "optim.lr=0.003", path=[template_task],
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "terraplug: dem_denoise" in result.stdout
@@ -109,12 +93,9 @@ def test_distribution_taking_a_task_name_is_refused(tmp_path: Path):
         '[project.entry-points."terraplug.tasks"]\ndem_sr = "terraplug_dup_task:Dup"\n'
         '[tool.setuptools.packages.find]\nwhere = ["src"]\n'
     )
-    pip_install(source)
-    try:
-        result = run_cli(sys.executable, "-m", "core.run", "--task", "dem_sr",
-                         "--out", str(tmp_path / "run"))  # fmt: skip
-    finally:
-        pip_uninstall("terraplug-dup-task")
+    site = install_distribution(source, tmp_path / "site")
+    result = run_cli(sys.executable, "-m", "core.run", "--task", "dem_sr",
+                     "--out", str(tmp_path / "run"), path=[site])  # fmt: skip
     assert result.returncode == 2, result.stderr[-3000:]
     assert "terraplug-dup-task 0.0.1" in result.stderr
     assert "'dem_sr'" in result.stderr and "already taken" in result.stderr

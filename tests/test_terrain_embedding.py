@@ -23,7 +23,7 @@ from core.tasks.dem_sr.rcan import build_rcan
 from core.tasks.dem_sr.terrain import TERRAINS
 from plugins.conditioning.terrain_embedding import TerrainFiLM
 from tests.conftest import FAST, read_metrics
-from tests.distributed.two_processes import LAUNCH
+from tests.distributed.two_processes import launch
 
 MIXED = torch.tensor([0, 1, 2, 0, 3, 1])
 
@@ -142,7 +142,7 @@ def test_two_processes_train_both_plugins(procedural_dir: Path, tmp_path: Path):
     out = tmp_path / "ddp"
     args = ["--data", str(procedural_dir), "--out", str(out), "--epochs", "2"]
     args += [item for setting in FAST for item in ("--set", setting)]
-    command = [*LAUNCH, "-m", "core.run", "--plugins", "terrain_embedding,terrain_head", *args]
+    command = [*launch(), "-m", "core.run", "--plugins", "terrain_embedding,terrain_head", *args]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     result = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

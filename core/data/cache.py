@@ -49,6 +49,9 @@ def build_once(
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
         manifest = build(staging)
+        finished = read(folder)
+        if finished is not None:  # another process built it meanwhile: keep theirs
+            return finished
         if folder.exists():  # a stale or partial cache: replace it
             shutil.rmtree(folder)
         os.replace(staging, folder)

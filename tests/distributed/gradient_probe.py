@@ -19,8 +19,8 @@ from typing import Any
 import attrs
 import torch
 import torch.distributed as dist
+import two_processes
 from torch import nn
-from two_processes import LAUNCH
 
 from core.config import Config, load_config
 from core.context import RunContext
@@ -220,8 +220,9 @@ def load_records(out: Path, world_size: int) -> tuple[Config, list[list[StepReco
 def launch(
     plugins: str, data: Path, out: Path, *overrides: str, backward_collective: bool = False
 ) -> subprocess.CompletedProcess:
-    """Run :func:`main` under two real processes (see ``two_processes.LAUNCH``)."""
-    command = [*LAUNCH, __file__, "--plugins", plugins, "--data", str(data), "--out", str(out)]
+    """Run :func:`main` under two real processes (see ``two_processes.launch``)."""
+    command = [*two_processes.launch(), __file__, "--plugins", plugins]
+    command += ["--data", str(data), "--out", str(out)]
     for assignment in overrides:
         command += ["--set", assignment]
     if backward_collective:
