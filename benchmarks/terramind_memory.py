@@ -49,7 +49,7 @@ def measure(size: str, pixels: int, variant: str) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from core.config import load_config
+    from core.tasks.sar2opt.config import TerraMindSection
     from core.tasks.sar2opt.terramind import (
         FROZEN_DTYPES,
         build_terramind,
@@ -63,7 +63,7 @@ def measure(size: str, pixels: int, variant: str) -> dict:
         pretrained=False,
         lora_rank=8,
         lora_alpha=16.0,
-        lora_targets=load_config().model.lora_targets,
+        lora_targets=TerraMindSection().lora_targets,
     )
     checkpointing, frozen_dtype = VARIANTS[variant]
     if checkpointing:

@@ -28,6 +28,7 @@ from core.errors import ConfigError, PluginError, UsageError
 from core.hookspecs import hookimpl
 from core.plugins import ActivePlugin, PluginManager
 from core.safe_io import load_checkpoint
+from core.tasks.sar2opt.config import TerraMindSection
 from core.tasks.sar2opt.data import OPTICAL_BANDS
 from core.tasks.sar2opt.terramind import build_terramind, checkpoint_blocks, hold_frozen_weights
 from core.train import Trainer
@@ -216,7 +217,7 @@ def terramind() -> nn.Module:
         pretrained=False,
         lora_rank=8,
         lora_alpha=16.0,
-        lora_targets=load_config().model.lora_targets,
+        lora_targets=TerraMindSection().lora_targets,
     )
 
 
@@ -307,7 +308,7 @@ def test_frozen_dtype_comes_from_the_config_and_refuses_other_values() -> None:
     from core.tasks.sar2opt.task import SarToOptical
 
     with pytest.raises(ConfigError, match="frozen_dtype"):
-        load_config(None, ["model.frozen_dtype='fp16'"])
+        load_config(None, [*FAST, "model.frozen_dtype='fp16'"])
     model = SarToOptical().build_model(load_config(None, [*FAST, "model.frozen_dtype='bf16'"]))
     assert model.compute_dtype == torch.bfloat16
     assert model.terramind.encoder[0].mlp.fc1.base_layer.weight.dtype == torch.bfloat16
