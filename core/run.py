@@ -18,6 +18,7 @@ from core.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, StorageError,
 from core.plugins import PluginManager, describe_all
 from core.provenance import version_line
 from core.resume import check_resume
+from core.run_folder import CHECKPOINT, CONFIG, METRICS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +93,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
         config = load_config(args.config, overrides)
         config.resumed = []  # a run repeated from another's config.toml starts its own history
         return config
-    saved = args.resume / "config.toml"
+    saved = args.resume / CONFIG
     problem = resume_problem(args.resume)
     if problem:
         raise UsageError(f"--resume {args.resume}: {problem}")
@@ -107,14 +108,14 @@ def resume_problem(run_dir: Path) -> str | None:
     """What ``run_dir`` lacks to be resumed, and what to run instead; None if nothing."""
     if not run_dir.is_dir():
         return "no such run folder"
-    config = run_dir / "config.toml"
+    config = run_dir / CONFIG
     if not config.is_file():
         return "no config.toml there: not a run folder, or its run never started"
-    if (run_dir / "checkpoint.pt").is_file():
+    if (run_dir / CHECKPOINT).is_file():
         return None
     # config.toml is written at start-up, the checkpoint after the first epoch (or after
     # train.checkpoint_every epochs), so the run stopped before it: start it again.
-    if (run_dir / "metrics.jsonl").exists():  # epochs ran, but none was checkpointed
+    if (run_dir / METRICS).exists():  # epochs ran, but none was checkpointed
         again = run_dir.with_name(run_dir.name + "-again")
         where = f"in a new folder: python -m core.run --config {config} --out {again}"
     else:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import IO
 
 from core.errors import UsageError
+from core.run_folder import METRICS
 
 LOCK_FILE = "run.lock"
 
@@ -80,7 +81,7 @@ def claim_run_dir(run_dir: Path, *, resume: bool) -> RunLock:
     except OSError as error:
         raise UsageError(f"run folder {run_dir} cannot be created: {error.strerror}") from None
     lock = RunLock.acquire(run_dir)
-    if not resume and (run_dir / "metrics.jsonl").exists():
+    if not resume and (run_dir / METRICS).exists():
         lock.release()
         raise UsageError(
             f"run folder {run_dir} already holds a run; continue it with --resume "

@@ -25,6 +25,7 @@ from accelerate.state import AcceleratorState, PartialState
 
 from core.config import load_config
 from core.plugins import ActivePlugin, PluginManager
+from core.run_folder import METRICS
 from core.tasks.dem_sr.data.procedural import write_procedural_tiles
 from core.train import Trainer
 
@@ -35,12 +36,13 @@ FAST: tuple[str, ...] = (
     "data.batch_size=8",
     "train.progress='never'",
 )
-"""``--set`` overrides for the smallest model and no progress bar."""
+"""``--set`` overrides for the smallest RCAN-DEM and no progress bar (dem_sr); another task
+gets the last two only, its ``[model]`` keys being its own."""
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The rows of a run folder's ``metrics.jsonl``, one per epoch."""
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / METRICS).read_text().splitlines()]
 
 
 def procedural_tiles(folder: Path) -> Path:
@@ -75,19 +77,23 @@ def run_training(
     epochs: int = 2,
     data_dir: Path | None = None,
     out: str = "run",
+    task: str = "dem_sr",
 ) -> list[dict[str, Any]]:
-    """Train ``epochs`` epochs in ``tmp_path / out``; returns the ``metrics.jsonl`` rows.
+    """Train ``epochs`` epochs of ``task`` in ``tmp_path / out``; returns the
+    ``metrics.jsonl`` rows.
 
     ``overrides`` are ``--set`` assignments applied after the fast settings (``FAST``);
-    ``data_dir`` defaults to procedural tiles written once under ``tmp_path / "tiles"``.
+    ``data_dir`` defaults to procedural DEM tiles written once under ``tmp_path / "tiles"``.
     """
+    fast = FAST if task == "dem_sr" else FAST[-2:]
     tiles = data_dir or procedural_tiles(Path(tmp_path) / "tiles")
     run_dir = Path(tmp_path) / out
     names = [plugin for plugin in plugins if isinstance(plugin, str)]
     config = load_config(
         None,
         [
-            *FAST,
+            *fast,
+            f"run.task={json.dumps(task)}",
             f"data.dir={json.dumps(str(tiles))}",
             f"run.out={json.dumps(str(run_dir))}",
             f"run.epochs={epochs}",

@@ -292,7 +292,7 @@ def test_the_documented_experiment_files_load(tmp_path: Path):
         paths.append(tmp_path / f"example{number}.toml")
         paths[-1].write_text(example)
     results = Path(__file__).resolve().parent.parent / "docs" / "results"
-    paths += [results / "experiment.toml", results / "srtm-experiment.toml"]
+    paths += [results / "globe" / "experiment.toml", results / "srtm-experiment.toml"]
     for path in paths:
         experiment = build_experiment(
             build_parser().parse_args(["--config", str(path), "--out", "x"])

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from core.run import main
+from terraplug.testing import run_training
 from tests.conftest import install_distribution, read_metrics
 from tests.test_run import REPO, run_cli
 
@@ -100,3 +101,16 @@ def test_distribution_taking_a_task_name_is_refused(tmp_path: Path):
     assert "terraplug-dup-task 0.0.1" in result.stderr
     assert "'dem_sr'" in result.stderr and "already taken" in result.stderr
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_the_harness_trains_a_third_party_task_with_a_plugin(
+    template_task_installed, procedural_dir: Path, tmp_path: Path
+):
+    """terraplug.testing serves task authors too: any task by name, with plugins mixed in."""
+    rows = run_training(
+        tmp_path, ["balanced_grad"], epochs=1, data_dir=procedural_dir, task="dem_denoise"
+    )
+    assert rows[0]["val_rmse_m_noisy"] > 0 and "train_loss_gradient" in rows[0]
+    config = tomllib.loads((tmp_path / "run" / "config.toml").read_text())
+    assert config["run"]["plugins"] == ["balanced_grad"] and "noise_m" in config["model"]
+

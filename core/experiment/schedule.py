@@ -21,6 +21,7 @@ from core.config import load_config, unstructure
 from core.errors import UsageError
 from core.experiment.spec import Arm, Experiment, run_overrides
 from core.plugins import PluginManager
+from core.run_folder import CHECKPOINT, CONFIG, METRICS, SUMMARY
 
 Runs = dict[str, dict[int, list[dict[str, Any]]]]
 """arm name -> seed -> that run's metrics.jsonl rows (complete runs only)."""
@@ -42,13 +43,13 @@ def run_dir_of(out: Path, arm: Arm, seed: int) -> Path:
 
 
 def is_complete(run_dir: Path) -> bool:
-    return (run_dir / "summary.json").is_file()
+    return (run_dir / SUMMARY).is_file()
 
 
 def check_same_settings(experiment: Experiment, arm: Arm, seed: int, run_dir: Path) -> None:
     """A run folder from an earlier start must hold this run's config, or the comparison
     would mix budgets; everything but the folder itself must match."""
-    saved = run_dir / "config.toml"
+    saved = run_dir / CONFIG
     if not saved.is_file():
         return
     config = load_config(None, run_overrides(experiment, arm, seed, run_dir))
@@ -82,7 +83,7 @@ def plan_jobs(experiment: Experiment, out: Path) -> tuple[list[Job], list[Job]]:
             if is_complete(run_dir):
                 finished.append(job)
                 continue
-            if (run_dir / "checkpoint.pt").is_file():
+            if (run_dir / CHECKPOINT).is_file():
                 job.command = ["--resume", str(run_dir)]
             else:
                 overrides = run_overrides(experiment, arm, seed, run_dir)
@@ -206,7 +207,7 @@ def count_rows(run_dir: Path) -> int:
 
 def read_rows(run_dir: Path) -> list[dict[str, Any]]:
     """The run's ``metrics.jsonl`` rows; a line still being written is left for later."""
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS
     if not path.is_file():
         return []
     rows = []

@@ -22,6 +22,7 @@ from torch import nn
 
 from core.config import Config, load_config
 from core.errors import EXIT_OK, EXIT_USAGE, UsageError
+from core.run_folder import CONFIG
 from core.tasks.sar2opt.terramind import TerraMindSarToOptical, lora_parameters
 from core.tasks.sar2opt.terratorch_import import import_terratorch
 
@@ -72,7 +73,7 @@ def load_run_terramind(run_dir: Path) -> tuple[TerraMindSarToOptical, Config, nn
     the training data nor the checkpoint."""
     from core.tasks.sar2opt.task import SarToOptical
 
-    config_path = run_dir / "config.toml"
+    config_path = run_dir / CONFIG
     if not config_path.is_file():
         raise UsageError(f"{run_dir}: no config.toml there, so not a run folder")
     config = load_config(config_path)
