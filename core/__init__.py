@@ -1,3 +1,4 @@
-"""terraplug core: hook specs, plugin manager, config, training loop and the built-in tasks."""
+"""terraplug core: hook specs, plugin manager, config, training loop, CLIs and the experiment
+runner; the built-in tasks are slices under ``core/tasks/``."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

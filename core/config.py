@@ -258,8 +258,19 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 
 def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the TOML file, then ``--set`` overrides, checked key by key."""
-    tree = read_toml(path) if path else {}
+    """Defaults, then the TOML file, then ``--set`` overrides, checked key by key; an error
+    names the key, and the file when there is one."""
+    if path is None:
+        return _resolve({}, overrides)
+    try:
+        return _resolve(read_toml(path), overrides)
+    except ConfigError as error:
+        if str(path) in str(error):
+            raise
+        raise ConfigError(f"{error} (in {path})") from None
+
+
+def _resolve(tree: dict[str, Any], overrides: list[str]) -> Config:
     for assignment in overrides:
         key_path, value = parse_override(assignment)
         _set_path(tree, key_path, value)

@@ -15,7 +15,7 @@ from torch import nn
 
 from core.config import Config, load_config
 from core.context import RunContext
-from core.errors import ConfigError, UsageError
+from core.errors import UsageError
 from core.plugins import PluginManager
 from core.run_folder import CHECKPOINT, CONFIG
 from core.safe_io import load_checkpoint, require_finite
@@ -28,10 +28,7 @@ def run_task(run_dir: Path) -> str:
     config_path = run_dir / CONFIG
     if not config_path.is_file():
         raise UsageError(f"--checkpoint {run_dir}: no {CONFIG} there")
-    try:
-        return load_config(config_path).run.task
-    except ConfigError as error:
-        raise ConfigError(f"--checkpoint {run_dir}: {CONFIG}: {error}") from None
+    return load_config(config_path).run.task
 
 
 @attrs.define(eq=False)

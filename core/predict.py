@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--overlap", type=int, help="input pixels of overlap on each side (default: window / 4)"
     )
     parser.add_argument(
-        "--terrain", help="dem_sr: the terrain category for terrain-aware models (default: guessed)"
+        "--terrain",
+        help="dem_sr: the terrain category (flat, moderate, alpine, desert, extreme) of "
+        "terrain-aware models (default: guessed from the input)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(

@@ -83,10 +83,12 @@ def run_training(
     ``metrics.jsonl`` rows.
 
     ``overrides`` are ``--set`` assignments applied after the fast settings (``FAST``);
-    ``data_dir`` defaults to procedural DEM tiles written once under ``tmp_path / "tiles"``.
+    ``data_dir`` defaults to procedural DEM tiles written once under ``tmp_path / "tiles"``
+    for dem_sr, and to the task's own default data for another task.
     """
     fast = FAST if task == "dem_sr" else FAST[-2:]
-    tiles = data_dir or procedural_tiles(Path(tmp_path) / "tiles")
+    if data_dir is None and task == "dem_sr":
+        data_dir = procedural_tiles(Path(tmp_path) / "tiles")
     run_dir = Path(tmp_path) / out
     names = [plugin for plugin in plugins if isinstance(plugin, str)]
     config = load_config(
@@ -94,7 +96,7 @@ def run_training(
         [
             *fast,
             f"run.task={json.dumps(task)}",
-            f"data.dir={json.dumps(str(tiles))}",
+            f"data.dir={json.dumps(str(data_dir or ''))}",
             f"run.out={json.dumps(str(run_dir))}",
             f"run.epochs={epochs}",
             f"run.plugins={json.dumps(names)}",

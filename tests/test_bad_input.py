@@ -17,6 +17,7 @@ import torch
 from affine import Affine
 
 import plugins
+from core.config import dump_config, load_config
 from core.data.geotiff import read_dem, write_dem
 from core.errors import ConfigError
 from core.hookspecs import hookimpl
@@ -170,9 +171,12 @@ def test_unknown_terrain_in_a_plugin_config_exits_2(plugin, assignment, tmp_path
 
 
 def test_unknown_terrain_for_predict_exits_2(tmp_path: Path, capsys) -> None:
-    with pytest.raises(SystemExit) as info:
-        predict_main(["--checkpoint", str(tmp_path), "a.tif", "b.tif", "--terrain", "tundra"])
-    assert info.value.code == 2 and "tundra" in capsys.readouterr().err
+    """dem_sr's terrains are checked first, before the input or the checkpoint is read."""
+    dump_config(load_config(), tmp_path / "config.toml")
+    args = ["--checkpoint", str(tmp_path), "a.tif", str(tmp_path / "b.tif"), "--terrain", "tundra"]
+    assert predict_main(args) == 2
+    err = capsys.readouterr().err
+    assert "--terrain 'tundra'" in err and "flat, moderate, alpine, desert, extreme" in err
 
 
 # --- non-finite losses -----------------------------------------------------------------------

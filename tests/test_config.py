@@ -103,3 +103,14 @@ def test_the_resolved_file_holds_the_tasks_sections(tmp_path: Path):
 def test_an_unknown_task_is_named():
     with pytest.raises(ConfigError, match=r"run\.task: unknown task 'nosuch'; available: dem_sr"):
         load_config(None, ["run.task='nosuch'"])
+
+
+def test_a_file_of_another_layout_is_refused_naming_the_file(tmp_path: Path):
+    """A terraplug 0.1 config.toml held both tasks' [model] keys: refused, naming key and file."""
+    path = tmp_path / "config.toml"
+    dump_config(load_config(), path)
+    path.write_text(path.read_text().replace("[model]\n", '[model]\nterramind = "tiny"\n'))
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    assert "extra fields found (terramind) @ config.model" in str(refused.value)
+    assert str(path) in str(refused.value)

@@ -60,7 +60,8 @@ def metric_text(value: float | None, spec: str) -> str:
 
 class Task(Protocol):
     """The contract between the framework and a task such as ``dem_sr``: everything a task
-    provides. The trainer is the only caller of plugin hooks; a task never calls one.
+    provides. The trainer and ``core.inference`` are the only callers of plugin hooks; a
+    task never calls one.
 
     One instance serves one run. The trainer calls ``build_datasets``, then ``build_model``;
     then per step ``forward_losses`` (unless a plugin provides ``training_forward``), and per

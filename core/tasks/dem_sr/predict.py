@@ -195,10 +195,10 @@ def guess_terrain(path: Path, max_pixels: int = 512, *, strict: bool = False) ->
 def predict(run_dir: Path, src: Path, dst: Path, options: PredictOptions) -> None:
     """Super-resolve ``src`` into ``dst`` with the run's model; the terrain of a
     terrain-aware model (one with ``route_batch`` plugins) is guessed when not given."""
-    with open_dem(src):
-        pass  # a bad input is reported before the model loads
     if options.domain is not None and options.domain not in TERRAINS:
         raise UsageError(f"--terrain {options.domain!r}: choose one of {', '.join(TERRAINS)}")
+    with open_dem(src):
+        pass  # a bad input is reported before the model loads
     trained = TrainedRun.restore(run_dir, cpu=options.cpu)
     window = options.window or max(trained.checkpoint_meta["lr_shape"])
     overlap = options.overlap if options.overlap is not None else window // 4
