@@ -24,6 +24,7 @@ from core.experiment import (
     summarise,
 )
 from core.experiment.plots import (
+    arm_colours,
     plot_domain_metrics_by_arm,
     plot_loss_curves_by_arm,
     plot_step_losses_by_arm,
@@ -505,3 +506,10 @@ def test_a_sar2opt_experiment_reports_the_tasks_own_columns():
     psnr = Column("val_psnr", "val PSNR (dB)", higher_is_better=True)
     assert "significantly worse in val PSNR" in verdict(0.2, -3.0, psnr)
     assert "not significantly worse" in verdict(0.2, 3.0, psnr)
+
+
+@pytest.mark.parametrize("arms", [3, 10, 13, 20])
+def test_every_arm_has_its_own_colour(arms: int) -> None:
+    """The report's plots tell arms apart: past ten arms the colour cycle would repeat."""
+    colours = [str(colour) for colour in arm_colours(arms)]
+    assert len(set(colours)) == arms

@@ -9,11 +9,21 @@ from os import PathLike
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 
 from core.plots import domain_order, log_if_positive, run_step_losses, save
 from core.spikes import spike_steps
 from core.tasks import ReportMetric
+
+
+def arm_colours(count: int) -> list[Any]:
+    """One distinct colour per arm: matplotlib's ten-colour cycle repeats after ten arms, so
+    more arms take the twenty colours of ``tab20``."""
+    if count <= 10:
+        return [f"C{i}" for i in range(count)]
+    palette = colormaps["tab20"]
+    return [palette(i % 20) for i in range(count)]
 
 
 def _mean_band(curves: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -54,6 +64,7 @@ def plot_loss_curves_by_arm(
     paired = baseline in runs
     fig = Figure(figsize=(15, 8.5 if paired else 4.4), layout="constrained")
     axes = fig.subplots(2 if paired else 1, len(panels), squeeze=False)
+    colours = arm_colours(len(runs))
     for column, (key, title) in enumerate(panels):
         for i, (arm, seeds) in enumerate(runs.items()):
             curves = [_curve(rows, key) for rows in seeds.values()]
@@ -61,8 +72,8 @@ def plot_loss_curves_by_arm(
                 continue
             epochs, mean, std = _mean_band(curves)
             ax = axes[0][column]
-            ax.plot(epochs, mean, "-o", ms=3, color=f"C{i}", label=f"{arm} ({len(curves)})")
-            ax.fill_between(epochs, mean - std, mean + std, color=f"C{i}", alpha=0.15, lw=0)
+            ax.plot(epochs, mean, "-o", ms=3, color=colours[i], label=f"{arm} ({len(curves)})")
+            ax.fill_between(epochs, mean - std, mean + std, color=colours[i], alpha=0.15, lw=0)
             if not paired or arm == baseline:
                 continue
             base = {seed: np.array(_curve(rows, key)) for seed, rows in runs[baseline].items()}
@@ -74,8 +85,8 @@ def plot_loss_curves_by_arm(
             if changes:
                 epochs, mean, std = _mean_band(changes)
                 ax = axes[1][column]
-                ax.plot(epochs, mean, "-o", ms=3, color=f"C{i}")
-                ax.fill_between(epochs, mean - std, mean + std, color=f"C{i}", alpha=0.15, lw=0)
+                ax.plot(epochs, mean, "-o", ms=3, color=colours[i])
+                ax.fill_between(epochs, mean - std, mean + std, color=colours[i], alpha=0.15, lw=0)
         axes[0][column].set_title(f"{title}, mean ± std over seeds")
         if paired:
             axes[1][column].axhline(0, color="k", lw=0.8)
@@ -134,6 +145,7 @@ def plot_domain_metrics_by_arm(
             for seed, row in rows.items()
         }
 
+    colours = arm_colours(len(finals) + 1)  # and the reference
     for column, (key, reference_key, title) in enumerate(keys):
         groups = {arm: values(seeds, key) for arm, seeds in finals.items()}
         if reference_key and any(
@@ -161,7 +173,7 @@ def plot_domain_metrics_by_arm(
                 std = np.nanstd(table, axis=0, ddof=1) if len(table) > 1 else np.zeros_like(mean)
                 reference = arm not in finals
                 hatch = "//" if reference else None
-                color = "0.6" if reference else f"C{i}"
+                color = "0.6" if reference else colours[i]
                 offset = (i - (len(groups) - 1) / 2) * width
                 ax.bar(
                     x + offset,
