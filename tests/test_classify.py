@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from affine import Affine
-from core.classify import main
 
+from core.classify import main
 from core.data.distfiles import SRTM90, fetch
 from core.data.geotiff import read_dem, write_dem
 from core.tasks.dem_sr.terrain import TERRAINS

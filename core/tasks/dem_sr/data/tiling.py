@@ -186,7 +186,8 @@ def _build(source: RasterSource, out: Path, tile_size: int, quiet: bool) -> dict
     counts: dict[str, Counter[str]] = {split: Counter() for split in ("train", "val", "all")}
     region_rows = []
     positions: dict[str, list] = {}
-    bar = tqdm(total=0, desc=f"cutting {source.name} tiles", unit="tile", disable=quiet)
+    candidates = sum(len(members) for members in by_region.values())
+    bar = tqdm(total=candidates, desc=f"cutting {source.name} tiles", unit="tile", disable=quiet)
     for name, members in by_region.items():
         stack = np.stack([_cells(raster, tile, tile_size) for tile in members])
         reasons = source.reject(stack)
@@ -194,8 +195,7 @@ def _build(source: RasterSource, out: Path, tile_size: int, quiet: bool) -> dict
         if source.max_tiles_per_region and len(kept) > source.max_tiles_per_region:
             picks = np.linspace(0, len(kept) - 1, source.max_tiles_per_region)
             kept = [kept[i] for i in picks.round().astype(int)]
-        bar.total += len(kept)
-        bar.refresh()
+        bar.update(len(members) - len(kept))  # the candidates left out are done too
         categories: Counter[str] = Counter()
         for n, i in enumerate(kept):
             tile = members[i]
