@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from core.data import globe
 from core.data.cache import cache_root
 from core.data.distfiles import GLOBE_TILE_G, fetch
 from core.data.geotiff import read_dem
 from core.errors import DataError
+from core.tasks.dem_sr.data import globe
 from core.tasks.dem_sr.data.globe import (
     GLOBE_REGIONS,
     ensure_globe_tiles,
