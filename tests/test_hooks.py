@@ -107,17 +107,22 @@ def test_hook_route_batch(train_run):
     class Router:
         train_tiles: set = set()
         val_tiles: set = set()
+        examples: list = []
 
         @hookimpl
         def route_batch(self, model, batch, ctx):
             assert batch["lr"].device == ctx.device
             target = self.train_tiles if model.training else self.val_tiles
             target.update(batch["tile_id"])
+            if len(batch["tile_id"]) == 1:  # the plots' example tiles come one at a time
+                self.examples.append(ctx.terrains[int(batch["terrain"][0])])
 
     probe = Router()
     train_run(probe)
     assert probe.train_tiles and probe.val_tiles
     assert not probe.train_tiles & probe.val_tiles, "validation tiles must not be trained on"
+    # after the last epoch the hillshade plot draws one routed validation tile per terrain
+    assert sorted(probe.examples) == sorted(TERRAINS)
 
 
 def test_hook_training_forward(train_run):
