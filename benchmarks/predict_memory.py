@@ -63,10 +63,11 @@ def terrain(size: int) -> np.ndarray:
 def predictor(model: nn.Module) -> Predictor:
     """A predictor as ``core.predict`` builds it from a run, around ``model``."""
     config = Config()
+    config.data.scale = SCALE  # the model's; the predictor reads it from the run's config
     accelerator = Accelerator(cpu=True)
     ctx = RunContext(config, accelerator, get_task("dem_sr"), PluginManager([]), Path("."), 1)
     ctx.model = model.eval()
-    return Predictor(TrainedRun(config, ctx.model, ctx, {}), SCALE, WINDOW, OVERLAP, "moderate")
+    return Predictor(TrainedRun(config, ctx.model, ctx, {}), WINDOW, OVERLAP, "moderate")
 
 
 def max_rss_mib() -> float:

@@ -52,7 +52,7 @@ def terrain(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
 def predictor(run: Path, window: int, overlap: int) -> Predictor:
     trained = TrainedRun.restore(run, cpu=True)
     assert trained.config.data.scale == SCALE
-    return Predictor(trained, SCALE, window, overlap, "moderate")
+    return Predictor(trained, window, overlap, "moderate")
 
 
 def read(path: Path) -> np.ndarray:

@@ -67,7 +67,6 @@ class Predictor:
     def __init__(
         self,
         trained: TrainedRun,
-        scale: int,
         window: int,
         overlap: int,
         terrain: str,
@@ -78,7 +77,8 @@ class Predictor:
             raise UsageError(f"--window {window} must be at least 1")
         if not 0 <= 2 * overlap < window:
             raise UsageError(f"--overlap {overlap} must be >= 0 and less than half of {window}")
-        self.trained, self.scale = trained, scale
+        self.trained = trained
+        self.scale = scale = trained.config.data.scale
         self.window, self.overlap, self.batch_size = window, overlap, batch_size
         self.strict_data = strict_data
         self.terrain = terrain_index(terrain)
@@ -207,8 +207,5 @@ def predict(run_dir: Path, src: Path, dst: Path, options: PredictOptions) -> Non
         if trained.uses_hook("route_batch")
         else "moderate"
     )
-    scale = trained.config.data.scale
-    predictor = Predictor(
-        trained, scale, window, overlap, terrain, strict_data=options.strict_data
-    )
+    predictor = Predictor(trained, window, overlap, terrain, strict_data=options.strict_data)
     predictor.run(src, dst, progress=options.progress)
