@@ -280,14 +280,12 @@ def _resolve(tree: dict[str, Any], overrides: list[str]) -> Config:
     ):
         raise ConfigError("config: [plugins] must hold one table per plugin, [plugins.<name>]")
     run = structure(tree.get("run", {}), RunSection, "config.run")
-    sections = task_sections(run.task)  # an unknown task is refused here, by name
-    raw = {name: tree.pop(name, {}) for name in sections}
-    config = structure(tree, Config, "config")
-    for name, cls in sections.items():
-        if not isinstance(raw[name], dict):
+    for name, cls in task_sections(run.task).items():  # an unknown task is refused by name
+        raw = tree.get(name, {})
+        if not isinstance(raw, dict):
             raise ConfigError(f"config.{name} must be a table, [{name}]")
-        setattr(config, name, structure(raw[name], cls, f"config.{name}"))
-    return config
+        tree[name] = structure(raw, cls, f"config.{name}")  # Config keeps it as it is
+    return structure(tree, Config, "config")
 
 
 def task_section(task: str, name: str) -> Any:
