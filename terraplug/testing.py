@@ -29,15 +29,16 @@ from core.run_folder import METRICS
 from core.tasks.dem_sr.data.procedural import write_procedural_tiles
 from core.train import Trainer
 
+FAST_ANY_TASK: tuple[str, ...] = ("data.batch_size=8", "train.progress='never'")
+"""``--set`` overrides every task takes: small batches, no progress bar."""
 FAST: tuple[str, ...] = (
     "model.n_resgroups=1",
     "model.n_resblocks=1",
     "model.n_feats=8",
-    "data.batch_size=8",
-    "train.progress='never'",
+    *FAST_ANY_TASK,
 )
-"""``--set`` overrides for the smallest RCAN-DEM and no progress bar (dem_sr); another task
-gets the last two only, its ``[model]`` keys being its own."""
+"""``FAST_ANY_TASK`` and the smallest RCAN-DEM: dem_sr's fast settings (another task's
+``[model]`` keys are its own)."""
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -86,7 +87,7 @@ def run_training(
     ``data_dir`` defaults to procedural DEM tiles written once under ``tmp_path / "tiles"``
     for dem_sr, and to the task's own default data for another task.
     """
-    fast = FAST if task == "dem_sr" else FAST[-2:]
+    fast = FAST if task == "dem_sr" else FAST_ANY_TASK
     if data_dir is None and task == "dem_sr":
         data_dir = procedural_tiles(Path(tmp_path) / "tiles")
     run_dir = Path(tmp_path) / out

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from core.run import main
+from terraplug import UsageError
 from terraplug.testing import run_training
 from tests.conftest import install_distribution, read_metrics
 from tests.test_run import REPO, run_cli
@@ -113,4 +114,12 @@ def test_the_harness_trains_a_third_party_task_with_a_plugin(
     assert rows[0]["val_rmse_m_noisy"] > 0 and "train_loss_gradient" in rows[0]
     config = tomllib.loads((tmp_path / "run" / "config.toml").read_text())
     assert config["run"]["plugins"] == ["balanced_grad"] and "noise_m" in config["model"]
+
+
+def test_the_harness_leaves_another_task_its_own_default_data(template_task_installed, tmp_path):
+    """Procedural DEM tiles are dem_sr's default in the harness; another task gets no
+    ``data.dir`` (dem_denoise has no built-in data and says so)."""
+    with pytest.raises(UsageError, match="--task dem_denoise needs --data DIR"):
+        run_training(tmp_path, epochs=1, task="dem_denoise")
+    assert not (tmp_path / "tiles").exists()
 
