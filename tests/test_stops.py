@@ -51,9 +51,15 @@ def probe_registered(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def stop_two_processes(
-    data: Path, out: Path, *, paused_rank: int, step: int, signal_launcher: bool
+    data: Path,
+    out: Path,
+    *,
+    paused_rank: int,
+    step: int,
+    signal_launcher: bool,
+    sent: signal.Signals = signal.SIGTERM,
 ) -> tuple[int, float, str]:
-    """Start two processes, hold ``paused_rank`` at ``step`` and send SIGTERM to it, or to
+    """Start two processes, hold ``paused_rank`` at ``step`` and send ``sent`` to it, or to
     the launcher; returns the launcher's status, seconds from signal to exit, its log."""
     args = fast_args(data, out, "--plugins", "stop_probe", "--set",
                      f"plugins.stop_probe.rank={paused_rank}", "--set",
@@ -72,7 +78,7 @@ def stop_two_processes(
                     pytest.fail(f"no process paused at step {step}:\n{log.read_text()[-3000:]}")
                 time.sleep(0.05)
             paused_pid = json.loads((out / PAUSED).read_text())["pid"]
-            os.kill(launcher.pid if signal_launcher else paused_pid, signal.SIGTERM)
+            os.kill(launcher.pid if signal_launcher else paused_pid, sent)
             signalled = time.monotonic()
             status = launcher.wait(timeout=STOP_SECONDS)
         finally:
@@ -82,7 +88,12 @@ def stop_two_processes(
 
 
 def check_stop_and_resume(
-    out: Path, log: str, uninterrupted: list[dict], step: int, capsys: pytest.CaptureFixture
+    out: Path,
+    log: str,
+    uninterrupted: list[dict],
+    step: int,
+    capsys: pytest.CaptureFixture,
+    sent: signal.Signals = signal.SIGTERM,
 ) -> None:
     """Both processes exited 130 after the same mid-epoch step, and the resumed run ends as
     the uninterrupted one did."""
@@ -91,7 +102,7 @@ def check_stop_and_resume(
     reported = re.findall(r"exitcode\s*:\s*(-?\d+)", log)  # torchrun's list of failed ranks
     assert set(reported) <= {"130"}, log[-3000:]
     stopped = json.loads((out / INTERRUPTED).read_text())
-    assert stopped["signal"] == "SIGTERM" and stopped["epoch"] == 2
+    assert stopped["signal"] == sent.name and stopped["epoch"] == 2
     command = f"accelerate launch --multi_gpu --num_processes 2 -m core.run --resume {out}"
     assert stopped["resume"] == command
     assert log.count(f"continue with {command}") == 1  # from the main process only
@@ -122,17 +133,21 @@ def test_a_signal_to_one_process_stops_both(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("sent", [signal.SIGTERM, signal.SIGINT], ids=lambda s: s.name)
 def test_a_signal_to_the_launcher_stops_both(
-    procedural_dir, tmp_path, uninterrupted, probe_registered, capsys
+    procedural_dir, tmp_path, uninterrupted, probe_registered, capsys, sent
 ):
     step = uninterrupted[0]["steps"]
     out = tmp_path / "run"
     status, seconds, log = stop_two_processes(
-        procedural_dir, out, paused_rank=1, step=step, signal_launcher=True
+        procedural_dir, out, paused_rank=1, step=step, signal_launcher=True, sent=sent
     )
     assert seconds < STOP_SECONDS
-    assert status == 1, log[-3000:]
-    check_stop_and_resume(out, log, uninterrupted, step, capsys)
+    # accelerate launch exits 128 + the signal once torchrun's agent re-raises the signal it
+    # got (accelerate 1.16 and later), and 1 where it lets that exception escape (1.15): the
+    # status does not tell a stop from a crash; interrupted.json and each rank's 130 do
+    assert status in (1, 128 + sent), log[-3000:]
+    check_stop_and_resume(out, log, uninterrupted, step, capsys, sent)
 
 
 def test_an_interrupted_process_exits_130_through_a_late_sigterm():
