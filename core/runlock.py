@@ -9,10 +9,12 @@ from it (see ``Trainer.resolve_run_dir``).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 from typing import IO
@@ -37,7 +39,7 @@ class RunLock:
     @classmethod
     def acquire(cls, run_dir: Path) -> RunLock:
         """Lock ``run_dir`` (which must exist) or raise ``RunFolderBusy`` naming the holder."""
-        handle = open(run_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held open for the run's life
+        handle = open_lock_file(run_dir / LOCK_FILE)
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -60,6 +62,37 @@ class RunLock:
         if self._handle is not None:
             self._handle.close()  # closing the file drops the lock
             self._handle = None
+
+
+def open_lock_file(path: Path) -> IO[str]:
+    """``path`` opened for reading and writing, created if missing, refused (UsageError naming
+    it) unless it is a plain file of its own.
+
+    The lock must stay on one file for the run's life, so it cannot be written beside and
+    renamed into place as a checkpoint is: instead a symlink planted at ``path`` is never
+    followed (``O_NOFOLLOW``), and a hard link to another file, a folder or a FIFO is never
+    written to.
+    """
+    # O_NONBLOCK: opening a FIFO returns at once, to be refused below
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as error:
+        problem = {
+            errno.ELOOP: "is a symbolic link, never followed to lock a run; remove it",
+            errno.EISDIR: "is a folder, not a lock file; remove it",
+        }.get(error.errno, f"cannot be opened as the run's lock file ({error.strerror})")
+        raise UsageError(f"{path}: {problem}") from None
+    status = os.fstat(fd)
+    problem = None
+    if not stat.S_ISREG(status.st_mode):
+        problem = "is not a regular file, so not a lock file"
+    elif status.st_nlink != 1:
+        problem = "has other names (hard links): locking the run would write into them"
+    if problem is not None:
+        os.close(fd)
+        raise UsageError(f"{path}: {problem}; remove it")
+    return os.fdopen(fd, "r+")
 
 
 def describe_holder(text: str) -> str:

@@ -83,3 +83,21 @@ def test_every_process_of_a_multi_process_run_stops_on_a_busy_folder(
     assert result.returncode != 0
     assert result.stderr.count(f"is in use by another run (pid {os.getpid()}") == 2
     assert sorted(path.name for path in out.iterdir()) == [LOCK_FILE]
+
+
+@pytest.mark.parametrize(
+    ("make", "problem"),
+    [
+        (Path.mkdir, "is a folder"),
+        (os.mkfifo, "is not a regular file"),
+    ],
+)
+def test_a_lock_file_that_is_no_plain_file_exits_2_naming_it(
+    procedural_dir: Path, tmp_path: Path, capsys, make, problem: str
+):
+    out = tmp_path / "run"
+    out.mkdir()
+    make(out / LOCK_FILE)
+    assert main(fast_args(procedural_dir, out, "--epochs", "1")) == 2
+    assert f"{out / LOCK_FILE}: {problem}" in capsys.readouterr().err
+    assert sorted(path.name for path in out.iterdir()) == [LOCK_FILE]

@@ -315,6 +315,26 @@ def test_training_and_predict_never_write_through_planted_links(
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary left"
 
 
+@pytest.mark.parametrize(
+    "link", [plant, lambda path, target: os.link(target, path)], ids=["symlink", "hard link"]
+)
+def test_a_link_planted_at_the_run_lock_is_refused_never_written_through(
+    procedural_dir, tmp_path, capsys, link
+) -> None:
+    """The lock file stays put for the run's life, so it cannot be renamed into place like a
+    checkpoint: it is opened without following a symlink, and one with other names (a hard
+    link) is refused too."""
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    out = tmp_path / "run"
+    out.mkdir()
+    link(out / "run.lock", victim)
+    assert run_main(fast_args(procedural_dir, out)) == 2
+    assert f"{out / 'run.lock'}: " in capsys.readouterr().err
+    assert victim.read_text() == "precious"
+    assert sorted(p.name for p in out.iterdir()) == ["run.lock"]
+
+
 # --- 4. predict's output: checked first, never the input, no partial file ----------------------
 
 
