@@ -52,7 +52,10 @@ def after_import() -> dict[str, Any]:
             return None
 
         loadable = compiled_ops_loadable()
+        torch.set_float32_matmul_precision("high")  # not the default, so a reset shows too
         registry = import_terratorch()
+        build = registry.build("terramind_v1_tiny_generate", pretrained=False,
+                               modalities=["S1GRD"], output_modalities=["S2L2A"])
         again = import_terratorch()
         import torchvision
 
@@ -61,6 +64,8 @@ def after_import() -> dict[str, Any]:
             "loadable": loadable,
             "has_tiny_generate": "terramind_v1_tiny_generate" in registry,
             "same_registry": again is registry,
+            "built": type(build).__name__,
+            "matmul_precision": torch.get_float32_matmul_precision(),
             "ops_nms": error(lambda: torchvision.ops.nms(boxes, scores, 0.5)),
             "torch_ops_nms": error(lambda: torch.ops.torchvision.nms(boxes, scores, 0.5)),
             "torch_ops_qnms": error(lambda: torch.ops.torchvision.qnms(boxes, scores, 0.5)),
@@ -78,6 +83,15 @@ def test_compiled_ops_do_not_load_here(after_import: dict[str, Any]) -> None:
 
 def test_terramind_is_registered(after_import: dict[str, Any]) -> None:
     assert after_import["has_tiny_generate"]
+
+
+def test_importing_terratorch_keeps_the_float32_matmul_precision(
+    after_import: dict[str, Any],
+) -> None:
+    # terratorch's Clay v1.5 backbone sets "medium" at import, which lets oneDNN compute
+    # float32 matmuls in bfloat16 on CPUs with AVX512-BF16 or AMX: every model of the
+    # process, RCAN-DEM included, would train and validate at bfloat16 precision
+    assert after_import["built"] and after_import["matmul_precision"] == "high"
 
 
 def test_second_call_is_cached(after_import: dict[str, Any]) -> None:

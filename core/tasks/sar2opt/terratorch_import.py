@@ -115,12 +115,19 @@ def import_terratorch() -> MultiSourceRegistry:
     The registry is what the sar2opt task builds TerraMind from, e.g.
     ``import_terratorch().build("terramind_v1_tiny_generate", ...)``. Cached, so later calls cost
     nothing. A missing or broken terratorch or peft is a ``UsageError`` with the install hint.
+
+    The process's float32 matmul precision is kept: terratorch's Clay v1.5 backbone sets it to
+    ``"medium"`` when imported, which lets oneDNN compute float32 matmuls in bfloat16 on CPUs
+    with AVX512-BF16 or AMX, for every model in the process, not only TerraMind.
     """
     shim_torchvision_ops()
+    precision = torch.get_float32_matmul_precision()
     try:
         importlib.import_module("terratorch")
         importlib.import_module("peft")
         registry = importlib.import_module("terratorch.registry")
     except ImportError as err:
         raise UsageError(f"{_INSTALL_HINT} ({type(err).__name__}: {err})") from None
+    finally:
+        torch.set_float32_matmul_precision(precision)
     return registry.FULL_MODEL_REGISTRY
