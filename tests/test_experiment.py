@@ -256,6 +256,49 @@ def test_bad_experiment_files_exit_2_naming_the_key(
     assert not (tmp_path / "exp").exists()
 
 
+def tiny_run_args(data: Path, out: Path, *extra: str) -> list[str]:
+    """One short epoch per run: what a refusal must stop before it starts."""
+    args = ["--epochs", "1", "--data", str(data), "--out", str(out), "--threads", "1", *extra]
+    for assignment in TINY:
+        args += ["--set", assignment]
+    return args
+
+
+@pytest.mark.parametrize("name", ["..", ".", ". ."])
+def test_an_arm_whose_folder_would_leave_out_exits_2_naming_it_and_the_file(
+    name: str, procedural_dir: Path, tmp_path: Path, capsys
+):
+    path = tmp_path / "spec.toml"
+    path.write_text(f'seeds = [0]\n[[arms]]\nname = "baseline"\n[[arms]]\nname = "{name}"\n')
+    out = tmp_path / "experiments" / "exp"
+    assert main(tiny_run_args(procedural_dir, out, "--config", str(path))) == 2
+    err = capsys.readouterr().err
+    assert f"{name!r}" in err and f"{path}.arms[1].name" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spec.toml"]
+
+
+@pytest.mark.parametrize(
+    ("text", "option", "message"),
+    [
+        ('seeds = []\n[[arms]]\nname = "baseline"\n', [], "'seeds' must list at least one"),
+        ('[[arms]]\nname = "baseline"\n', ["--seeds", ""], "--seeds names no seed"),
+        ('[[arms]]\nname = "baseline"\n', ["--seeds", " , "], "--seeds names no seed"),
+    ],
+)
+def test_no_seeds_exit_2_naming_the_key_or_option(
+    text: str, option: list[str], message: str, procedural_dir: Path, tmp_path: Path, capsys
+):
+    """An empty list of seeds is a mistake, not a request for the default seeds."""
+    path = tmp_path / "spec.toml"
+    path.write_text(text)
+    out = tmp_path / "exp"
+    assert main(tiny_run_args(procedural_dir, out, "--config", str(path), *option)) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert (f"@ {path}.seeds" in err) == (not option)
+    assert not out.exists()
+
+
 def test_paired_test_matches_the_closed_form():
     """Differences 1, 2, 3: t = 2 / (1 / sqrt 3); with 2 degrees of freedom Student's t has
     P(|T| >= t) = 1 - t / sqrt(t^2 + 2), and the 95 % interval is 2 ± 4.3027 / sqrt 3."""

@@ -13,6 +13,7 @@ from core.experiment.report import write_report
 from core.experiment.schedule import Runner, clock, count_rows, plan_jobs
 from core.experiment.spec import (
     BASELINE,
+    DEFAULT_SEEDS,
     REFERENCE,
     Experiment,
     SpecFile,
@@ -64,7 +65,7 @@ def build_experiment(args: argparse.Namespace) -> Experiment:
     spec = read_spec(args.config) if args.config else SpecFile(arms=tuple(parse_arms(args.arms)))
     if not spec.arms:
         raise UsageError("no arms given")
-    seeds = parse_seeds(args.seeds or ",".join(map(str, spec.seeds or (0, 1, 2))))
+    seeds = parse_seeds(args.seeds) if args.seeds is not None else spec.seeds or DEFAULT_SEEDS
     common = (*spec.set, *args.set)
     defaults = load_config(None, list(common))
     epochs = args.epochs if args.epochs is not None else spec.epochs

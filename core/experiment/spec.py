@@ -21,6 +21,7 @@ from core.plugins import PluginManager
 BASELINE = "baseline"
 REFERENCE = "bicubic"
 """A name reserved for the task's reference row (dem_sr: bicubic interpolation)."""
+DEFAULT_SEEDS = (0, 1, 2)
 CONTROLS = ("sham", "harmful")
 CORRECTIONS = ("holm", "bh", "none")
 TESTS = ("t", "wilcoxon")
@@ -31,11 +32,33 @@ def _non_empty(_: object, attribute: attrs.Attribute, value: str) -> None:
         raise ValueError(f"'{attribute.name}' must be a non-empty string")
 
 
+def folder_name(name: str) -> str:
+    """An arm's folder name: ``a,b`` -> ``a+b``; characters unsafe in paths -> ``-``."""
+    text = name.replace(",", "+").replace("|", "__").replace(" ", "")
+    return re.sub(r"[^A-Za-z0-9._+=-]", "-", text)
+
+
+def _inside_out(_: object, attribute: attrs.Attribute, value: str) -> None:
+    """``/`` never survives :func:`folder_name`, but ``.`` and ``..`` would put the arm's runs
+    in ``--out`` itself or above it."""
+    if folder_name(value) in (".", ".."):
+        raise ValueError(
+            f"'{attribute.name}' must give a folder inside --out: {value!r} is the folder "
+            f"{folder_name(value)!r}"
+        )
+
+
+def _seed_list(_: object, attribute: attrs.Attribute, value: tuple[int, ...] | None) -> None:
+    """An empty list is a mistake, not a request for the default seeds."""
+    if value is not None and (not value or len(set(value)) != len(value)):
+        raise ValueError(f"'{attribute.name}' must list at least one seed, each once: {value}")
+
+
 @attrs.frozen
 class Arm:
     """One plugin combination, with the overrides that only this arm gets."""
 
-    name: str = attrs.field(validator=_non_empty)
+    name: str = attrs.field(validator=[_non_empty, _inside_out])
     plugins: tuple[str, ...] = ()
     set: tuple[str, ...] = ()
     """``section.key=value`` overrides of this arm alone."""
@@ -54,9 +77,8 @@ class Arm:
 
     @property
     def slug(self) -> str:
-        """The arm's folder name: ``a,b`` -> ``a+b``; characters unsafe in paths -> ``-``."""
-        text = self.name.replace(",", "+").replace("|", "__").replace(" ", "")
-        return re.sub(r"[^A-Za-z0-9._+=-]", "-", text)
+        """The arm's folder name (:func:`folder_name`)."""
+        return folder_name(self.name)
 
 
 @attrs.frozen
@@ -64,7 +86,7 @@ class SpecFile:
     """The keys of an experiment TOML file; command-line options take precedence."""
 
     arms: tuple[Arm, ...] = ()
-    seeds: tuple[int, ...] | None = None
+    seeds: tuple[int, ...] | None = attrs.field(default=None, validator=_seed_list)
     epochs: int | None = attrs.field(
         default=None, validator=attrs.validators.optional(check.positive_int)
     )
@@ -111,7 +133,10 @@ def parse_arm(spec: str) -> Arm:
         plugins = []
     elif BASELINE in plugins:
         raise UsageError(f"--arms: arm {name!r}: 'baseline' means no plugins; it stands alone")
-    return Arm(name, tuple(plugins), tuple(overrides))
+    try:
+        return Arm(name, tuple(plugins), tuple(overrides))
+    except ValueError as error:
+        raise UsageError(f"--arms: arm {name!r}: {error}") from None
 
 
 def parse_arms(text: str) -> list[Arm]:
@@ -185,6 +210,8 @@ def parse_seeds(text: str) -> tuple[int, ...]:
         seeds = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
         raise UsageError(f"--seeds expects comma-separated integers, got {text!r}") from None
-    if not seeds or len(set(seeds)) != len(seeds):
+    if not seeds:
+        raise UsageError(f"--seeds names no seed, got {text!r}")
+    if len(set(seeds)) != len(seeds):
         raise UsageError(f"--seeds needs distinct seeds, got {text!r}")
     return seeds
