@@ -173,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_FAILED
         finally:
             trainer.release_run_dir()
+            # A process group left to the interpreter's exit can abort it: gloo's worker
+            # threads still hold work then ("terminate called without an active exception")
+            trainer.accelerator.state.destroy_process_group()
     except UsageError as error:
         # notes name the plugin and hook when a plugin raised it
         print(f"error: {error}", *getattr(error, "__notes__", []), sep="\n", file=sys.stderr)

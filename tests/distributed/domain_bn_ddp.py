@@ -191,6 +191,7 @@ def main() -> None:
     result["train_running_pcgrad"] = train(args.data, args.out / "running", "running", pcgrad)
     result["train_global_pcgrad"] = train(args.data, args.out / "global_pcgrad", "global", pcgrad)
     (args.out / f"rank{rank}.json").write_text(json.dumps(result))
+    accelerator.state.destroy_process_group()  # as core.run does: gloo may abort the exit
 
 
 if __name__ == "__main__":

@@ -258,6 +258,7 @@ def main(argv: list[str]) -> None:
         "backward_collectives": BackwardCollective.calls,
     }
     torch.save(saved, args.out / f"probe_rank{rank}.pt")
+    trainer.accelerator.state.destroy_process_group()  # as core.run does: gloo may abort the exit
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ def main(data_dir: str, run_dir: str, out: str) -> None:
         "trained": probe.batches,
     }
     (Path(out) / f"rank{trainer.accelerator.process_index}.json").write_text(json.dumps(record))
+    trainer.accelerator.state.destroy_process_group()  # as core.run does: gloo may abort the exit
 
 
 if __name__ == "__main__":
