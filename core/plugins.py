@@ -29,7 +29,7 @@ import torch
 from core import hookspecs
 from core.config import structure, unstructure
 from core.errors import PluginError
-from core.registry import BUILTIN, Registration, registrations
+from core.registry import BUILTIN, Registration, failure, registrations
 
 T = TypeVar("T")
 
@@ -379,13 +379,12 @@ def describe_all() -> list[dict[str, str]]:
         try:
             loaded = source.load()
         except PluginError as error:
-            cause = error.__cause__
             rows.append(
                 {
                     "name": name,
                     "origin": source.origin,
                     "hooks": "-",
-                    "summary": f"BROKEN: {type(cause).__name__}: {cause}",
+                    "summary": f"BROKEN: {failure(error.__cause__)}",
                 }
             )
             continue

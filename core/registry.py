@@ -35,18 +35,29 @@ class Registration:
     """What a failure to load raises (exit 2, naming the name and its origin)."""
 
     def load(self) -> Any:
-        """Import the target; any failure becomes ``error`` naming the origin."""
+        """Import the target; any failure becomes ``error`` naming the origin.
+
+        ``sys.exit()`` in the imported code is such a failure too; Ctrl-C and the signals
+        terraplug turns into exceptions still stop the command.
+        """
         module_name, _, attribute = self.target.partition(":")
         try:
             obj: Any = importlib.import_module(module_name)
             for part in filter(None, attribute.split(".")):
                 obj = getattr(obj, part)
-        except Exception as error:
+        except (Exception, SystemExit) as error:
             raise self.error(
                 f"{self.kind} {self.name!r} from {self.origin} ({self.target}) failed to load: "
-                f"{type(error).__name__}: {error}"
+                f"{failure(error)}"
             ) from error
         return obj
+
+
+def failure(error: BaseException) -> str:
+    """``Type: message`` of an import's failure; a ``SystemExit``'s message is only its code."""
+    if isinstance(error, SystemExit):
+        return f"SystemExit: sys.exit({error.code!r}) called on import"
+    return f"{type(error).__name__}: {error}"
 
 
 def registrations(

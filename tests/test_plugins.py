@@ -27,6 +27,9 @@ from core.plugins import (
     unknown_plugin_message,
 )
 from plugins import BUILTIN_PLUGINS
+from tests.conftest import install_distribution
+from tests.test_run import run_cli
+from tests.test_task_registry import write_distribution
 
 
 class Double:
@@ -480,3 +483,28 @@ def test_a_plugin_without_options_accepts_only_an_empty_section():
     assert PluginManager.from_names(["balanced_grad"], {"balanced_grad": {}}).active
     with pytest.raises(ConfigError, match=r"anything.*plugins\.balanced_grad"):
         PluginManager.from_names(["balanced_grad"], {"balanced_grad": {"anything": 1}})
+
+
+def test_a_plugin_that_exits_at_import_is_listed_as_broken(tmp_path: Path):
+    """``sys.exit()`` in a plugin's module is a failure to load like any other: the listing
+    goes on and shows it, and a run that needs it stops naming it."""
+    source = write_distribution(
+        tmp_path / "exiting",
+        "terraplug-exiting-plugin",
+        "import sys\n\nsys.exit(3)\n",
+        {"terraplug.plugins": {"exiting": "terraplug_exiting_plugin:Plugin"}},
+    )
+    site = install_distribution(source, tmp_path / "site")
+    listing = run_cli(sys.executable, "-m", "core.run", "--list-plugins", path=[site])
+    assert listing.returncode == 0, listing.stderr[-3000:]
+    rows = {line.split()[0]: line for line in listing.stdout.splitlines()}
+    assert set(BUILTIN_PLUGINS) < set(rows)
+    assert "terraplug-exiting-plugin 0.0.1" in rows["exiting"]
+    assert rows["exiting"].endswith("BROKEN: SystemExit: sys.exit(3) called on import")
+    for args in (["--list-plugins", "--strict-plugins"], ["--plugins", "exiting"]):
+        result = run_cli(sys.executable, "-m", "core.run", *args, "--out",
+                         str(tmp_path / "run"), path=[site])  # fmt: skip
+        assert result.returncode == 2, result.stderr[-3000:]
+        assert "plugin 'exiting' from terraplug-exiting-plugin 0.0.1" in result.stderr
+        assert "SystemExit: sys.exit(3) called on import" in result.stderr
+    assert not (tmp_path / "run").exists()

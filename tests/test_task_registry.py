@@ -3,6 +3,7 @@ and the task registry refuses unknown names, taken names and another task's conf
 
 from __future__ import annotations
 
+import re
 import sys
 import tomllib
 from pathlib import Path
@@ -21,6 +22,28 @@ def template_task(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The template task distribution, pip-installed for real into a folder of its own."""
     target = tmp_path_factory.mktemp("template-task") / "site"
     return install_distribution(REPO / "entrypoints" / "terraplug-example-task", target)
+
+
+def write_distribution(
+    source: Path, name: str, module: str, entry_points: dict[str, dict[str, str]]
+) -> Path:
+    """A distribution ``name`` in ``source``, ready for ``install_distribution``: one module,
+    ``name`` with ``_`` for ``-``, holding ``module``, and ``entry_points`` ({group: {entry
+    point name: ``module:attribute``}})."""
+    package = name.replace("-", "_")
+    (source / "src" / package).mkdir(parents=True)
+    (source / "src" / package / "__init__.py").write_text(module)
+    groups = "".join(
+        f'[project.entry-points."{group}"]\n'
+        + "".join(f'{key} = "{value}"\n' for key, value in entries.items())
+        for group, entries in entry_points.items()
+    )
+    (source / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools>=69"]\nbuild-backend = "setuptools.build_meta"\n'
+        f'[project]\nname = "{name}"\nversion = "0.0.1"\ndependencies = []\n{groups}'
+        '[tool.setuptools.packages.find]\nwhere = ["src"]\n'
+    )
+    return source
 
 
 @pytest.fixture
@@ -86,14 +109,11 @@ def test_template_task_refuses_bad_config(template_task_installed, args, message
 
 
 def test_distribution_taking_a_task_name_is_refused(tmp_path: Path):
-    source = tmp_path / "dup"
-    (source / "src" / "terraplug_dup_task").mkdir(parents=True)
-    (source / "src" / "terraplug_dup_task" / "__init__.py").write_text("class Dup:\n    pass\n")
-    (source / "pyproject.toml").write_text(
-        '[build-system]\nrequires = ["setuptools>=69"]\nbuild-backend = "setuptools.build_meta"\n'
-        '[project]\nname = "terraplug-dup-task"\nversion = "0.0.1"\ndependencies = []\n'
-        '[project.entry-points."terraplug.tasks"]\ndem_sr = "terraplug_dup_task:Dup"\n'
-        '[tool.setuptools.packages.find]\nwhere = ["src"]\n'
+    source = write_distribution(
+        tmp_path / "dup",
+        "terraplug-dup-task",
+        "class Dup:\n    pass\n",
+        {"terraplug.tasks": {"dem_sr": "terraplug_dup_task:Dup"}},
     )
     site = install_distribution(source, tmp_path / "site")
     result = run_cli(sys.executable, "-m", "core.run", "--task", "dem_sr",
@@ -123,3 +143,79 @@ def test_the_harness_leaves_another_task_its_own_default_data(template_task_inst
         run_training(tmp_path, epochs=1, task="dem_denoise")
     assert not (tmp_path / "tiles").exists()
 
+
+HALF_TASK = '''\
+import attrs
+
+
+@attrs.frozen
+class NoKeys:
+    """A config section without keys."""
+
+
+class HalfTask:
+    """Written against a contract it only half implements."""
+
+    name = "half"
+    sections = {"model": NoKeys, "loss": NoKeys}
+    components = ("l1",)
+    report_metrics = ()
+    reference_name = "none"
+    forward_losses = "not a method"
+
+    def __init__(self):
+        self.skipped = []
+
+    def epoch_summary(self, row):
+        return ""
+
+    def plot_examples(self):
+        return []
+'''
+HALF_TASK_LACKS = (
+    "build_datasets", "build_model", "forward_losses", "validate", "checkpoint_meta",
+    "export_model", "write_plots", "predict", "terrains",
+)  # fmt: skip
+
+
+def test_a_task_class_missing_protocol_members_exits_2_naming_each(
+    procedural_dir: Path, tmp_path: Path
+):
+    entry_points = {"half": "terraplug_half_task:HalfTask", "module": "terraplug_half_task"}
+    source = write_distribution(
+        tmp_path / "half", "terraplug-half-task", HALF_TASK, {"terraplug.tasks": entry_points}
+    )
+    site = install_distribution(source, tmp_path / "site")
+    out = tmp_path / "run"
+    result = run_cli(sys.executable, "-m", "core.run", "--task", "half", "--data",
+                     str(procedural_dir), "--out", str(out), path=[site])  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "terraplug-half-task 0.0.1" in result.stderr
+    assert "terraplug_half_task.HalfTask does not implement the Task protocol" in result.stderr
+    missing = result.stderr.rpartition("lacks ")[2]
+    assert sorted(re.findall(r"\w+", missing.split("(")[0])) == sorted(HALF_TASK_LACKS)
+    assert not out.exists()  # refused before anything was written
+
+    result = run_cli(sys.executable, "-m", "core.run", "--task", "module", "--data",
+                     str(procedural_dir), "--out", str(out), path=[site])  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "(terraplug_half_task) is a module, not a task class" in result.stderr
+    assert not out.exists()
+
+
+def test_a_task_that_exits_at_import_exits_2_naming_it(tmp_path: Path):
+    """``sys.exit()`` in a task's module is a failure to load, like an ImportError."""
+    source = write_distribution(
+        tmp_path / "exiting",
+        "terraplug-exiting-task",
+        "import sys\n\nsys.exit(3)\n",
+        {"terraplug.tasks": {"exiting": "terraplug_exiting_task:Task"}},
+    )
+    site = install_distribution(source, tmp_path / "site")
+    result = run_cli(sys.executable, "-m", "core.run", "--task", "exiting",
+                     "--out", str(tmp_path / "run"), path=[site])  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "task 'exiting' from terraplug-exiting-task 0.0.1" in result.stderr
+    assert "failed to load: SystemExit: sys.exit(3) called on import" in result.stderr
+    assert not (tmp_path / "run").exists()

@@ -9,6 +9,7 @@ from the ``terraplug.tasks`` entry-point group (name = what ``--task`` takes, va
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -147,12 +148,42 @@ class PredictOptions:
     progress: bool = True
 
 
+PER_INSTANCE = ("skipped",)
+"""Members of :class:`Task` that each instance sets for itself, unseen on the class."""
+
+
+def missing_members(cls: type) -> list[str]:
+    """The members of :class:`Task` that ``cls`` lacks: methods it does not define (or holds
+    as something not callable), and attributes it does not declare."""
+    methods = [
+        name
+        for name, value in vars(Task).items()
+        if inspect.isfunction(value) and not name.startswith("_")
+    ]
+    attributes = [name for name in Task.__annotations__ if name not in PER_INSTANCE]
+    return [name for name in methods if not callable(getattr(cls, name, None))] + [
+        name for name in attributes if not hasattr(cls, name)
+    ]
+
+
 def task_class(name: str) -> type[Task]:
-    """The class registered as ``name``; an unknown name is a ConfigError listing the known."""
+    """The class registered as ``name``; an unknown name, or a class that does not implement
+    :class:`Task`, is a ConfigError naming it, before anything is built or written."""
     known = registrations("task", BUILTIN_TASKS, TASK_GROUP, ConfigError)
     if name not in known:
         raise ConfigError(f"run.task: unknown task {name!r}; available: {', '.join(known)}")
-    return known[name].load()
+    registration = known[name]
+    cls = registration.load()
+    where = f"task {name!r} from {registration.origin} ({registration.target})"
+    if not isinstance(cls, type):
+        raise ConfigError(f"{where} is a {type(cls).__name__}, not a task class")
+    missing = missing_members(cls)
+    if missing:
+        raise ConfigError(
+            f"{where}: {cls.__module__}.{cls.__qualname__} does not implement the Task "
+            f"protocol; it lacks {', '.join(missing)} (see docs/architecture.md, Adding a task)"
+        )
+    return cls
 
 
 def get_task(name: str) -> Task:
