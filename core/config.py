@@ -9,6 +9,7 @@ task declares its ``[model]`` and ``[loss]`` sections (``Task.sections``).
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from collections.abc import Mapping
@@ -220,18 +221,32 @@ def unstructure(value: Any) -> Any:
 
 
 def parse_override(assignment: str) -> tuple[list[str], Any]:
-    """Split ``section.key=value``; the value is read as TOML, else taken as a string."""
+    """Split ``section.key=value``; the value is read as TOML (``_parse_value``)."""
     key, sep, text = assignment.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set expects section.key=value, got {assignment!r}")
     path = key.strip().split(".")
     if len(path) < 2 or not all(path):
         raise ConfigError(f"--set key {key!r} must name a section and a key, e.g. data.batch_size")
+    return path, _parse_value(".".join(path), text)
+
+
+def _parse_value(key: str, text: str) -> Any:
+    """``--set``'s value: TOML; else JSON, since ``json.dumps`` writes a character beyond the
+    BMP as a surrogate pair escape (``"\\ud83c\\udf0b"``) that TOML refuses; else a bare word
+    is a string. Text that opens a string, list or table but is neither is a mistake, not a
+    string with its quotes."""
     try:
-        value = tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = text
-    return path, value
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError as error:
+        problem = re.sub(r" \(at [^()]*\)$", "", str(error))  # its place in "v = ..."
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    if text.lstrip().startswith(('"', "'", "[", "{")):
+        raise ConfigError(f"--set {key}={text}: not a TOML value ({problem})")
+    return text
 
 
 def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
@@ -246,7 +261,7 @@ def _set_path(tree: dict[str, Any], path: list[str], value: Any) -> None:
 
 def read_toml(path: Path) -> dict[str, Any]:
     try:
-        return tomllib.loads(Path(path).read_text())
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except IsADirectoryError:
@@ -259,15 +274,32 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults, then the TOML file, then ``--set`` overrides, checked key by key; an error
-    names the key, and the file when there is one."""
+    names the key, and the file unless the file alone is valid (then an override is bad)."""
     if path is None:
         return _resolve({}, overrides)
     try:
         return _resolve(read_toml(path), overrides)
     except ConfigError as error:
-        if str(path) in str(error):
+        if str(path) in str(error) or (overrides and _valid(path)):
             raise
         raise ConfigError(f"{error} (in {path})") from None
+
+
+def _valid(path: Path) -> bool:
+    try:
+        _resolve(read_toml(path), [])
+    except ConfigError:
+        return False
+    return True
+
+
+def config_from_plain(tree: dict[str, Any], source: Path) -> Config:
+    """A config kept as plain values (the one a checkpoint was trained with), checked as a
+    file is; an error names ``source``."""
+    try:
+        return _resolve(dict(tree), [])
+    except ConfigError as error:
+        raise ConfigError(f"{error} (in {source})") from None
 
 
 def _resolve(tree: dict[str, Any], overrides: list[str]) -> Config:
@@ -306,4 +338,4 @@ def dump_config(config: Config, path: Path) -> None:
     tree = unstructure(config)
     if not tree["resumed"]:
         del tree["resumed"]
-    Path(path).write_text(tomli_w.dumps(tree))
+    Path(path).write_text(tomli_w.dumps(tree), encoding="utf-8")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -119,6 +121,23 @@ def test_existing_run_folder_is_not_overwritten(procedural_dir: Path, tmp_path: 
 def test_usage_errors_exit_2_naming_the_problem(args, message, tmp_path, capsys):
     assert main([*args, "--out", str(tmp_path / "run")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_paths_beyond_the_bmp_keep_their_characters(procedural_dir: Path, tmp_path: Path, capsys):
+    """An emoji in --data, --out and --resume names the folder it spells (json.dumps writes
+    it as a surrogate pair escape, which TOML alone refuses)."""
+    data = Path(shutil.copytree(procedural_dir, tmp_path / "tiles🌋"))
+    out = tmp_path / "run🌋"
+    assert main(fast_args(data, out, "--epochs", "1")) == 0
+    saved = tomllib.loads((out / "config.toml").read_text(encoding="utf-8"))
+    assert (saved["data"]["dir"], saved["run"]["out"]) == (str(data), str(out))
+    assert main(["--resume", str(out), "--epochs", "2"]) == 0
+    assert [row["epoch"] for row in read_metrics(out)] == [1, 2]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run🌋", "tiles🌋"]
+
+    # a quoted value that is neither TOML nor JSON is refused, not kept with its quotes
+    assert main(["--set", 'run.out="runs/x\\q"', "--epochs", "1"]) == 2
+    assert '--set run.out="runs/x\\q": not a TOML value' in capsys.readouterr().err
 
 
 def test_list_plugins_prints_name_origin_hooks_summary(capsys):
