@@ -5,16 +5,24 @@ optimizer settings are fixed (changing them would train a different model under 
 name). It may run longer (``run.epochs`` may grow, never shrink) and change how it reports
 and checkpoints (``MAY_CHANGE``). Anything else is refused with exit 2, naming each key with
 both values. Each resume is recorded in ``config.toml`` as a ``[[resumed]]`` note.
+
+The checkpoint carries the config it was trained with and the identity of its data
+(``data_identity``): ``config.toml`` edited since is held to the same rules as the command,
+and a data folder that changed is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from core.config import Config, ResumeNote, unstructure
-from core.errors import ConfigError
+from core.config import Config, ResumeNote, config_from_plain, parse_override, unstructure
+from core.errors import CheckpointError, ConfigError, DataError
+from core.run_folder import CHECKPOINT, CONFIG
+from core.safe_io import load_checkpoint
 
 MAY_GROW = frozenset({"run.epochs"})
 MAY_CHANGE = frozenset(
@@ -30,6 +38,8 @@ MAY_CHANGE = frozenset(
         "train.max_nonfinite_steps",
     }
 )
+GEOTIFF = frozenset({".tif", ".tiff"})
+"""The suffixes of the files ``data_identity`` counts (any case), as the tasks read them."""
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -54,11 +64,43 @@ def changed_keys(saved: Config, resumed: Config) -> dict[str, list[Any]]:
     }
 
 
-def check_resume(run_dir: Path, saved: Config, resumed: Config) -> dict[str, list[Any]]:
-    """The keys a resume changes; a ``ConfigError`` naming every key it may not change."""
+def trained_run(run_dir: Path) -> tuple[Config, dict[str, Any]]:
+    """The config ``run_dir``'s checkpoint was trained with, and the checkpoint."""
+    path = run_dir / CHECKPOINT
+    state = load_checkpoint(path)
+    if not {"config", "data"} <= state.keys():
+        raise CheckpointError(
+            f"{path}: it does not record the config and data it was trained with (an earlier "
+            "terraplug wrote it), so a resume cannot check them; start the run again"
+        )
+    return config_from_plain(state["config"], path), state
+
+
+def check_task(run_dir: Path, saved: Config, overrides: list[str]) -> None:
+    """Refuse another task before the run's sections are read as that task's (they would be
+    reported as unknown keys)."""
+    asked = [value for path, value in map(parse_override, overrides) if path == ["run", "task"]]
+    if asked and asked[-1] != saved.run.task:
+        raise ConfigError(
+            f"--resume {run_dir}: a resume keeps its task: the run has {saved.run.task!r}, "
+            f"this command asks for {asked[-1]!r}"
+        )
+
+
+def check_resume(
+    run_dir: Path, saved: Config, resumed: Config, edited: Config | None = None
+) -> dict[str, list[Any]]:
+    """The keys a resume changes; a ``ConfigError`` naming every key it may not change, and
+    whether the command asks for it or ``config.toml`` (``edited``, as it is now) does."""
     changes = changed_keys(saved, resumed)
+    in_file = changed_keys(saved, edited) if edited is not None else {}
+
+    def asker(key: str, after: Any) -> str:
+        edit = in_file.get(key)
+        return f"{run_dir / CONFIG} has" if edit and edit[1] == after else "this command asks for"
+
     refused = [
-        f"  {key}: the run has {before!r}, this command asks for {after!r}"
+        f"  {key}: the run has {before!r}, {asker(key, after)} {after!r}"
         for key, (before, after) in changes.items()
         if key not in MAY_CHANGE
         and not (key in MAY_GROW and before is not None and after is not None and after >= before)
@@ -69,7 +111,7 @@ def check_resume(run_dir: Path, saved: Config, resumed: Config) -> dict[str, lis
             f"and {', '.join(sorted(MAY_CHANGE))} may change. Refused:\n"
             + "\n".join(refused)
             + f"\nTo train with other settings, start a new run: python -m core.run --config "
-            f"{run_dir / 'config.toml'} --out NEW_DIR ..."
+            f"{run_dir / CONFIG} --out NEW_DIR ..."
         )
     return changes
 
@@ -82,3 +124,49 @@ def record_resume(saved: Config, resumed: Config, after_epoch: int) -> None:
         changed=changed_keys(saved, resumed),
     )
     resumed.resumed = [*saved.resumed, note]
+
+
+def data_identity(folder: str) -> dict[str, Any] | None:
+    """What a resume checks ``data.dir`` against: its GeoTIFFs (recursively, the files the
+    tasks read) counted, and their names, sizes and modification times hashed; None for the
+    built-in data (no folder)."""
+    if not folder:
+        return None
+    root = Path(folder)
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in GEOTIFF and not p.is_dir())
+    stats = [p.stat() if p.exists() else p.lstat() for p in files]  # lstat: a broken link
+    return {
+        "files": len(files),
+        "names": _digest(str(p.relative_to(root)) for p in files),
+        "sizes": _digest(s.st_size for s in stats),
+        "mtimes": _digest(s.st_mtime_ns for s in stats),
+    }
+
+
+def _digest(values: Iterable[Any]) -> str:
+    text = "\0".join(map(str, values))
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def check_data(run_dir: Path, saved: dict[str, Any] | None, folder: str) -> None:
+    """A ``DataError`` saying what changed when ``folder`` no longer holds the data the run
+    trained on (``saved``, its ``data_identity`` then)."""
+    now = data_identity(folder)
+    if now == saved:
+        return
+    if not Path(folder).is_dir():
+        what = f"is not a folder any more; the run trained on {saved['files']} GeoTIFFs there"
+    elif now["files"] != saved["files"]:
+        what = f"holds {now['files']} GeoTIFFs, the run trained on {saved['files']}"
+    elif now["names"] != saved["names"]:
+        what = f"holds {now['files']} GeoTIFFs, as many as the run trained on, by other names"
+    elif now["sizes"] != saved["sizes"]:
+        what = "holds the GeoTIFFs the run trained on by name, but some have another size"
+    else:
+        what = "holds the GeoTIFFs the run trained on by name and size, but some were modified "
+        what += "since the run started"
+    raise DataError(
+        f"--resume {run_dir}: data.dir {folder} {what}. A resume trains on the data its run "
+        f"started with: restore it, or start a new run: python -m core.run --config "
+        f"{run_dir / CONFIG} --out NEW_DIR"
+    )

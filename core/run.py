@@ -17,7 +17,7 @@ from core.config import Config, load_config
 from core.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, StorageError, UsageError
 from core.plugins import PluginManager, describe_all
 from core.provenance import version_line
-from core.resume import check_resume
+from core.resume import check_data, check_resume, check_task, record_resume, trained_run
 from core.run_folder import CHECKPOINT, CONFIG, METRICS
 
 
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def shortcut_overrides(args: argparse.Namespace) -> list[str]:
-    """The shortcut options as ``--set`` assignments (JSON scalars and lists are TOML)."""
+    """The shortcut options as ``--set`` assignments, in JSON (which ``--set`` reads)."""
     pairs = {
         "run.task": args.task,
         "run.epochs": args.epochs,
@@ -90,7 +90,7 @@ def plugin_names(option: str) -> list[str]:
 def resolve_config(args: argparse.Namespace) -> Config:
     overrides = [*shortcut_overrides(args), *args.set]
     if args.resume is None:
-        config = load_config(args.config, overrides)
+        config = absolute_data(load_config(args.config, overrides))
         config.resumed = []  # a run repeated from another's config.toml starts its own history
         return config
     saved = args.resume / CONFIG
@@ -99,8 +99,21 @@ def resolve_config(args: argparse.Namespace) -> Config:
         raise UsageError(f"--resume {args.resume}: {problem}")
     if args.config:
         raise UsageError("--resume uses the run's own config.toml; drop --config")
-    config = load_config(saved, [*overrides, f"run.out={json.dumps(str(args.resume))}"])
-    check_resume(args.resume, load_config(saved), config)
+    trained, checkpoint = trained_run(args.resume)
+    check_task(args.resume, trained, overrides)
+    run_out = f"run.out={json.dumps(str(args.resume))}"
+    config = absolute_data(load_config(saved, [*overrides, run_out]))
+    check_resume(args.resume, trained, config, edited=absolute_data(load_config(saved)))
+    check_data(args.resume, checkpoint["data"], config.data.dir)
+    record_resume(trained, config, after_epoch=checkpoint["epoch"])
+    return config
+
+
+def absolute_data(config: Config) -> Config:
+    """``data.dir`` as the folder it names here, where the run starts: a resume elsewhere
+    reads the same folder."""
+    if config.data.dir:
+        config.data.dir = str(Path(config.data.dir).absolute())
     return config
 
 

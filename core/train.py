@@ -34,12 +34,12 @@ from torch import nn
 from torch.utils.data import DataLoader, default_collate
 from tqdm.auto import tqdm
 
-from core.config import Config, dump_config, load_config
+from core.config import Config, dump_config, unstructure
 from core.context import RunContext, StepInfo
 from core.errors import UsageError
 from core.plots import plot_loss_curves
 from core.plugins import PluginManager
-from core.resume import record_resume
+from core.resume import data_identity
 from core.run_folder import CHECKPOINT, CONFIG, INTERRUPTED, METRICS, SUMMARY
 from core.runlock import RunLock, claim_run_dir
 from core.safe_io import load_checkpoint, nonfinite_tensors, save_tensors
@@ -273,6 +273,7 @@ class Trainer:
         """Build data, model and optimizer; returns the epoch to start from."""
         config, ctx, accelerator = self.config, self.ctx, self.accelerator
         set_seed(config.run.seed)
+        self.data_identity = data_identity(config.data.dir)  # before reading: what it reads
         train, val = ctx.task.build_datasets(config, ctx)
         ctx.train_dataset, self.val_dataset = train, val
         model = ctx.task.build_model(config)
@@ -295,10 +296,7 @@ class Trainer:
             start_epoch, plugin_states = self.load_checkpoint()
         else:
             config.plugins = ctx.plugins.resolved_sections(config.plugins)
-        if accelerator.is_main_process:
-            if self.resume:  # config.toml keeps the settings in force and the history
-                saved = load_config(self.run_dir / CONFIG)
-                record_resume(saved, config, after_epoch=start_epoch - 1)
+        if accelerator.is_main_process:  # the settings in force, and a resume's history
             dump_config(config, self.run_dir / CONFIG)
         ctx.epoch = start_epoch
         if config.train.tensorboard:
@@ -624,6 +622,8 @@ class Trainer:
             state = {
                 "epoch": completed_epoch,
                 "task": self.ctx.task.checkpoint_meta(),
+                "config": unstructure(self.config),  # what a resume holds config.toml to
+                "data": self.data_identity,
                 "processes": processes,
                 "global_step": self.ctx.global_step,
                 "model": weights,

@@ -4,16 +4,19 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 
 from core.config import load_config
 from core.errors import ConfigError
 from core.resume import check_resume
 from core.run import build_parser, main, resolve_config
 from core.runlock import RunLock
+from core.safe_io import load_checkpoint
 from tests.conftest import read_metrics
 from tests.test_bad_input import fast_args as cli_args
 
@@ -47,10 +50,11 @@ def test_resume_extends_epochs_records_it_and_refuses_other_plugins(
         holder.release()
     assert f"is in use by another run (pid {os.getpid()}" in capsys.readouterr().err
 
-    # a config.toml edited to another model: the checkpoint does not fit, exit 2 naming it
+    # a config.toml edited to another model: refused against the checkpoint's config
     (out / "config.toml").write_text(before[0].replace("n_feats = 8", "n_feats = 12"))
     assert main(["--resume", str(out)]) == 2
-    assert f"{out / 'checkpoint.pt'} does not match the model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"model.n_feats: the run has 8, {out / 'config.toml'} has 12" in err
     (out / "config.toml").write_text(before[0])
 
     # a new run from the resumed run's config.toml starts its own history
@@ -92,3 +96,88 @@ def test_longer_runs_and_reporting_options_may_change():
         "train.plot_every": [0, 2],
         "train.progress": ["auto", "always"],
     }
+
+
+def test_a_resume_reads_the_data_the_run_started_with(
+    procedural_dir: Path, tmp_path: Path, monkeypatch, capsys
+):
+    """``--data tiles`` is kept as the folder it named where the run started, and a resume
+    checks that it still holds the same GeoTIFFs (count, names, sizes, modification times)."""
+    start, elsewhere, out = tmp_path / "start", tmp_path / "elsewhere", tmp_path / "run"
+    tiles = Path(shutil.copytree(procedural_dir, start / "tiles"))
+    (elsewhere / "tiles").mkdir(parents=True)
+    for tile in sorted(procedural_dir.glob("*.tif"))[:8]:  # a folder of the same name
+        shutil.copy2(tile, elsewhere / "tiles")
+    monkeypatch.chdir(start)
+    assert main(cli_args(Path("tiles"), out)) == 0
+    assert tomllib.loads((out / "config.toml").read_text())["data"]["dir"] == str(tiles)
+
+    monkeypatch.chdir(elsewhere)
+    assert main(["--resume", str(out), "--epochs", "2"]) == 0
+    first, second = read_metrics(out)
+    assert second["terrain_counts"] == first["terrain_counts"], "trained on other tiles"
+
+    count = len(list(tiles.glob("*.tif")))
+    gone = tiles / "alpine_tile_0.tif"
+    kept = gone.read_bytes(), gone.stat().st_mtime_ns
+    gone.unlink()
+    assert main(["--resume", str(out), "--epochs", "3"]) == 2
+    err = capsys.readouterr().err
+    assert f"data.dir {tiles} holds {count - 1} GeoTIFFs, the run trained on {count}" in err
+    gone.write_bytes(kept[0])  # the same name and size, written again
+    assert main(["--resume", str(out), "--epochs", "3"]) == 2
+    assert "modified since the run started" in capsys.readouterr().err
+    assert len(read_metrics(out)) == 2
+
+    os.utime(gone, ns=(kept[1], kept[1]))  # restored as it was
+    assert main(["--resume", str(out), "--epochs", "3"]) == 0
+    assert len(read_metrics(out)) == 3
+
+
+def test_edits_to_config_toml_before_a_resume_follow_the_resume_rules(
+    procedural_dir: Path, tmp_path: Path, capsys
+):
+    """The checkpoint carries the config it was trained with; config.toml edited since is
+    held to the rules ``--set`` follows."""
+    out = tmp_path / "run"
+    assert main(cli_args(procedural_dir, out)) == 0
+    config = out / "config.toml"
+    original = config.read_text()
+    edits = [
+        ("lr = 0.001", "lr = 0.5", "optim.lr: the run has 0.001, {config} has 0.5"),
+        ("\nseed = 0\n", "\nseed = 7\n", "run.seed: the run has 0, {config} has 7"),
+    ]
+    for before, after, refused in edits:
+        config.write_text(original.replace(before, after, 1))
+        assert main(["--resume", str(out), "--epochs", "2"]) == 2
+        assert refused.format(config=config) in capsys.readouterr().err
+        assert len(read_metrics(out)) == 1
+
+    # a reporting option edited there may change, and the history records it
+    config.write_text(original.replace("plot_every = 0", "plot_every = 1", 1))
+    assert main(["--resume", str(out), "--epochs", "2"]) == 0
+    [note] = tomllib.loads(config.read_text())["resumed"]
+    assert note["changed"] == {"run.epochs": [1, 2], "train.plot_every": [0, 1]}
+
+    # a checkpoint that does not record its config cannot be checked: refused, naming it
+    checkpoint = out / "checkpoint.pt"
+    state = load_checkpoint(checkpoint)
+    del state["config"]
+    torch.save(state, checkpoint)
+    assert main(["--resume", str(out), "--epochs", "3"]) == 2
+    assert f"{checkpoint}: it does not record the config" in capsys.readouterr().err
+
+
+def test_a_resume_blames_the_command_for_its_own_mistakes(
+    procedural_dir: Path, tmp_path: Path, capsys
+):
+    out = tmp_path / "run"
+    assert main(cli_args(procedural_dir, out)) == 0
+    assert main(["--resume", str(out), "--set", "data.batch_size='ten'"]) == 2
+    err = capsys.readouterr().err
+    assert "expected int, got str 'ten' @ config.data.batch_size" in err
+    assert "config.toml" not in err
+    assert main(["--resume", str(out), "--task", "sar2opt"]) == 2
+    err = capsys.readouterr().err
+    assert "a resume keeps its task: the run has 'dem_sr', this command asks for 'sar2opt'" in err
+    assert "extra fields" not in err
