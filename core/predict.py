@@ -3,8 +3,8 @@
 The run's task does the work (``Task.predict``): a dem_sr run super-resolves a DEM, a
 sar2opt run translates Sentinel-1 to Sentinel-2. The output is checked before any work
 (never the input, never an existing file without ``--overwrite``) and written under a
-temporary name that replaces it only when complete; SIGINT and SIGTERM stop with status 130
-and leave no partial file.
+temporary name that replaces it only once it reads back whole; a full disk stops with status
+1 and SIGINT and SIGTERM with status 130, leaving no partial file.
 """
 
 from __future__ import annotations
@@ -14,7 +14,14 @@ import sys
 from pathlib import Path
 
 from core.data.geotiff import gdal_cache
-from core.errors import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
+from core.errors import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_USAGE,
+    StorageError,
+    UsageError,
+)
 from core.inference import run_task
 from core.safe_io import SignalInterrupt, check_output, signals_interrupt
 from core.tasks import PredictOptions, get_task
@@ -84,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
+    except StorageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILED
     except SignalInterrupt as stop:
         print(f"{stop}: stopped; {args.output} was not written", file=sys.stderr)
         return EXIT_INTERRUPTED

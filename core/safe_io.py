@@ -7,7 +7,7 @@ the prediction commands.
   whole and no temporary file behind.
 - A write the disk refuses (full, over quota, over a file-size limit) becomes a
   ``StorageError`` naming the device and the file, instead of the zip writer's
-  "unexpected pos".
+  "unexpected pos" or GDAL's message on stderr.
 - A checkpoint is read with torch's weights-only unpickler: tensors and plain Python values
   only, so a crafted file cannot run code; a checkpoint whose weights are NaN or inf is
   refused.
@@ -131,6 +131,22 @@ def replaced_when_done(path: Path) -> Iterator[Path]:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+ROOM_PROBE_BYTES = 16 * 2**20
+"""What ``probe_refused_write`` appends: more than the largest block a GeoTIFF writer sends
+at once (256 x 256 pixels x 12 bands x 8 bytes is 6 MiB)."""
+
+
+def probe_refused_write(tmp: Path) -> None:
+    """Append ``ROOM_PROBE_BYTES`` to ``tmp``, a temporary file about to be removed, and sync
+    them: GDAL reports a refused write only to its error handler, without the errno, so the
+    same write from Python raises the ``OSError`` that says why (ENOSPC, EDQUOT, EFBIG).
+    Random bytes, since a file system that compresses would store zeros in no space."""
+    with open(tmp, "ab") as handle:
+        handle.write(os.urandom(ROOM_PROBE_BYTES))
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 def atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +28,10 @@ import torch
 from affine import Affine
 from rasterio._env import get_gdal_config
 from rasterio.env import getenv
+from rasterio.windows import Window
 
 import plugins
-from core.data.geotiff import open_geotiff, read_dem, write_dem
+from core.data.geotiff import geotiff_profile, open_geotiff, read_dem, write_dem, write_geotiff
 from core.errors import DataError, StorageError
 from core.hookspecs import hookimpl
 from core.plugins import Plugin
@@ -514,6 +516,13 @@ def test_resume_before_the_first_checkpoint_says_what_to_run(
 # --- 13. a full disk -------------------------------------------------------------------------
 
 
+def limit_file_size(limit: int) -> None:
+    """Files this process writes stop at ``limit`` bytes (``ulimit -f``): a write past it fails
+    with EFBIG, as one on a full disk fails with ENOSPC (Python ignores SIGXFSZ, which would
+    kill the process instead). Only the soft limit, so the hard one can restore it."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
 def test_a_full_disk_is_named_and_keeps_the_previous_checkpoint(
     procedural_dir: Path, tmp_path: Path
 ) -> None:
@@ -524,12 +533,8 @@ def test_a_full_disk_is_named_and_keeps_the_previous_checkpoint(
     assert run_main(fast_args(procedural_dir, out)) == 0
     checkpoint = out / CHECKPOINT
     before, limit = digest(checkpoint), checkpoint.stat().st_size // 2
-
-    def limit_file_size() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
     process = python("-m", "core.run", "--resume", str(out), "--epochs", "2",
-                     preexec_fn=limit_file_size)  # fmt: skip
+                     preexec_fn=partial(limit_file_size, limit))  # fmt: skip
     _, err = process.communicate(timeout=240)
     assert process.returncode == 1, err
     assert "file size limit (ulimit -f, or the file system's) exceeded on " in err
@@ -537,6 +542,49 @@ def test_a_full_disk_is_named_and_keeps_the_previous_checkpoint(
     assert digest(checkpoint) == before
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")], "temporary left"
     assert [row["epoch"] for row in read_metrics(out)] == [1]
+
+
+def test_predict_on_a_full_disk_is_named_and_keeps_the_previous_output(run_dir, tmp_path) -> None:
+    """Predict under a file-size limit half its output's size. GDAL reports the refused write
+    only to its error handler, so predict reads the file back before the rename: exit 1
+    naming the output, no file renamed into place, and the output ``--overwrite`` was to
+    replace stays byte for byte."""
+    src, earlier = dem(tmp_path / "in.tif", (200, 200)), tmp_path / "earlier.tif"
+    assert predict_main(["--checkpoint", str(run_dir), str(src), str(earlier), "--quiet"]) == 0
+    before, limit = digest(earlier), earlier.stat().st_size // 2
+    for dst, extra in ((tmp_path / "out.tif", []), (earlier, ["--overwrite"])):
+        args = ["--checkpoint", str(run_dir), str(src), str(dst), "--quiet", *extra]
+        process = python("-m", "core.predict", *args, preexec_fn=partial(limit_file_size, limit))
+        _, err = process.communicate(timeout=240)
+        assert process.returncode == 1, err
+        assert "file size limit (ulimit -f, or the file system's) exceeded on " in err
+        assert f"writing {dst} (left as it was)" in err and "Traceback" not in err
+    assert digest(earlier) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier.tif", "in.tif"]
+
+
+def test_the_geotiff_writer_reads_its_file_back_before_replacing_the_output(tmp_path) -> None:
+    """The writer of both predict tools, with sar2opt's output (12 bands of uint16): under a
+    real file-size limit, and with a block never written, the earlier output stays and no
+    temporary file is left."""
+    path = tmp_path / "s2.tif"
+    data = np.random.default_rng(0).integers(1, 10_000, (12, 300, 300), dtype=np.uint16)
+    profile = geotiff_profile(300, 300, 12, "uint16", UTM, UTM_TRANSFORM, 0)
+    with write_geotiff(path, profile) as dst:
+        dst.write(data)
+    before, limits = digest(path), resource.getrlimit(resource.RLIMIT_FSIZE)
+    refused = rf"file size limit .* exceeded on .*, writing {path} \(left as it was\)"
+    limit_file_size(path.stat().st_size // 2)
+    try:
+        with pytest.raises(StorageError, match=refused), write_geotiff(path, profile) as dst:
+            dst.write(data[::-1])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    sparse = {**profile, "sparse_ok": True}  # GDAL leaves a block it was never given empty
+    unfinished = rf"writing {path} failed: .*block"
+    with pytest.raises(StorageError, match=unfinished), write_geotiff(path, sparse) as dst:
+        dst.write(data[:, :100], window=Window(0, 0, 300, 100))
+    assert digest(path) == before and [p.name for p in tmp_path.iterdir()] == ["s2.tif"]
 
 
 def test_no_space_left_is_named_with_the_device(tmp_path: Path) -> None:

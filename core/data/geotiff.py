@@ -13,7 +13,7 @@ import functools
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,13 @@ from affine import Affine
 from pyproj import CRS as PyprojCRS
 from pyproj.aoi import AreaOfUse
 from rasterio.crs import CRS
-from rasterio.errors import CRSError, RasterioError
-from rasterio.io import DatasetReader
+from rasterio.errors import CRSError, RasterBlockError, RasterioError
+from rasterio.io import DatasetReader, DatasetWriter
 from rasterio.transform import array_bounds
 from rasterio.warp import transform_bounds
 
-from core.errors import DataError
+from core.errors import DataError, StorageError
+from core.safe_io import probe_refused_write, replaced_when_done
 
 ELEVATION_RANGE_M = (-11_000.0, 9_000.0)
 """Every elevation on Earth lies inside (Challenger Deep -10,935 m, Everest 8,849 m)."""
@@ -258,6 +259,50 @@ def geotiff_profile(
         "predictor": 3 if floating else 2,
         "BIGTIFF": "IF_SAFER",
     }
+
+
+@contextlib.contextmanager
+def write_geotiff(path: Path, profile: Mapping[str, Any]) -> Iterator[DatasetWriter]:
+    """A GeoTIFF writer on a temporary file that replaces ``path`` only once it reads back
+    whole (``replaced_when_done``).
+
+    GDAL reports a write the disk refuses (full, over quota, ``ulimit -f``) to its error
+    handler and carries on, closing a truncated file without raising, so the file is read
+    back, every block of it, before the rename. A failure is a ``StorageError`` naming
+    ``path`` and, when the disk refuses writes, its reason; ``path`` is left as it was.
+    """
+    with replaced_when_done(path) as tmp:
+        try:
+            with rasterio.open(tmp, "w", **profile) as dst:
+                yield dst
+            problem = unreadable_part(tmp, profile)
+        except RasterioError as error:  # a failed write GDAL did raise
+            problem = str(error.__cause__ or error)
+        if problem is not None:
+            probe_refused_write(tmp)  # the disk's OSError becomes a StorageError naming path
+            raise StorageError(f"writing {path} failed: {problem} (left as it was)")
+
+
+def unreadable_part(path: Path, profile: Mapping[str, Any]) -> str | None:
+    """What keeps ``path`` from reading back as the GeoTIFF ``profile`` describes: not a
+    GeoTIFF, other bands or size, a block never written (GDAL leaves its size 0) or one that
+    cannot be read. None when every block reads."""
+    wanted = (profile["count"], profile["height"], profile["width"], np.dtype(profile["dtype"]))
+    try:
+        with rasterio.Env(**GEOTIFF_ONLY), rasterio.open(path, driver="GTiff") as ds:
+            found = (ds.count, ds.height, ds.width, np.dtype(ds.dtypes[0]))
+            if found != wanted:
+                return f"it reads back as {found} (bands, height, width, dtype), not {wanted}"
+            for (row, col), window in ds.block_windows(1):
+                try:
+                    for band in ds.indexes:
+                        ds.block_size(band, row, col)
+                except RasterBlockError:
+                    return f"block {row},{col} holds no data"
+                ds.read(window=window)
+    except RasterioError as error:
+        return f"it does not read back ({error.__cause__ or error})"
+    return None
 
 
 def write_dem(

@@ -20,11 +20,10 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
-from core.data.geotiff import geotiff_profile, mask_implausible, open_dem
+from core.data.geotiff import geotiff_profile, mask_implausible, open_dem, write_geotiff
 from core.data.windows import taper, window_starts
 from core.errors import DataError, UsageError
 from core.inference import TrainedRun
-from core.safe_io import replaced_when_done
 from core.tasks import PredictOptions
 from core.tasks.dem_sr.data.dataset import normalisation
 from core.tasks.dem_sr.terrain import TERRAINS, terrain_index
@@ -96,15 +95,12 @@ class Predictor:
         return [p * std + mean for p, (_, mean, std) in zip(pred, chunk, strict=True)]
 
     def run(self, src_path: Path, dst_path: Path, progress: bool = True) -> None:
-        """Write the super-resolved raster through a temporary file, so a failure or a
-        signal never leaves a half-written ``dst_path``, nor the temporary file."""
-        with open_dem(src_path) as src, replaced_when_done(dst_path) as tmp:
+        """Write the super-resolved raster through ``write_geotiff``, so a failure, a full
+        disk or a signal never leaves a half-written ``dst_path``, nor the temporary file."""
+        with open_dem(src_path) as src:
             nodata = src.nodata if src.nodata is not None and np.isfinite(src.nodata) else np.nan
-            try:
-                with rasterio.open(tmp, "w", **self._profile(src, nodata)) as dst:
-                    self._stream(src, dst, nodata, progress)
-            except RasterioError as error:  # a write; reading errors are DataErrors already
-                raise DataError(f"{dst_path}: cannot be written: {error}") from None
+            with write_geotiff(dst_path, self._profile(src, nodata)) as dst:
+                self._stream(src, dst, nodata, progress)
 
     def _profile(self, src: rasterio.DatasetReader, nodata: float) -> dict:
         """Float32 (super-resolved elevations are fractional), the input's CRS and nodata."""

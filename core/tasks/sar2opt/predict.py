@@ -22,10 +22,9 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
-from core.data.geotiff import geotiff_profile, open_geotiff, require_file
+from core.data.geotiff import geotiff_profile, open_geotiff, require_file, write_geotiff
 from core.data.windows import taper, window_starts
 from core.errors import DataError, UsageError
-from core.safe_io import replaced_when_done
 from core.tasks import PredictOptions
 from core.tasks.sar2opt.adapters import load_run_terramind
 from core.tasks.sar2opt.data import OPTICAL_BANDS, SAR_BANDS, TERRAMIND_V1
@@ -81,18 +80,16 @@ class SarToOpticalPredictor:
         return optical * self.optical_std + self.optical_mean
 
     def run(self, src_path: Path, dst_path: Path, progress: bool = True) -> None:
-        """Write through a temporary file, so a failure never leaves a half-written output."""
-        with open_sar(src_path) as src, replaced_when_done(dst_path) as tmp:
+        """Write through ``write_geotiff``, so a failure or a full disk never leaves a
+        half-written output."""
+        with open_sar(src_path) as src:
             profile = geotiff_profile(
                 src.height, src.width, len(OPTICAL_BANDS), "uint16", src.crs, src.transform, NODATA
             )
-            try:
-                with rasterio.open(tmp, "w", **profile) as dst:
-                    dst.descriptions = OPTICAL_BANDS
-                    dst.scales = (1 / REFLECTANCE_SCALE,) * len(OPTICAL_BANDS)
-                    self._stream(src, dst, progress)
-            except RasterioError as error:  # a write; reading errors are DataErrors already
-                raise DataError(f"{dst_path}: cannot be written: {error}") from None
+            with write_geotiff(dst_path, profile) as dst:
+                dst.descriptions = OPTICAL_BANDS
+                dst.scales = (1 / REFLECTANCE_SCALE,) * len(OPTICAL_BANDS)
+                self._stream(src, dst, progress)
 
     def _read(self, src: rasterio.DatasetReader, row: int, rows: int) -> np.ndarray:
         """``[2, rows, width]`` dB, NaN where the raster says nodata."""
