@@ -29,6 +29,11 @@ from core.tasks import PredictOptions, get_task
 DEFAULT_GDAL_CACHE_MB = 64
 """GDAL's block cache for reading and writing: a few rows of 256 x 256 tiles of the widest
 rasters, instead of GDAL's default of 5 % of RAM."""
+MAX_WINDOW = 2048
+"""The largest ``--window``, in input pixels: 32 times the largest default training tile
+(sar2opt's 64). A window goes through the model and is blended in one piece, with weights of
+(window x scale)^2 float64, so a larger one only exhausts memory (100000 at dem_sr's scale 3:
+671 GiB of weights alone)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--checkpoint", type=Path, required=True, metavar="RUN_DIR")
     parser.add_argument("input", type=Path)
     parser.add_argument("output", type=Path)
-    parser.add_argument("--window", type=int, help="input window size (default: training tiles)")
+    parser.add_argument(
+        "--window",
+        type=int,
+        help=f"input window size in pixels, 1 to {MAX_WINDOW} (default: the training tiles')",
+    )
     parser.add_argument(
         "--overlap", type=int, help="input pixels of overlap on each side (default: window / 4)"
     )
@@ -70,6 +79,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_window(window: int | None) -> None:
+    """Refuse a ``--window`` no task can use, before the run loads: 0 is not the default."""
+    if window is None:
+        return
+    if window < 1:
+        raise UsageError(
+            f"--window {window}: must be at least 1 (omit --window for the training tiles' size)"
+        )
+    if window > MAX_WINDOW:
+        raise UsageError(
+            f"--window {window}: at most {MAX_WINDOW} input pixels (a window goes through the "
+            "model in one piece)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     options = PredictOptions(
@@ -85,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             check_output(args.output, args.input, args.overwrite)
             if args.gdal_cache < 1:
                 raise UsageError(f"--gdal-cache {args.gdal_cache} must be at least 1 (MB)")
+            check_window(args.window)
             task = get_task(run_task(args.checkpoint))
             with gdal_cache(args.gdal_cache):
                 task.predict(args.checkpoint, args.input, args.output, options)

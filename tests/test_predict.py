@@ -243,6 +243,23 @@ def test_bad_run_folder_or_options_exit_2(trained_run: Path, tmp_path: Path, cap
 
 
 @pytest.mark.parametrize(
+    ("window", "problem"),
+    [("0", "must be at least 1"), ("-16", "must be at least 1"), ("100000", "at most 2048")],
+)
+def test_a_window_out_of_bounds_exits_2_naming_it(
+    trained_run: Path, tmp_path: Path, capsys, window: str, problem: str
+) -> None:
+    """``--window 0`` is not taken for the default, and a window whose blending weights alone
+    would take 671 GiB (100000 input pixels at scale 3) is refused before anything is
+    allocated; both before the run is loaded, for every task."""
+    src = write_dem(tmp_path / "in.tif", terrain((20, 20)), UTM_TRANSFORM, UTM)
+    dst = tmp_path / "out.tif"
+    assert main(["--checkpoint", str(trained_run), str(src), str(dst), "--window", window]) == 2
+    assert f"--window {window}: {problem}" in capsys.readouterr().err
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize(
     ("original", "edited", "message", "named"),
     [
         # [model] holds RCAN's keys, which sar2opt's TerraMind section does not have

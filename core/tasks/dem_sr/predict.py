@@ -196,7 +196,9 @@ def predict(run_dir: Path, src: Path, dst: Path, options: PredictOptions) -> Non
     with open_dem(src):
         pass  # a bad input is reported before the model loads
     trained = TrainedRun.restore(run_dir, cpu=options.cpu)
-    window = options.window or max(trained.checkpoint_meta["lr_shape"])
+    window = (
+        options.window if options.window is not None else max(trained.checkpoint_meta["lr_shape"])
+    )
     overlap = options.overlap if options.overlap is not None else window // 4
     terrain = options.domain or (
         guess_terrain(src, strict=options.strict_data)
