@@ -46,11 +46,16 @@ def run(model: nn.Module, manager: PluginManager, ctx: RunContext, lr, terrain) 
 @torch.no_grad()
 def test_mixed_batch_is_modulated_per_sample_by_its_terrain(tmp_path: Path):
     torch.manual_seed(0)
-    plain = build_rcan("small", 2)
+    # float64: oneDNN picks convolution kernels by batch size, so a batch and a sample alone
+    # sum in different orders; in float32 that moves outputs by ~1e-6 relative, and by 1e-2
+    # where a process computes float32 convolutions in bfloat16 (AVX512-BF16/AMX CPUs).
+    # float64 rounding (~1e-16) keeps assert_close's float64 default (rtol 1e-7) and
+    # allclose's rtol 1e-5 far from both the rounding and the terrains' differences
+    plain = build_rcan("small", 2).double()
     model, manager, ctx = configured(tmp_path, copy.deepcopy(plain))
     film = film_of(model)
     assert len(film.film) == 2, "one modulation point per residual group (small: 2)"
-    lr = torch.randn(1, 1, 8, 8).expand(len(MIXED), -1, -1, -1)
+    lr = torch.randn(1, 1, 8, 8, dtype=torch.float64).expand(len(MIXED), -1, -1, -1)
     assert torch.equal(run(model, manager, ctx, lr, MIXED), plain(lr)), "starts as identity"
 
     for layer in film.film:  # as after training: the maps are no longer zero
@@ -79,6 +84,8 @@ def test_untrained_terrain_uses_the_mean_embedding_of_trained_ones_in_evaluation
     own = film.modulate(0, x)  # training: every terrain its own embedding
     film.eval()
     fallback = film.modulate(0, x)
+    # float32 defaults (atol 1e-5 + rtol 1.3e-6): gamma and beta are dot products of 16
+    # terms; outputs up to ~8 lie within 1e-6 of float64 in any summation order: 10x margin
     torch.testing.assert_close(fallback[:2], own[:2])
     mean = film.embedding.weight[:2].mean(0)
     gamma, beta = film.film[0](mean).chunk(2)
@@ -120,6 +127,9 @@ def test_trains_end_to_end_and_the_checkpoint_keeps_the_modulation(train_run, tm
     with torch.no_grad():
         out = run(loaded, ctx.plugins, ctx, lr, MIXED)
         expected = run(probe.model.eval(), ctx.plugins, ctx, lr, MIXED)
+    # float32 defaults: the same weights on the same batch in one process run the same
+    # kernels, and rows 0 and 3 are the same input and terrain in that batch, so each pair is
+    # equal up to at most a last-bit difference, far below atol 1e-5
     torch.testing.assert_close(out, expected)
     assert not torch.allclose(out[0], out[1]), "terrains modulate differently after training"
     torch.testing.assert_close(out[0], out[3])
