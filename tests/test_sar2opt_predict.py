@@ -6,6 +6,7 @@ One short ``teacher_forcing`` run (TerraMind tiny, random weights) is shared by 
 from __future__ import annotations
 
 import json
+import resource
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from core.tasks.sar2opt.adapters import ADAPTERS, load_merged, load_run_terramin
 from core.tasks.sar2opt.data import OPTICAL_BANDS
 from core.tasks.sar2opt.task import SarToOptical
 from tests.conftest import read_metrics
+from tests.test_safety import limit_file_size
 
 pytestmark = pytest.mark.slow
 
@@ -146,6 +148,29 @@ def test_predict_turns_a_sentinel1_scene_into_a_georeferenced_sentinel2_geotiff(
     valid = data[:, 5:, :]
     assert (valid > 0).all() and valid.mean() < 10_000  # reflectance DN, not standardised
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_predict_on_a_full_disk_exits_1_and_leaves_no_output(
+    run_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """sar2opt writes through the GeoTIFF writer that reads its file back (tested under a
+    file-size limit in tests/test_safety.py): a limit far below the output's size is exit 1
+    naming the output, with no output and no temporary file left."""
+    from core.predict import main
+
+    source, output = tmp_path / "s1.tif", tmp_path / "s2.tif"
+    write_s1_scene(source, 90, 100)
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    limit_file_size(4096)
+    try:
+        status = main(["--checkpoint", str(run_dir), str(source), str(output), "--quiet"])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    assert status == 1
+    err = capsys.readouterr().err
+    assert "file size limit (ulimit -f, or the file system's) exceeded on " in err
+    assert f"writing {output} (left as it was)" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["s1.tif"]
 
 
 def test_predict_reads_a_geotiff_only(run_dir: Path, tmp_path: Path, capsys) -> None:
