@@ -96,6 +96,9 @@ def train_both(momentum: float | None) -> tuple[TerrainBatchNorm2d, PerTerrainRe
         x_ref = x.detach().clone().requires_grad_()
         layer.route(terrain)
         out, expected = layer(x), reference(x_ref, terrain, training=True)
+        # 1e-5: both sides are float32 BN in different summation orders; outputs (up to 6),
+        # input gradients (up to 5), affine gradients (sums of 570 terms, up to 73) and
+        # running statistics (up to 17) differ by 1/10 of atol + rtol * |value| or less
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
         upstream = torch.randn_like(out)
         (out * upstream).sum().backward()
@@ -109,7 +112,7 @@ def train_both(momentum: float | None) -> tuple[TerrainBatchNorm2d, PerTerrainRe
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_mixed_batch_is_normalised_like_each_terrains_own_batchnorm(momentum):
     layer, reference = train_both(momentum)
-    for t in range(len(TERRAINS)):
+    for t in range(len(TERRAINS)):  # float32 rounding of BN moments: 1e-5 as in train_both
         torch.testing.assert_close(layer.running_mean[t], reference.mean[t], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(layer.running_var[t], reference.var[t], atol=1e-5, rtol=1e-5)
     assert layer.num_batches_tracked.tolist() == reference.batches
@@ -123,7 +126,7 @@ def test_eval_uses_each_terrains_running_statistics():
     terrain = torch.tensor(labels)
     x = features(labels, seed=99)
     layer.route(terrain)
-    with torch.no_grad():
+    with torch.no_grad():  # float32 x * scale + shift against (x - mean) / std: as train_both
         torch.testing.assert_close(
             layer(x), reference(x, terrain, training=False), atol=1e-5, rtol=1e-5
         )
@@ -144,7 +147,7 @@ def test_unseen_terrain_uses_the_mixture_of_the_seen_terrains():
     expected = F.batch_norm(
         x, mix_mean, mix_var, reference.bn.weight, reference.bn.bias, eps=reference.bn.eps
     )
-    with torch.no_grad():
+    with torch.no_grad():  # the mixture in float32 in another order: 1e-5 as in train_both
         torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -158,6 +161,8 @@ def test_before_training_the_swapped_layer_is_the_original_batchnorm():
     assert (layer.eps, layer.momentum) == (bn.eps, bn.momentum)
     x = torch.randn(6, 1, 7, 7)
     layer.route(torch.tensor([0, 1, 2, 3, 4, 0]))
+    # float32 defaults (atol 1e-5): the same convolution, then BN in another summation order
+    # on outputs up to ~4, which rounds by ~2e-7
     model.eval()
     original.eval()
     with torch.no_grad():
@@ -194,7 +199,7 @@ def test_state_dict_round_trip_keeps_per_terrain_statistics_and_seen_flags():
     x = features([0, 4, 2, 1], seed=5)
     for m in (model, fresh):
         m[1].route(torch.tensor([0, 4, 2, 1]))
-    with torch.no_grad():
+    with torch.no_grad():  # exact: the same weights, input and kernels in one process
         torch.testing.assert_close(fresh(x), model(x), atol=0, rtol=0)
 
 
@@ -245,7 +250,7 @@ def test_training_run_with_batch_norm_is_finite_and_learns_per_terrain_statistic
     assert layers
     for layer in layers:
         assert layer.seen.tolist() == (probe.counts > 0).tolist()
-        trained = layer.running_mean[layer.seen]
+        trained = layer.running_mean[layer.seen]  # differ by ~1e-2, allclose's bound is 1e-6
         assert not torch.allclose(trained, trained[:1].expand_as(trained)), (
             "terrains with different features must end with different statistics"
         )
@@ -261,6 +266,8 @@ def test_two_processes_where_one_lacks_terrains(tmp_path: Path, procedural_dir):
     result = subprocess.run(command, capture_output=True, text=True, timeout=150)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    # 1e-5: values up to ~2.5 whose float32 sums (over processes, or over the global batch in
+    # one) differ in order only, by a few float32 epsilons: under 1/100 of atol + rtol * |value|
     close = partial(torch.testing.assert_close, atol=1e-5, rtol=1e-5)
     for sync in SYNC_MODES:
         expected = reference(sync)
