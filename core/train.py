@@ -184,18 +184,26 @@ def load_trained_state(model: nn.Module, state: dict[str, torch.Tensor], source:
 
 
 def rng_state() -> dict[str, Any]:
-    """This process's Python, NumPy and torch generator states."""
-    return {
+    """This process's Python, NumPy and torch generator states, and CUDA's (one ByteTensor
+    per device) where CUDA is available: dropout and sampling on a GPU draw from those."""
+    state = {
         "python": random.getstate(),
         "numpy": numpy_rng_state(),
         "torch": torch.get_rng_state(),
     }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def restore_rng(state: dict[str, Any]) -> None:
+    """Restore :func:`rng_state`; CUDA's states go to the devices there are (a resume on the
+    CPU, or on fewer GPUs, cannot repeat the others' draws)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
 
 
 class Trainer:

@@ -181,3 +181,26 @@ def test_a_resume_blames_the_command_for_its_own_mistakes(
     err = capsys.readouterr().err
     assert "a resume keeps its task: the run has 'dem_sr', this command asks for 'sar2opt'" in err
     assert "extra fields" not in err
+
+
+def test_cuda_generator_states_round_trip_through_a_checkpoint_and_a_resume(
+    procedural_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Exact resume on a GPU needs CUDA's generators too. Without a GPU, a fake CUDA with two
+    devices (``train.cpu`` keeps the model on the CPU) shows the states reach the real
+    checkpoint file, read weights-only, and come back on a real resume."""
+    devices = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
+    restored: list[list[torch.Tensor]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(devices))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [s.clone() for s in devices])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    out = tmp_path / "run"
+    assert main(cli_args(procedural_dir, out, "--set", "train.cpu=true")) == 0
+    [process] = load_checkpoint(out / "checkpoint.pt")["processes"]
+    assert [state.tolist() for state in process["rng"]["cuda"]] == [s.tolist() for s in devices]
+
+    saved = [s.clone() for s in devices]
+    devices[0] += 1  # the generators moved on after the checkpoint
+    assert main(["--resume", str(out), "--epochs", "2", "--set", "train.progress='never'"]) == 0
+    assert [state.tolist() for state in restored[0]] == [s.tolist() for s in saved]
