@@ -154,11 +154,12 @@ def test_expected_code_error_is_exact_and_the_gumbel_sample_estimates_it_at_tau_
     targets = torch.randint(0, 7, (2, 3))
     p = torch.softmax(logits / 0.7, dim=-1)
     distances = (codebook[None, None] - codebook[targets][..., None, :]).square().sum(-1)
+    # float32 defaults: sums of 7 terms of up to ~40 round by ~1e-6 in any order
     torch.testing.assert_close(
         expected_code_error(logits, codebook, targets, 0.7), (p * distances).sum(-1)
     )
     draws = torch.stack([gumbel_code_error(logits, codebook, targets, 0.3) for _ in range(4000)])
-    tolerance = 5 * draws.std(0) / math.sqrt(len(draws))
+    tolerance = 5 * draws.std(0) / math.sqrt(len(draws))  # 5 standard errors: P(|Z| > 5) = 6e-7
     gap = (draws.mean(0) - expected_code_error(logits, codebook, targets, 1.0)).abs()
     assert bool((gap < tolerance).all()), (gap, tolerance)
 
@@ -226,14 +227,20 @@ def test_token_logits_come_in_raster_order_whatever_order_roar_visits(
 ) -> None:
     """ROAR shuffles the decoder's query order at random; the logits handed to the plugins
     must not depend on that shuffle, or token i would be scored against target j."""
-    sar = torch.randn(2, 2, 64, 64)
+    # In float64: another query order is another summation order, and the float32 rounding
+    # that ~300 M parameters amplify varies with the CPU's kernels (up to 3.5e-3 in this
+    # model's logits). In float64 the logits (up to ~0.7) move by ~1e-15, so forward's
+    # cast to float32 leaves them at most one float32 ulp apart: rtol float32 epsilon, and
+    # atol 1e-12 for logits near 0
+    model = copy.deepcopy(terramind).double()
+    sar = torch.randn(2, 2, 64, 64, dtype=torch.float64)
     with torch.no_grad():
         torch.manual_seed(1)
-        first = terramind(sar, output="logits")
+        first = model(sar, output="logits")
         torch.manual_seed(2)
-        second = terramind(sar, output="logits")
+        second = model(sar, output="logits")
     assert first.shape == (2, 16, 15360)
-    torch.testing.assert_close(first, second, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(first, second, rtol=torch.finfo(torch.float32).eps, atol=1e-12)
 
 
 def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_gradient(
@@ -241,8 +248,9 @@ def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_gradient(
 ) -> None:
     """Checkpointed blocks run their forward again in the backward pass; the LoRA gradients
     are those of the plain model, and parameter names (LoRA targets) do not change."""
-    model = copy.deepcopy(terramind)  # the module's other tests use the plain blocks
-    sar, names = torch.randn(1, 2, 64, 64), [n for n, _ in model.named_parameters()]
+    model = copy.deepcopy(terramind).double()  # the module's other tests use the plain blocks
+    sar = torch.randn(1, 2, 64, 64, dtype=torch.float64)
+    names = [n for n, _ in model.named_parameters()]
     calls = []
     hook = model.terramind.encoder[0].attn.register_forward_hook(lambda *_: calls.append(1))
 
@@ -260,8 +268,11 @@ def test_gradient_checkpointing_recomputes_blocks_and_keeps_the_gradient(
     assert len(calls) == 3  # forward, then recomputed in backward
     assert [n for n, _ in model.named_parameters()] == names
     hook.remove()
+    # float64: the recomputed blocks run the same kernels with the same RNG state, so the
+    # gradients (up to 4e-4) can differ only where an accumulation order changes, by ~1e-16
+    # relative; rtol 1e-9 and atol 1e-12 (zero gradients) leave a margin of 1e3 or more
     for name, grad in plain.items():
-        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(checkpointed[name], grad, rtol=1e-9, atol=1e-12)
 
 
 def test_bf16_frozen_weights_keep_lora_in_fp32_and_the_loss_close(terramind: nn.Module) -> None:
@@ -362,6 +373,8 @@ def test_refiner_caches_generations_and_freezes_terramind(tmp_path: Path) -> Non
     assert stored_key(out, "refiner_generated")["diffusion_steps"] == 2
     terramind = again.accelerator.unwrap_model(again.model).terramind_generator
     sar = again.ctx.train_dataset[0]["sar"].unsqueeze(0)
+    # float32 defaults: the cache was generated tile by tile with this seed, the same kernels
+    # on the same input in this process, so at most a last-bit difference
     torch.testing.assert_close(
         torch.from_numpy(np.load(out / "cache" / "refiner_generated.npy")[:1]),
         terramind.generate(sar, 2, again.config.run.seed),
@@ -436,6 +449,7 @@ def test_validation_scores_every_tile_alike_whatever_the_batch_size(tmp_path: Pa
         assert math.isfinite(row[key]), key
     assert 0 <= row["val_token_accuracy"] <= 1 and row["val_token_ce"] > 0
     assert list(row["val_l1_by_band"]) == list(OPTICAL_BANDS)
+    # approx's rel 1e-6: float32 means of non-negative terms (no cancellation) round by ~1e-7
     assert np.mean(list(row["val_l1_by_band"].values())) == pytest.approx(row["val_l1"])
     assert list(trainer.ctx.task.ceilings) == [1]
 
@@ -455,6 +469,7 @@ def test_decoder_thresholding_bounds_images_to_one_standard_deviation(
             bounds[thresholding] = float(terramind.decode(tokens, (64, 64), 1, 0).abs().max())
     finally:
         terramind.configure_generation(top_p=0.8, temperature=1.0, thresholding=False, clip=3.0)
+    # 1e-6: a few float32 ulps (1.2e-7 above 1) of the scheduler's arithmetic after its clamp
     assert bounds[True] <= 1.0 + 1e-6
     assert 1.0 < bounds[False] <= 3.0 + 1e-6
 
