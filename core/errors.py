@@ -1,10 +1,12 @@
 """Errors a user can fix, and the exit statuses of every command (DESIGN.md §3).
 
-The CLIs print a UsageError's message and exit with ``EXIT_USAGE``; ``StorageError`` exits
-with ``EXIT_FAILED`` (the input was fine, the disk was not).
+Every CLI reports an error through :func:`report_error`: a UsageError exits with
+``EXIT_USAGE``, ``StorageError`` with ``EXIT_FAILED`` (the input was fine, the disk was not).
 """
 
 from __future__ import annotations
+
+import sys
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -39,3 +41,15 @@ class CheckpointError(UsageError):
 class StorageError(Exception):
     """The disk refused a write (full, over quota, over a file-size limit); the message
     names the device and the file, whose previous version is left as it was."""
+
+
+def report_error(error: Exception) -> int:
+    """Print ``error`` as every command does and return the exit status it gets.
+
+    ``error: MESSAGE`` on stderr, then each of its notes on a line of its own (``core.plugins``
+    adds one naming the plugin and hook that raised it). A UsageError is ``EXIT_USAGE``;
+    anything else a command reports without a traceback (a full disk, a diverged run) is
+    ``EXIT_FAILED``.
+    """
+    print(f"error: {error}", *getattr(error, "__notes__", ()), sep="\n", file=sys.stderr)
+    return EXIT_USAGE if isinstance(error, UsageError) else EXIT_FAILED

@@ -14,14 +14,7 @@ import sys
 from pathlib import Path
 
 from core.data.geotiff import gdal_cache
-from core.errors import (
-    EXIT_FAILED,
-    EXIT_INTERRUPTED,
-    EXIT_OK,
-    EXIT_USAGE,
-    StorageError,
-    UsageError,
-)
+from core.errors import EXIT_INTERRUPTED, EXIT_OK, StorageError, UsageError, report_error
 from core.inference import run_task
 from core.safe_io import SignalInterrupt, check_output, signals_interrupt
 from core.tasks import PredictOptions, get_task
@@ -113,12 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             task = get_task(run_task(args.checkpoint))
             with gdal_cache(args.gdal_cache):
                 task.predict(args.checkpoint, args.input, args.output, options)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
-    except StorageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_FAILED
+    except (UsageError, StorageError) as error:
+        return report_error(error)
     except SignalInterrupt as stop:
         print(f"{stop}: stopped; {args.output} was not written", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from core.config import Config, load_config
-from core.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, StorageError, UsageError
+from core.errors import EXIT_INTERRUPTED, EXIT_USAGE, StorageError, UsageError, report_error
 from core.plugins import PluginManager, describe_all
 from core.provenance import version_line
 from core.resume import check_data, check_resume, check_task, record_resume, trained_run
@@ -182,17 +182,14 @@ def main(argv: list[str] | None = None) -> int:
                 )
             return EXIT_INTERRUPTED
         except (NonFiniteLossError, StorageError) as error:
-            print(f"error: {error}", file=sys.stderr)
-            return EXIT_FAILED
+            return report_error(error)
         finally:
             trainer.release_run_dir()
             # A process group left to the interpreter's exit can abort it: gloo's worker
             # threads still hold work then ("terminate called without an active exception")
             trainer.accelerator.state.destroy_process_group()
     except UsageError as error:
-        # notes name the plugin and hook when a plugin raised it
-        print(f"error: {error}", *getattr(error, "__notes__", []), sep="\n", file=sys.stderr)
-        return EXIT_USAGE
+        return report_error(error)
     return 0
 
 

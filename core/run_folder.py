@@ -7,7 +7,9 @@
     RUN_DIR/checkpoint.pt    the last checkpoint (weights-only, see docs/safety.md)
     RUN_DIR/summary.json     written when the run finishes
     RUN_DIR/interrupted.json written when a signal stopped it: how to resume
-    RUN_DIR/*.png            plots
+    RUN_DIR/run.lock         held by the live run (core.runlock)
+    RUN_DIR/cache/           per-tile caches a task or plugin keeps for the run
+    RUN_DIR/*.png            plots: loss_curves.png and the task's own
 """
 
 CONFIG = "config.toml"
@@ -15,3 +17,6 @@ METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.pt"
 SUMMARY = "summary.json"
 INTERRUPTED = "interrupted.json"
+LOCK_FILE = "run.lock"
+CACHE = "cache"
+LOSS_CURVES = "loss_curves.png"

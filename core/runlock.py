@@ -20,9 +20,7 @@ from pathlib import Path
 from typing import IO
 
 from core.errors import UsageError
-from core.run_folder import METRICS
-
-LOCK_FILE = "run.lock"
+from core.run_folder import LOCK_FILE, METRICS
 
 
 class RunFolderBusy(UsageError):

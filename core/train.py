@@ -40,7 +40,7 @@ from core.errors import UsageError
 from core.plots import plot_loss_curves
 from core.plugins import PluginManager
 from core.resume import data_identity
-from core.run_folder import CHECKPOINT, CONFIG, INTERRUPTED, METRICS, SUMMARY
+from core.run_folder import CHECKPOINT, CONFIG, INTERRUPTED, LOSS_CURVES, METRICS, SUMMARY
 from core.runlock import RunLock, claim_run_dir
 from core.safe_io import load_checkpoint, nonfinite_tensors, save_tensors
 from core.spikes import count_loss_spikes
@@ -167,18 +167,18 @@ def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
 def load_trained_state(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
     """Load a checkpoint's trained weights; one that does not fit (config.toml's [model] or
     data.scale edited after training) is a UsageError naming ``source``."""
-    edited = "was config.toml's [model] or data.scale edited after training?"
+    edited = f"was {CONFIG}'s [model] or data.scale edited after training?"
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # torch lists every tensor of another shape
         lines = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
         raise UsageError(
-            f"{source} does not match the model its config.toml describes ({lines[:1]}); {edited}"
+            f"{source} does not match the model its {CONFIG} describes ({lines[:1]}); {edited}"
         ) from None
     absent = set(missing) - frozen_parameter_names(model)
     if absent or unexpected:
         raise UsageError(
-            f"{source} does not match the model its config.toml describes: "
+            f"{source} does not match the model its {CONFIG} describes: "
             f"missing {sorted(absent)[:5]}, unexpected {sorted(unexpected)[:5]}; {edited}"
         )
 
@@ -591,7 +591,7 @@ class Trainer:
     @torch.no_grad()
     def write_plots(self) -> None:
         """``loss_curves.png``, then the task's own plots of its example samples."""
-        plot_loss_curves(self.rows, self.run_dir / "loss_curves.png", self.ctx.task.components)
+        plot_loss_curves(self.rows, self.run_dir / LOSS_CURVES, self.ctx.task.components)
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 from core.config import load_config
-from core.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError
+from core.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError, report_error
 from core.experiment.report import write_report
 from core.experiment.schedule import Runner, clock, count_rows, plan_jobs
 from core.experiment.spec import (
@@ -99,8 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         check_arms(experiment, args.out)
         finished, pending = plan_jobs(experiment, args.out)
     except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return report_error(error)
     report_dir = args.report_dir or args.out
     total = len(finished) + len(pending)
     status = 0

@@ -13,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 from core.data.geotiff import read_dem
-from core.errors import EXIT_OK, EXIT_USAGE, DataError
+from core.errors import EXIT_OK, EXIT_USAGE, DataError, report_error
 from core.tasks.dem_sr.data.labels import label_tile, terrain_stats
 from core.tasks.dem_sr.terrain import TERRAINS
 
@@ -34,14 +34,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             files = _expand(path)
         except DataError as error:
-            print(f"error: {error}", file=sys.stderr)
+            report_error(error)
             failed += 1
             continue
         for file in files:
             try:
                 category, line = _classify(file)
             except DataError as error:
-                print(f"error: {error}", file=sys.stderr)
+                report_error(error)
                 failed += 1
                 continue
             counts[category] += 1

@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from core.config import Config, load_config
-from core.errors import EXIT_OK, EXIT_USAGE, UsageError
+from core.errors import EXIT_OK, UsageError, report_error
 from core.run_folder import CONFIG
 from core.tasks.sar2opt.terramind import TerraMindSarToOptical, lora_parameters
 from core.tasks.sar2opt.terratorch_import import import_terratorch
@@ -127,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
         save_file(merged_state(args.run_dir), args.merged)
     except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return EXIT_USAGE
+        return report_error(error)
     return EXIT_OK
 
 

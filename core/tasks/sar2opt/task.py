@@ -24,6 +24,7 @@ from core.context import RunContext
 from core.data.datasets import train_val_split
 from core.errors import UsageError
 from core.keyed_cache import cached_rows, fingerprint
+from core.run_folder import CACHE
 from core.tasks import Batch, PredictOptions, ReportMetric, metric_text
 from core.tasks.sar2opt import metrics
 from core.tasks.sar2opt.bigearthnet import ensure_bigearthnet_pairs
@@ -170,7 +171,7 @@ class SarToOptical:
         """``compute`` over every tile of ``dataset`` (default: training), kept
         memory-mapped in ``cache/<name>.npy`` of the run folder and recomputed whenever
         ``key`` changes."""
-        path = ctx.run_dir / "cache" / f"{name}.npy"
+        path = ctx.run_dir / CACHE / f"{name}.npy"
         rows = len(self.train_dataset if dataset is None else dataset)
         return cached_rows(path, key, rows, compute, ctx.accelerator)
 
