@@ -6,7 +6,11 @@ One short ``teacher_forcing`` run (TerraMind tiny, random weights) is shared by 
 from __future__ import annotations
 
 import json
+import pickle
+import re
 import resource
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +20,7 @@ import torch
 from accelerate import Accelerator
 from affine import Affine
 from rasterio.crs import CRS
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from core.context import RunContext
@@ -25,7 +29,7 @@ from core.tasks.sar2opt.adapters import ADAPTERS, load_merged, load_run_terramin
 from core.tasks.sar2opt.data import OPTICAL_BANDS
 from core.tasks.sar2opt.task import SarToOptical
 from tests.conftest import read_metrics
-from tests.test_safety import limit_file_size
+from tests.test_safety import Payload, digest, limit_file_size
 
 pytestmark = pytest.mark.slow
 
@@ -211,3 +215,163 @@ def test_predict_refuses_a_one_band_raster_naming_it(
         dst.write(np.zeros((1, 8, 8), dtype=np.float32))
     assert main(["--checkpoint", str(run_dir), str(source), str(tmp_path / "o.tif")]) == 2
     assert "one_band.tif: needs 2 bands" in capsys.readouterr().err
+
+
+def copied_run(run_dir: Path, to: Path) -> Path:
+    """A copy of the module's run folder to tamper with."""
+    shutil.copytree(run_dir, to)
+    return to
+
+
+def run_files(run: Path) -> dict[Path, str]:
+    return {path: digest(path) for path in run.rglob("*") if path.is_file()}
+
+
+def test_merged_export_never_replaces_the_runs_own_files(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Not even with --overwrite, and by any name (a link to the run folder): the checkpoint
+    and config of a run folder are what resumes it."""
+    from core.tasks.sar2opt.adapters import main
+
+    run = copied_run(run_dir, tmp_path / "run")
+    (tmp_path / "alias").symlink_to(run)
+    before = run_files(run)
+    own = [run / "checkpoint.pt", run / "config.toml", run / "metrics.jsonl", run / ADAPTERS,
+           run / ADAPTERS / "adapter_model.safetensors", run / "merged.safetensors",
+           tmp_path / "alias" / "checkpoint.pt"]  # fmt: skip
+    for output in own:
+        assert main([str(run), "--merged", str(output), "--overwrite"]) == 2
+        assert f"{output}: inside the run folder" in capsys.readouterr().err
+    assert run_files(run) == before
+
+
+def test_merged_export_replaces_an_existing_output_only_with_overwrite(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """As predict's output: refused without --overwrite; with it, a link at the output is
+    replaced by the export, never written through to the checkpoint it points to."""
+    from core.tasks.sar2opt.adapters import main
+
+    run = copied_run(run_dir, tmp_path / "run")
+    before = run_files(run)
+    output = tmp_path / "merged.safetensors"
+    output.symlink_to(run / "checkpoint.pt")
+    assert main([str(run), "--merged", str(output)]) == 2
+    assert f"{output}: exists; pass --overwrite" in capsys.readouterr().err
+    assert main([str(run), "--merged", str(output), "--overwrite"]) == 0
+    assert not output.is_symlink() and not any("lora_" in key for key in load_file(output))
+    assert run_files(run) == before
+
+
+@pytest.mark.parametrize(
+    ("key", "before", "after"),
+    [("run.seed", "seed = 0", "seed = 1"), ("model.terramind", 'terramind = "tiny"',
+                                             'terramind = "small"')],
+)  # fmt: skip
+def test_predict_refuses_frozen_weights_the_checkpoint_was_not_trained_with(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture, key: str, before: str,
+    after: str,
+) -> None:  # fmt: skip
+    """The frozen random weights are rebuilt from config.toml's seed and size: an edit after
+    training would change every output silently, so the checkpoint's fingerprint of them
+    decides, for predict and the merged export alike."""
+    from core.predict import main as predict_main
+    from core.tasks.sar2opt.adapters import main as export_main
+
+    run = copied_run(run_dir, tmp_path / "run")
+    config = run / "config.toml"
+    text = config.read_text()
+    assert len(re.findall(rf"(?m)^{before}$", text)) == 1, key
+    config.write_text(re.sub(rf"(?m)^{before}$", after, text))
+    source, output = tmp_path / "s1.tif", tmp_path / "s2.tif"
+    write_s1_scene(source, 32, 32)
+    commands = [
+        lambda: predict_main(["--checkpoint", str(run), str(source), str(output), "--quiet"]),
+        lambda: export_main([str(run), "--merged", str(tmp_path / "merged.safetensors")]),
+    ]
+    for command in commands:
+        assert command() == 2
+        err = capsys.readouterr().err
+        assert f"{run / 'checkpoint.pt'}: TerraMind's frozen weights" in err, err
+        assert "config.toml edited after training?" in err
+    assert not output.exists() and not (tmp_path / "merged.safetensors").exists()
+
+
+def bad_json(folder: Path, marker: Path) -> str:
+    (folder / "adapter_config.json").write_text('{"r": 8, "lora_alpha": ')
+    return "adapter_config.json"
+
+
+def edit_adapter_config(**values: object) -> Callable[[Path, Path], str]:
+    def edit(folder: Path, marker: Path) -> str:
+        path = folder / "adapter_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **values}))
+        return "adapter_config.json"
+
+    return edit
+
+
+def wrong_shapes(folder: Path, marker: Path) -> str:
+    path = folder / "adapter_model.safetensors"
+    weights = load_file(path)  # rank 4 where adapter_config.json says 8
+    save_file({key: (value[:4] if "lora_A" in key else value[:, :4]).contiguous()
+               for key, value in weights.items()}, path)  # fmt: skip
+    return "adapter_model.safetensors"
+
+
+def pickle_payload(folder: Path, marker: Path) -> str:
+    (folder / "adapter_model.safetensors").write_bytes(pickle.dumps(Payload(marker), protocol=2))
+    return "adapter_model.safetensors"
+
+
+def junk(folder: Path, marker: Path) -> str:
+    (folder / "adapter_model.safetensors").write_bytes(np.random.default_rng(0).bytes(4096))
+    return "adapter_model.safetensors"
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [bad_json, edit_adapter_config(r=4), edit_adapter_config(target_modules=r".*\.mlp\.fc1"),
+     edit_adapter_config(use_rslora=True), wrong_shapes, pickle_payload, junk],
+    ids=["bad_json", "r", "target_modules", "use_rslora", "shapes", "pickle", "junk"],
+)  # fmt: skip
+def test_tampered_adapters_are_refused_naming_the_file_and_never_run(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+    tamper: Callable[[Path, Path], str],
+) -> None:  # fmt: skip
+    """The adapters are loaded by real peft from real files: each tampering is exit 2 naming
+    the file, nothing in it runs, and no output is written."""
+    from core.predict import main
+
+    run = copied_run(run_dir, tmp_path / "run")
+    marker = tmp_path / "payload-ran"
+    name = tamper(run / ADAPTERS, marker)
+    source, output = tmp_path / "s1.tif", tmp_path / "s2.tif"
+    write_s1_scene(source, 32, 32)
+    assert main(["--checkpoint", str(run), str(source), str(output), "--quiet"]) == 2
+    assert f"{run / ADAPTERS / name}: " in capsys.readouterr().err
+    assert not marker.exists(), "the adapters' payload ran"
+    assert not output.exists()
+
+
+def test_predict_warns_when_the_backscatter_looks_linear_not_db(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    """Linear sigma0 (the same scene as 10^(dB/10)) standardised as dB gives garbage without
+    any error: a warning names the file; the dB scene passes the same rule."""
+    from core.predict import main
+    from core.tasks.sar2opt.predict import linear_backscatter, open_sar
+
+    decibels, linear = tmp_path / "db.tif", tmp_path / "linear.tif"
+    write_s1_scene(decibels, 32, 32)
+    with rasterio.open(decibels) as src:
+        profile, data = src.profile, src.read()
+    with rasterio.open(linear, "w", **profile) as dst:
+        dst.write(np.where(data == -9999, data, 10 ** (data / 10)))
+    with open_sar(decibels) as src:
+        assert not linear_backscatter(src)
+    output = tmp_path / "s2.tif"
+    with pytest.warns(UserWarning, match=rf"{linear}: .*linear"):
+        assert main(["--checkpoint", str(run_dir), str(linear), str(output), "--quiet"]) == 0
+    assert output.exists()

@@ -12,6 +12,7 @@ output holds L2A digital numbers as the products do (uint16, reflectance x 10,00
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +35,10 @@ from core.tasks.sar2opt.terramind import TerraMindSarToOptical
 MULTIPLE = 32
 """Window sides must be multiples of this (the diffusion decoder's down-sampling)."""
 NODATA = 0
+LINEAR_MAX = 1.5
+LINEAR_SHARE = 0.9
+SAMPLE_SIDE = 1024
+""":func:`linear_backscatter` reads the scene decimated to at most this many pixels a side."""
 
 
 @contextlib.contextmanager
@@ -48,6 +53,33 @@ def open_sar(path: Path) -> Iterator[rasterio.DatasetReader]:
                 f"CRS; has {src.count} band(s), CRS {src.crs}"
             )
         yield src
+
+
+def linear_backscatter(src: rasterio.DatasetReader) -> str | None:
+    """What makes the scene look like linear backscatter rather than dB, or None.
+
+    TerraMind reads sigma0 in dB: Sentinel-1 GRD lies mostly between -30 and +5 dB, and most
+    of it is negative (TerraMind's means: -12.6 dB VV, -20.3 dB VH). Linear power (or
+    amplitude) is never negative and mostly below 1; standardised as dB it gives garbage
+    without any error. The rule: no valid value below 0, and at least ``LINEAR_SHARE``
+    (90 %) of them within [0, ``LINEAR_MAX``] (1.5), over the scene read decimated.
+    """
+    shape = (src.count, min(src.height, SAMPLE_SIDE), min(src.width, SAMPLE_SIDE))
+    try:
+        values = src.read(out_shape=shape, masked=True).compressed()
+    except RasterioError as error:
+        raise DataError(f"{src.name}: unreadable: {error}") from None
+    values = values[np.isfinite(values)]
+    if not values.size or values.min() < 0:
+        return None
+    share = float(np.mean(values <= LINEAR_MAX))
+    if share < LINEAR_SHARE:
+        return None
+    return (
+        f"the backscatter looks linear, not dB: no value below 0 and {share:.0%} within "
+        f"[0, {LINEAR_MAX:g}], where sigma0 in dB is mostly -30 to +5; TerraMind reads dB "
+        "(convert with 10 * log10(value)), so the output is likely garbage"
+    )
 
 
 class SarToOpticalPredictor:
@@ -137,11 +169,14 @@ class SarToOpticalPredictor:
 
 
 def predict(run_dir: Path, src: Path, dst: Path, options: PredictOptions) -> None:
-    """Load the run's TerraMind (config and adapters only) and translate ``src`` to ``dst``."""
+    """Load the run's TerraMind (config, adapters, and the checkpoint's fingerprint of the
+    frozen weights) and translate ``src`` to ``dst``; warn when ``src`` looks linear."""
     if options.domain is not None:
         raise UsageError("--terrain: a sar2opt run has no terrains")
-    with open_sar(src):
-        pass  # a bad input is reported before the model loads
+    with open_sar(src) as sar:  # a bad input is reported before the model loads
+        linear = linear_backscatter(sar)
+    if linear:
+        warnings.warn(f"{src}: {linear}", stacklevel=2)
     terramind, config, _ = load_run_terramind(run_dir)
     device = torch.device("cuda" if torch.cuda.is_available() and not options.cpu else "cpu")
     window, overlap = options.window, options.overlap

@@ -36,6 +36,7 @@ from core.tasks.sar2opt.terramind import (
     TerraMindSarToOptical,
     build_terramind,
     checkpoint_blocks,
+    frozen_fingerprint,
     hold_frozen_weights,
     seeded,
 )
@@ -69,6 +70,8 @@ class SarToOptical:
     """Pairs carry no terrain label: one domain, so samplers and counts stay well-defined."""
     train_tokens: np.ndarray | None = None
     val_tokens: np.ndarray | None = None
+    frozen_weights: dict[str, dict[str, Any]] | None = None
+    """The :func:`frozen_fingerprint` of the TerraMind ``build_model`` built last."""
 
     report_metrics = (
         ReportMetric("val_l1", "val L1 (reflectance)"),
@@ -127,6 +130,7 @@ class SarToOptical:
             lora_alpha=model.lora_alpha,
             lora_targets=model.lora_targets,
         )
+        self.frozen_weights = frozen_fingerprint(terramind)
         if model.gradient_checkpointing:
             checkpoint_blocks(terramind.terramind)
         hold_frozen_weights(terramind, FROZEN_DTYPES[model.frozen_dtype])
@@ -338,7 +342,10 @@ class SarToOptical:
             save_adapters(terramind, ctx.config, ctx.run_dir / ADAPTERS)
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        return {}
+        """The fingerprint of TerraMind's frozen weights: they are not saved but rebuilt from
+        config.toml (the seed draws random ones), so predict and the merged export check that
+        they rebuilt those the run trained with."""
+        return {"frozen_weights": self.frozen_weights}
 
     def plot_examples(self) -> list[int]:
         """The first four validation pairs."""

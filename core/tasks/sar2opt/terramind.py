@@ -13,13 +13,16 @@ from __future__ import annotations
 import contextlib
 import random
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from core.errors import ConfigError
 from core.tasks.sar2opt.terratorch_import import import_terratorch
+
+if TYPE_CHECKING:
+    import peft
 
 SIZES = ("tiny", "small", "base", "large")
 SAR = "untok_sen1grd@224"
@@ -298,6 +301,63 @@ def build_terramind(
     return model
 
 
+FINGERPRINT_SAMPLES = 4096
+FINGERPRINT_TOLERANCE = 1e-5
+
+
+def frozen_fingerprint(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Shape, and float64 sum and absolute sum of a fixed strided sample of at most
+    ``FINGERPRINT_SAMPLES`` elements, of every frozen tensor (parameters without gradient,
+    buffers; LoRA's ``base_layer`` left out of the names): plain values a weights-only
+    checkpoint holds, computed in milliseconds where summing TerraMind whole takes seconds.
+
+    It tells the frozen weights a checkpoint was trained with from those a changed
+    ``config.toml`` rebuilds. Another size changes the shapes; another seed, or pretrained
+    instead of random weights, redraws every element, which moves a sample's sum by about
+    ``1 / sqrt(4096)`` of its absolute sum, against :data:`FINGERPRINT_TOLERANCE`
+    (``1e-5``); the same weights rebuilt on another machine differ at most in their last
+    float32 bits (vectorised initialisers), some ``1e-7`` of it.
+    """
+    tensors = [*model.named_parameters(remove_duplicate=False),
+               *model.named_buffers(remove_duplicate=False)]  # fmt: skip
+    fingerprint = {}
+    for name, tensor in tensors:
+        if tensor.requires_grad:
+            continue
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLES)]
+        fingerprint[name.replace(".base_layer.", ".")] = {
+            "shape": list(tensor.shape),
+            "sum": sample.sum(dtype=torch.float64).item(),
+            "abs": sample.abs().sum(dtype=torch.float64).item(),
+        }
+    return fingerprint
+
+
+def fingerprint_differences(
+    trained: dict[str, Any], rebuilt: dict[str, dict[str, Any]]
+) -> list[str]:
+    """Names of the tensors whose fingerprints differ, or that only one side has; ``trained``
+    comes from a checkpoint, so an entry malformed in it counts as a difference."""
+
+    def same(saved: Any, now: dict[str, Any]) -> bool:
+        try:
+            scale = FINGERPRINT_TOLERANCE * now["abs"]
+            return (
+                saved["shape"] == now["shape"]
+                and abs(saved["sum"] - now["sum"]) <= scale
+                and abs(saved["abs"] - now["abs"]) <= scale
+            )
+        except (KeyError, TypeError):
+            return False
+
+    return [
+        name
+        for name in sorted(trained.keys() | rebuilt.keys(), key=str)
+        if name not in trained or name not in rebuilt or not same(trained[name], rebuilt[name])
+    ]
+
+
 def reinitialise_zeroed_layers(decoder: nn.Module) -> int:
     """Give the diffusion decoder's zero-initialised convolutions a random initialisation.
 
@@ -315,11 +375,18 @@ def reinitialise_zeroed_layers(decoder: nn.Module) -> int:
     return reset
 
 
+def lora_config(rank: int, alpha: float, targets: str) -> peft.LoraConfig:
+    """The ``peft.LoraConfig`` of TerraMind's adapters, in training and in the exported files."""
+    import peft
+
+    return peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets)
+
+
 def inject_lora(module: nn.Module, rank: int, alpha: float, targets: str) -> None:
     """peft LoRA adapters on the modules whose name matches ``targets`` (a full-match regex)."""
     import peft
 
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets)
+    config = lora_config(rank, alpha, targets)
     try:
         peft.inject_adapter_in_model(config, module)
     except ValueError as error:
