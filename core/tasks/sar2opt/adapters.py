@@ -5,7 +5,9 @@ would (``adapter_config.json`` and ``adapter_model.safetensors``, keys under
 ``base_model.model.``), so ``peft.PeftModel.from_pretrained(transformer, RUN_DIR/adapters)``
 applies them to any TerraMind of the same size, with or without this project::
 
-    python -m core.tasks.sar2opt.adapters RUN_DIR --merged OUT.safetensors
+    python -m core.tasks.sar2opt.adapters RUN_DIR --merged OUT.safetensors [--overwrite]
+
+The export's path is checked as predict's output is, and never lies in the run folder.
 """
 
 from __future__ import annotations
