@@ -6,10 +6,14 @@ class or a module of hook functions). Only the plugins named in ``--plugins`` (a
 with a ``[plugins.<name>]`` section, to check it) are imported.
 
 Pluggy calls hook implementations in reverse registration order; composable hooks here run
-in ``--plugins`` order instead, and an exclusive hook with two providers is an error. Each
-implementation receives only the arguments it declares (pluggy's ``HookImpl.argnames``).
-Pluggy's ordering and wrapper options have no meaning under that rule, so a plugin that
-uses them is refused at registration; ``specname`` and ``optionalhook`` are honoured.
+in ``--plugins`` order instead, and an exclusive hook with two providers is an error. So each
+implementation is called on its own, through a pluggy caller of its plugin alone
+(``subset_hook_caller``): pluggy passes it the arguments it declares and raises
+``HookCallError`` for a missing one, and its tracing (``enable_tracing``) and
+``add_hookcall_monitoring`` see every call, one implementation at a time, in ``--plugins``
+order. Pluggy's ordering and wrapper options have no meaning under that rule, so a plugin
+that uses them is refused at registration, as is one implementing a hook twice; ``specname``
+and ``optionalhook`` are honoured.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import difflib
 import functools
 import inspect
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any, ClassVar, TypeVar
 
@@ -219,6 +223,8 @@ class PluginManager:
         self._names = {id(plugin.obj): plugin.name for plugin in active}
         self._check_options()
         self._check_exclusive()
+        self._exclusive = set(self.exclusive_hooks())
+        self._callers = {hook: self._one_by_one(hook) for hook in hook_names()}
 
     @classmethod
     def from_names(
@@ -272,6 +278,12 @@ class PluginManager:
 
     def _check_options(self) -> None:
         for hook in hook_names():
+            providers = [self._names[id(impl.plugin)] for impl in self._impls(hook)]
+            twice = next((name for name in providers if providers.count(name) > 1), None)
+            if twice is not None:
+                raise PluginError(
+                    f"plugin {twice!r} implements hook {hook!r} twice; keep one implementation"
+                )
             for impl in self._impls(hook):
                 refused = [option for option in REFUSED_OPTIONS if impl.opts.get(option)]
                 if refused:
@@ -340,36 +352,50 @@ class PluginManager:
                 return plugin.config
         raise KeyError(f"plugin {name!r} is not active")
 
-    def _calls(self, hook: str) -> Iterator[tuple[str, pluggy.HookImpl]]:
-        for impl in self._impls(hook):
-            yield self._names[id(impl.plugin)], impl
+    def _one_by_one(self, hook: str) -> list[tuple[str, pluggy.HookCaller]]:
+        """Per implementation of ``hook``, in ``--plugins`` order: its plugin's name and a
+        pluggy caller that runs it alone."""
+        impls = self._impls(hook)
+        return [
+            (
+                self._names[id(impl.plugin)],
+                self.pm.subset_hook_caller(hook, [o.plugin for o in impls if o is not impl]),
+            )
+            for impl in impls
+        ]
 
     def call(self, hook: str, **kwargs: Any) -> list[tuple[str, Any]]:
         """Call a composable hook in ``--plugins`` order; returns (plugin name, result) pairs."""
-        return [(name, self._guarded(name, hook, fn, kwargs)) for name, fn in self._calls(hook)]
+        return [
+            (name, self._guarded(name, hook, caller, kwargs))
+            for name, caller in self._callers[hook]
+        ]
 
     def chain(self, hook: str, value: Any, value_arg: str, **kwargs: Any) -> Any:
         """Thread ``value`` through a composable hook; ``None`` from a plugin keeps it."""
-        for name, fn in self._calls(hook):
-            result = self._guarded(name, hook, fn, {value_arg: value, **kwargs})
+        for name, caller in self._callers[hook]:
+            result = self._guarded(name, hook, caller, {value_arg: value, **kwargs})
             if result is not None:
                 value = result
         return value
 
     def exclusive(self, hook: str, **kwargs: Any) -> Any:
         """Call an exclusive hook's single provider; ``None`` when no active plugin has it."""
-        for name, fn in self._calls(hook):
-            return self._guarded(name, hook, fn, kwargs)
+        for name, caller in self._callers[hook]:
+            return self._guarded(name, hook, caller, kwargs)
         return None
 
     def provider(self, hook: str) -> str | None:
         """The name of the active plugin implementing an exclusive hook, if any."""
-        return next((name for name, _ in self._calls(hook)), None)
+        return next((name for name, _ in self._callers[hook]), None)
 
-    @staticmethod
-    def _guarded(name: str, hook: str, impl: pluggy.HookImpl, kwargs: dict[str, Any]) -> Any:
-        """Call one implementation with the arguments it declares, as pluggy passes them."""
-        return labelled(name, hook, lambda: impl.function(*(kwargs[a] for a in impl.argnames)))
+    def _guarded(
+        self, name: str, hook: str, caller: pluggy.HookCaller, kwargs: dict[str, Any]
+    ) -> Any:
+        """Call one plugin's implementation through pluggy; its result, ``None`` for none
+        (pluggy gives a composable hook's results as a list, here of one or none)."""
+        result = labelled(name, hook, lambda: caller(**kwargs))
+        return result if hook in self._exclusive else next(iter(result), None)
 
 
 def describe_all() -> list[dict[str, str]]:

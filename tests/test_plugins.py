@@ -3,6 +3,7 @@ and unknown plugins, config sections and plugin state."""
 
 from __future__ import annotations
 
+import json
 import sys
 import textwrap
 import tomllib
@@ -11,10 +12,12 @@ from pathlib import Path
 
 import attrs
 import numpy as np
+import pluggy
 import pytest
 import tomli_w
 import torch
 
+from core.config import load_config
 from core.errors import ConfigError, PluginError
 from core.hookspecs import hookimpl
 from core.plugins import (
@@ -26,8 +29,9 @@ from core.plugins import (
     implemented_hooks,
     unknown_plugin_message,
 )
+from core.train import Trainer
 from plugins import BUILTIN_PLUGINS
-from tests.conftest import install_distribution
+from tests.conftest import FAST, install_distribution
 from tests.test_run import run_cli
 from tests.test_task_registry import write_distribution
 
@@ -508,3 +512,79 @@ def test_a_plugin_that_exits_at_import_is_listed_as_broken(tmp_path: Path):
         assert "plugin 'exiting' from terraplug-exiting-plugin 0.0.1" in result.stderr
         assert "SystemExit: sys.exit(3) called on import" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+# --- pluggy's own machinery -----------------------------------------------------------------
+
+
+def test_pluggys_hook_monitoring_sees_every_call_in_plugins_order(tmp_path, procedural_dir):
+    """A real run of two plugins sharing composable hooks and one providing an exclusive hook:
+    ``add_hookcall_monitoring`` sees each of terraplug's calls, one implementation at a time,
+    in ``--plugins`` order (pluggy's own order would be the reverse), with its result."""
+    order = ["terrain_embedding", "domain_bn", "stratified"]
+    config = load_config(
+        None,
+        [
+            *FAST,
+            "model.norm='batch'",
+            f"data.dir={json.dumps(str(procedural_dir))}",
+            f"run.out={json.dumps(str(tmp_path / 'run'))}",
+            "run.epochs=2",
+            f"run.plugins={json.dumps(order)}",
+        ],
+    )
+    manager = PluginManager.from_names(config.run.plugins, config.plugins)
+    before, after = [], []
+    manager.pm.add_hookcall_monitoring(
+        lambda hook, impls, kwargs: before.append((hook, [i.plugin_name for i in impls])),
+        lambda outcome, hook, impls, kwargs: after.append((hook, outcome.get_result())),
+    )
+    Trainer(config, manager).fit()
+    providers = {
+        hook: [plugin.name for plugin in manager.active if hook in plugin.hooks]
+        for plugin in manager.active
+        for hook in plugin.hooks
+    }
+    assert {"configure_model", "route_batch", "batch_plan"} <= set(providers)
+    assert providers["configure_model"] == order[:2] and providers["batch_plan"] == order[2:]
+    assert {hook for hook, _ in before} == set(providers)
+    assert all(len(names) == 1 for _, names in before)
+    for hook, names in providers.items():
+        called = [plugin for seen, (plugin,) in before if seen == hook]
+        assert called and called == names * (len(called) // len(names)), hook
+    assert [hook for hook, _ in before].count("batch_plan") == 2  # once per epoch
+    assert [hook for hook, _ in after] == [hook for hook, _ in before]
+    plans = [result for hook, result in after if hook == "batch_plan"]
+    assert all(isinstance(plan, list) and plan for plan in plans)
+
+
+def test_pluggys_tracing_and_hook_call_error_work():
+    pm = manager(Double(), AddOne())
+    lines: list[str] = []
+    pm.pm.trace.root.setwriter(lines.append)
+    pm.pm.enable_tracing()
+    assert chain_weights(pm).item() == 3.0
+    calls = [line.split() for line in lines if line.split()[:2] == ["loss_weights", "[hook]"]]
+    assert [call[:4] for call in calls] == [  # Double, then AddOne, each on its own
+        ["loss_weights", "[hook]", "weights:", "tensor([1.])"],
+        ["loss_weights", "[hook]", "weights:", "tensor([2.])"],
+    ]
+    with (
+        pytest.warns(UserWarning, match="'batch'.* cannot be found in this hook call"),
+        pytest.raises(pluggy.HookCallError, match="must provide argument 'batch'"),
+    ):
+        pm.chain("loss_weights", torch.ones(1), "weights", ctx=None)
+
+
+def test_a_plugin_implementing_a_hook_twice_is_refused():
+    class Twice:
+        @hookimpl
+        def loss_weights(self, weights):
+            return weights
+
+        @hookimpl(specname="loss_weights")
+        def again(self, weights):
+            return weights
+
+    with pytest.raises(PluginError, match="plugin 'Twice' implements hook 'loss_weights' twice"):
+        manager(Twice())
