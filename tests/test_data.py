@@ -65,6 +65,7 @@ def test_write_read_round_trip_keeps_georeferencing_nodata_and_tags(tmp_path: Pa
     dem = read_dem(path)
     assert dem.elevation.dtype == np.float32 and dem.elevation.shape == (48, 48)
     assert np.isnan(dem.elevation[3, 4])
+    # stored as float32: one rounding, 6e-8 relative
     np.testing.assert_allclose(dem.elevation[~np.isnan(z)], z[~np.isnan(z)], rtol=1e-6)
     assert dem.transform == utm() and dem.crs.to_epsg() == 32613
     assert dem.nodata == -9999 and dem.tags["region"] == "x"
@@ -96,10 +97,13 @@ def test_nodata_is_masked_and_never_leaks_into_normalisation(tmp_path: Path, nod
     lr = block_mean(stored, 3)
     assert np.isnan(lr[3:5, 6:8]).all() and np.isnan(lr[13, 0])
     valid_lr = lr[np.isfinite(lr)]
+    # the dataset's own numpy reductions of the same float32 cells: rel 1e-6 covers their
+    # float32 copies in the sample (6e-8); a leaked nodata value moves both by far more
     assert sample["mean"].item() == pytest.approx(valid_lr.mean(), rel=1e-6)
-    assert sample["std"].item() == pytest.approx(valid_lr.std(), rel=1e-4)
+    assert sample["std"].item() == pytest.approx(valid_lr.std(), rel=1e-6)
     assert (sample["lr"][0][torch.from_numpy(np.isnan(lr))] == 0).all()
     hr_m = sample["hr"][0] * sample["std"] + sample["mean"]
+    # float32 de-normalisation of ~1000 m: a few ulps of 6e-5 m
     np.testing.assert_allclose(hr_m.numpy()[~void], stored[~void], atol=1e-3)
 
 
@@ -111,14 +115,17 @@ def test_block_mean_lr_and_crop_to_a_multiple_of_scale(tmp_path: Path) -> None:
     assert sample["hr"].shape == (1, 48, 48) and sample["lr"].shape == (1, 16, 16)
     lr_m = (sample["lr"][0] * sample["std"] + sample["mean"]).double().numpy()
     expected = z[:48, :48].reshape(16, 3, 16, 3).mean(axis=(1, 3))
+    # float32 normalised values back in metres err by a few ulps of the mean (1.2e-4 m at
+    # 1200 m); rtol 1e-5 of the smallest value (51 m) is 5e-4 m
     np.testing.assert_allclose(lr_m, expected, rtol=1e-5)
+    # approx's rel 1e-6: a float32 mean of 256 positive cells, within ~1e-7 of float64's
     assert sample["mean"].item() == pytest.approx(expected.mean())
 
 
 def test_std_is_floored_for_flat_tiles(tmp_path: Path) -> None:
     write_dem(tmp_path / "lake.tif", np.full((12, 12), 104.0), utm(), UTM)
     sample = TileDataset.from_folder(tmp_path, 2)[0]
-    assert sample["std"].item() == 1.0 and sample["mean"].item() == pytest.approx(104.0)
+    assert sample["std"].item() == 1.0 and sample["mean"].item() == pytest.approx(104.0)  # exact
     assert torch.count_nonzero(sample["hr"]) == 0
 
 
@@ -132,8 +139,8 @@ def test_paired_hr_lr_folders_read_lr_from_disk(tmp_path: Path) -> None:
     assert ds.tile_ids == ["a", "b"]
     sample = ds[0]
     lr_m = sample["lr"][0] * sample["std"] + sample["mean"]
-    np.testing.assert_allclose(lr_m.numpy(), lr, atol=1e-3)
-    assert sample["mean"].item() == pytest.approx(lr.mean(), rel=1e-6)
+    np.testing.assert_allclose(lr_m.numpy(), lr, atol=1e-3)  # float32 metres: ulp 6e-5 at 1000
+    assert sample["mean"].item() == pytest.approx(lr.mean(), rel=1e-6)  # the same numpy mean
 
 
 def test_paired_shape_mismatch_names_both_files(tmp_path: Path) -> None:
@@ -154,9 +161,10 @@ def test_cell_size_of_a_geographic_raster_at_known_latitudes(lat: float) -> None
     phi = math.radians(lat)
     per_deg_lat = 111_132.92 - 559.82 * math.cos(2 * phi) + 1.175 * math.cos(4 * phi)
     per_deg_lon = 111_412.84 * math.cos(phi) - 93.5 * math.cos(3 * phi)
+    # rel 1e-5: the series drops terms of ~1.5e-6 relative (float64 rounding is 1e-16)
     assert dy == pytest.approx(per_deg_lat * step, rel=1e-5)
     assert dx == pytest.approx(per_deg_lon * step, rel=1e-5)
-    if lat == 45.0:
+    if lat == 45.0:  # values published to 0.1 m
         assert (dy, dx) == pytest.approx((926.1, 657.1), abs=0.1)
 
 
@@ -165,8 +173,10 @@ def test_cell_size_of_projected_rasters_uses_linear_units_and_scale() -> None:
     assert cell_size_m(utm(), UTM, (48, 48)) == pytest.approx((30.0, 30.0), rel=1e-3)
     dy, dx = cell_size_m(utm(100.0), "EPSG:2229", (10, 10))  # California, US survey feet
     # 100 ft = 30.48 m, within the Lambert zone's scale error (< 0.5 % this far from its centre)
+    # dx == dy: a conformal projection scales both alike, up to float64 rounding (~1e-11)
     assert dy == pytest.approx(30.48006, rel=5e-3) and dx == pytest.approx(dy, rel=1e-6)
-    # Web Mercator at 60°N: a 100-unit cell is 100 * cos(60°) = 50 ground metres.
+    # Web Mercator at 60°N: a 100-unit cell is 100 * cos(60°) = 50 ground metres (PROJ's
+    # sphere; the WGS84 ellipsoid's scale there is 0.25 % off it, which 5e-3 admits).
     north = 8_399_737.9  # y of 60°N in EPSG:3857
     dy, dx = cell_size_m(Affine(100, 0, 0, 0, -100, north + 500), "EPSG:3857", (10, 10))
     assert (dy, dx) == pytest.approx((50.0, 50.0), rel=5e-3)
@@ -284,6 +294,7 @@ def test_samples_collate_with_the_default_collate(procedural_dir: Path) -> None:
     assert batch["terrain"].dtype == torch.int64 and batch["terrain"].shape == (5,)
     assert batch["mean"].shape == (5,) and batch["std"].dtype == torch.float32
     assert batch["cell_size"].shape == (5, 2)
+    # rtol 1e-3: UTM's scale factor is within 0.1 % of 1
     assert torch.allclose(batch["cell_size"], torch.tensor([CELL, CELL]), rtol=1e-3)
     assert batch["idx"].tolist() == [0, 1, 2, 3, 4] and len(batch["tile_id"]) == 5
 
@@ -373,7 +384,7 @@ def test_region_table_covers_seed_globe_and_category_names() -> None:
 )
 def test_label_from_dem_on_planes_of_known_slope(slope: float, category: str) -> None:
     z = plane(slope)
-    stats = terrain_stats(z, (CELL, CELL))
+    stats = terrain_stats(z, (CELL, CELL))  # float64 on an exact plane: rounding ~1e-14
     assert stats.mean_slope_deg == pytest.approx(slope, abs=1e-6)
     assert stats.roughness_m == pytest.approx(0.0, abs=1e-6)
     assert label_from_dem(z, (CELL, CELL)) == category
@@ -387,7 +398,7 @@ def test_label_from_dem_uses_the_true_cell_size() -> None:
     assert label_from_dem(z, (CELL, CELL)) == "moderate"
     squeezed = terrain_stats(z, (CELL, CELL / 3))  # ... is steeper where dx is a third as long
     steeper = math.degrees(math.atan(3 * math.tan(math.radians(10.0))))
-    assert squeezed.mean_slope_deg == pytest.approx(steeper, abs=1e-6)
+    assert squeezed.mean_slope_deg == pytest.approx(steeper, abs=1e-6)  # float64: ~1e-14
     assert label_from_dem(z, (CELL, CELL / 3)) == "alpine"
 
 
@@ -400,6 +411,7 @@ def test_label_from_dem_ignores_regional_tilt_but_not_roughness() -> None:
         hills = amplitude * np.sin(2 * np.pi * x / 48) * np.sin(2 * np.pi * y / 48)
         stats = terrain_stats(hills, (1000.0, 1000.0))
         assert stats.mean_slope_deg < DEM_THRESHOLDS["alpine"][1]  # roughness decides
+        # whole periods: the std is amplitude / 2 exactly, up to float64 rounding (~1e-16)
         assert stats.roughness_m == pytest.approx(amplitude / 2, rel=1e-6)
         assert label_from_dem(hills, (1000.0, 1000.0)) == category
 
@@ -421,6 +433,7 @@ def test_procedural_tiles_are_deterministic_and_named(tmp_path: Path) -> None:
     write_procedural_tiles(tmp_path / "c", seed=6)
     a, b, c = (read_dem(tmp_path / d / "desert_tile_3.tif") for d in "abc")
     assert np.array_equal(a.elevation, b.elevation) and not np.array_equal(a.elevation, c.elevation)
+    # rel 1e-3: UTM's scale factor is within 0.1 % of 1
     assert a.crs.is_projected and a.cell_size_m() == pytest.approx((30.0, 30.0), rel=1e-3)
 
 
