@@ -25,6 +25,7 @@ def test_horn_slope_of_a_plane_with_anisotropic_cells(a: float, b: float) -> Non
     dem = plane(a, b, dy, dx)[None, None]
     slope = horn_slope_deg(dem, (dy, dx))
     assert isinstance(slope, np.ndarray) and slope.shape == (1, 1, 5, 7)
+    # float64 Horn stencils on an exact plane: ~1e-14 degrees of rounding
     np.testing.assert_allclose(slope, math.degrees(math.atan(math.hypot(a, b))), atol=1e-9)
 
 
@@ -35,6 +36,8 @@ def test_horn_slope_uses_each_samples_cell_size_on_tensors() -> None:
     cells = torch.tensor([[10.0, 10.0], [10.0, 40.0]])
     slope = horn_slope_deg(dem, cells)
     assert isinstance(slope, torch.Tensor) and slope.shape == (2, 1, 5, 7)
+    # float32 defaults (atol 1e-5): float32 rounding of ~3 degrees is ~3e-7, and the 7-digit
+    # constants are within 3e-6 degrees of the exact hypot(0.5 / dx, 0.25 / dy)
     torch.testing.assert_close(slope[0], torch.full((1, 5, 7), math.degrees(math.atan(0.0559017))))
     torch.testing.assert_close(slope[1], torch.full((1, 5, 7), math.degrees(math.atan(0.0279508))))
 
@@ -118,7 +121,8 @@ def test_accumulator_matches_a_direct_numpy_computation() -> None:
     summary = acc.summary()
     direct = direct_metrics()
     every = {k: [v for d in direct.values() for v in d[k]] for k in ("err", "slope", "loss")}
-
+    # rel 1e-6: both sides sum in float64 from the same float32 inputs; only the order differs
+    # (~1e-15 relative)
     assert summary["val_rmse_m"] == pytest.approx(rmse(every["err"]), rel=1e-6)
     assert summary["val_mae_m"] == pytest.approx(np.mean(np.abs(every["err"])), rel=1e-6)
     assert summary["val_slope_rmse_deg"] == pytest.approx(rmse(every["slope"]), rel=1e-6)
@@ -149,6 +153,7 @@ def test_reduce_sums_across_processes() -> None:
     update(first, BATCHES[0])
     update(second, BATCHES[1])
     first.reduce(lambda t: t + second.sums)  # what a 2-process all-reduce sum does
+    # approx's default rel 1e-6: float64 sums grouped otherwise differ by ~1e-15 relative
     assert flat(first.summary()) == pytest.approx(flat(whole.summary()))
 
     expected = flat(whole.summary())
