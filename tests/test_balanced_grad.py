@@ -27,6 +27,9 @@ from gradient_probe import (
 )
 
 RTOL = 1e-5
+"""The trainer's float64 gradient against a float64 naive recomputation: the ill-conditioned
+``gradient`` loss (square roots near 0) amplifies float64 rounding to ~3e-8 of the largest
+element, so 1e-5 leaves a margin of 300 (in float32 it reached 1.5e-4: ``Float64Training``)."""
 
 
 def naive_balanced_gradient(config, record: StepRecord, batches: list) -> torch.Tensor:
@@ -41,13 +44,15 @@ def test_every_terrain_present_weighs_the_same(world_size):
     counts = torch.bincount(terrain, minlength=len(TERRAINS)).float()
     weights = balanced_weights(terrain, counts, world_size)
     share = torch.zeros(len(TERRAINS), dtype=weights.dtype).index_add_(0, terrain, weights)
-    # after DDP divides by world_size, each of the 3 terrains present carries 1/3
+    # after DDP divides by world_size, each of the 3 terrains present carries 1/3 (float32
+    # shares within an ulp, 3e-8, of it: allclose's rtol 1e-5)
     assert torch.allclose(share / world_size, torch.tensor([1 / 3, 0, 0, 1 / 3, 1 / 3]))
 
 
 def test_one_terrain_gives_the_plain_mean_weights():
     terrain = torch.full((6,), 2)
     counts = torch.bincount(terrain, minlength=len(TERRAINS)).float()
+    # float32 1/6 within an ulp (1.5e-8): allclose's rtol 1e-5
     assert torch.allclose(balanced_weights(terrain, counts, 1), torch.full((6,), 1 / 6))
 
 

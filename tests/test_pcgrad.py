@@ -36,6 +36,9 @@ from gradient_probe import (
 )
 
 RTOL = 1e-5
+"""The trainer's float64 gradient against a float64 naive recomputation: the ill-conditioned
+``gradient`` loss (square roots near 0) amplifies float64 rounding to ~3e-8 of the largest
+element, so 1e-5 leaves a margin of 300 (in float32 it reached 1.5e-4: ``Float64Training``)."""
 
 
 def conflicting_pairs(dim: int, count: int) -> list[torch.Tensor]:
@@ -53,7 +56,7 @@ def conflicting_pairs(dim: int, count: int) -> list[torch.Tensor]:
 def test_projection_removes_the_conflict_of_a_pair(dim):
     for grads in conflicting_pairs(dim, 20):
         g1, g2 = (project_conflicting(grads, i, [1 - i]) for i in (0, 1))
-        scale = grads.norm(dim=1).prod()
+        scale = grads.norm(dim=1).prod()  # 1e-12 of it: float64 dot products of 2-3 terms
         # each lies on the normal plane of the other's original gradient ...
         assert torch.dot(g1, grads[1]).abs() <= 1e-12 * scale
         assert torch.dot(g2, grads[0]).abs() <= 1e-12 * scale
@@ -75,6 +78,7 @@ def test_non_conflicting_gradients_are_unchanged():
     orders = projection_orders(3, seed=0, step=0)
     for task, order in enumerate(orders):
         assert torch.equal(project_conflicting(grads, task, order), grads[task])
+    # float64 means of 3 rows: ~1e-16 against allclose's default rtol 1e-5
     assert torch.allclose(pcgrad_combine(grads, orders, "mean"), grads.mean(0))
     assert conflicting_pair_fraction(grads) == 0.0
 
@@ -86,7 +90,7 @@ def test_only_the_conflicting_component_is_removed():
         projected = project_conflicting(grads, 0, order)
         assert torch.equal(projected, torch.tensor([0.0, 1.0, 0.0]).double())
     assert torch.equal(project_conflicting(grads, 2, [0, 1]), grads[2])
-    assert conflicting_pair_fraction(grads) == pytest.approx(1 / 3)
+    assert conflicting_pair_fraction(grads) == pytest.approx(1 / 3)  # float32 1/3: 1e-8 off
 
 
 def test_three_way_conflict_ends_orthogonal_to_the_last_conflicting_gradient():
@@ -98,7 +102,7 @@ def test_three_way_conflict_ends_orthogonal_to_the_last_conflicting_gradient():
         for order in itertools.permutations(others):
             projected = project_conflicting(grads, task, order)
             last = grads[order[-1]]
-            assert torch.dot(projected, last) >= -1e-12
+            assert torch.dot(projected, last) >= -1e-12  # float64 of unit-size vectors
 
 
 def test_orders_are_seeded_permutations_of_the_other_tasks():
@@ -114,6 +118,7 @@ def test_orders_are_seeded_permutations_of_the_other_tasks():
 def test_sum_is_the_number_of_terrains_times_the_mean():
     grads = conflicting_pairs(4, 1)[0]
     orders = projection_orders(2, seed=0, step=0)
+    # float64: ~1e-16 against allclose's default rtol 1e-5
     assert torch.allclose(
         pcgrad_combine(grads, orders, "sum"), 2 * pcgrad_combine(grads, orders, "mean")
     )
@@ -178,6 +183,7 @@ def test_accumulated_micro_batches_give_pcgrad_over_their_union(train_run):
         expected = naive_pcgrad(probe.config, record, per_terrain, "mean")
         assert_same_gradient(record.grads, expected, RTOL)
         unprojected = torch.stack(list(per_terrain.values())).mean(0)
+        # 1e-3: far above the float64 rounding of the same per-terrain gradients (~1e-16)
         surgery_mattered += bool((expected - unprojected).norm() > 1e-3 * expected.norm())
     assert surgery_mattered == len(probe.steps), "the surgery must change every step's gradient"
     assert 0 < rows[0]["pcgrad_conflicting_pairs"] <= 1
