@@ -7,8 +7,8 @@ Two kinds of hook:
   none, the task's built-in behaviour runs.
 - **composable** hooks run once per implementing plugin, in the order given to ``--plugins``.
   Hooks that receive a value and may return a replacement (``configure_model``,
-  ``epoch_indices``, ``loss_weights``) form a chain: each plugin receives what the previous
-  one returned (``None`` means "unchanged").
+  ``epoch_indices``, ``loss_weights``, ``evaluation_weights``) form a chain: each plugin
+  receives what the previous one returned (``None`` means "unchanged").
 
 Every hook receives ``ctx``, the :class:`core.context.RunContext` of the run: config,
 accelerator, task, epoch, the current optimizer step and each plugin's own config.
@@ -134,6 +134,20 @@ def auxiliary_loss(model: nn.Module, batch: Batch, ctx: RunContext) -> torch.Ten
     """
 
 
+@hookspec
+def per_sample_losses(losses: torch.Tensor, batch: Batch, ctx: RunContext) -> torch.Tensor | None:
+    """See each sample's loss of a training micro-batch; optionally weight it.
+
+    Composable. Called on every process, once per micro-batch, after ``auxiliary_loss`` and
+    before ``backward``, with the ``[B]`` per-sample objective detached (every plugin sees
+    the same values). Return a ``[B]`` tensor of per-sample weights, or ``None`` to only
+    observe; the objective that ``backward`` receives, and ``train_loss`` reports, is
+    multiplied by every plugin's weights. A hard-example miner weights the hardest samples
+    here and so combines with any ``backward`` (``balanced_grad``, ``pcgrad``); the default
+    backward still divides by the step's sample count.
+    """
+
+
 @hookspec(firstresult=True)
 def backward(per_sample_loss: torch.Tensor, batch: Batch, ctx: RunContext) -> bool | None:
     """Turn the ``[B]`` per-sample losses of one micro-batch into gradients.
@@ -154,7 +168,36 @@ def transform_gradients(model: nn.Module, ctx: RunContext) -> None:
     """
 
 
+@hookspec
+def after_optimizer_step(model: nn.Module, ctx: RunContext) -> None:
+    """Right after ``optimizer.step()`` changed the weights, on every process.
+
+    Composable. ``ctx.global_step`` already counts this step. Not called for a step the
+    trainer skipped (a non-finite loss or gradient, or fp16's scaler skipping an overflow):
+    the weights did not change. ``model`` is the prepared model (possibly a DDP wrapper;
+    ``ctx.accelerator.unwrap_model`` gives the module). May read the weights and keep state
+    of its own (``ema`` averages them here); changing the weights changes training.
+    """
+
+
 # --- validation and epoch end ----------------------------------------------------------------
+
+
+@hookspec
+def evaluation_weights(
+    weights: dict[str, torch.Tensor], ctx: RunContext
+) -> dict[str, torch.Tensor] | None:
+    """The weights the model is evaluated and used with, in place of the trained ones.
+
+    Composable chain over the model's state dict without frozen parameters (the keys of the
+    unwrapped module); return a dict with replacement tensors for some keys, or ``None``.
+    The trainer puts the result in the model for validation (with ``validation_metrics``,
+    on every process), the plots and the task's ``export_model`` (main process), and puts
+    the trained weights back after each, however it ends; training never sees them.
+    ``core.inference`` (predict) applies it to the model it rebuilds from the checkpoint,
+    after handing the plugin its saved state (without calling ``setup``). Must not change
+    the tensors it receives. Example: ``ema`` returns its averages.
+    """
 
 
 @hookspec
@@ -171,4 +214,22 @@ def on_epoch_end(epoch: int, metrics: dict[str, Any], ctx: RunContext) -> None:
     """After the epoch's checkpoint and metrics row are written.
 
     Composable; ``metrics`` is read-only by convention. Use it to log, plot or adjust state.
+    """
+
+
+# --- end of run ------------------------------------------------------------------------------
+
+
+@hookspec
+def on_run_end(status: str, error: BaseException | None, ctx: RunContext) -> None:
+    """Once, however the run ends, on every process, before its run folder is released.
+
+    Composable. ``status`` is ``"completed"`` (after ``summary.json``), ``"interrupted"``
+    (SIGINT or SIGTERM: the checkpoint and ``interrupted.json`` are written; ``error`` is
+    the ``Interrupted`` exception; also Ctrl-C during set-up, as ``KeyboardInterrupt``) or
+    ``"failed"`` (``error`` is the exception, re-raised after the hook). It may come before
+    the plugin's ``setup`` ran (a failure in set-up): ``ctx.model`` may be ``None``. For
+    closing files and loggers and reporting. Where the run failed or was interrupted, an
+    exception from this hook becomes a note on ``error`` (the exit status stays); after a
+    completed run it fails the run.
     """

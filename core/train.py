@@ -3,8 +3,12 @@
 One optimizer step, as data flows through it::
 
     batch_plan (hook) -> micro-batches -> route_batch (hook) -> training_forward (hook)
-      -> [B, C] losses x loss_weights (hook) + auxiliary_loss (hook) -> backward (hook)
-      -> transform_gradients (hook) -> clip -> optimizer.step
+      -> [B, C] losses x loss_weights (hook) + auxiliary_loss (hook)
+      -> x per_sample_losses (hook) -> backward (hook)
+      -> transform_gradients (hook) -> clip -> optimizer.step -> after_optimizer_step (hook)
+
+Validation, the plots and the task's export run on the plugins' ``evaluation_weights``
+(hook), and ``on_run_end`` (hook) hears how the run ended, whichever way.
 
 The trainer cuts each epoch's plan into per-process shares itself (process ``r`` of ``n``
 gets batches ``r, r+n, ...``), so a plan that is a pure function of (seed, epoch) gives
@@ -57,6 +61,10 @@ class NonFiniteWeightsError(NonFiniteLossError):
 
 class Interrupted(Exception):
     """SIGINT or SIGTERM arrived; every process saved its state before raising this."""
+
+
+RUN_COMPLETED, RUN_INTERRUPTED, RUN_FAILED = "completed", "interrupted", "failed"
+"""The ``status`` values of the ``on_run_end`` hook."""
 
 
 def launched_without_gpus() -> bool:
@@ -181,6 +189,43 @@ def load_trained_state(model: nn.Module, state: dict[str, torch.Tensor], source:
             f"{source} does not match the model its {CONFIG} describes: "
             f"missing {sorted(absent)[:5]}, unexpected {sorted(unexpected)[:5]}; {edited}"
         )
+
+
+def evaluation_weights(state: dict[str, torch.Tensor], ctx: RunContext) -> dict[str, torch.Tensor]:
+    """The tensors the plugins' ``evaluation_weights`` chain puts in place of those of
+    ``state`` (a :func:`trained_state`): only the replaced ones, none without such a plugin.
+    A key the model does not have, or a tensor of another shape, is an error naming it."""
+    chosen = ctx.plugins.chain("evaluation_weights", dict(state), "weights", ctx=ctx)
+    replaced = {name: tensor for name, tensor in chosen.items() if tensor is not state.get(name)}
+    for name, tensor in replaced.items():
+        if name not in state or tensor.shape != state[name].shape:
+            found = f"shape {tuple(state[name].shape)}" if name in state else "no such weight"
+            raise RuntimeError(
+                f"evaluation_weights returned {name!r} of shape {tuple(tensor.shape)}; the "
+                f"model has {found}"
+            )
+    return replaced
+
+
+@torch.no_grad()
+def copy_weights(state: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> None:
+    """Copy ``weights`` into the tensors of ``state``, which share the model's storage."""
+    for name, tensor in weights.items():
+        state[name].copy_(tensor)
+
+
+@contextlib.contextmanager
+def evaluated(model: nn.Module, ctx: RunContext) -> Iterator[None]:
+    """``model`` (unwrapped) holds the plugins' ``evaluation_weights`` for the block and its
+    trained weights again after it, however the block ends."""
+    state = trained_state(model)
+    chosen = evaluation_weights(state, ctx)
+    trained = {name: state[name].clone() for name in chosen}
+    copy_weights(state, chosen)
+    try:
+        yield
+    finally:
+        copy_weights(state, trained)
 
 
 def rng_state() -> dict[str, Any]:
@@ -335,7 +380,30 @@ class Trainer:
     # --- the loop ----------------------------------------------------------------------
 
     def fit(self) -> list[dict[str, Any]]:
-        """Train to ``run.epochs``; SIGINT/SIGTERM save a checkpoint and raise Interrupted."""
+        """Train to ``run.epochs``; SIGINT/SIGTERM save a checkpoint and raise Interrupted.
+        The plugins' ``on_run_end`` hears how the run ended, whichever way it did."""
+        try:
+            self.train_epochs()
+        except BaseException as error:
+            stopped = isinstance(error, Interrupted | KeyboardInterrupt)
+            self.end_run(RUN_INTERRUPTED if stopped else RUN_FAILED, error)
+            raise
+        self.end_run(RUN_COMPLETED, None)
+        return self.rows
+
+    def end_run(self, status: str, error: BaseException | None) -> None:
+        """Call ``on_run_end``. After a failure or an interruption, the hook's own exception
+        joins ``error`` as a note instead of hiding it (and the exit status it gives)."""
+        try:
+            self.ctx.plugins.call("on_run_end", status=status, error=error, ctx=self.ctx)
+        except Exception as failure:
+            if error is None:
+                raise
+            notes = "".join(f"; {note}" for note in getattr(failure, "__notes__", []))
+            error.add_note(f"on_run_end then failed: {failure!r}{notes}")
+
+    def train_epochs(self) -> None:
+        """Set up, then run the epochs from the first (or the resumed) one to the last."""
         start_epoch = self.setup()
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         for sig in previous:
@@ -349,7 +417,6 @@ class Trainer:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         self.finish()
-        return self.rows
 
     def epoch_plan(self, epoch: int) -> tuple[list[np.ndarray], dict]:
         """Every process's batches for ``epoch`` and their statistics (identical everywhere)."""
@@ -438,7 +505,9 @@ class Trainer:
         row: dict[str, Any] = {"epoch": epoch, "train_loss": float(sums[0]) / count}
         for i, component in enumerate(ctx.task.components):
             row[f"train_loss_{component}"] = float(sums[2 + i]) / count
-        row.update(self.validate())
+        with evaluated(accelerator.unwrap_model(self.model), ctx):
+            row.update(self.validate())
+            extras = ctx.plugins.call("validation_metrics", model=self.model, ctx=ctx)
         row.update(stats)
         row.update(
             lr=self.optimizer.param_groups[0]["lr"],
@@ -450,7 +519,7 @@ class Trainer:
             step_losses=list(epoch_losses),  # per optimizer step: the spikes, visible
         )
         self.step_losses.extend(epoch_losses)
-        for name, extra in ctx.plugins.call("validation_metrics", model=self.model, ctx=ctx):
+        for name, extra in extras:
             clash = set(extra or {}) & set(row)
             if clash:
                 raise RuntimeError(f"plugin {name!r} returned metric keys that exist: {clash}")
@@ -496,6 +565,7 @@ class Trainer:
                                 f"{tuple(term.shape)}; expected {tuple(per_sample.shape)}"
                             )
                         per_sample = per_sample + term.float()
+                per_sample = self.sample_weighted(per_sample, batch)
                 if not ctx.plugins.exclusive(
                     "backward", per_sample_loss=per_sample, batch=batch, ctx=ctx
                 ):
@@ -517,8 +587,25 @@ class Trainer:
             self.optimizer.step()
             if not self.optimizer.step_was_skipped:
                 ctx.global_step += 1
+                ctx.plugins.call("after_optimizer_step", model=model, ctx=ctx)
         self.optimizer.zero_grad(set_to_none=True)
         return sums
+
+    def sample_weighted(self, per_sample: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """``per_sample`` times the weights the ``per_sample_losses`` plugins return, each
+        shown the same detached losses."""
+        losses = per_sample.detach()
+        for name, weights in self.ctx.plugins.call(
+            "per_sample_losses", losses=losses, batch=batch, ctx=self.ctx
+        ):
+            if weights is not None:
+                if weights.shape != per_sample.shape:
+                    raise RuntimeError(
+                        f"plugin {name!r}: per_sample_losses returned shape "
+                        f"{tuple(weights.shape)}; expected {tuple(per_sample.shape)}"
+                    )
+                per_sample = per_sample * weights.float()
+        return per_sample
 
     def gradients_finite(self, sums: torch.Tensor, check_gradients: bool = True) -> bool:
         """Skip and count a step whose loss or gradient is not finite; stop after too many.
@@ -597,9 +684,10 @@ class Trainer:
         model.eval()
         samples = (self.val_dataset[i] for i in self.ctx.task.plot_examples())
         examples = (to_device(default_collate([s]), self.accelerator.device) for s in samples)
-        self.ctx.task.write_plots(
-            self.run_dir, self.rows, model, route_batches(examples, model, self.ctx), self.ctx
-        )
+        with evaluated(model, self.ctx):
+            self.ctx.task.write_plots(
+                self.run_dir, self.rows, model, route_batches(examples, model, self.ctx), self.ctx
+            )
         model.train(was_training)
 
     def print_epoch(self, row: dict[str, Any]) -> None:
@@ -641,7 +729,9 @@ class Trainer:
                 "plugins": self.ctx.plugins.state_dict(),
             }
             save_tensors(self.run_dir / CHECKPOINT, state)
-            self.ctx.task.export_model(self.accelerator.unwrap_model(self.model), self.ctx)
+            model = self.accelerator.unwrap_model(self.model)
+            with evaluated(model, self.ctx):
+                self.ctx.task.export_model(model, self.ctx)
         self.accelerator.wait_for_everyone()
 
     def refuse_nonfinite(self, weights: dict[str, torch.Tensor]) -> None:

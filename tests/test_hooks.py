@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 import numpy as np
@@ -14,8 +16,12 @@ import torch
 from torch import nn
 
 from core.hookspecs import hookimpl
-from core.plugins import hook_names
+from core.plugins import NoConfig, hook_names
+from core.run_folder import CHECKPOINT, INTERRUPTED, SUMMARY
+from core.safe_io import load_checkpoint
 from core.tasks.dem_sr.terrain import TERRAINS, terrain_index
+from core.train import Interrupted
+from plugins.gradients.balanced_grad import BalancedGrad
 
 
 def test_every_hook_has_a_test():
@@ -213,6 +219,42 @@ def test_hook_backward(train_run):
         assert torch.equal(before, after), "without a backward pass nothing may change"
 
 
+def test_hook_per_sample_losses(train_run):
+    class Silence:
+        """Sees each sample's loss and weights it 0, under balanced_grad's backward."""
+
+        def __init__(self) -> None:
+            self.seen: list = []
+
+        @hookimpl
+        def setup(self, ctx):
+            self.before = parameters_of(ctx.model)
+            self.model = ctx.model
+
+        @hookimpl
+        def per_sample_losses(self, losses, batch, ctx):
+            self.seen.append((losses.shape == (len(batch["idx"]),), losses.requires_grad))
+            assert bool((losses > 0).all())
+            return torch.zeros_like(losses)
+
+    probe = Silence()
+    rows = train_run(BalancedGrad(NoConfig()), probe)
+    assert probe.seen and all(per_sample and not grad for per_sample, grad in probe.seen)
+    assert [row["train_loss"] for row in rows] == [0.0, 0.0], "train_loss is the weighted loss"
+    for before, after in zip(probe.before, parameters_of(probe.model), strict=True):
+        assert torch.equal(before, after), "balanced_grad's backward saw the weighted losses"
+
+
+def test_per_sample_losses_must_return_one_weight_per_sample(train_run):
+    class Scalar:
+        @hookimpl
+        def per_sample_losses(self, losses):
+            return losses.sum()
+
+    with pytest.raises(RuntimeError, match=r"'Scalar': per_sample_losses returned shape \(\)"):
+        train_run(Scalar())
+
+
 def test_hook_transform_gradients(train_run):
     class ZeroGradients:
         @hookimpl
@@ -230,6 +272,65 @@ def test_hook_transform_gradients(train_run):
     train_run(probe)
     for before, after in zip(probe.before, parameters_of(probe.model), strict=True):
         assert torch.equal(before, after)
+
+
+def test_hook_after_optimizer_step(train_run):
+    class AfterStep:
+        """Records each call's step and whether the weights changed since the last call;
+        makes the run's second step non-finite."""
+
+        def __init__(self) -> None:
+            self.calls: list = []
+            self.poisoned = False
+
+        @hookimpl
+        def setup(self, ctx):
+            self.last = parameters_of(ctx.model)
+
+        @hookimpl
+        def loss_weights(self, weights, ctx):
+            if ctx.global_step == 1 and not self.poisoned:
+                self.poisoned = True
+                return weights * torch.nan
+
+        @hookimpl
+        def after_optimizer_step(self, model, ctx):
+            now = parameters_of(model)
+            changed = any(not torch.equal(a, b) for a, b in zip(self.last, now, strict=True))
+            self.calls.append((ctx.global_step, changed))
+            self.last = now
+
+    probe = AfterStep()
+    rows = train_run(probe, overrides=("train.max_steps_per_epoch=3",))
+    assert [row["steps"] for row in rows] == [3, 3] and rows[-1]["nonfinite_steps"] == 1
+    assert probe.calls == [(step, True) for step in range(1, 6)], "the skipped step is left out"
+
+
+def test_hook_evaluation_weights(train_run, tmp_path):
+    class Untrained:
+        """Evaluates the weights the model started with."""
+
+        @hookimpl
+        def setup(self, ctx):
+            self.model = ctx.model
+            self.initial = {k: v.clone() for k, v in ctx.model.state_dict().items()}
+
+        @hookimpl
+        def evaluation_weights(self, weights, ctx):
+            return {**weights, **self.initial}
+
+    probe = Untrained()
+    rows = train_run(probe)
+    # an untrained RCAN-DEM is exactly bicubic interpolation
+    for row in rows:
+        assert row["val_rmse_m"] == pytest.approx(row["val_rmse_m_bicubic"], rel=1e-6)
+    without = train_run(out="without")
+    assert [row["train_loss"] for row in rows] == [row["train_loss"] for row in without]
+    assert rows[-1]["val_rmse_m"] != without[-1]["val_rmse_m"]
+    trained = probe.model.state_dict()
+    assert any(not torch.equal(trained[k], v) for k, v in probe.initial.items())
+    saved = load_checkpoint(tmp_path / "run" / CHECKPOINT)["model"]
+    assert all(torch.equal(saved[k], v) for k, v in trained.items()), "the trained weights"
 
 
 def test_hook_validation_metrics(train_run):
@@ -272,3 +373,49 @@ def test_hook_on_epoch_end(train_run):
             assert key in row
         assert set(row["val_rmse_m_by_terrain"]) <= set(TERRAINS)
         assert np.isfinite(row["val_rmse_m"])
+
+
+class RunEnd:
+    """Records each ``on_run_end`` call and what the run folder held then; sends SIGINT
+    after step ``stop_at``, or fails at the end of epoch ``fail_at``."""
+
+    def __init__(self, stop_at: int | None = None, fail_at: int | None = None) -> None:
+        self.stop_at, self.fail_at = stop_at, fail_at
+        self.ends: list = []
+
+    @hookimpl
+    def after_optimizer_step(self, ctx):
+        if ctx.global_step == self.stop_at:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    @hookimpl
+    def on_epoch_end(self, epoch):
+        if epoch == self.fail_at:
+            raise ValueError("probe failure")
+
+    @hookimpl
+    def on_run_end(self, status, error, ctx):
+        written = [(ctx.run_dir / name).exists() for name in (SUMMARY, INTERRUPTED)]
+        self.ends.append((status, error, *written))
+
+
+def test_hook_on_run_end(train_run):
+    completed = RunEnd()
+    train_run(completed, out="completed")
+    assert completed.ends == [("completed", None, True, False)]
+
+    stopped = RunEnd(stop_at=2)
+    with pytest.raises(Interrupted) as interrupt:
+        train_run(stopped, out="stopped")
+    assert stopped.ends == [("interrupted", interrupt.value, False, True)]
+
+    class FailsToo:
+        @hookimpl
+        def on_run_end(self):
+            raise OSError("logger gone")
+
+    failed = RunEnd(fail_at=1)
+    with pytest.raises(ValueError, match="probe failure") as failure:
+        train_run(failed, FailsToo(), out="failed")
+    assert failed.ends == [("failed", failure.value, False, False)]
+    assert "on_run_end then failed: OSError('logger gone')" in "".join(failure.value.__notes__)
