@@ -13,6 +13,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "domain_bn": "plugins.norms.domain_bn:DomainBN",
     "terrain_embedding": "plugins.conditioning.terrain_embedding:TerrainEmbedding",
     "terrain_head": "plugins.auxiliary.terrain_head:TerrainHead",
+    "ema": "plugins.averaging.ema:Ema",
     "teacher_forcing": "plugins.generators.teacher_forcing:TeacherForcing",
     "straight_through": "plugins.generators.straight_through:StraightThrough",
     "reinforce": "plugins.generators.reinforce:Reinforce",

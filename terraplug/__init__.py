@@ -4,6 +4,7 @@
 
     from terraplug import ConfigError, Plugin, RunContext, hookimpl   # a plugin
     from terraplug import Batch, ReportMetric, Task, PredictOptions   # a task
+    from terraplug import TrainedRun, write_geotiff                   # a task's predict
 
 ``terraplug.testing`` runs the real trainer on procedural tiles for a plugin's own tests;
 ``terraplug.data`` reads GeoTIFFs the way the built-in tasks do. The framework's modules
@@ -13,9 +14,12 @@
 from core import __version__
 from core.config import Config
 from core.context import RunContext, StepInfo
+from core.data.geotiff import geotiff_profile, write_geotiff
 from core.errors import ConfigError, DataError, PluginError, UsageError
 from core.hookspecs import hookimpl
+from core.inference import TrainedRun, read_run_config
 from core.plugins import ENTRY_POINT_GROUP, NoConfig, Plugin
+from core.safe_io import atomic_write, check_output, load_checkpoint, replaced_when_done
 from core.tasks import TASK_GROUP, Batch, PredictOptions, ReportMetric, Task, metric_text
 
 __all__ = [
@@ -33,8 +37,16 @@ __all__ = [
     "RunContext",
     "StepInfo",
     "Task",
+    "TrainedRun",
     "UsageError",
     "__version__",
+    "atomic_write",
+    "check_output",
+    "geotiff_profile",
     "hookimpl",
+    "load_checkpoint",
     "metric_text",
+    "read_run_config",
+    "replaced_when_done",
+    "write_geotiff",
 ]

@@ -41,9 +41,14 @@ def _attrs_class(kind: Any) -> type | None:
     return next((c for c in candidates if attrs.has(c)), None)
 
 
+class TableKey(str):
+    """A key of a table of attrs classes (``dict[str, X]``), which errors write ``['key']``."""
+
+
 def numeric_fields(cls: type, path: tuple = ()) -> Iterator[tuple[tuple, type]]:
-    """(path, int or float) of every numeric field; a path holds field names and list
-    positions (a list of attrs classes is probed at position 0)."""
+    """(path, int or float) of every numeric field; a path holds field names, list positions
+    (a list of attrs classes is probed at position 0) and table keys (a table of attrs classes
+    is probed at the key ``key``)."""
     for field in attrs.fields(attrs.resolve_types(cls)):
         kind = field.type
         scalars = set(typing.get_args(kind)) if isinstance(kind, types.UnionType) else {kind}
@@ -53,6 +58,8 @@ def numeric_fields(cls: type, path: tuple = ()) -> Iterator[tuple[tuple, type]]:
             yield from numeric_fields(nested, (*path, field.name))
         elif typing.get_origin(kind) is list and attrs.has(item := typing.get_args(kind)[0]):
             yield from numeric_fields(item, (*path, field.name, 0))
+        elif typing.get_origin(kind) is dict and attrs.has(item := typing.get_args(kind)[1]):
+            yield from numeric_fields(item, (*path, field.name, TableKey("key")))
 
 
 def with_value(defaults: Any, path: tuple, value: Any) -> Any:
@@ -69,8 +76,15 @@ def with_value(defaults: Any, path: tuple, value: Any) -> Any:
     return node
 
 
+def key_part(part: str | int) -> str:
+    """One step of a key as errors write it: ``.name``, ``[0]``, ``['key']``."""
+    if isinstance(part, TableKey):
+        return f"[{str(part)!r}]"
+    return f"[{part}]" if isinstance(part, int) else f".{part}"
+
+
 def key_name(where: str, path: tuple) -> str:
-    return where + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in path)
+    return where + "".join(map(key_part, path))
 
 
 def unguarded(where: str, cls: type) -> list[str]:
@@ -92,7 +106,7 @@ def unguarded(where: str, cls: type) -> list[str]:
 def test_the_walk_finds_numeric_fields_in_nested_classes_and_lists():
     keys = {key_name(where, path) for where, cls in schema() for path, _ in numeric_fields(cls)}
     assert {"config.data.batch_size", "config.optim.lr", "config.run.epochs"} <= keys
-    assert "plugins.terrain_loss.profiles.flat.edge" in keys
+    assert "plugins.terrain_loss.profiles['key'].edge" in keys
     assert "plugins.curriculum.phases[0].start" in keys
     assert "config.resumed[0].after_epoch" in keys
     assert len(keys) > 40

@@ -8,6 +8,7 @@ few float32 ulps (6e-8 each) of the expected value whatever the order of operati
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 from pathlib import Path
 
@@ -22,8 +23,11 @@ from core.hookspecs import hookimpl
 from core.plugins import ActivePlugin, PluginManager
 from core.tasks import get_task
 from core.tasks.dem_sr.losses import COMPONENTS
+from core.tasks.dem_sr.task import DemSuperResolution
 from core.tasks.dem_sr.terrain import TERRAINS, terrain_index
 from plugins.losses.terrain_loss import LOG_KEY, SEED_PROFILES, TerrainLoss
+from tests.conftest import FAST
+from tests.test_run import run_cli
 
 MIXED = [4, 0, 2, 0, 3, 1, 2, 4]  # terrain labels of a mixed batch
 
@@ -42,7 +46,8 @@ class DoubleEdge:
 
 def make_ctx(tmp_path: Path, overrides: list[str], extra: tuple = ()) -> RunContext:
     """A real run context whose plugins are ``terrain_loss`` (configured by ``overrides``)
-    and the given plugin objects, in that order unless the objects come first."""
+    and the given plugin objects, in that order unless the objects come first; set up, as
+    the trainer does before the first step."""
     config = load_config(None, overrides)
     names = config.run.plugins or ["terrain_loss"]
     loaded = PluginManager.from_names(["terrain_loss"], config.plugins).active[0]
@@ -51,7 +56,9 @@ def make_ctx(tmp_path: Path, overrides: list[str], extra: tuple = ()) -> RunCont
         **{o.name: ActivePlugin(o.name, "test", o, None) for o in extra},
     }
     manager = PluginManager([by_name[name] for name in names])
-    return RunContext(config, Accelerator(cpu=True), get_task("dem_sr"), manager, tmp_path, 1)
+    ctx = RunContext(config, Accelerator(cpu=True), get_task("dem_sr"), manager, tmp_path, 1)
+    manager.call("setup", ctx=ctx)
+    return ctx
 
 
 def weights_for(ctx: RunContext, labels: list[int]) -> torch.Tensor:
@@ -102,6 +109,7 @@ def test_partial_profiles_keep_the_seed_values_they_do_not_list(tmp_path):
     ctx = RunContext(
         config, Accelerator(cpu=True), get_task("dem_sr"), PluginManager([plugin]), tmp_path, 1
     )
+    ctx.plugins.call("setup", ctx=ctx)
     expected_profiles = {**SEED_PROFILES, "extreme": {**SEED_PROFILES["extreme"], "edge": 0.9}}
     expected = torch.stack([seed_weights(TERRAINS[t], expected_profiles) for t in MIXED])
     torch.testing.assert_close(weights_for(ctx, MIXED), expected)
@@ -129,15 +137,13 @@ def test_chained_with_another_loss_weights_plugin(tmp_path, mode):
     after = make_ctx(
         tmp_path, [setting, "run.plugins=['terrain_loss', 'double_edge']"], (DoubleEdge(),)
     )
-    after.plugins.call("setup", ctx=after)
     torch.testing.assert_close(weights_for(after, MIXED), doubled)
 
-    before = make_ctx(
-        tmp_path, [setting, "run.plugins=['double_edge', 'terrain_loss']"], (DoubleEdge(),)
-    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        before.plugins.call("setup", ctx=before)
+        before = make_ctx(
+            tmp_path, [setting, "run.plugins=['double_edge', 'terrain_loss']"], (DoubleEdge(),)
+        )
     replaced = [
         w for w in caught if "discards the loss weights set by double_edge" in str(w.message)
     ]
@@ -180,12 +186,13 @@ def test_terrains_without_a_profile_fall_back_and_are_counted(tmp_path):
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
-        ("profiles.alpin={edge=0.3}", r"\(alpin\) @ plugins\.terrain_loss\.profiles$"),
-        ("profiles.alpine={edg=0.3}", r"\(edg\) @ plugins\.terrain_loss\.profiles\.alpine$"),
-        ("profiles.alpine={edge='x'}", r"str 'x' @ plugins\.terrain_loss\.profiles\.alpine\.edge"),
+        ("profiles.alpine={edg=0.3}", r"\(edg\) @ plugins\.terrain_loss\.profiles\['alpine'\]$"),
+        (
+            "profiles.alpine={edge='x'}",
+            r"str 'x' @ plugins\.terrain_loss\.profiles\['alpine'\]\.edge",
+        ),
         ("profiles.alpine={edge=-1.0}", r"'edge' must be >= 0.* @ plugins\.terrain_loss\.profiles"),
         ("mode='scaled'", r"'mode' must be in .*'scaled'.* @ plugins\.terrain_loss"),
-        ("fallback='hills'", r"'fallback' must be in .*'hills'.* @ plugins\.terrain_loss"),
         ("mod='scale'", r"\(mod\) @ plugins\.terrain_loss$"),
     ],
 )
@@ -195,16 +202,96 @@ def test_config_errors_name_the_key(setting, message):
         PluginManager.from_names(["terrain_loss"], config.plugins)
 
 
-def test_scale_mode_needs_a_positive_reference_profile():
-    config = load_config(
-        None,
-        [
-            "plugins.terrain_loss.mode='scale'",
-            "plugins.terrain_loss.profiles.moderate={spectral=0.0}",
-        ],
-    )
+def test_scale_mode_needs_a_positive_reference_profile(tmp_path):
+    settings = [
+        "plugins.terrain_loss.mode='scale'",
+        "plugins.terrain_loss.profiles.moderate={spectral=0.0}",
+    ]
     with pytest.raises(ConfigError, match=r"plugins\.terrain_loss\.profiles\.moderate\.spectral"):
-        PluginManager.from_names(["terrain_loss"], config.plugins)
+        make_ctx(tmp_path, settings)
+
+
+class CoastalDem(DemSuperResolution):
+    """dem_sr's data, model and loss components over two other domains, as another task
+    might define them."""
+
+    name = "coastal_dem"
+    terrains = ("coast", "inland")
+
+
+COASTAL = [
+    "plugins.terrain_loss.fallback='inland'",
+    "plugins.terrain_loss.profiles.coast={elevation=1.0, gradient=0.2, curvature=0.1, "
+    "edge=0.9, spectral=0.3}",
+    "plugins.terrain_loss.profiles.inland={elevation=1.0, gradient=0.5, curvature=0.2, "
+    "edge=0.2, spectral=0.1}",
+]
+
+
+def coastal_ctx(tmp_path: Path, overrides: list[str]) -> RunContext:
+    """A context of :class:`CoastalDem` with ``terrain_loss``, set up as the trainer does."""
+    config = load_config(None, overrides)
+    manager = PluginManager.from_names(["terrain_loss"], config.plugins)
+    ctx = RunContext(config, Accelerator(cpu=True), CoastalDem(), manager, tmp_path, 1)
+    manager.call("setup", ctx=ctx)
+    return ctx
+
+
+def test_a_task_with_other_domains_is_weighted_with_the_profiles_of_its_domains(tmp_path):
+    ctx = coastal_ctx(tmp_path, COASTAL)
+    coast, inland = [1.0, 0.2, 0.1, 0.9, 0.3], [1.0, 0.5, 0.2, 0.2, 0.1]  # COMPONENTS order
+    expected = torch.tensor([coast, inland, inland, coast])
+    torch.testing.assert_close(weights_for(ctx, [0, 1, 1, 0]), expected)
+    assert ctx.pop_logged() == {LOG_KEY: 0.0}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            [],
+            "plugins.terrain_loss.fallback: task 'coastal_dem' has no domain 'moderate'; "
+            "its domains are coast, inland",
+        ),
+        (
+            [*COASTAL, "plugins.terrain_loss.profiles.alpine={edge=0.5}"],
+            "plugins.terrain_loss.profiles.alpine: task 'coastal_dem' has no domain 'alpine'; "
+            "its domains are coast, inland",
+        ),
+        (
+            [
+                "plugins.terrain_loss.fallback='coast'",
+                "plugins.terrain_loss.profiles.coast={edge=0.5}",
+            ],
+            "plugins.terrain_loss.profiles.coast.elevation: the seed has no profile for "
+            "'coast', so its profile lists every component",
+        ),
+        (
+            ["plugins.terrain_loss.fallback='coast'"],
+            "plugins.terrain_loss.fallback: 'coast' has no profile; give it one under "
+            "[plugins.terrain_loss.profiles.coast]",
+        ),
+    ],
+)
+def test_profiles_and_fallback_must_name_the_tasks_domains(tmp_path, overrides, message):
+    with pytest.raises(ConfigError) as error:
+        coastal_ctx(tmp_path, overrides)
+    assert str(error.value) == message
+
+
+def test_a_profile_for_a_domain_the_task_lacks_stops_the_run_naming_the_key(
+    tmp_path, procedural_dir
+):
+    """Exit 2 before training, naming the plugin's key and the task's domains."""
+    fast = [arg for setting in FAST for arg in ("--set", setting)]
+    result = run_cli(sys.executable, "-m", "core.run", "--plugins", "terrain_loss", *fast,
+                     "--set", "plugins.terrain_loss.profiles.alpin={edge=0.3}",
+                     "--data", str(procedural_dir), "--out", str(tmp_path / "run"))  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert (
+        "error: plugins.terrain_loss.profiles.alpin: task 'dem_sr' has no domain 'alpin'; "
+        "its domains are flat, moderate, alpine, desert, extreme" in result.stderr
+    )
 
 
 def test_training_run_weights_every_sample_with_its_profile(train_run):

@@ -4,6 +4,10 @@ The seed's ``TerrainAwareLoss.forward`` takes one terrain per batch, so a mixed 
 weighted entirely with one terrain's profile. Here every sample gets its own terrain's
 profile through the ``loss_weights`` chain, so mixed batches (the default shuffle,
 ``stratified``) are weighted correctly.
+
+The profiles belong to the task's domains (``ctx.terrains``): the seed's five terrains for
+dem_sr, any others a task names. ``setup`` builds the table and refuses a profile or
+``fallback`` naming a domain the task does not have.
 """
 
 from __future__ import annotations
@@ -19,7 +23,6 @@ from core.errors import ConfigError
 from core.hookspecs import Batch, hookimpl
 from core.plugins import Plugin
 from core.tasks.dem_sr.losses import COMPONENTS
-from core.tasks.dem_sr.terrain import TERRAINS
 
 if TYPE_CHECKING:
     from core.context import RunContext
@@ -31,7 +34,8 @@ SEED_PROFILES: dict[str, dict[str, float]] = {
     "desert": {"elevation": 1.0, "gradient": 0.5, "curvature": 0.2, "edge": 0.4, "spectral": 0.15},
     "extreme": {"elevation": 1.0, "gradient": 0.7, "curvature": 0.3, "edge": 0.5, "spectral": 0.2},
 }
-"""The seed's absolute weight profiles (Solution C), by terrain and component."""
+"""The seed's absolute weight profiles (Solution C), by terrain and component: the profile
+of a task's domain of the same name."""
 
 LOG_KEY = "terrain_loss_fallback_samples"
 """``ctx.log`` key: samples per micro-batch weighted with the fallback profile."""
@@ -41,7 +45,8 @@ _non_negative = check.optional_non_negative
 
 @attrs.frozen
 class ProfileWeights:
-    """One terrain's weights; a component left out keeps the seed's value for that terrain."""
+    """One domain's weights; a component left out keeps the seed's value for that terrain
+    (a domain the seed has no profile for lists every component)."""
 
     elevation: float | None = attrs.field(default=None, validator=_non_negative)
     gradient: float | None = attrs.field(default=None, validator=_non_negative)
@@ -51,43 +56,58 @@ class ProfileWeights:
 
 
 @attrs.frozen
-class Profiles:
-    """``[plugins.terrain_loss.profiles.<terrain>]`` tables; an absent table is ``None``."""
-
-    flat: ProfileWeights | None = None
-    moderate: ProfileWeights | None = None
-    alpine: ProfileWeights | None = None
-    desert: ProfileWeights | None = None
-    extreme: ProfileWeights | None = None
-
-
-@attrs.frozen
 class TerrainLossConfig:
     """``[plugins.terrain_loss]``."""
 
     mode: str = attrs.field(default="replace", validator=attrs.validators.in_(("replace", "scale")))
     """``replace``: a sample's weights become its profile (the seed's absolute weights).
     ``scale``: the incoming weights are multiplied by ``profile / profile[fallback]``."""
-    fallback: str = attrs.field(default="moderate", validator=attrs.validators.in_(TERRAINS))
-    """Profile for samples whose terrain has none; in ``scale`` mode also the reference."""
+    fallback: str = "moderate"
+    """The domain whose profile samples without one get; in ``scale`` mode also the
+    reference."""
     seed_profiles: bool = True
-    """Terrains not listed under ``profiles`` keep the seed's profile; ``false``: they have
-    none and fall back (the ``fallback`` terrain always has one)."""
-    profiles: Profiles = attrs.Factory(Profiles)
+    """Domains not listed under ``profiles`` keep the seed's profile of their name; ``false``:
+    they have none and fall back (the ``fallback`` domain always keeps its profile)."""
+    profiles: dict[str, ProfileWeights] = attrs.Factory(dict)
+    """``[plugins.terrain_loss.profiles.<domain>]`` tables, by the task's domain names."""
 
 
-def resolve_profiles(config: TerrainLossConfig) -> dict[str, list[float]]:
-    """Each terrain that has a profile -> its weights in ``COMPONENTS`` order."""
+def resolve_profiles(
+    config: TerrainLossConfig, domains: tuple[str, ...], task: str
+) -> dict[str, list[float]]:
+    """Each of the task's ``domains`` that has a profile -> its weights in ``COMPONENTS``
+    order; a profile or fallback naming another domain is a ConfigError naming the key."""
+    where = "plugins.terrain_loss"
+    named = [*((f"profiles.{name}", name) for name in config.profiles)]
+    for key, name in [*named, ("fallback", config.fallback)]:
+        if name not in domains:
+            raise ConfigError(
+                f"{where}.{key}: task {task!r} has no domain {name!r}; its domains are "
+                f"{', '.join(domains)}"
+            )
     table = {}
-    for terrain in TERRAINS:
-        listed = getattr(config.profiles, terrain)
-        if listed is None and not (config.seed_profiles or terrain == config.fallback):
+    for domain in domains:
+        listed = config.profiles.get(domain, ProfileWeights())
+        seed = SEED_PROFILES.get(domain)
+        if domain not in config.profiles and (
+            seed is None or not (config.seed_profiles or domain == config.fallback)
+        ):
             continue
-        seed = SEED_PROFILES[terrain]
-        table[terrain] = [
-            seed[c] if listed is None or getattr(listed, c) is None else getattr(listed, c)
-            for c in COMPONENTS
-        ]
+        weights = []
+        for component in COMPONENTS:
+            weight = getattr(listed, component)
+            if weight is None and seed is None:
+                raise ConfigError(
+                    f"{where}.profiles.{domain}.{component}: the seed has no profile for "
+                    f"{domain!r}, so its profile lists every component"
+                )
+            weights.append(seed[component] if weight is None else weight)
+        table[domain] = weights
+    if config.fallback not in table:
+        raise ConfigError(
+            f"{where}.fallback: {config.fallback!r} has no profile; give it one under "
+            f"[{where}.profiles.{config.fallback}]"
+        )
     return table
 
 
@@ -98,31 +118,19 @@ class TerrainLoss(Plugin):
     weighted with its own terrain's profile, so mixed batches are weighted correctly. The
     defaults are the seed's absolute profiles; ``mode = "replace"`` (default) uses them as
     the weights, ``mode = "scale"`` multiplies the incoming weights by each profile relative
-    to the ``fallback`` profile. A sample whose terrain has no profile is weighted with the
+    to the ``fallback`` profile. A sample whose domain has no profile is weighted with the
     ``fallback`` profile, counted in ``terrain_loss_fallback_samples`` and warned about once.
     """
 
     name = "terrain_loss"
     Config = TerrainLossConfig
+    table: torch.Tensor
+    """``[domains + 1, components]``: each domain's profile (the fallback's where it has
+    none), then the fallback's for labels outside the domains; built by ``setup``."""
+    has_profile: torch.Tensor
 
     def __init__(self, config: TerrainLossConfig) -> None:
         super().__init__(config)
-        profiles = resolve_profiles(config)
-        reference = torch.tensor(profiles[config.fallback])
-        if config.mode == "scale":
-            zero = [c for c, w in zip(COMPONENTS, reference.tolist(), strict=True) if w <= 0]
-            if zero:
-                raise ConfigError(
-                    f"plugins.terrain_loss.profiles.{config.fallback}.{zero[0]} must be > 0 "
-                    f'with mode = "scale": the {config.fallback!r} profile is the reference '
-                    "every other profile is divided by"
-                )
-        # One row per terrain (its fallback where it has no profile), then the fallback row
-        # for labels outside TERRAINS.
-        rows = [torch.tensor(profiles.get(t, profiles[config.fallback])) for t in TERRAINS]
-        table = torch.stack([*rows, reference])
-        self.table = table / reference if config.mode == "scale" else table
-        self.has_profile = torch.tensor([t in profiles for t in TERRAINS] + [False])
         self.warned = False
 
     @hookimpl
@@ -132,6 +140,7 @@ class TerrainLoss(Plugin):
                 f"plugin terrain_loss weights the components {', '.join(COMPONENTS)}; task "
                 f"{ctx.task.name!r} has {', '.join(ctx.task.components)}"
             )
+        self.build_table(ctx.terrains, ctx.task.name)
         if self.config.mode == "replace":
             earlier = []
             for plugin in ctx.plugins.active:
@@ -147,6 +156,24 @@ class TerrainLoss(Plugin):
                     stacklevel=2,
                 )
 
+    def build_table(self, domains: tuple[str, ...], task: str) -> None:
+        """The weight table of the task's ``domains`` (see :func:`resolve_profiles`)."""
+        config = self.config
+        profiles = resolve_profiles(config, domains, task)
+        reference = torch.tensor(profiles[config.fallback])
+        if config.mode == "scale":
+            zero = [c for c, w in zip(COMPONENTS, reference.tolist(), strict=True) if w <= 0]
+            if zero:
+                raise ConfigError(
+                    f"plugins.terrain_loss.profiles.{config.fallback}.{zero[0]} must be > 0 "
+                    f'with mode = "scale": the {config.fallback!r} profile is the reference '
+                    "every other profile is divided by"
+                )
+        rows = [torch.tensor(profiles.get(d, profiles[config.fallback])) for d in domains]
+        table = torch.stack([*rows, reference])
+        self.table = table / reference if config.mode == "scale" else table
+        self.has_profile = torch.tensor([d in profiles for d in domains] + [False])
+
     @hookimpl
     def loss_weights(
         self, weights: torch.Tensor, batch: Batch, ctx: RunContext
@@ -155,8 +182,9 @@ class TerrainLoss(Plugin):
             self.table = self.table.to(weights.device)
             self.has_profile = self.has_profile.to(weights.device)
         terrain = batch["terrain"].to(weights.device)
-        in_range = (terrain >= 0) & (terrain < len(TERRAINS))
-        rows = torch.where(in_range, terrain, len(TERRAINS))
+        domains = ctx.terrains
+        in_range = (terrain >= 0) & (terrain < len(domains))
+        rows = torch.where(in_range, terrain, len(domains))
         profile = self.table[rows].to(weights.dtype)
         known = self.has_profile[rows]
         unknown = int((~known).sum())
@@ -164,7 +192,7 @@ class TerrainLoss(Plugin):
         if unknown and not self.warned:
             self.warned = True
             labels = sorted(set(terrain[~known].tolist()))
-            names = [TERRAINS[i] if 0 <= i < len(TERRAINS) else f"label {i}" for i in labels]
+            names = [domains[i] if 0 <= i < len(domains) else f"label {i}" for i in labels]
             warnings.warn(
                 f"terrain_loss: no profile for {', '.join(names)}; those samples use the "
                 f"{self.config.fallback!r} profile (counted in {LOG_KEY}; warned once)",
