@@ -223,6 +223,33 @@ def test_the_checker_flags_every_import_form(copy: Path, where: str, source: str
     assert all(line.startswith(f"{where} imports ") for line in found), found
 
 
+NAMED = {
+    ("core/config.py", "dem_sr"): "the default task, defined in one place",
+    ("core/tasks/__init__.py", "dem_sr"): "the built-in task registry, BUILTIN_TASKS",
+    ("core/tasks/__init__.py", "sar2opt"): "the built-in task registry, BUILTIN_TASKS",
+}
+
+
+def test_the_framework_names_no_plugin_task_or_reference_row() -> None:
+    """A rule about one plugin or task lives in that plugin or task: no string in the
+    framework's code is the name of a built-in plugin, a task or a task's reference row,
+    except the registries and the default task."""
+    from core.tasks import BUILTIN_TASKS, task_class
+    from plugins import BUILTIN_PLUGINS
+
+    references = {task_class(name).reference_name for name in BUILTIN_TASKS}
+    names = {*BUILTIN_PLUGINS, *BUILTIN_TASKS, *references} - {""}
+    found = sorted(
+        f"{relative(path)}:{node.lineno} {node.value!r}"
+        for path in FRAMEWORK
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant)
+        and node.value in names
+        and (relative(path), node.value) not in NAMED
+    )
+    assert not found, f"the framework names a plugin, task or reference row: {found}"
+
+
 def test_the_architecture_page_names_every_framework_module() -> None:
     page = (REPO / "docs" / "architecture.md").read_text()
     named = set(re.findall(r"`([\w/]+(?:\.py)?)`", page))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
-from core.config import Config
+from core.config import Config, load_config
 from core.context import RunContext
 from core.errors import ConfigError
 from core.hookspecs import hookimpl
@@ -230,6 +230,21 @@ def test_route_batch_routes_every_layer_and_rejects_unknown_labels(tmp_path: Pat
 def test_model_without_batchnorm_is_a_config_error(train_run):
     with pytest.raises(ConfigError, match=r"domain_bn.*model\.norm=batch"):
         train_run(DomainBN(DomainBNConfig()))
+
+
+def test_a_task_without_a_norm_option_is_refused_naming_the_task(tmp_path: Path):
+    """domain_bn states its own need: for a task whose ``[model]`` has no ``norm`` key
+    (sar2opt) it names the task, not a key that task does not have."""
+    config = load_config(None, ["run.task='sar2opt'"])
+    manager = PluginManager.from_names(["domain_bn"])
+    ctx = RunContext(config, Accelerator(cpu=True), get_task("sar2opt"), manager, tmp_path, 1)
+    no_batchnorm = nn.Sequential(nn.Conv2d(2, 3, 1), nn.ReLU())
+    with pytest.raises(ConfigError) as error:
+        manager.chain("configure_model", no_batchnorm, "model", ctx=ctx)
+    assert str(error.value) == (
+        "plugin 'domain_bn': the model of task 'sar2opt' has no nn.BatchNorm2d to make "
+        "terrain-adaptive"
+    )
 
 
 def test_training_run_with_batch_norm_is_finite_and_learns_per_terrain_statistics(train_run):

@@ -197,9 +197,9 @@ def test_bad_arms_exit_2_before_any_run(arms: str, message: str, tmp_path: Path,
     assert not (tmp_path / "exp").exists()
 
 
-def test_toml_arms_and_the_domain_bn_rule(tmp_path: Path):
-    """TOML arms carry their own overrides; ``domain_bn`` arms get model.norm=batch unless
-    the arm or the common overrides set model.norm."""
+def test_toml_arms_carry_their_own_overrides(tmp_path: Path):
+    """TOML arms carry their own overrides and nothing else: ``domain_bn`` states its own
+    needs (it stops a run whose model has no BatchNorm)."""
     path = tmp_path / "arms.toml"
     path.write_text(
         'seeds = [3, 4]\nepochs = 5\nset = ["optim.lr=0.01"]\n'
@@ -215,18 +215,43 @@ def test_toml_arms_and_the_domain_bn_rule(tmp_path: Path):
     )
     assert [(arm.name, arm.plugins, arm.overrides) for arm in experiment.arms] == [
         ("baseline_bn", (), ("model.norm='batch'",)),
-        ("dbn", ("stratified", "domain_bn"), ("model.norm='batch'",)),
+        ("dbn", ("stratified", "domain_bn"), ()),
     ]
     assert experiment.baseline == "baseline_bn"  # no arm is called baseline: the first one
     sham = attrs.evolve(experiment.arms[0], name="sham", control="sham", seed_offset=1000)
     assert "run.seed=1003" in run_overrides(experiment, sham, 3, tmp_path)
-    args = build_parser().parse_args(
-        ["--arms", "domain_bn", "--set", "model.norm='none'", "--out", "x"]
-    )
-    assert build_experiment(args).arms[0].overrides == ()
     path.write_text('[[arms]]\nname = "a"\nplugin = ["stratified"]\n')
     with pytest.raises(UsageError, match=r"extra fields found \(plugin\) @ .*arms\[0\]"):
         build_experiment(build_parser().parse_args(["--config", str(path), "--out", "x"]))
+
+
+def test_the_experiment_knows_no_plugin_and_takes_the_reference_row_from_the_task(
+    tmp_path: Path,
+):
+    """A sar2opt experiment's ``domain_bn`` arm keeps the overrides it was given (no
+    ``model.norm``, a key sar2opt lacks), and the arm name reserved for the reference row is
+    the task's (dem_sr: bicubic; sar2opt has no reference row)."""
+
+    path = tmp_path / "arms.toml"
+    path.write_text(
+        '[[arms]]\nname = "baseline"\n[[arms]]\nname = "domain_bn"\nplugins = ["domain_bn"]\n'
+        '[[arms]]\nname = "bicubic"\nset = ["optim.lr=0.01"]\n'
+    )
+
+    def checked(*argv: str):
+        args = build_parser().parse_args(["--config", str(path), *argv, "--out", "x"])
+        experiment = build_experiment(args)
+        check_arms(experiment, tmp_path / "x")
+        return experiment
+
+    sar2opt = checked("--set", "run.task='sar2opt'")
+    assert [(arm.name, arm.overrides) for arm in sar2opt.arms] == [
+        ("baseline", ()),
+        ("domain_bn", ()),
+        ("bicubic", ("optim.lr=0.01",)),
+    ]
+    with pytest.raises(UsageError, match="arm name 'bicubic' is reserved for the reference row"):
+        checked()
 
 
 @pytest.mark.parametrize(

@@ -13,14 +13,12 @@ from core.experiment.schedule import Runner, clock, count_rows, plan_jobs
 from core.experiment.spec import (
     BASELINE,
     DEFAULT_SEEDS,
-    REFERENCE,
     Experiment,
     SpecFile,
     check_arms,
     parse_arms,
     parse_seeds,
     read_spec,
-    with_norm_rule,
 )
 
 
@@ -76,7 +74,7 @@ def build_experiment(args: argparse.Namespace) -> Experiment:
     if baseline == BASELINE and all(arm.name != BASELINE for arm in spec.arms):
         baseline = spec.arms[0].name
     return Experiment(
-        arms=tuple(with_norm_rule(arm, common) for arm in spec.arms),
+        arms=spec.arms,
         seeds=seeds,
         epochs=epochs,
         common=common,
@@ -120,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
             print("interrupted: running jobs saved checkpoints; run again to continue")
             status = EXIT_INTERRUPTED
     summary = write_report(experiment, args.out, report_dir)
-    complete = sum(len(seeds) for arm, seeds in summary.per_seed.items() if arm != REFERENCE)
+    complete = sum(
+        len(seeds) for arm, seeds in summary.per_seed.items() if arm != summary.reference_name
+    )
     print(
         f"report: {report_dir / 'results.md'} ({complete} of {total} runs); "
         f"elapsed {clock(time.monotonic() - started)}",

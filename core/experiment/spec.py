@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
 from pathlib import Path
 
 import attrs
 
 from core import validators as check
-from core.config import load_config, parse_override, read_toml, structure
+from core.config import load_config, read_toml, structure
 from core.errors import UsageError
 from core.plugins import PluginManager
+from core.tasks import task_class
 
 BASELINE = "baseline"
-REFERENCE = "bicubic"
-"""A name reserved for the task's reference row (dem_sr: bicubic interpolation)."""
 DEFAULT_SEEDS = (0, 1, 2)
 CONTROLS = ("sham", "harmful")
 CORRECTIONS = ("holm", "bh", "none")
@@ -115,8 +113,9 @@ class Experiment:
     correction: str = "holm"
     test: str = "t"
     alpha: float = 0.05
-    task: str = "dem_sr"
-    """``run.task`` of every arm: it supplies the report's columns."""
+    task: str = attrs.field(kw_only=True)
+    """``run.task`` of every arm, as the common settings resolve it (core.config's default
+    without one): it supplies the report's columns and its reference row."""
 
     def control(self, kind: str) -> Arm | None:
         return next((arm for arm in self.arms if arm.control == kind), None)
@@ -149,15 +148,6 @@ def read_spec(path: Path) -> SpecFile:
     return structure(read_toml(path), SpecFile, str(path))
 
 
-def with_norm_rule(arm: Arm, common: Sequence[str]) -> Arm:
-    """``domain_bn`` needs BatchNorm layers: its arms get ``model.norm=batch`` unless the arm
-    or the common overrides set ``model.norm`` themselves."""
-    sets_norm = any(parse_override(s)[0] == ["model", "norm"] for s in [*common, *arm.set])
-    if "domain_bn" not in arm.plugins or sets_norm:
-        return arm
-    return attrs.evolve(arm, set=(*arm.set, "model.norm='batch'"))
-
-
 def run_overrides(experiment: Experiment, arm: Arm, seed: int, run_dir: Path) -> list[str]:
     """The ``--set`` assignments that make up one (arm, seed) run's config."""
     shortcuts = {
@@ -177,11 +167,16 @@ def run_overrides(experiment: Experiment, arm: Arm, seed: int, run_dir: Path) ->
 
 def check_arms(experiment: Experiment, out: Path) -> None:
     """Load every arm's config and plugins now, so a typo stops the experiment before any
-    run starts (exit 2, naming the arm)."""
+    run starts (exit 2, naming the arm). An arm's overrides are its own: a plugin that needs
+    a setting says so itself when the run starts."""
+    reference = task_class(experiment.task).reference_name
     slugs: dict[str, str] = {}
     for arm in experiment.arms:
-        if arm.name == REFERENCE:
-            raise UsageError(f"arm name {REFERENCE!r} is reserved for the reference row")
+        if reference and arm.name == reference:
+            raise UsageError(
+                f"arm name {reference!r} is reserved for the reference row of task "
+                f"{experiment.task!r}"
+            )
         if arm.slug in slugs:
             raise UsageError(f"arms {slugs[arm.slug]!r} and {arm.name!r} share a folder name")
         slugs[arm.slug] = arm.name

@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 
 from core.experiment.schedule import Runs
-from core.experiment.spec import REFERENCE, Experiment
+from core.experiment.spec import Experiment
 from core.experiment.stats import adjust, delta_pct, mean_std, paired_test
 from core.tasks import ReportMetric
 
@@ -151,7 +151,8 @@ class Summary:
     stats: dict[str, dict[str, dict[str, float | None]]]
     """arm -> row (``STAT_ROWS``) -> metric -> value."""
     tables: list[Table]
-    reference_name: str = REFERENCE
+    reference_name: str
+    """The task's reference row (dem_sr: bicubic); empty for a task without one."""
 
 
 def targets(experiment: Experiment, runs: Runs) -> dict[int, float | None]:
@@ -181,7 +182,7 @@ def summarise(
     runs: Runs,
     metrics: Sequence[ReportMetric],
     domains: Sequence[str],
-    reference_name: str = REFERENCE,
+    reference_name: str,
 ) -> Summary:
     seed_targets, budgets = targets(experiment, runs), step_budgets(runs)
     per_seed = {

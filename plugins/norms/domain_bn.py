@@ -298,11 +298,16 @@ class DomainBN(Plugin):
 
     @hookimpl
     def configure_model(self, model: nn.Module, ctx: RunContext) -> nn.Module | None:
+        """Refuses a model without BatchNorm, before any step: the plugin, not the framework,
+        knows what it needs (for a task with a ``model.norm`` option, ``"batch"``)."""
         if not swap_batchnorms(model, len(ctx.terrains), self.config.sync):
-            raise ConfigError(
-                "plugin domain_bn found no nn.BatchNorm2d in the model to make "
-                "terrain-adaptive; for RCAN-DEM set model.norm=batch (--set model.norm=batch)"
+            message = (
+                f"plugin 'domain_bn': the model of task {ctx.task.name!r} has no "
+                "nn.BatchNorm2d to make terrain-adaptive"
             )
+            if hasattr(ctx.config.model, "norm"):
+                message += "; set model.norm = 'batch' (--set model.norm=batch)"
+            raise ConfigError(message)
         return model
 
     @hookimpl
