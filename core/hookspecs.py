@@ -10,6 +10,10 @@ Two kinds of hook:
   ``epoch_indices``, ``loss_weights``, ``evaluation_weights``) form a chain: each plugin
   receives what the previous one returned (``None`` means "unchanged").
 
+``core.plugins`` orders the calls and makes each through pluggy, one implementation at a
+time, so pluggy's ``enable_tracing`` and ``add_hookcall_monitoring`` see every call and a
+missing argument raises ``pluggy.HookCallError`` (docs/hooks.md, Tracing hook calls).
+
 Every hook receives ``ctx``, the :class:`core.context.RunContext` of the run: config,
 accelerator, task, epoch, the current optimizer step and each plugin's own config.
 """
