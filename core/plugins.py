@@ -18,11 +18,9 @@ and ``optionalhook`` are honoured.
 
 from __future__ import annotations
 
-import difflib
 import functools
-import inspect
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from types import ModuleType
 from typing import Any, ClassVar, TypeVar
 
@@ -33,7 +31,15 @@ import torch
 from core import hookspecs
 from core.config import structure, unstructure
 from core.errors import PluginError
-from core.registry import BUILTIN, Registration, failure, registrations
+from core.registry import (
+    BUILTIN,
+    Registration,
+    broken_names,
+    failure,
+    registrations,
+    summary,
+    unknown_message,
+)
 
 T = TypeVar("T")
 
@@ -101,12 +107,9 @@ def discover() -> dict[str, Registration]:
     return registrations("plugin", BUILTIN_PLUGINS, ENTRY_POINT_GROUP, PluginError)
 
 
-def unknown_plugin_message(name: str, available: list[str]) -> str:
-    message = f"unknown plugin {name!r}."
-    close = difflib.get_close_matches(name, available, n=1)
-    if close:
-        message += f" Did you mean {close[0]!r}?"
-    return message + f" Available: {', '.join(sorted(available)) or 'none'}"
+def unknown_plugin_message(name: str, available: list[str], broken: Collection[str] = ()) -> str:
+    """An unknown plugin's message: the closest name, and the ones available (broken marked)."""
+    return unknown_message("plugin", name, available, broken)
 
 
 def implemented_hooks(obj: Any) -> list[str]:
@@ -124,12 +127,6 @@ def hook_names() -> list[str]:
     """Every hook spec, in the order ``core.hookspecs`` defines them."""
     marker = f"{hookspecs.PROJECT}_spec"
     return [name for name, value in vars(hookspecs).items() if hasattr(value, marker)]
-
-
-def summary(obj: Any) -> str:
-    """The first line of the plugin's docstring."""
-    doc = inspect.getdoc(obj) or ""
-    return doc.splitlines()[0] if doc else ""
 
 
 def instantiate(name: str, origin: str, loaded: type | ModuleType, raw: dict[str, Any]) -> Any:
@@ -248,12 +245,14 @@ class PluginManager:
         sources = discover()
         unknown = [name for name in names if name not in sources]
         if unknown:
-            raise PluginError(unknown_plugin_message(unknown[0], list(sources)))
+            raise PluginError(
+                unknown_plugin_message(unknown[0], list(sources), broken_names(sources))
+            )
         for section, raw in plugin_configs.items():
             if section not in sources:
                 raise PluginError(
                     f"config section [plugins.{section}]: "
-                    + unknown_plugin_message(section, list(sources))
+                    + unknown_plugin_message(section, list(sources), broken_names(sources))
                 )
             if section not in names:
                 loaded = load_or_warn(sources[section], strict, "its section is not checked")

@@ -7,14 +7,17 @@ distribution costs nothing to runs that do not use it.
 
 from __future__ import annotations
 
+import difflib
 import importlib
-from collections.abc import Mapping
+import inspect
+import sys
+from collections.abc import Collection, Iterable, Mapping
 from importlib.metadata import entry_points
 from typing import Any
 
 import attrs
 
-from core.errors import UsageError
+from core.errors import EXIT_USAGE, UsageError
 
 BUILTIN = "built-in"
 
@@ -52,6 +55,20 @@ class Registration:
             ) from error
         return obj
 
+    def problem(self) -> str | None:
+        """Why the target fails to load (``Type: message``); None when it loads."""
+        try:
+            self.load()
+        except self.error as error:
+            return failure(error.__cause__ or error)
+        return None
+
+
+def summary(obj: Any) -> str:
+    """The first line of ``obj``'s docstring: a plugin's or task's line in the listings."""
+    doc = inspect.getdoc(obj) or ""
+    return doc.splitlines()[0] if doc else ""
+
 
 def failure(error: BaseException) -> str:
     """``Type: message`` of an import's failure; a ``SystemExit``'s message is only its code."""
@@ -80,3 +97,47 @@ def registrations(
             kind, entry_point.name, origin, entry_point.value, error
         )
     return found
+
+
+def broken_names(known: Mapping[str, Registration]) -> set[str]:
+    """The names whose target fails to load. Imports every one of them, as the listings do,
+    so it serves error messages only: a run imports nothing it does not name."""
+    return {name for name, registration in known.items() if registration.problem() is not None}
+
+
+def unknown_message(
+    kind: str, name: str, available: Iterable[str], broken: Collection[str] = ()
+) -> str:
+    """``unknown <kind> 'name'.``, the closest known name, and every known one, those in
+    ``broken`` marked: a name that exists but does not load is not the fix."""
+    names = sorted(available)
+    message = f"unknown {kind} {name!r}."
+    close = difflib.get_close_matches(name, names, n=1)
+    if close:
+        message += f" Did you mean {close[0]!r}?"
+    listed = [f"{known} (broken)" if known in broken else known for known in names]
+    return message + f" Available: {', '.join(listed) or 'none'}"
+
+
+BROKEN = "BROKEN: "
+"""How a listing's summary column starts for an entry point that fails to load."""
+
+
+def print_listing(kind: str, rows: list[dict[str, str]], strict: bool) -> int:
+    """``--list-plugins`` and ``--list-tasks``: a table of ``rows`` (their keys are the
+    columns; ``summary`` among them). With ``strict`` a broken row is an error naming it
+    and its distribution: the exit status is then ``EXIT_USAGE``."""
+    headers = {key: key for key in rows[0]}
+    widths = {key: max(len(row[key]) for row in [headers, *rows]) for key in headers}
+    for row in [headers, *rows]:
+        print("  ".join(row[key].ljust(widths[key]) for key in headers).rstrip())
+    broken = [row for row in rows if row["summary"].startswith(BROKEN)]
+    if not (strict and broken):
+        return 0
+    for row in broken:
+        print(
+            f"error: {kind} {row['name']!r} from {row['origin']} failed to load: "
+            f"{row['summary'].removeprefix(BROKEN)}",
+            file=sys.stderr,
+        )
+    return EXIT_USAGE

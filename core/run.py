@@ -14,11 +14,13 @@ import sys
 from pathlib import Path
 
 from core.config import Config, load_config
-from core.errors import EXIT_INTERRUPTED, EXIT_USAGE, StorageError, UsageError, report_error
+from core.errors import EXIT_INTERRUPTED, StorageError, UsageError, report_error
 from core.plugins import PluginManager, describe_all
 from core.provenance import version_line
+from core.registry import print_listing
 from core.resume import check_data, check_resume, check_task, record_resume, trained_run
 from core.run_folder import CHECKPOINT, CONFIG, METRICS
+from core.tasks import check_installed_tasks, describe_tasks
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--plugins", help="plugins to activate, in this order: a,b,c")
     parser.add_argument("--list-plugins", action="store_true", help="list plugins and exit")
+    parser.add_argument("--list-tasks", action="store_true", help="list tasks and exit")
     parser.add_argument(
         "--task", help="dem_sr (default), sar2opt, or a task an installed distribution adds"
     )
@@ -52,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--strict-plugins",
         action="store_true",
-        help="stop when any installed third-party plugin fails to load, even one not named "
-        "in --plugins (a named plugin must always load)",
+        help="stop when any installed third-party plugin or task fails to load, even one the "
+        "run does not name (a named one must always load)",
     )
     parser.add_argument(
         "--strict-data",
@@ -139,24 +142,6 @@ def resume_problem(run_dir: Path) -> str | None:
     )
 
 
-def list_plugins(strict: bool) -> int:
-    rows = describe_all()
-    headers = {"name": "name", "origin": "origin", "hooks": "hooks", "summary": "summary"}
-    widths = {key: max(len(row[key]) for row in [headers, *rows]) for key in headers}
-    for row in [headers, *rows]:
-        print("  ".join(row[key].ljust(widths[key]) for key in headers).rstrip())
-    broken = [row for row in rows if row["summary"].startswith("BROKEN")]
-    if strict and broken:
-        for row in broken:
-            print(
-                f"error: plugin {row['name']!r} from {row['origin']} failed to load: "
-                f"{row['summary'].removeprefix('BROKEN: ')}",
-                file=sys.stderr,
-            )
-        return EXIT_USAGE
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.version:
@@ -164,7 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         if args.list_plugins:
-            return list_plugins(args.strict_plugins)
+            return print_listing("plugin", describe_all(), args.strict_plugins)
+        if args.list_tasks:
+            return print_listing("task", describe_tasks(), args.strict_plugins)
+        if args.strict_plugins:
+            check_installed_tasks()
         config = resolve_config(args)
         plugins = PluginManager.from_names(
             config.run.plugins, config.plugins, strict=args.strict_plugins

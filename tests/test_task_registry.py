@@ -14,7 +14,7 @@ from core.run import main
 from terraplug import UsageError
 from terraplug.testing import run_training
 from tests.conftest import install_distribution, read_metrics
-from tests.test_run import REPO, run_cli
+from tests.test_run import REPO, fast_args, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -219,3 +219,84 @@ def test_a_task_that_exits_at_import_exits_2_naming_it(tmp_path: Path):
     assert "task 'exiting' from terraplug-exiting-task 0.0.1" in result.stderr
     assert "failed to load: SystemExit: sys.exit(3) called on import" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+@pytest.fixture(scope="module")
+def broken_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A distribution whose task and plugin entry points both fail to import."""
+    source = write_distribution(
+        tmp_path_factory.mktemp("broken") / "source",
+        "terraplug-broken",
+        "import no_such_module_xyz\n",
+        {
+            "terraplug.tasks": {"broken_task": "terraplug_broken:Task"},
+            "terraplug.plugins": {"broken_plugin": "terraplug_broken:Plugin"},
+        },
+    )
+    return install_distribution(source, source.parent / "site")
+
+
+BROKEN_TASK = "task 'broken_task' from terraplug-broken 0.0.1"
+NO_MODULE = "ModuleNotFoundError: No module named 'no_such_module_xyz'"
+
+
+def test_strict_plugins_stops_on_a_broken_task_entry_point(procedural_dir: Path, tmp_path: Path):
+    """``--strict-plugins`` covers every third-party entry point: a task the run does not use
+    stops the run before anything is written, and fails ``--list-tasks`` after the listing."""
+    source = write_distribution(
+        tmp_path / "source",
+        "terraplug-broken",
+        "import no_such_module_xyz\n",
+        {"terraplug.tasks": {"broken_task": "terraplug_broken:Task"}},
+    )
+    site = install_distribution(source, tmp_path / "site")
+    out = tmp_path / "run"
+    run = run_cli(sys.executable, "-m", "core.run", "--strict-plugins",
+                  *fast_args(procedural_dir, out, "--epochs", "1"), path=[site])  # fmt: skip
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert BROKEN_TASK in run.stderr and NO_MODULE in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not out.exists()
+
+    listing = run_cli(sys.executable, "-m", "core.run", "--list-tasks", "--strict-plugins",
+                      path=[site])  # fmt: skip
+    assert listing.returncode == 2, listing.stderr[-3000:]
+    assert "broken_task" in listing.stdout
+    assert BROKEN_TASK in listing.stderr and NO_MODULE in listing.stderr
+
+
+def test_list_tasks_shows_origin_domains_summary_and_broken(
+    template_task_installed: Path, broken_site: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    monkeypatch.syspath_prepend(str(broken_site))
+    assert main(["--list-tasks"]) == 0
+    header, *lines = capsys.readouterr().out.splitlines()
+    assert header.split() == ["name", "origin", "domains", "summary"]
+    rows = {line.split()[0]: line for line in lines}
+    assert set(rows) == {"dem_sr", "sar2opt", "dem_denoise", "broken_task"}
+    assert "built-in" in rows["dem_sr"]
+    assert "flat, moderate, alpine, desert, extreme" in rows["dem_sr"]
+    assert "RCAN-DEM trained with the seed's five loss components" in rows["dem_sr"]
+    assert "terraplug-example-task 0.1.0" in rows["dem_denoise"]
+    assert " tile " in rows["dem_denoise"]
+    assert "Learn to remove Gaussian noise of " in rows["dem_denoise"]  # its docstring's line
+    assert "terraplug-broken 0.0.1" in rows["broken_task"]
+    assert rows["broken_task"].endswith(f"BROKEN: {NO_MODULE}")
+
+
+def test_unknown_names_suggest_the_closest_and_mark_broken_entry_points(
+    template_task_installed: Path, broken_site: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    """An unknown ``--task`` gets a "did you mean" like an unknown plugin; both "Available:"
+    lists mark the entry points that fail to load."""
+    monkeypatch.syspath_prepend(str(broken_site))
+    assert main(["--task", "dem_denoize"]) == 2
+    message = capsys.readouterr().err
+    assert "unknown task 'dem_denoize'. Did you mean 'dem_denoise'?" in message
+    assert "broken_task (broken)" in message
+    assert "dem_sr," in message and "dem_sr (broken)" not in message
+
+    assert main(["--plugins", "stratifed"]) == 2
+    message = capsys.readouterr().err
+    assert "unknown plugin 'stratifed'. Did you mean 'stratified'?" in message
+    assert "broken_plugin (broken)" in message and "stratified (broken)" not in message

@@ -20,7 +20,16 @@ import torch
 from torch import nn
 
 from core.errors import ConfigError
-from core.registry import registrations
+from core.registry import (
+    BROKEN,
+    BUILTIN,
+    Registration,
+    broken_names,
+    failure,
+    registrations,
+    summary,
+    unknown_message,
+)
 
 if TYPE_CHECKING:
     from core.config import Config
@@ -166,15 +175,25 @@ def missing_members(cls: type) -> list[str]:
     ]
 
 
+def task_registrations() -> dict[str, Registration]:
+    """Every task ``--task`` can name: the built-ins, then installed distributions' tasks."""
+    return registrations("task", BUILTIN_TASKS, TASK_GROUP, ConfigError)
+
+
 def task_class(name: str) -> type[Task]:
     """The class registered as ``name``; an unknown name, or a class that does not implement
     :class:`Task`, is a ConfigError naming it, before anything is built or written."""
-    known = registrations("task", BUILTIN_TASKS, TASK_GROUP, ConfigError)
+    known = task_registrations()
     if name not in known:
-        raise ConfigError(f"run.task: unknown task {name!r}; available: {', '.join(known)}")
-    registration = known[name]
+        raise ConfigError(f"run.task: {unknown_message('task', name, known, broken_names(known))}")
+    return checked_class(known[name])
+
+
+def checked_class(registration: Registration) -> type[Task]:
+    """The task class ``registration`` names, loaded and checked against :class:`Task`; a
+    ConfigError naming the task and its distribution when it does not load or conform."""
     cls = registration.load()
-    where = f"task {name!r} from {registration.origin} ({registration.target})"
+    where = f"task {registration.name!r} from {registration.origin} ({registration.target})"
     if not isinstance(cls, type):
         raise ConfigError(f"{where} is a {type(cls).__name__}, not a task class")
     missing = missing_members(cls)
@@ -184,6 +203,30 @@ def task_class(name: str) -> type[Task]:
             f"protocol; it lacks {', '.join(missing)} (see docs/architecture.md, Adding a task)"
         )
     return cls
+
+
+def check_installed_tasks() -> None:
+    """``--strict-plugins``: every third-party task must load and implement :class:`Task`,
+    the ones a run does not name too; the first that does not is the ConfigError above."""
+    for registration in task_registrations().values():
+        if registration.origin != BUILTIN:
+            checked_class(registration)
+
+
+def describe_tasks() -> list[dict[str, str]]:
+    """One row per task for ``--list-tasks``: name, origin, domains and the first line of
+    its docstring; a task that does not load or conform says why."""
+    rows = []
+    for name, registration in sorted(task_registrations().items()):
+        row = {"name": name, "origin": registration.origin, "domains": "-"}
+        try:
+            cls = checked_class(registration)
+        except ConfigError as error:
+            reason = failure(error.__cause__) if error.__cause__ else str(error)
+            rows.append({**row, "summary": BROKEN + reason})
+            continue
+        rows.append({**row, "domains": ", ".join(cls.terrains), "summary": summary(cls)})
+    return rows
 
 
 def get_task(name: str) -> Task:
