@@ -7,6 +7,7 @@ import csv
 import json
 import re
 import statistics
+import sys
 from pathlib import Path
 
 import attrs
@@ -39,6 +40,8 @@ from core.spikes import spike_steps
 from core.tasks import get_task
 from core.tasks.dem_sr.terrain import TERRAINS
 from tests.conftest import read_metrics
+from tests.test_run import run_cli
+from tests.test_task_registry import template_task  # noqa: F401  (a fixture)
 
 TINY = [
     "model.n_resgroups=1",
@@ -581,3 +584,23 @@ def test_every_arm_has_its_own_colour(arms: int) -> None:
     """The report's plots tell arms apart: past ten arms the colour cycle would repeat."""
     colours = [str(colour) for colour in arm_colours(arms)]
     assert len(set(colours)) == arms
+
+
+@pytest.mark.slow
+def test_the_run_count_leaves_out_the_tasks_reference_whatever_its_name(
+    template_task: Path,  # noqa: F811
+    procedural_dir: Path,
+    tmp_path: Path,
+):
+    """dem_denoise's reference row is ``noisy input``, not ``bicubic``: the console and the
+    report count the arms' runs only."""
+    out = tmp_path / "experiment"
+    result = run_cli(sys.executable, "-m", "core.experiment", "--arms", "baseline", "--seeds",
+                     "0,1", "--epochs", "1", "--data", str(procedural_dir), "--out", str(out),
+                     "--set", "run.task='dem_denoise'", "--set", "model.channels=4",
+                     "--set", "train.progress='never'", "--jobs", "2", "--threads", "1",
+                     path=[template_task])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"report: {out / 'results.md'} (2 of 2 runs)" in result.stdout
+    assert "2 of 2 runs complete" in (out / "results.md").read_text()
+    assert "noisy input (reference)" in (out / "results.md").read_text()

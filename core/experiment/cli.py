@@ -118,11 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             print("interrupted: running jobs saved checkpoints; run again to continue")
             status = EXIT_INTERRUPTED
     summary = write_report(experiment, args.out, report_dir)
-    complete = sum(
-        len(seeds) for arm, seeds in summary.per_seed.items() if arm != summary.reference_name
-    )
     print(
-        f"report: {report_dir / 'results.md'} ({complete} of {total} runs); "
+        f"report: {report_dir / 'results.md'} ({summary.complete_runs} of {total} runs); "
         f"elapsed {clock(time.monotonic() - started)}",
         flush=True,
     )

@@ -115,7 +115,6 @@ def markdown(experiment: Experiment, summary: Summary, primary: Column) -> str:
     if reference in summary.per_seed:
         order.append(reference)
     arms = {arm.name: arm for arm in experiment.arms}
-    runs = sum(len(summary.per_seed[arm]) for arm in order if arm != reference)
     target = (
         f"val_loss {experiment.target_loss}"
         if experiment.target_loss is not None
@@ -125,7 +124,7 @@ def markdown(experiment: Experiment, summary: Summary, primary: Column) -> str:
     lines = [
         "# Experiment results",
         "",
-        f"{runs} of {len(experiment.arms) * len(experiment.seeds)} runs complete: "
+        f"{summary.complete_runs} of {len(experiment.arms) * len(experiment.seeds)} runs complete: "
         f"{len(experiment.arms)} arms × {len(experiment.seeds)} seeds "
         f"({', '.join(map(str, experiment.seeds))}) × {experiment.epochs} epochs; "
         f"data: {experiment.data or 'the built-in data.source'}; common overrides: {common}.",

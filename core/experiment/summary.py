@@ -154,6 +154,11 @@ class Summary:
     reference_name: str
     """The task's reference row (dem_sr: bicubic); empty for a task without one."""
 
+    @property
+    def complete_runs(self) -> int:
+        """The arms' finished runs; the task's reference row (``reference_name``) is none."""
+        return sum(len(seeds) for arm, seeds in self.per_seed.items() if arm != self.reference_name)
+
 
 def targets(experiment: Experiment, runs: Runs) -> dict[int, float | None]:
     """Per seed: ``--target-loss``, else the baseline's final val_loss with that seed."""
