@@ -4,7 +4,8 @@ A run's config is resolved from the defaults, then ``--config FILE.toml``, then 
 ``--set section.key=value``; the result is written to the run folder as ``config.toml``,
 and passing that file back with ``--config`` repeats the run. Plugins declare their own
 attrs config class, read from ``[plugins.<name>]`` with the same strict converter, and the
-task declares its ``[model]`` and ``[loss]`` sections (``Task.sections``).
+task declares its sections (``Task.sections``): ``[model]``, ``[loss]`` and any of its own,
+top-level tables like the framework's, read by the same converter.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from cattrs.cols import (
     is_mutable_sequence,
     list_structure_factory,
 )
+from cattrs.gen import make_dict_unstructure_fn
 from cattrs.v import format_exception
 
 from core import validators as check
@@ -128,6 +130,11 @@ class Config:
     """The task's ``[model]`` section (``Task.sections``), e.g. RCAN's size for dem_sr."""
     loss: Any = attrs.Factory(lambda self: task_section(self.run.task, "loss"), takes_self=True)
     """The task's ``[loss]`` section, e.g. the five component weights for dem_sr."""
+    task_sections: dict[str, Any] = attrs.Factory(
+        lambda self: own_section_defaults(self.run.task), takes_self=True
+    )
+    """The task's own sections besides ``[model]`` and ``[loss]``, by name: a task declaring
+    ``denoise`` reads its ``[denoise]`` table as ``config.task_sections["denoise"]``."""
     optim: OptimSection = attrs.Factory(OptimSection)
     train: TrainSection = attrs.Factory(TrainSection)
     plugins: dict[str, dict[str, Any]] = attrs.Factory(dict)
@@ -186,6 +193,23 @@ def _make_converter() -> cattrs.Converter:
 
 
 converter = _make_converter()
+_unstructure_fields = make_dict_unstructure_fn(Config, converter)
+
+
+def _unstructure_config(config: Config) -> dict[str, Any]:
+    """The task's own sections as top-level tables after ``loss``, as config.toml and the
+    checkpoint hold them (and ``_resolve`` reads them back)."""
+    tree = _unstructure_fields(config)
+    own = tree.pop("task_sections")
+    items = list(tree.items())
+    at = list(tree).index("loss") + 1
+    return dict([*items[:at], *own.items(), *items[at:]])
+
+
+converter.register_unstructure_hook(Config, _unstructure_config)
+TASK_OWN = ("model", "loss", "task_sections")
+FRAMEWORK_SECTIONS = tuple(f.name for f in attrs.fields(Config) if f.name not in TASK_OWN)
+"""The top-level tables every task shares: ``[run]``, ``[data]``, ..., ``[[resumed]]``."""
 
 
 def _describe(error: BaseException, kind: type | None) -> str:
@@ -312,11 +336,20 @@ def _resolve(tree: dict[str, Any], overrides: list[str]) -> Config:
     ):
         raise ConfigError("config: [plugins] must hold one table per plugin, [plugins.<name>]")
     run = structure(tree.get("run", {}), RunSection, "config.run")
-    for name, cls in task_sections(run.task).items():  # an unknown task is refused by name
+    sections = task_sections(run.task)  # an unknown task is refused by name
+    unknown = sorted(tree.keys() - {*FRAMEWORK_SECTIONS, *sections})
+    if unknown:
+        raise ConfigError(
+            f"config: unknown section [{unknown[0]}]; task {run.task!r} takes "
+            f"{', '.join(f'[{name}]' for name in sections)} and the framework's [run], [data], "
+            "[optim], [train], [plugins.<name>]"
+        )
+    for name, cls in sections.items():
         raw = tree.get(name, {})
         if not isinstance(raw, dict):
             raise ConfigError(f"config.{name} must be a table, [{name}]")
         tree[name] = structure(raw, cls, f"config.{name}")  # Config keeps it as it is
+    tree["task_sections"] = {name: tree.pop(name) for name in sections if name not in TASK_OWN}
     return structure(tree, Config, "config")
 
 
@@ -325,11 +358,36 @@ def task_section(task: str, name: str) -> Any:
     return task_sections(task)[name]()
 
 
+def own_section_defaults(task: str) -> dict[str, Any]:
+    """The default sections task ``task`` declares besides ``[model]`` and ``[loss]``."""
+    return {name: cls() for name, cls in task_sections(task).items() if name not in TASK_OWN}
+
+
 def task_sections(task: str) -> Mapping[str, type]:
-    """The classes of the sections task ``task`` defines (``Task.sections``)."""
+    """The classes of the sections task ``task`` declares (``Task.sections``), checked when
+    the task is looked up: ``model`` and ``loss`` among them, each an attrs class, named by
+    a Python identifier no framework section has. Anything else is a ConfigError naming the
+    task's class."""
     from core.tasks import task_class
 
-    return task_class(task).sections
+    cls = task_class(task)
+    sections = cls.sections
+    where = f"task {task!r}: {cls.__module__}.{cls.__qualname__}.sections"
+    if not isinstance(sections, Mapping):
+        raise ConfigError(
+            f"{where} is a {type(sections).__name__}, not a mapping of names to attrs classes"
+        )
+    problems = [f"lacks {name!r}" for name in ("model", "loss") if name not in sections]
+    for name, section in sections.items():
+        if not (isinstance(name, str) and name.isidentifier()):
+            problems.append(f"{name!r} is not a section name (a Python identifier)")
+        elif name in (*FRAMEWORK_SECTIONS, "task_sections"):
+            problems.append(f"{name!r} is a framework section")
+        elif not (isinstance(section, type) and attrs.has(section)):
+            problems.append(f"{name!r} is {section!r}, not an attrs class")
+    if problems:
+        raise ConfigError(f"{where}: {'; '.join(problems)} (see docs/architecture.md)")
+    return sections
 
 
 def dump_config(config: Config, path: Path) -> None:

@@ -682,7 +682,7 @@ class Trainer:
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
-        samples = (self.val_dataset[i] for i in self.ctx.task.plot_examples())
+        samples = (self.val_dataset[i] for i in self.ctx.task.plot_examples(self.val_dataset))
         examples = (to_device(default_collate([s]), self.accelerator.device) for s in samples)
         with evaluated(model, self.ctx):
             self.ctx.task.write_plots(
@@ -717,7 +717,7 @@ class Trainer:
         if self.accelerator.is_main_process:
             state = {
                 "epoch": completed_epoch,
-                "task": self.ctx.task.checkpoint_meta(),
+                "task": self.ctx.task.checkpoint_meta(self.ctx.train_dataset, self.val_dataset),
                 "config": unstructure(self.config),  # what a resume holds config.toml to
                 "data": self.data_identity,
                 "processes": processes,

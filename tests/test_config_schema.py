@@ -1,8 +1,8 @@
 """Every numeric config key refuses values no run can use, naming the key.
 
-The test walks the schema (core ``Config`` and every built-in plugin's attrs ``Config``,
-nested classes and lists of classes included), so a numeric key added without a validator
-fails here, not in a user's run.
+The test walks the schema (core ``Config``, every built-in task's sections and every
+built-in plugin's attrs ``Config``, nested classes and lists of classes included), so a
+numeric key added without a validator fails here, not in a user's run.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from core.config import Config, load_config, structure, unstructure
 from core.errors import ConfigError
 from core.plugins import builtin_sources
 from core.run import main
+from core.tasks import BUILTIN_TASKS, task_class
 from tests.conftest import FAST
 
 FLOAT_PROBES = (math.nan, math.inf, -math.inf, -1.0)
@@ -29,10 +30,21 @@ INT_PROBES = (-1,)
 """No int key accepts a negative value (counts, sizes, steps, seeds)."""
 
 
+def task_schema(task: str) -> list[tuple[str, type]]:
+    """(section path, attrs class) of each section task ``task`` declares (``Task.sections``):
+    ``Config`` holds them as the task's, so its own walk does not reach them."""
+    return [(f"config.{name}", cls) for name, cls in task_class(task).sections.items()]
+
+
 def schema() -> list[tuple[str, type]]:
-    """(section path, attrs class) of the run config and of each built-in plugin."""
+    """(section path, attrs class) of the run config, of each built-in task's sections and of
+    each built-in plugin."""
     sources = builtin_sources().items()
-    return [("config", Config), *((f"plugins.{name}", s.load().Config) for name, s in sources)]
+    return [
+        ("config", Config),
+        *(section for task in BUILTIN_TASKS for section in task_schema(task)),
+        *((f"plugins.{name}", s.load().Config) for name, s in sources),
+    ]
 
 
 def _attrs_class(kind: Any) -> type | None:
@@ -108,6 +120,7 @@ def test_the_walk_finds_numeric_fields_in_nested_classes_and_lists():
     assert {"config.data.batch_size", "config.optim.lr", "config.run.epochs"} <= keys
     assert "plugins.terrain_loss.profiles['key'].edge" in keys
     assert "plugins.curriculum.phases[0].start" in keys
+    assert {"config.model.n_feats", "config.loss.edge", "config.model.lora_rank"} <= keys
     assert "config.resumed[0].after_epoch" in keys
     assert len(keys) > 40
 
@@ -168,3 +181,17 @@ def test_config_folder_and_out_file_exit_2_naming_the_path(tmp_path: Path, capsy
 
 def test_defaults_pass_their_own_validators():
     assert load_config() == Config()
+
+
+def test_a_section_no_task_declares_names_the_task_and_the_sections_it_takes(tmp_path: Path):
+    path = tmp_path / "config.toml"
+    path.write_text("[void]\nradius = 3\n")
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    assert str(refused.value) == (
+        "config: unknown section [void]; task 'dem_sr' takes [model], [loss] and the "
+        "framework's [run], [data], [optim], [train], [plugins.<name>] "
+        f"(in {path})"
+    )
+    with pytest.raises(ConfigError, match=r"unknown section \[void\]; task 'sar2opt' takes"):
+        load_config(None, ["run.task='sar2opt'", "void.radius=3"])

@@ -6,14 +6,24 @@ from __future__ import annotations
 import re
 import sys
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+from affine import Affine
 
+from core.config import Config, load_config
+from core.context import RunContext
+from core.errors import ConfigError
 from core.run import main
-from terraplug import UsageError
-from terraplug.testing import run_training
+from core.safe_io import load_checkpoint
+from core.tasks import BUILTIN_TASKS
+from core.tasks.dem_sr.task import DemSuperResolution
+from terraplug.testing import FAST, run_training
 from tests.conftest import install_distribution, read_metrics
+from tests.test_config_schema import task_schema, unguarded
 from tests.test_run import REPO, fast_args, run_cli
 
 
@@ -68,8 +78,9 @@ def test_template_task_installs_and_trains_by_name(
 
     config = tomllib.loads((out / "config.toml").read_text())
     assert config["run"]["task"] == "dem_denoise"
-    assert {"noise_m", "channels", "depth"} <= set(config["model"])
-    assert set(config["loss"]) == {"l1", "gradient"}  # the task's own sections, not dem_sr's
+    assert set(config["model"]) == {"channels", "depth"}  # the task's own sections,
+    assert set(config["loss"]) == {"l1", "gradient"}  # not dem_sr's
+    assert config["denoise"] == {"noise_m": 5.0}  # and one no other task has
 
     rows = read_metrics(out)
     assert [row["epoch"] for row in rows] == [1, 2, 3, 4]
@@ -77,7 +88,7 @@ def test_template_task_installs_and_trains_by_name(
     # The validation noise is drawn once per tile: the noisy input scores the same each epoch.
     assert len({row["val_rmse_m_noisy"] for row in rows}) == 1
     noisy = rows[0]["val_rmse_m_noisy"]
-    assert noisy == pytest.approx(5.0, rel=0.05)  # model.noise_m's default, in metres
+    assert noisy == pytest.approx(5.0, rel=0.05)  # denoise.noise_m's default, in metres
     # What makes it a denoiser: its output is closer to the clean tiles than its input.
     assert rows[-1]["val_rmse_m"] < noisy - 0.1, [row["val_rmse_m"] for row in rows]
     for name in ("denoised.png", "loss_curves.png", "checkpoint.pt"):
@@ -98,9 +109,15 @@ def test_unknown_task_exits_2_listing_every_task(template_task_installed, tmp_pa
         # dem_sr's [model] and [loss] keys: each task's sections hold only its own keys
         (["--set", "model.preset='small'"], "extra fields found (preset) @ config.model"),
         (["--set", "loss.elevation=1.0"], "extra fields found (elevation) @ config.loss"),
-        # the template's attrs validators, reported at the key
-        (["--set", "model.noise_m=-1.0"], "'noise_m' must be > 0.0: -1.0 @ config.model.noise_m"),
-        ([], "--task dem_denoise needs --data DIR"),
+        # the template's attrs validators, reported at the key, in its own section too
+        (["--set", "model.depth=1"], "'depth' must be >= 2: 1 @ config.model.depth"),
+        (["--set", "denoise.noise_m=-1"], "'noise_m' must be > 0.0: -1.0 @ config.denoise.noise_m"),
+        # a section the task does not declare names the task and the ones it takes
+        (
+            ["--set", "void.radius=3"],
+            "config: unknown section [void]; task 'dem_denoise' takes [model], [loss], "
+            "[denoise] and the framework's [run], [data], [optim], [train], [plugins.<name>]",
+        ),
     ],
 )
 def test_template_task_refuses_bad_config(template_task_installed, args, message, tmp_path, capsys):
@@ -133,15 +150,48 @@ def test_the_harness_trains_a_third_party_task_with_a_plugin(
     )
     assert rows[0]["val_rmse_m_noisy"] > 0 and "train_loss_gradient" in rows[0]
     config = tomllib.loads((tmp_path / "run" / "config.toml").read_text())
-    assert config["run"]["plugins"] == ["balanced_grad"] and "noise_m" in config["model"]
+    assert config["run"]["plugins"] == ["balanced_grad"] and "noise_m" in config["denoise"]
 
 
-def test_the_harness_leaves_another_task_its_own_default_data(template_task_installed, tmp_path):
+def test_the_harness_leaves_another_task_its_own_default_data(
+    template_task_installed, tmp_path, capsys
+):
     """Procedural DEM tiles are dem_sr's default in the harness; another task gets no
-    ``data.dir`` (dem_denoise has no built-in data and says so)."""
-    with pytest.raises(UsageError, match="--task dem_denoise needs --data DIR"):
-        run_training(tmp_path, epochs=1, task="dem_denoise")
+    ``data.dir``: dem_denoise then trains on the built-in DEM tiles of ``data.source``,
+    reached through ``terraplug.data`` (no cache path), with their validation block."""
+    overrides = ["data.source='colorado10m'", "train.max_steps_per_epoch=1", "model.depth=2"]
+    rows = run_training(tmp_path, (), overrides, epochs=1, task="dem_denoise")
+    assert rows[0]["val_rmse_m_noisy"] == pytest.approx(5.0, rel=0.05)
+    assert "/ 60 validation tiles" in capsys.readouterr().out  # the 3 southern lattice rows
     assert not (tmp_path / "tiles").exists()
+    config = tomllib.loads((tmp_path / "run" / "config.toml").read_text())
+    assert config["data"]["dir"] == ""
+
+
+def test_terraplug_data_reaches_the_built_in_sources_and_the_classifier(tmp_path: Path):
+    """What a third-party task needs of the built-in data, from ``terraplug.data`` alone."""
+    from terraplug.data import (
+        DEM_SOURCES,
+        TERRAINS,
+        ensure_source_tiles,
+        label_tile,
+        read_dem,
+        terrain_stats,
+        write_dem,
+    )
+
+    assert DEM_SOURCES == ("srtm90", "globe", "colorado10m")
+    folder = ensure_source_tiles("colorado10m", quiet=True)
+    tile = sorted((folder / "val").glob("*.tif"))[0]
+    dem = read_dem(tile)
+    assert label_tile(tile.stem, dem.elevation, dem.cell_size_m()) == ("alpine", "region")
+    plane = 100.0 + np.tile(np.arange(48) * 30 * np.tan(np.radians(40)), (48, 1))
+    origin = Affine.translation(500_000, 4_400_000) @ Affine.scale(30.0, -30.0)
+    unnamed = write_dem(tmp_path / "t.tif", plane, origin, "EPSG:32613")
+    steep = read_dem(unnamed)
+    assert label_tile("t", steep.elevation, steep.cell_size_m()) == ("extreme", "dem")
+    assert terrain_stats(steep.elevation, steep.cell_size_m()).mean_slope_deg > 39
+    assert "extreme" in TERRAINS
 
 
 HALF_TASK = '''\
@@ -169,7 +219,7 @@ class HalfTask:
     def epoch_summary(self, row):
         return ""
 
-    def plot_examples(self):
+    def plot_examples(self, val):
         return []
 '''
 HALF_TASK_LACKS = (
@@ -300,3 +350,130 @@ def test_unknown_names_suggest_the_closest_and_mark_broken_entry_points(
     message = capsys.readouterr().err
     assert "unknown plugin 'stratifed'. Did you mean 'stratified'?" in message
     assert "broken_plugin (broken)" in message and "stratified (broken)" not in message
+
+
+# --- the Task contract: data passed in, attributes on the class, arguments checked ---------
+
+
+class StatelessDemSr(DemSuperResolution):
+    """dem_sr keeping nothing of its datasets: the trainer hands them to ``checkpoint_meta``
+    and ``plot_examples``."""
+
+    name = "stateless"
+
+    def build_datasets(self, config: Config, ctx: RunContext) -> tuple[Any, Any]:
+        return DemSuperResolution().build_datasets(config, ctx)
+
+
+CLASS_ONLY = frozenset({"sections", "__dict__", "__weakref__"})
+
+
+class OldContract(StatelessDemSr):
+    """Written against the contract before the datasets were passed in."""
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {}
+
+    def plot_examples(self) -> list[int]:
+        return []
+
+
+def _sections_set_by_init(self: Any) -> None:
+    DemSuperResolution.__init__(self)
+    self.sections = DemSuperResolution.sections
+
+
+InstanceSections = type(
+    "InstanceSections",
+    (),
+    {
+        **{k: v for k, v in vars(DemSuperResolution).items() if k not in CLASS_ONLY},
+        "__module__": __name__,
+        "__init__": _sections_set_by_init,
+    },
+)
+"""dem_sr with ``sections`` set by ``__init__`` only, as an author may write it (a subclass
+would inherit the class attribute)."""
+
+
+@pytest.fixture
+def registered(monkeypatch: pytest.MonkeyPatch) -> Callable[[str, str], None]:
+    """Register a class of this module as a task, as an entry point would."""
+
+    def register(name: str, attribute: str) -> None:
+        monkeypatch.setitem(BUILTIN_TASKS, name, f"{__name__}:{attribute}")
+
+    return register
+
+
+def test_checkpoint_meta_and_plot_examples_get_the_datasets(registered, procedural_dir, tmp_path):
+    """A task that stores nothing in ``build_datasets`` checkpoints and draws."""
+    registered("stateless", "StatelessDemSr")
+    run_training(tmp_path, epochs=1, data_dir=procedural_dir, task="stateless", overrides=FAST)
+    run = tmp_path / "run"
+    assert load_checkpoint(run / "checkpoint.pt")["task"] == {"lr_shape": (16, 16)}
+    assert (run / "hillshade.png").stat().st_size > 0
+
+
+def test_a_task_whose_methods_take_other_arguments_is_refused_naming_them(registered):
+    """Checked when the task is looked up, not at the end of the first epoch."""
+    registered("old", "OldContract")
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, ["run.task='old'"])
+    message = str(refused.value)
+    assert f"task 'old' from built-in ({__name__}:OldContract)" in message
+    assert "lacks checkpoint_meta(train, val), plot_examples(val)" in message
+
+
+def test_attributes_set_by_init_only_are_refused_saying_where_they_belong(registered):
+    registered("per_instance", "InstanceSections")
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, ["run.task='per_instance'"])
+    assert "lacks sections (set by __init__ only; declare it on the class)" in str(refused.value)
+
+
+class OwnTokens:
+    """Not sar2opt's class, but what the generator plugins need of a task."""
+
+    name = "own_tokens"
+
+    def cache_key(self, what, weights, tiles, config, dataset=None, **settings):
+        return {}
+
+    def cached_per_tile(self, name, key, compute, ctx, dataset=None):
+        return compute([])
+
+    def prepare_target_tokens(self, terramind, ctx):
+        pass
+
+    def target_tokens(self, batch):
+        return batch["tokens"]
+
+
+def test_generator_plugins_check_the_task_by_the_interface_they_declare(
+    procedural_dir: Path, tmp_path: Path, capsys
+):
+    from core.tasks.sar2opt.generation import generation_task
+
+    task = OwnTokens()
+    assert generation_task(task, "teacher_forcing") is task
+    out = tmp_path / "run"
+    fast = [item for assignment in FAST for item in ("--set", assignment)]
+    args = ["--plugins", "teacher_forcing", "--data", str(procedural_dir), "--epochs", "1"]
+    assert main([*args, *fast, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "plugin 'teacher_forcing' trains TerraMind past its token sampling and needs a task "
+        "implementing core.tasks.sar2opt.generation.TokenGeneration (cache_key, "
+        "cached_per_tile, prepare_target_tokens, target_tokens); task 'dem_sr' lacks "
+        "cache_key, cached_per_tile, prepare_target_tokens, target_tokens"
+    ) in err
+    assert "raised by plugin 'teacher_forcing' in hook 'setup'" in err
+
+
+def test_every_numeric_key_of_the_templates_sections_is_guarded(template_task_installed):
+    """The schema walk of tests/test_config_schema.py, over the sections a third-party task
+    declares: its own ``[denoise]`` included."""
+    sections = task_schema("dem_denoise")
+    assert [where for where, _ in sections] == ["config.model", "config.loss", "config.denoise"]
+    assert [key for where, cls in sections for key in unguarded(where, cls)] == []

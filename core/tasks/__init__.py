@@ -76,14 +76,20 @@ class Task(Protocol):
     One instance serves one run. The trainer calls ``build_datasets``, then ``build_model``;
     then per step ``forward_losses`` (unless a plugin provides ``training_forward``), and per
     epoch ``validate``, ``checkpoint_meta`` and ``export_model`` when it checkpoints,
-    ``plot_examples`` and ``write_plots`` when it draws. Methods listed later may use what
-    earlier ones stored (the datasets); nothing else is shared between calls.
+    ``plot_examples`` and ``write_plots`` when it draws. Each method gets what it reads as
+    arguments (``checkpoint_meta`` and ``plot_examples`` the datasets ``build_datasets``
+    returned), so none depends on another having stored something on the instance first.
+    The members are checked when the task is looked up, before anything is built: a method
+    missing or taking other arguments, or an attribute the class does not declare, is exit 2
+    naming each.
     """
 
     name: str
     sections: Mapping[str, type]
-    """The attrs classes of the task's ``model`` and ``loss`` config sections (both keys
-    required; an empty class for a task without keys)."""
+    """The attrs classes of the task's config sections by name: ``model`` and ``loss``
+    (required; an empty class for a task without keys) and any of its own, each a
+    ``[name]`` table of config.toml read into ``config.task_sections[name]``, checked key by
+    key like the framework's sections."""
     components: tuple[str, ...]
     """Names of the per-sample loss components, the columns of ``training_forward``'s result;
     each is weighted by the ``[loss]`` key of its name (1.0 where there is none)."""
@@ -115,15 +121,16 @@ class Task(Protocol):
     def epoch_summary(self, row: dict[str, Any]) -> str:
         """The headline metrics of a ``metrics.jsonl`` row, for the console."""
 
-    def checkpoint_meta(self) -> dict[str, Any]:
-        """Extra entries the checkpoint carries for the task's own tools (``core.predict``)."""
+    def checkpoint_meta(self, train: Any, val: Any) -> dict[str, Any]:
+        """Extra entries the checkpoint carries for the task's own tools (``core.predict``);
+        ``train`` and ``val`` are the datasets ``build_datasets`` returned."""
 
     def export_model(self, model: nn.Module, ctx: RunContext) -> None:
         """Write the trained model for use outside the run, after each checkpoint (main
         process only); a task whose checkpoint is its export does nothing."""
 
-    def plot_examples(self) -> list[int]:
-        """Indices of the validation samples ``write_plots`` draws."""
+    def plot_examples(self, val: Any) -> list[int]:
+        """Indices of the samples of ``val`` (the validation dataset) ``write_plots`` draws."""
 
     def write_plots(
         self,
@@ -161,6 +168,36 @@ PER_INSTANCE = ("skipped",)
 """Members of :class:`Task` that each instance sets for itself, unseen on the class."""
 
 
+def method_problem(cls: type, name: str) -> str | None:
+    """``name`` when ``cls`` lacks the method (or holds something not callable), ``name(args)``
+    when its method does not take the arguments the trainer passes, else None."""
+    method = getattr(cls, name, None)
+    if not callable(method):
+        return name
+    arguments = list(inspect.signature(getattr(Task, name)).parameters)[1:]
+    try:
+        signature = inspect.signature(method)
+    except (TypeError, ValueError):  # no signature to read (a builtin): taken as it is
+        return None
+    receiver = (cls,) if inspect.isfunction(inspect.getattr_static(cls, name)) else ()
+    try:
+        signature.bind(*receiver, *arguments)
+    except TypeError:
+        return f"{name}({', '.join(arguments)})"
+    return None
+
+
+def attribute_problem(cls: type, name: str) -> str:
+    """How ``cls`` lacks the attribute ``name``. The framework reads attributes on the class
+    (the config its ``sections``, the listings its ``terrains``), before any instance
+    exists, so one that only ``__init__`` sets is named as such."""
+    try:
+        set_by_init = hasattr(cls(), name)
+    except Exception:  # an __init__ that fails says nothing about the attribute
+        set_by_init = False
+    return f"{name} (set by __init__ only; declare it on the class)" if set_by_init else name
+
+
 def missing_members(cls: type) -> list[str]:
     """The members of :class:`Task` that ``cls`` lacks: methods it does not define (or holds
     as something not callable), and attributes it does not declare."""
@@ -170,8 +207,9 @@ def missing_members(cls: type) -> list[str]:
         if inspect.isfunction(value) and not name.startswith("_")
     ]
     attributes = [name for name in Task.__annotations__ if name not in PER_INSTANCE]
-    return [name for name in methods if not callable(getattr(cls, name, None))] + [
-        name for name in attributes if not hasattr(cls, name)
+    return [
+        *(problem for name in methods if (problem := method_problem(cls, name))),
+        *(attribute_problem(cls, name) for name in attributes if not hasattr(cls, name)),
     ]
 
 

@@ -1,6 +1,8 @@
 """Generator plugins: ways to train TerraMind (``--task sar2opt``) past its token sampling.
 
-Each provides the exclusive ``training_forward`` hook, so exactly one is active per run.
+Each provides the exclusive ``training_forward`` hook, so exactly one is active per run. They
+reach the task and the model through the interface ``core.tasks.sar2opt.generation``
+declares, checked by its members with an error naming the plugin and what is missing.
 """
 
 from __future__ import annotations
@@ -9,32 +11,23 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from core.errors import PluginError
-from core.tasks.sar2opt.task import SarToOptical
+from core.tasks.sar2opt.generation import TokenGeneration, generation_task, terramind_in
 
 if TYPE_CHECKING:
     from core.context import RunContext
     from core.tasks.sar2opt.terramind import TerraMindSarToOptical
 
 
-def sar2opt_task(ctx: RunContext, plugin: str) -> SarToOptical:
-    """The run's task, refusing any task but ``sar2opt`` with a message naming ``plugin``.
-
-    Generator plugins use the sar2opt task's own interface beyond ``Task`` (cached target
-    tokens and per-tile caches), so they check for that class, not a name."""
-    if not isinstance(ctx.task, SarToOptical):
-        raise PluginError(
-            f"plugin {plugin!r} trains TerraMind past its token sampling: run it with "
-            f"--task sar2opt (this run's task is {ctx.task.name})"
-        )
-    return ctx.task
+def sar2opt_task(ctx: RunContext, plugin: str) -> TokenGeneration:
+    """The run's task, once it implements ``TokenGeneration``; else a PluginError naming
+    ``plugin`` and what the task lacks."""
+    return generation_task(ctx.task, plugin)
 
 
 def terramind_of(model: nn.Module, ctx: RunContext, plugin: str) -> TerraMindSarToOptical:
-    """The TerraMind wrapper inside ``model`` (unwrapping DDP and the refiner)."""
+    """The TerraMind inside ``model`` (unwrapping DDP and a ``WrapsTerraMind`` model)."""
     sar2opt_task(ctx, plugin)
-    model = ctx.accelerator.unwrap_model(model)
-    return getattr(model, "terramind_generator", model)
+    return terramind_in(ctx.accelerator.unwrap_model(model))
 
 
 def prepare_target_tokens(ctx: RunContext, plugin: str) -> None:

@@ -56,7 +56,8 @@ class RefinementNet(nn.Module):
 
 
 class RefinedTerraMind(nn.Module):
-    """Frozen TerraMind followed by the trainable refiner; ``generate`` runs both stages."""
+    """Frozen TerraMind followed by the trainable refiner; ``generate`` runs both stages, and
+    ``terramind_generator`` declares the TerraMind inside (``WrapsTerraMind``)."""
 
     def __init__(self, terramind: TerraMindSarToOptical, refiner: RefinementNet) -> None:
         super().__init__()

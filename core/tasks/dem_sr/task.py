@@ -64,7 +64,6 @@ class DemSuperResolution:
             )
             train, val = load_split(folder, data, data.split_seed)
         self.skipped = train.skipped
-        self.train_dataset, self.val_dataset = train, val
         return train, val
 
     def build_model(self, config: Config) -> nn.Module:
@@ -124,13 +123,13 @@ class DemSuperResolution:
     def export_model(self, model: nn.Module, ctx: RunContext) -> None:
         """The checkpoint is what ``core.predict`` reads."""
 
-    def checkpoint_meta(self) -> dict[str, Any]:
+    def checkpoint_meta(self, train: TileDataset, val: TileDataset) -> dict[str, Any]:
         """``core.predict`` sizes its windows like the training tiles."""
-        return {"lr_shape": tuple(self.train_dataset[0]["lr"].shape[-2:])}
+        return {"lr_shape": tuple(train[0]["lr"].shape[-2:])}
 
-    def plot_examples(self) -> list[int]:
+    def plot_examples(self, val: TileDataset) -> list[int]:
         """The first validation tile of each terrain."""
-        terrains = self.val_dataset.terrains
+        terrains = val.terrains
         return [int(np.flatnonzero(terrains == t)[0]) for t in np.unique(terrains)]
 
     @torch.no_grad()

@@ -33,7 +33,6 @@ from core.tasks.sar2opt.terramind import (
     TerraMindSarToOptical,
     fingerprint_differences,
     lora_config,
-    lora_parameters,
 )
 from core.tasks.sar2opt.terratorch_import import import_terratorch
 
@@ -60,10 +59,6 @@ def save_adapters(terramind: TerraMindSarToOptical, config: Config, folder: Path
     save_file(tensors, staging / ADAPTER_WEIGHTS)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(staging, folder)
-
-
-def has_adapters(model: nn.Module) -> bool:
-    return any(True for _ in lora_parameters(model))
 
 
 def read_adapters(folder: Path, model: TerraMindSection) -> dict[str, torch.Tensor]:

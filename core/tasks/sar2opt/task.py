@@ -30,6 +30,7 @@ from core.tasks.sar2opt import metrics
 from core.tasks.sar2opt.bigearthnet import ensure_bigearthnet_pairs
 from core.tasks.sar2opt.config import NoLossSection, TerraMindSection
 from core.tasks.sar2opt.data import OPTICAL_BANDS, TERRAMIND_V1, PairDataset, ensure_default_pairs
+from core.tasks.sar2opt.generation import terramind_in
 from core.tasks.sar2opt.plots import plot_sar_optical
 from core.tasks.sar2opt.terramind import (
     FROZEN_DTYPES,
@@ -38,6 +39,7 @@ from core.tasks.sar2opt.terramind import (
     checkpoint_blocks,
     frozen_fingerprint,
     hold_frozen_weights,
+    lora_parameters,
     seeded,
 )
 
@@ -242,7 +244,7 @@ class SarToOptical:
         logits, and the tokenizer's ceiling, tile by tile with a seed per tile: the same
         whatever the batch size or number of processes."""
         if self.val_tokens is None:  # plugins that read no target tokens: at the first epoch
-            self.prepare_validation_tokens(getattr(model, "terramind_generator", model), ctx)
+            self.prepare_validation_tokens(terramind_in(model), ctx)
         steps = validation_steps(ctx.config, ctx.epoch)
         with_ceiling = steps not in self.ceilings
         sums = {
@@ -295,7 +297,7 @@ class SarToOptical:
         from torchmetrics.functional.image import structural_similarity_index_measure
 
         seed = ctx.config.data.split_seed + int(tile["idx"][0])  # fixed per tile, every run
-        terramind = getattr(model, "terramind_generator", model)
+        terramind = terramind_in(model)
         target = self.reflectance(tile["optical"])
         generated = self.reflectance(model.generate(tile["sar"], steps, seed))
         yield "tiles", torch.ones(1, device=target.device)
@@ -333,23 +335,23 @@ class SarToOptical:
         )
 
     def export_model(self, model: nn.Module, ctx: RunContext) -> None:
-        """The LoRA adapters in peft's format in ``RUN_DIR/adapters`` (none for the refiner,
-        whose TerraMind is frozen)."""
-        from core.tasks.sar2opt.adapters import ADAPTERS, has_adapters, save_adapters
+        """The LoRA adapters in peft's format in ``RUN_DIR/adapters``, when they trained
+        (none when a plugin froze them with the rest of TerraMind, as ``refiner`` does)."""
+        from core.tasks.sar2opt.adapters import ADAPTERS, save_adapters
 
-        terramind = getattr(model, "terramind_generator", model)
-        if has_adapters(terramind) and not hasattr(model, "refiner"):
+        terramind = terramind_in(model)
+        if any(parameter.requires_grad for _, parameter in lora_parameters(terramind)):
             save_adapters(terramind, ctx.config, ctx.run_dir / ADAPTERS)
 
-    def checkpoint_meta(self) -> dict[str, Any]:
+    def checkpoint_meta(self, train: PairDataset, val: PairDataset) -> dict[str, Any]:
         """The fingerprint of TerraMind's frozen weights: they are not saved but rebuilt from
         config.toml (the seed draws random ones), so predict and the merged export check that
         they rebuilt those the run trained with."""
         return {"frozen_weights": self.frozen_weights}
 
-    def plot_examples(self) -> list[int]:
+    def plot_examples(self, val: PairDataset) -> list[int]:
         """The first four validation pairs."""
-        return list(range(min(4, len(self.val_dataset))))
+        return list(range(min(4, len(val))))
 
     @torch.no_grad()
     def write_plots(

@@ -1,9 +1,10 @@
-"""The task's config sections: ``[model]`` and ``[loss]`` of ``config.toml``.
+"""The task's config sections: ``[model]``, ``[loss]`` and its own ``[denoise]`` of
+``config.toml`` (``DemDenoising.sections`` declares all three).
 
 Every key has a default, so ``--task dem_denoise`` alone is a complete run; ``--set
-model.noise_m=10`` overrides one. terraplug structures each section strictly (unknown keys
-and wrong types are refused, naming ``config.model.<key>``); the attrs validators here add
-the ranges.
+denoise.noise_m=10`` overrides one. terraplug structures each section strictly (unknown keys
+and wrong types are refused, naming ``config.denoise.<key>``); the attrs validators here add
+the ranges. The task reads ``[denoise]`` as ``config.task_sections["denoise"]``.
 """
 
 from __future__ import annotations
@@ -22,16 +23,22 @@ def _finite(_: Any, attribute: attrs.Attribute, value: float) -> None:
 
 
 @attrs.define
+class DenoiseSection:
+    """``[denoise]``: what the task is about, apart from the model that learns it."""
+
+    noise_m: float = attrs.field(default=5.0, validator=and_(_finite, gt(0.0)))
+    """Standard deviation in metres of the Gaussian noise added to every tile. A model is
+    trained for one noise level, so a resume refuses another one, like a [model] key."""
+
+
+@attrs.define
 class DenoiseModelSection:
-    """The CNN's size, and the noise it learns to remove."""
+    """The CNN's size."""
 
     channels: int = attrs.field(default=16, validator=and_(instance_of(int), ge(1)))
     """Features of each hidden convolution."""
     depth: int = attrs.field(default=3, validator=and_(instance_of(int), ge(2)))
     """Convolutions in the stack (3x3 each), the first and last included."""
-    noise_m: float = attrs.field(default=5.0, validator=and_(_finite, gt(0.0)))
-    """Standard deviation in metres of the Gaussian noise added to every tile. It is part of
-    the model's section because a model is trained for one noise level."""
 
 
 @attrs.define

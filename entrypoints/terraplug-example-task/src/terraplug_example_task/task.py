@@ -3,7 +3,8 @@
 A task decides *what* is trained; strategy plugins (samplers, loss weighting, gradient
 handling) decide *how*, and work on any task that keeps the contract: per-sample losses
 ``[B, len(components)]`` from ``forward_losses``, and a ``terrain`` domain label on every
-sample. This one has a single domain, ``tile``.
+sample. This one has a single domain, ``tile``. Its data is a folder of GeoTIFF DEMs, or
+without one the built-in DEM tiles of ``data.source`` (``terraplug.data``).
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from terraplug import (
     UsageError,
     metric_text,
 )
-from terraplug.data import train_val_split
-from terraplug_example_task.config import DenoiseLossSection, DenoiseModelSection
+from terraplug.data import ensure_source_tiles, train_val_split
+from terraplug_example_task.config import DenoiseLossSection, DenoiseModelSection, DenoiseSection
 from terraplug_example_task.data import NoisyDemDataset, load_tiles
 from terraplug_example_task.model import NoiseCNN, denoise
 from terraplug_example_task.plots import plot_denoised
@@ -36,7 +37,6 @@ from terraplug_example_task.plots import plot_denoised
 COMPONENTS = ("l1", "gradient")
 """The loss components, in the order of ``forward_losses``' columns; each is weighted by
 the ``[loss]`` key of its name."""
-
 
 
 def loss_components(denoised: torch.Tensor, clean: torch.Tensor) -> torch.Tensor:
@@ -49,10 +49,13 @@ def loss_components(denoised: torch.Tensor, clean: torch.Tensor) -> torch.Tensor
 
 
 class DemDenoising:
-    """Learn to remove Gaussian noise of ``model.noise_m`` metres from DEM tiles."""
+    """Learn to remove Gaussian noise of ``denoise.noise_m`` metres from DEM tiles."""
 
     name = "dem_denoise"
-    sections = MappingProxyType({"model": DenoiseModelSection, "loss": DenoiseLossSection})
+    sections = MappingProxyType(
+        {"model": DenoiseModelSection, "loss": DenoiseLossSection, "denoise": DenoiseSection}
+    )
+    """``[model]`` and ``[loss]``, which every task has, and the task's own ``[denoise]``."""
     components = COMPONENTS
     terrains = ("tile",)
     report_metrics = (ReportMetric("val_rmse_m", "val RMSE (m)", reference="val_rmse_m_noisy"),)
@@ -60,7 +63,6 @@ class DemDenoising:
 
     def __init__(self) -> None:
         self.skipped: list[tuple[str, str]] = []
-        self.val_dataset: NoisyDemDataset | None = None
 
     # --- data and model ----------------------------------------------------------------
 
@@ -68,19 +70,31 @@ class DemDenoising:
         self, config: Config, ctx: RunContext
     ) -> tuple[NoisyDemDataset, NoisyDemDataset]:
         """Every tile of ``data.dir`` with its seeded noise, split by ``data.val_fraction``
-        and ``data.split_seed`` like the built-in tasks. There is no built-in data set: a
-        task that has one would download or cut it here (on the main process first)."""
+        and ``data.split_seed`` like the built-in tasks. Without ``data.dir``, the tiles of
+        the built-in DEM source ``data.source``, cut on first use by the main process while
+        the others wait; they come in ``train/`` and ``val/``, a spatially separate block
+        that validates as it is."""
         data = config.data
-        if not data.dir:
-            raise UsageError("--task dem_denoise needs --data DIR, a folder of GeoTIFF DEMs")
-        tiles, self.skipped = load_tiles(
-            Path(data.dir), config.model.noise_m, data.split_seed, data.strict
-        )
+        if data.dir:
+            folder = Path(data.dir)
+        else:
+            with ctx.accelerator.main_process_first():
+                folder = ensure_source_tiles(
+                    data.source,
+                    tile_size=data.tile_size or 48,
+                    quiet=not ctx.accelerator.is_main_process,
+                )
+        noise_m = config.task_sections["denoise"].noise_m
+        tiles, self.skipped = load_tiles(folder, noise_m, data.split_seed, data.strict)
         dataset = NoisyDemDataset(tiles, np.arange(len(tiles.paths)))
-        train, val = train_val_split(dataset, data.val_fraction, data.split_seed)
-        if len(val) == 0:
-            raise UsageError(f"data.dir {data.dir}: {len(dataset)} usable tile(s); needs 2")
-        self.val_dataset = val
+        if (folder / "train").is_dir() and (folder / "val").is_dir():
+            held_out = np.array([path.is_relative_to(folder / "val") for path in tiles.paths])
+            train = dataset.subset(np.flatnonzero(~held_out))
+            val = dataset.subset(np.flatnonzero(held_out))
+        else:
+            train, val = train_val_split(dataset, data.val_fraction, data.split_seed)
+        if len(val) == 0 or len(train) == 0:
+            raise UsageError(f"{folder}: {len(dataset)} usable tile(s), none to train or validate")
         return train, val
 
     def build_model(self, config: Config) -> nn.Module:
@@ -134,17 +148,16 @@ class DemDenoising:
 
     # --- checkpoints, plots, tools -----------------------------------------------------
 
-    def checkpoint_meta(self) -> dict[str, Any]:
+    def checkpoint_meta(self, train: NoisyDemDataset, val: NoisyDemDataset) -> dict[str, Any]:
         """Nothing: the config rebuilds the model, and there is no predict tool to inform."""
         return {}
 
     def export_model(self, model: nn.Module, ctx: RunContext) -> None:
         """The checkpoint is the model; a task that ships e.g. TorchScript writes it here."""
 
-    def plot_examples(self) -> list[int]:
+    def plot_examples(self, val: NoisyDemDataset) -> list[int]:
         """The first three validation tiles (fewer if there are fewer)."""
-        n_val = len(self.val_dataset) if self.val_dataset is not None else 0
-        return list(range(min(3, n_val)))
+        return list(range(min(3, len(val))))
 
     @torch.no_grad()
     def write_plots(
