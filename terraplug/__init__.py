@@ -6,9 +6,9 @@
     from terraplug import Batch, ReportMetric, Task, PredictOptions   # a task
     from terraplug import TrainedRun, write_geotiff                   # a task's predict
 
-``terraplug.testing`` runs the real trainer on procedural tiles for a plugin's own tests;
-``terraplug.data`` reads GeoTIFFs the way the built-in tasks do. The framework's modules
-(``core``, ``plugins``) may move between versions; these names stay.
+``terraplug.testing`` runs the real trainer on any task's small data for a plugin's or a
+task's own tests; ``terraplug.data`` reads GeoTIFFs the way the built-in tasks do. The
+framework's modules (``core``, ``plugins``) may move between versions; these names stay.
 """
 
 from core import __version__
@@ -20,7 +20,15 @@ from core.hookspecs import hookimpl
 from core.inference import TrainedRun, read_run_config
 from core.plugins import ENTRY_POINT_GROUP, NoConfig, Plugin
 from core.safe_io import atomic_write, check_output, load_checkpoint, replaced_when_done
-from core.tasks import TASK_GROUP, Batch, PredictOptions, ReportMetric, Task, metric_text
+from core.tasks import (
+    TASK_GROUP,
+    Batch,
+    HarnessSettings,
+    PredictOptions,
+    ReportMetric,
+    Task,
+    metric_text,
+)
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -29,6 +37,7 @@ __all__ = [
     "Config",
     "ConfigError",
     "DataError",
+    "HarnessSettings",
     "NoConfig",
     "Plugin",
     "PluginError",

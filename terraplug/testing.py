@@ -1,4 +1,4 @@
-"""A plugin's test harness: the real trainer, in-process, on procedural tiles, in seconds.
+"""A plugin's or a task's test harness: the real trainer, in-process, on small data, in seconds.
 
 What ``pytester`` is to pytest plugins::
 
@@ -10,8 +10,10 @@ What ``pytester`` is to pytest plugins::
 
 Plugins are given by name (discovered as ``--plugins`` does: built-ins and installed entry
 points, configured from ``[plugins.<name>]`` overrides) or as objects (a probe instance that
-records what its hooks see). The model is RCAN-DEM at its smallest, so two epochs take a
-few seconds on one CPU core.
+records what its hooks see). Any task trains, a built-in or an installed one: its
+``harness`` (:class:`terraplug.HarnessSettings`) gives its smallest model and writes its
+small data set (dem_sr: a one-block RCAN on procedural tiles, two epochs in a few seconds on
+one CPU core).
 """
 
 from __future__ import annotations
@@ -21,24 +23,31 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from accelerate.state import AcceleratorState, PartialState
+from accelerate.state import AcceleratorState, GradientState
 
-from core.config import load_config
+from core.config import RunSection, load_config
 from core.plugins import ActivePlugin, PluginManager
 from core.run_folder import METRICS
-from core.tasks.dem_sr.data.procedural import write_procedural_tiles
+from core.tasks import HarnessSettings, harness_settings, task_class
 from core.train import Trainer
 
 FAST_ANY_TASK: tuple[str, ...] = ("data.batch_size=8", "train.progress='never'")
-"""``--set`` overrides every task takes: small batches, no progress bar."""
-FAST: tuple[str, ...] = (
-    "model.n_resgroups=1",
-    "model.n_resblocks=1",
-    "model.n_feats=8",
-    *FAST_ANY_TASK,
-)
-"""``FAST_ANY_TASK`` and the smallest RCAN-DEM: dem_sr's fast settings (another task's
-``[model]`` keys are its own)."""
+"""``--set`` overrides the harness applies to every task, before the task's own: small
+batches, no progress bar."""
+
+
+def harness(task: str | None) -> HarnessSettings:
+    """The ``harness`` of ``task`` (None: the default task, ``run.task``'s default)."""
+    return harness_settings(task_class(task or RunSection().task))
+
+
+def fast_overrides(task: str | None = None) -> tuple[str, ...]:
+    """``FAST_ANY_TASK``, then the task's own ``harness.overrides`` (its smallest model)."""
+    return (*FAST_ANY_TASK, *harness(task).overrides)
+
+
+FAST: tuple[str, ...] = fast_overrides()
+"""``fast_overrides()`` of the default task (dem_sr), for runs through the command line."""
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -46,11 +55,32 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / METRICS).read_text().splitlines()]
 
 
-def procedural_tiles(folder: Path) -> Path:
-    """Procedural DEM tiles (8 per terrain, 48 x 48 at 30 m) in ``folder``, written once."""
-    if not any(Path(folder).glob("*.tif")):
-        write_procedural_tiles(folder)
-    return Path(folder)
+def task_data(folder: Path, task: str | None = None) -> Path | None:
+    """The small data set the task's ``harness.data`` writes, in ``folder``, written once
+    (a folder that holds files is used as it is); None for a task without one, which trains
+    on its own default data."""
+    write = harness(task).data
+    if write is None:
+        return None
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not any(folder.iterdir()):
+        write(folder)
+    return folder
+
+
+def reset_accelerate_state() -> None:
+    """Forget Accelerate's process-wide state, so that the next run in this process sets it
+    up afresh (its device, precision and process group, and the data loaders it tracks).
+
+    Accelerate keeps that state in singletons (``PartialState``, ``AcceleratorState``,
+    ``GradientState``) and offers no public call that clears them: its own test base class,
+    ``accelerate.test_utils.testing.AccelerateTestCase``, calls the private ``_reset_state``
+    methods used here, and so does every in-process caller that starts a second run. This
+    function is the only place terraplug does so; a test fails when Accelerate changes them.
+    """
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
 
 
 def active_plugins(plugins: Sequence[str | object], config: Any) -> list[ActivePlugin]:
@@ -78,25 +108,24 @@ def run_training(
     epochs: int = 2,
     data_dir: Path | None = None,
     out: str = "run",
-    task: str = "dem_sr",
+    task: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Train ``epochs`` epochs of ``task`` in ``tmp_path / out``; returns the
-    ``metrics.jsonl`` rows.
+    """Train ``epochs`` epochs of ``task`` (None: the default task) in ``tmp_path / out``;
+    returns the ``metrics.jsonl`` rows.
 
-    ``overrides`` are ``--set`` assignments applied after the fast settings (``FAST``);
-    ``data_dir`` defaults to procedural DEM tiles written once under ``tmp_path / "tiles"``
-    for dem_sr, and to the task's own default data for another task.
+    ``overrides`` are ``--set`` assignments applied after ``fast_overrides(task)``;
+    ``data_dir`` defaults to the task's ``task_data`` under ``tmp_path / "tiles"``, and to
+    the task's own default data for a task without one.
     """
-    fast = FAST if task == "dem_sr" else FAST_ANY_TASK
-    if data_dir is None and task == "dem_sr":
-        data_dir = procedural_tiles(Path(tmp_path) / "tiles")
+    if data_dir is None:
+        data_dir = task_data(Path(tmp_path) / "tiles", task)
     run_dir = Path(tmp_path) / out
     names = [plugin for plugin in plugins if isinstance(plugin, str)]
     config = load_config(
         None,
         [
-            *fast,
-            f"run.task={json.dumps(task)}",
+            *fast_overrides(task),
+            *([f"run.task={json.dumps(task)}"] if task else []),
             f"data.dir={json.dumps(str(data_dir or ''))}",
             f"run.out={json.dumps(str(run_dir))}",
             f"run.epochs={epochs}",
@@ -106,7 +135,6 @@ def run_training(
     )
     try:
         Trainer(config, PluginManager(active_plugins(plugins, config))).fit()
-    finally:  # Accelerate keeps process-wide singletons; the next run starts clean
-        AcceleratorState._reset_state(True)
-        PartialState._reset_state()
+    finally:  # the next run in this process starts clean
+        reset_accelerate_state()
     return read_metrics(run_dir)

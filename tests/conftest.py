@@ -12,10 +12,9 @@ from typing import Any
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, PartialState
 
 from core.tasks.dem_sr.data.procedural import write_procedural_tiles
-from terraplug.testing import FAST, read_metrics, run_training
+from terraplug.testing import FAST, read_metrics, reset_accelerate_state, run_training
 
 __all__ = ["FAST", "read_metrics"]
 
@@ -29,8 +28,7 @@ torch.set_num_threads(1)
 def _fresh_accelerator_state():
     """Accelerate keeps process-wide singletons; each in-process run starts clean."""
     yield
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
+    reset_accelerate_state()
 
 
 @pytest.fixture

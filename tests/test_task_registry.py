@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from accelerate import Accelerator
 from affine import Affine
 
 from core.config import Config, load_config
@@ -19,9 +20,16 @@ from core.context import RunContext
 from core.errors import ConfigError
 from core.run import main
 from core.safe_io import load_checkpoint
-from core.tasks import BUILTIN_TASKS
+from core.tasks import BUILTIN_TASKS, harness_settings, missing_members
 from core.tasks.dem_sr.task import DemSuperResolution
-from terraplug.testing import FAST, run_training
+from terraplug import HarnessSettings
+from terraplug.testing import (
+    FAST,
+    FAST_ANY_TASK,
+    fast_overrides,
+    reset_accelerate_state,
+    run_training,
+)
 from tests.conftest import install_distribution, read_metrics
 from tests.test_config_schema import task_schema, unguarded
 from tests.test_run import REPO, fast_args, run_cli
@@ -350,6 +358,84 @@ def test_unknown_names_suggest_the_closest_and_mark_broken_entry_points(
     message = capsys.readouterr().err
     assert "unknown plugin 'stratifed'. Did you mean 'stratified'?" in message
     assert "broken_plugin (broken)" in message and "stratified (broken)" not in message
+
+
+HARNESSED_TASK = '''\
+import numpy as np
+from affine import Affine
+
+from terraplug import HarnessSettings
+from terraplug.data import write_dem
+from terraplug_example_task.task import DemDenoising
+
+
+def write_tiles(folder):
+    """Six 32 x 32 slopes with seeded bumps, at 30 m."""
+    rows, cols = np.mgrid[0:32, 0:32]
+    for i in range(6):
+        bumps = np.random.default_rng(i).normal(0.0, 4.0, (32, 32))
+        elevation = 100.0 + 2.0 * rows + (i + 1) * cols + bumps
+        origin = Affine.translation(500_000 + 960 * i, 4_400_000) @ Affine.scale(30.0, -30.0)
+        write_dem(folder / f"tile_{i}.tif", elevation, origin, "EPSG:32633")
+
+
+class Harnessed(DemDenoising):
+    """The template task with the settings a task declares for ``terraplug.testing``."""
+
+    name = "harnessed"
+    harness = HarnessSettings(overrides=("model.channels=4", "model.depth=2"), data=write_tiles)
+'''
+
+
+def test_the_harness_takes_a_tasks_own_overrides_and_data(
+    template_task_installed: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    """A task says how it trains in seconds (``harness``): the harness applies its overrides
+    after its own, and writes its data once, with nothing of dem_sr's."""
+    source = write_distribution(
+        tmp_path / "harnessed",
+        "terraplug-harnessed",
+        HARNESSED_TASK,
+        {"terraplug.tasks": {"harnessed": "terraplug_harnessed:Harnessed"}},
+    )
+    monkeypatch.syspath_prepend(str(install_distribution(source, tmp_path / "site")))
+    assert fast_overrides("harnessed") == (*FAST_ANY_TASK, "model.channels=4", "model.depth=2")
+
+    rows = run_training(tmp_path, ["balanced_grad"], ["model.channels=6"], epochs=1,
+                        task="harnessed")  # fmt: skip
+    config = tomllib.loads((tmp_path / "run" / "config.toml").read_text())
+    assert (config["model"]["channels"], config["model"]["depth"]) == (6, 2)  # the test's last
+    assert config["data"]["batch_size"] == 8 and config["train"]["progress"] == "never"
+    tiles = sorted(path.name for path in (tmp_path / "tiles").iterdir())
+    assert tiles == [f"tile_{i}.tif" for i in range(6)]
+    assert Path(config["data"]["dir"]) == tmp_path / "tiles"
+    assert rows[0]["val_rmse_m_noisy"] > 0
+
+    (tmp_path / "tiles" / "tile_5.tif").unlink()  # written once: a folder with files is kept
+    run_training(tmp_path, epochs=1, task="harnessed", out="again")
+    assert len(list((tmp_path / "tiles").iterdir())) == 5
+
+
+def test_a_task_without_harness_settings_is_a_task(template_task_installed: Path):
+    """``harness`` is optional: the template task, which has none, conforms."""
+    from terraplug_example_task.task import DemDenoising
+
+    assert missing_members(DemDenoising) == []
+    assert harness_settings(DemDenoising) == HarnessSettings()
+
+
+def test_reset_accelerate_state_lets_another_run_choose_other_settings():
+    """Accelerate keeps its state in process-wide singletons and has no public call that
+    clears them: a second Accelerator in the process cannot pick another precision until
+    ``reset_accelerate_state`` has run. This fails when Accelerate renames or changes what
+    the reset relies on, or stops needing it."""
+    Accelerator(cpu=True, mixed_precision="no")
+    with pytest.raises(ValueError, match="already been initialized"):
+        Accelerator(cpu=True, mixed_precision="bf16")
+    reset_accelerate_state()
+    assert Accelerator(cpu=True, mixed_precision="bf16").mixed_precision == "bf16"
+    reset_accelerate_state()
+    assert Accelerator(cpu=True).mixed_precision == "no"
 
 
 # --- the Task contract: data passed in, attributes on the class, arguments checked ---------

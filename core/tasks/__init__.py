@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -62,6 +62,19 @@ class ReportMetric:
     """The key of the same measure for the task's reference (dem_sr: bicubic interpolation)."""
 
 
+@attrs.frozen
+class HarnessSettings:
+    """How ``terraplug.testing`` trains a task in seconds, for the tests of plugins and of
+    the task itself (``Task.harness``)."""
+
+    overrides: tuple[str, ...] = ()
+    """``--set`` assignments after the harness's own ``FAST_ANY_TASK``: the task's smallest
+    model (dem_sr: a one-block RCAN)."""
+    data: Callable[[Path], object] | None = None
+    """Writes a small data set into the existing, empty folder it is given, which becomes
+    ``data.dir``; None: the task's own default data (an empty ``data.dir``)."""
+
+
 def metric_text(value: float | None, spec: str) -> str:
     """A metric for the console: ``n/a`` for a missing or non-finite value (metrics.jsonl
     holds null where a diverged run gave NaN or inf)."""
@@ -102,6 +115,10 @@ class Task(Protocol):
     """What the ``reference`` keys of ``report_metrics`` measure (a row of the report)."""
     skipped: list[tuple[str, str]]
     """(file, reason) of every input file the datasets left out; ``summary.json`` lists them."""
+    harness: HarnessSettings = HarnessSettings()
+    """Optional, as is every member with a value here: what ``terraplug.testing`` applies to
+    train the task in seconds. Without it the harness changes only the batch size and the
+    progress bar, and trains on the task's default data."""
 
     def build_datasets(self, config: Config, ctx: RunContext) -> tuple[Any, Any]:
         """Training and validation datasets; samples carry ``terrain`` and ``idx``, and the
@@ -200,13 +217,16 @@ def attribute_problem(cls: type, name: str) -> str:
 
 def missing_members(cls: type) -> list[str]:
     """The members of :class:`Task` that ``cls`` lacks: methods it does not define (or holds
-    as something not callable), and attributes it does not declare."""
+    as something not callable), and attributes it does not declare (those :class:`Task`
+    gives a value are optional)."""
     methods = [
         name
         for name, value in vars(Task).items()
         if inspect.isfunction(value) and not name.startswith("_")
     ]
-    attributes = [name for name in Task.__annotations__ if name not in PER_INSTANCE]
+    attributes = [
+        name for name in Task.__annotations__ if name not in PER_INSTANCE and name not in vars(Task)
+    ]
     return [
         *(problem for name in methods if (problem := method_problem(cls, name))),
         *(attribute_problem(cls, name) for name in attributes if not hasattr(cls, name)),
@@ -265,6 +285,11 @@ def describe_tasks() -> list[dict[str, str]]:
             continue
         rows.append({**row, "domains": ", ".join(cls.terrains), "summary": summary(cls)})
     return rows
+
+
+def harness_settings(cls: type[Task]) -> HarnessSettings:
+    """The task's ``harness``, or the default for a task that declares none."""
+    return getattr(cls, "harness", Task.harness)
 
 
 def get_task(name: str) -> Task:
