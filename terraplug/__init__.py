@@ -9,7 +9,16 @@
 ``terraplug.testing`` runs the real trainer on any task's small data for a plugin's or a
 task's own tests; ``terraplug.data`` reads GeoTIFFs the way the built-in tasks do. The
 framework's modules (``core``, ``plugins``) may move between versions; these names stay.
+
+Importing ``terraplug`` first checks that ``core`` and ``plugins`` are terraplug's own: a
+folder of either name that comes first on ``sys.path`` is a ``ShadowedPackageError`` (an
+ImportError) naming both folders.
 """
+
+# ruff: noqa: E402  (the check runs before the first import from core)
+from terraplug._packages import check_packages
+
+check_packages()
 
 from core import __version__
 from core.config import Config

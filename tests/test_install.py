@@ -17,6 +17,7 @@ import pytest
 from packaging.requirements import Requirement
 
 import core
+from terraplug._packages import package_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 IGNORED = shutil.ignore_patterns("__pycache__")
@@ -135,3 +136,54 @@ def test_installing_terraplug_keeps_the_environments_torch(tmp_path: Path) -> No
     }
     assert "terraplug" in install and "accelerate" in install, install
     assert "torch" not in install, f"pip would replace torch {metadata.version('torch')}: {install}"
+
+
+@pytest.mark.parametrize("package", ["core", "plugins"])
+def test_a_project_folder_shadowing_a_package_is_named_in_one_line(
+    package: str, tmp_path: Path
+) -> None:
+    """A user's project with its own ``core`` or ``plugins`` package: ``import terraplug``
+    there, and the ``terraplug`` console script with the project first on ``PYTHONPATH``, say
+    in one line which folder shadows which and what to do, instead of failing inside the
+    user's package. This checkout's terraplug is found through ``PYTHONPATH``, after the
+    project."""
+    project = tmp_path / "project"
+    shadow = project / package
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("")
+    console = Path(sys.executable).parent / "terraplug"
+    for command, path in (
+        ([sys.executable, "-c", "import terraplug"], [ROOT]),  # the current folder comes first
+        ([str(console), "--version"], [project, ROOT]),
+    ):
+        result = run_in(project, command, path)
+        assert result.returncode != 0, (command, result.stdout)
+        last = result.stderr.strip().splitlines()[-1]
+        assert "ShadowedPackageError: " in last, result.stderr[-3000:]
+        assert f"{shadow} shadows terraplug's {package!r} package ({ROOT / package})" in last
+        assert "run from another folder or rename" in last
+
+
+def test_a_plain_folder_named_core_shadows_only_where_python_would_import_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A folder without ``__init__.py`` is a namespace package, which a regular package later
+    on ``sys.path`` beats: beside this checkout on the path it is no shadow. Where nothing
+    beats it (an editable install imports terraplug through a finder after the path), it is
+    the folder Python imports, and the one named."""
+    project = tmp_path / "project"
+    (project / "core").mkdir(parents=True)
+    result = run_in(project, [sys.executable, "-c", "import terraplug"], [ROOT])
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    (tmp_path / "plain_folder_xyz").mkdir()
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert package_folder("plain_folder_xyz") == tmp_path / "plain_folder_xyz"
+
+
+def run_in(cwd: Path, command: list[str], path: list[Path]) -> subprocess.CompletedProcess:
+    """``command`` in ``cwd`` with ``path`` as ``PYTHONPATH``."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, path))}
+    return subprocess.run(
+        command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
