@@ -40,7 +40,6 @@ import attrs
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import set_seed
 from benchlib import (
     add_common_arguments,
@@ -66,6 +65,7 @@ from core.tasks.dem_sr.losses import dem_loss_components
 from core.tasks.dem_sr.rcan import build_rcan
 from core.tasks.dem_sr.task import base_loss_weights
 from core.train import Trainer, to_device
+from terraplug.testing import reset_accelerate_state
 
 TARGET = 1.03
 """The trainer may be at most 3 % slower per epoch than the hand loop."""
@@ -222,8 +222,7 @@ class HandLoop:
 
 def reset_accelerate() -> None:
     """Accelerate keeps process-wide singletons; each pair of sides starts clean."""
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
+    reset_accelerate_state()
     gc.collect()
 
 

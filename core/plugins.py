@@ -76,7 +76,8 @@ class Plugin:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned; called on a resumed run after ``setup``."""
+        """Restore what :meth:`state_dict` returned: on a resumed run after ``setup``, and by
+        ``TrainedRun.restore`` (predict) without ``setup``."""
 
 
 @attrs.frozen

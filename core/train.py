@@ -241,6 +241,16 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
+def loader_generator(seed: int, epoch: int) -> torch.Generator:
+    """A data loader's own generator, seeded from (seed, epoch): each loader draws its
+    workers' base seed from it instead of torch's global generator, which a resumed epoch
+    would otherwise advance once more than the uninterrupted run did (it builds one loader
+    more), so the model's own draws after a resume (dropout, sampling) would differ."""
+    generator = torch.Generator()
+    generator.manual_seed(seed * 1_000_003 + epoch)
+    return generator
+
+
 def restore_rng(state: dict[str, Any]) -> None:
     """Restore :func:`rng_state`; CUDA's states go to the devices there are (a resume on the
     CPU, or on fewer GPUs, cannot repeat the others' draws)."""
@@ -467,6 +477,7 @@ class Trainer:
             batch_sampler=[batch.tolist() for step in steps[done:] for batch in step],
             num_workers=config.data.num_workers,
             pin_memory=accelerator.device.type == "cuda",
+            generator=loader_generator(config.run.seed, ctx.epoch),
         )
         batches = iter(loader)
         self.model.train()
@@ -643,6 +654,7 @@ class Trainer:
             val,
             batch_sampler=list(chunks(share, self.config.data.batch_size)),
             num_workers=self.config.data.num_workers,
+            generator=loader_generator(self.config.run.seed, self.ctx.epoch),
         )
         batches = (to_device(batch, self.accelerator.device) for batch in loader)
         metrics = self.ctx.task.validate(model, route_batches(batches, model, self.ctx), self.ctx)

@@ -101,7 +101,7 @@ def test_the_resolved_file_holds_the_tasks_sections(tmp_path: Path):
 
 
 def test_an_unknown_task_is_named():
-    with pytest.raises(ConfigError, match=r"run\.task: unknown task 'nosuch'; available: dem_sr"):
+    with pytest.raises(ConfigError, match=r"run\.task: unknown task 'nosuch'\. Available: dem_sr"):
         load_config(None, ["run.task='nosuch'"])
 
 

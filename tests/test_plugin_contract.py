@@ -167,7 +167,7 @@ def assert_identical(resumed: Any, straight: Any, where: str) -> None:
 @pytest.mark.parametrize("name", DEM_SR_PLUGINS)
 def test_every_plugin_resumes_bit_for_bit(name, procedural_dir, tmp_path, monkeypatch):
     """Interrupted within its second epoch and resumed, a run ends with the metrics, weights,
-    optimizer and plugin state of the run that was never interrupted."""
+    optimizer, plugin state and random generators of the run that was never interrupted."""
     monkeypatch.setitem(plugins.BUILTIN_PLUGINS, "stop", f"{__name__}:Stop")
     args = ["--plugins", f"{name},stop", "--set", "train.max_steps_per_epoch=2"]
     args += SETTINGS.get(name, [])
@@ -181,6 +181,9 @@ def test_every_plugin_resumes_bit_for_bit(name, procedural_dir, tmp_path, monkey
     resumed, reference = (load_checkpoint(run / CHECKPOINT) for run in (interrupted, straight))
     for key in ("model", "optimizer", "plugins", "global_step"):
         assert_identical(resumed[key], reference[key], key)
+    # a plugin that draws random numbers after a resume draws what the uninterrupted run did
+    rng = [[process["rng"] for process in state["processes"]] for state in (resumed, reference)]
+    assert_identical(*rng, "processes[*].rng")
 
 
 def test_a_logged_key_that_clashes_with_a_trainer_metric_is_an_error(train_run):

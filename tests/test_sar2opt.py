@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from accelerate.state import AcceleratorState, PartialState
 from torch import nn
 from torch.utils.data import default_collate
 
@@ -33,6 +32,7 @@ from core.tasks.sar2opt.data import OPTICAL_BANDS
 from core.tasks.sar2opt.terramind import build_terramind, checkpoint_blocks, hold_frozen_weights
 from core.train import Trainer
 from plugins.generators.straight_through import expected_code_error, gumbel_code_error
+from terraplug.testing import reset_accelerate_state
 from tests.conftest import read_metrics
 
 pytestmark = pytest.mark.slow
@@ -366,8 +366,7 @@ def test_refiner_caches_generations_and_freezes_terramind(tmp_path: Path) -> Non
     assert stored_key(out, "refiner_generated")["diffusion_steps"] == 1
 
     trainer.release_run_dir()  # the re-start below claims the same folder
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
+    reset_accelerate_state()
     again, _ = make_trainer(out, "refiner", "data.tile_size=32", "model.diffusion_steps=2")
     again.setup()
     assert stored_key(out, "refiner_generated")["diffusion_steps"] == 2
@@ -397,8 +396,7 @@ def test_target_tokens_are_cached_per_tile_and_keyed_by_the_tokenizer(tmp_path: 
         optical = torch.stack([dataset[i]["optical"] for i in (0, len(dataset) - 1)])
         assert torch.equal(tokens[size][[0, len(dataset) - 1]], model.target_tokens(optical))
         trainer.release_run_dir()  # the next size re-starts into the same folder
-        AcceleratorState._reset_state(True)
-        PartialState._reset_state()
+        reset_accelerate_state()
     assert not torch.equal(tokens["tiny"], tokens["small"])
 
 

@@ -28,6 +28,7 @@ from core.plugins import PluginManager
 from core.tasks.sar2opt.adapters import ADAPTERS, load_merged, load_run_terramind
 from core.tasks.sar2opt.data import OPTICAL_BANDS
 from core.tasks.sar2opt.task import SarToOptical
+from terraplug.testing import reset_accelerate_state
 from tests.conftest import read_metrics
 from tests.test_safety import Payload, digest, limit_file_size
 
@@ -36,8 +37,6 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from accelerate.state import AcceleratorState, PartialState
-
     from core.run import main
 
     out = tmp_path_factory.mktemp("sar2opt") / "run"
@@ -45,8 +44,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 "train.max_steps_per_epoch=3", "optim.lr=1e-2"]  # fmt: skip
     args = ["--task", "sar2opt", "--plugins", "teacher_forcing", "--out", str(out)]
     assert main([*args, "--epochs", "1", *(f"--set={s}" for s in settings)]) == 0
-    AcceleratorState._reset_state(True)
-    PartialState._reset_state()
+    reset_accelerate_state()
     return out
 
 
@@ -115,7 +113,7 @@ def test_merged_export_equals_the_adapted_model(run_dir: Path, tmp_path: Path) -
     with torch.no_grad():
         # in float64 the two differ only by the export's float32 rounding of W + s·B·A (a
         # relative 6e-8 per weight, checked above); float32 arithmetic would add differences
-        # of summation order that 300 M parameters amplify to 3e-3 on some CPUs
+        # of summation order that the transformer amplifies to 3e-3 on some CPUs
         torch.testing.assert_close(plain.double()(sar), adapted.double()(sar), rtol=1e-5, atol=1e-5)
 
 
