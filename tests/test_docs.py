@@ -32,3 +32,19 @@ def test_every_hook_is_in_the_reference():
     reference = (DOCS / "hooks.md").read_text()
     missing = [name for name in hook_names() if f"### `{name}(" not in reference]
     assert not missing, f"docs/hooks.md lacks {missing}"
+
+
+def test_every_test_the_safety_page_names_exists():
+    """The fault-case table re-runs from the tests it names: each file exists and defines
+    each named test function."""
+    page = (DOCS / "safety.md").read_text()
+    named = set(re.findall(r"`(tests/test_\w+\.py)(?:::(test_\w+))?`", page))
+    assert len(named) > 30
+    root = DOCS.parent
+    missing = [
+        f"{path}::{test}" if test else path
+        for path, test in sorted(named)
+        if not (root / path).is_file()
+        or (test and not re.search(rf"^def {test}\(", (root / path).read_text(), re.M))
+    ]
+    assert not missing, f"docs/safety.md names tests that do not exist: {missing}"
