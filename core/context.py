@@ -50,6 +50,7 @@ class RunContext:
     task: Task
     plugins: PluginManager
     run_dir: Path
+    """The run folder, the same on every process; with ``core.predict``, the trained run's."""
     total_epochs: int
     model: nn.Module | None = None
     """The trained model as Accelerate prepared it (possibly a DDP wrapper); set by the trainer."""
@@ -57,7 +58,8 @@ class RunContext:
     epoch: int = 0
     """Current 1-based epoch; set by the trainer."""
     global_step: int = 0
-    """Optimizer steps taken so far; set by the trainer."""
+    """Optimizer steps the optimizer took in the run, skipped ones not counted; set by the
+    trainer right after each ``optimizer.step()``, and from the checkpoint on a resume."""
     step: StepInfo | None = None
     """The step being computed; set by the trainer before each micro-batch."""
     terrains: tuple[str, ...] = attrs.field(
@@ -84,7 +86,9 @@ class RunContext:
         self.accelerator.backward(loss)
 
     def log(self, key: str, value: float) -> None:
-        """Record a scalar; its mean over the epoch (this process) enters ``metrics.jsonl``.
+        """Record a scalar; its mean over the epoch on this process enters this process's
+        row, and ``metrics.jsonl`` is the main process's row: reduce a value over the
+        processes before logging it where it should cover them all.
 
         Values logged from ``on_epoch_start`` to ``validation_metrics`` count towards that
         epoch; the checkpoint keeps those of an interrupted epoch. A key the epoch row
@@ -93,7 +97,8 @@ class RunContext:
         self._logged[key].append(float(value))
 
     def pop_logged(self) -> dict[str, float]:
-        """Epoch means of everything logged since the last call, then forget them."""
+        """Epoch means of everything logged since the last call, then forget them (the
+        trainer's, for the epoch's row)."""
         means = {key: sum(values) / len(values) for key, values in self._logged.items() if values}
         self._logged.clear()
         return means

@@ -31,6 +31,16 @@ from core.run_folder import METRICS
 from core.tasks import HarnessSettings, harness_settings, task_class
 from core.train import Trainer
 
+__all__ = [
+    "FAST",
+    "FAST_ANY_TASK",
+    "fast_overrides",
+    "read_metrics",
+    "reset_accelerate_state",
+    "run_training",
+    "task_data",
+]
+
 FAST_ANY_TASK: tuple[str, ...] = ("data.batch_size=8", "train.progress='never'")
 """``--set`` overrides the harness applies to every task, before the task's own: small
 batches, no progress bar."""

@@ -98,6 +98,8 @@ class Task(Protocol):
     """
 
     name: str
+    """The task's name in the console and in plugins' errors; the entry-point name ``--task``
+    takes, which it should equal."""
     sections: Mapping[str, type]
     """The attrs classes of the task's config sections by name: ``model`` and ``loss``
     (required; an empty class for a task without keys) and any of its own, each a
@@ -110,11 +112,14 @@ class Task(Protocol):
     """Names of the domains ``sample["terrain"]`` indexes (dem_sr: the five categories)."""
     report_metrics: tuple[ReportMetric, ...]
     """The experiment report's task columns; the first is the primary one the controls'
-    verdict reads."""
+    verdict reads (none: the final ``val_loss``)."""
     reference_name: str
-    """What the ``reference`` keys of ``report_metrics`` measure (a row of the report)."""
+    """What the ``reference`` keys of ``report_metrics`` measure: a row of the report, a name
+    no experiment arm may take, not counted among the finished runs ("": no such row)."""
     skipped: list[tuple[str, str]]
-    """(file, reason) of every input file the datasets left out; ``summary.json`` lists them."""
+    """(file, reason) of every input file the datasets left out; ``summary.json`` lists them
+    when the run completes. The one per-instance member: ``__init__`` sets it (an empty
+    list), ``build_datasets`` fills it."""
     harness: HarnessSettings = HarnessSettings()
     """Optional, as is every member with a value here: what ``terraplug.testing`` applies to
     train the task in seconds. Without it the harness changes only the batch size and the
