@@ -74,8 +74,9 @@ def epoch_indices(indices: np.ndarray, epoch: int, ctx: RunContext) -> np.ndarra
     """Choose which training samples take part in ``epoch``.
 
     Composable chain over an int64 array of dataset indices (all of them for the first
-    plugin). Return the subset to keep, or ``None`` to keep all. Must be a pure function of
-    the config and ``epoch`` so every process agrees. Example: ``curriculum``.
+    plugin). Return the indices to draw, or ``None`` to keep all: a subset, or with repeats
+    (an index given k times is drawn k times; nothing removes or sorts them). Must be a pure
+    function of the config and ``epoch`` so every process agrees. Example: ``curriculum``.
     """
 
 
