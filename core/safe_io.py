@@ -169,8 +169,9 @@ def save_tensors(path: Path, state: Any) -> None:
 # --- checkpoints -----------------------------------------------------------------------------
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: Path | str) -> dict[str, Any]:
     """A checkpoint's contents, read without running any code stored in it."""
+    path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
     try:

@@ -38,6 +38,7 @@ from core.tasks import (
     Task,
     metric_text,
 )
+from core.validators import fraction, non_negative, open_fraction, positive, positive_int
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -60,10 +61,15 @@ __all__ = [
     "__version__",
     "atomic_write",
     "check_output",
+    "fraction",
     "geotiff_profile",
     "hookimpl",
     "load_checkpoint",
     "metric_text",
+    "non_negative",
+    "open_fraction",
+    "positive",
+    "positive_int",
     "read_run_config",
     "replaced_when_done",
     "write_geotiff",

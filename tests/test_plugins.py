@@ -17,6 +17,7 @@ import pytest
 import tomli_w
 import torch
 
+import terraplug
 from core.config import load_config
 from core.errors import ConfigError, PluginError
 from core.hookspecs import hookimpl
@@ -588,3 +589,25 @@ def test_a_plugin_implementing_a_hook_twice_is_refused():
 
     with pytest.raises(PluginError, match="plugin 'Twice' implements hook 'loss_weights' twice"):
         manager(Twice())
+
+
+
+@attrs.frozen
+class NoisyConfig:
+    eta: float = attrs.field(default=0.01, validator=terraplug.non_negative)
+
+
+class Noisy(Plugin):
+    """A plugin whose one option uses an exported validator."""
+
+    name = "noisy"
+    Config = NoisyConfig
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -1.0])
+def test_terraplugs_validators_refuse_what_attrs_ge_lets_through(value, monkeypatch):
+    """``attrs.validators.ge(0)`` accepts inf and nan; the exported validators refuse them,
+    and the config error names the plugin's key."""
+    monkeypatch.setitem(BUILTIN_PLUGINS, "noisy", "tests.test_plugins:Noisy")
+    with pytest.raises(ConfigError, match=r"'eta' must be .* @ plugins\.noisy\.eta"):
+        PluginManager.from_names(["noisy"], {"noisy": {"eta": value}})

@@ -143,6 +143,7 @@ def test_a_crafted_checkpoint_is_refused_and_never_runs(run_dir, tmp_path, capsy
 def test_a_checkpoint_holds_only_tensors_and_plain_values(run_dir: Path) -> None:
     state = load_checkpoint(run_dir / CHECKPOINT)  # the weights-only unpickler accepts it
     assert state["epoch"] == 1 and not nonfinite_tensors(state["model"])
+    assert load_checkpoint(str(run_dir / CHECKPOINT))["epoch"] == 1  # a path as text too
 
 
 # --- 2. only GeoTIFFs are read -------------------------------------------------------------------
