@@ -317,6 +317,14 @@ def _valid(path: Path) -> bool:
     return True
 
 
+def absolute_data(config: Config) -> Config:
+    """``data.dir`` as the folder it names here, where the run starts (every run keeps it so,
+    whatever starts it): a resume from elsewhere reads the same folder."""
+    if config.data.dir:
+        config.data.dir = str(Path(config.data.dir).absolute())
+    return config
+
+
 def config_from_plain(tree: dict[str, Any], source: Path) -> Config:
     """A config kept as plain values (the one a checkpoint was trained with), checked as a
     file is; an error names ``source``."""

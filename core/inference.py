@@ -60,8 +60,8 @@ class TrainedRun:
     def restore(cls, run_dir: Path, cpu: bool = False) -> TrainedRun:
         """Rebuild the model from config.toml (the task's ``build_model``, then the plugins'
         ``configure_model``), load the checkpoint's weights (read weights-only, refused if not
-        finite), hand each plugin its checkpointed state and put in the weights their
-        ``evaluation_weights`` choose: the model validation scored."""
+        finite), hand the plugins that implement ``evaluation_weights`` their checkpointed state
+        and put in the weights they choose: the model validation scored."""
         config_path, checkpoint_path = run_dir / CONFIG, run_dir / CHECKPOINT
         for needed in (config_path, checkpoint_path):
             if not needed.is_file():
@@ -75,7 +75,9 @@ class TrainedRun:
         ctx = RunContext(config, accelerator, task, plugins, run_dir, config.run.epochs)
         model = plugins.chain("configure_model", task.build_model(config), "model", ctx=ctx)
         load_trained_state(model, state["model"], checkpoint_path)
-        plugins.load_state_dict(state["plugins"])
+        choosers = {p.name for p in plugins.active if "evaluation_weights" in p.hooks}
+        # only those whose state decides the weights: others never ran their setup here
+        plugins.load_state_dict({k: v for k, v in state["plugins"].items() if k in choosers})
         weights = trained_state(model)
         copy_weights(weights, evaluation_weights(weights, ctx))
         ctx.model = model.to(accelerator.device).eval()

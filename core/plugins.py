@@ -32,6 +32,7 @@ from core import hookspecs
 from core.config import structure, unstructure
 from core.errors import PluginError
 from core.registry import (
+    BROKEN,
     BUILTIN,
     Registration,
     broken_names,
@@ -77,7 +78,8 @@ class Plugin:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned: on a resumed run after ``setup``, and by
-        ``TrainedRun.restore`` (predict) without ``setup``."""
+        ``TrainedRun.restore`` (predict) without ``setup`` for a plugin that implements
+        ``evaluation_weights``."""
 
 
 @attrs.frozen
@@ -209,6 +211,12 @@ class PluginManager:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         for plugin in active:
+            if plugin.obj.__hash__ is None:  # pluggy's per-plugin hook callers key by object
+                raise PluginError(
+                    f"plugin {plugin.name!r} from {plugin.origin} is an unhashable object (a "
+                    "dataclass or an attrs class that compares by value); give its class "
+                    "__hash__ = object.__hash__, or @attrs.define(eq=False)"
+                )
             try:
                 self.pm.register(plugin.obj, name=plugin.name)
             except pluggy.PluginValidationError as error:
@@ -410,7 +418,7 @@ def describe_all() -> list[dict[str, str]]:
                     "name": name,
                     "origin": source.origin,
                     "hooks": "-",
-                    "summary": f"BROKEN: {failure(error.__cause__)}",
+                    "summary": f"{BROKEN}{failure(error.__cause__)}",
                 }
             )
             continue

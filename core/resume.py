@@ -19,7 +19,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from core.config import Config, ResumeNote, config_from_plain, parse_override, unstructure
+from core.config import (
+    Config,
+    ResumeNote,
+    config_from_plain,
+    parse_override,
+    read_toml,
+    unstructure,
+)
 from core.errors import CheckpointError, ConfigError, DataError
 from core.run_folder import CHECKPOINT, CONFIG
 from core.safe_io import load_checkpoint
@@ -77,14 +84,17 @@ def trained_run(run_dir: Path) -> tuple[Config, dict[str, Any]]:
 
 
 def check_task(run_dir: Path, saved: Config, overrides: list[str]) -> None:
-    """Refuse another task before the run's sections are read as that task's (they would be
-    reported as unknown keys)."""
+    """Refuse another task, asked for by the command or by an edited ``config.toml``, before
+    the run's sections are read as that task's (they would be reported as unknown keys)."""
     asked = [value for path, value in map(parse_override, overrides) if path == ["run", "task"]]
-    if asked and asked[-1] != saved.run.task:
-        raise ConfigError(
-            f"--resume {run_dir}: a resume keeps its task: the run has {saved.run.task!r}, "
-            f"this command asks for {asked[-1]!r}"
-        )
+    in_file = read_toml(run_dir / CONFIG).get("run", {}).get("task", saved.run.task)
+    for who, task in (("this command asks for", asked[-1] if asked else None),
+                      (f"{run_dir / CONFIG} has", in_file)):  # fmt: skip
+        if task is not None and task != saved.run.task:
+            raise ConfigError(
+                f"--resume {run_dir}: a resume keeps its task: the run has "
+                f"{saved.run.task!r}, {who} {task!r}"
+            )
 
 
 def check_resume(

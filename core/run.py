@@ -13,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from core.config import Config, load_config
+from core.config import Config, absolute_data, load_config
 from core.errors import EXIT_INTERRUPTED, StorageError, UsageError, report_error
 from core.plugins import PluginManager, describe_all
 from core.provenance import version_line
@@ -112,14 +112,6 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return config
 
 
-def absolute_data(config: Config) -> Config:
-    """``data.dir`` as the folder it names here, where the run starts: a resume elsewhere
-    reads the same folder."""
-    if config.data.dir:
-        config.data.dir = str(Path(config.data.dir).absolute())
-    return config
-
-
 def resume_problem(run_dir: Path) -> str | None:
     """What ``run_dir`` lacks to be resumed, and what to run instead; None if nothing."""
     if not run_dir.is_dir():
@@ -174,12 +166,20 @@ def main(argv: list[str] | None = None) -> int:
             return report_error(error)
         finally:
             trainer.release_run_dir()
-            # A process group left to the interpreter's exit can abort it: gloo's worker
-            # threads still hold work then ("terminate called without an active exception")
-            trainer.accelerator.state.destroy_process_group()
     except UsageError as error:
         return report_error(error)
+    finally:
+        close_process_group()
     return 0
+
+
+def close_process_group() -> None:
+    """Destroy the process group a run started, however it ended (a refused run folder
+    included): one left to the interpreter's exit can abort it, as gloo's worker threads
+    still hold work then ("terminate called without an active exception", SIGABRT)."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 def exit_process(status: int) -> None:

@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader, default_collate
 from tqdm.auto import tqdm
 
-from core.config import Config, dump_config, unstructure
+from core.config import Config, absolute_data, dump_config, unstructure
 from core.context import RunContext, StepInfo
 from core.errors import UsageError
 from core.plots import plot_loss_curves
@@ -336,6 +336,7 @@ class Trainer:
         """Build data, model and optimizer; returns the epoch to start from."""
         config, ctx, accelerator = self.config, self.ctx, self.accelerator
         set_seed(config.run.seed)
+        absolute_data(config)  # for runs not started by core.run too (terraplug.testing)
         self.data_identity = data_identity(config.data.dir)  # before reading: what it reads
         train, val = ctx.task.build_datasets(config, ctx)
         ctx.train_dataset, self.val_dataset = train, val

@@ -611,3 +611,19 @@ def test_terraplugs_validators_refuse_what_attrs_ge_lets_through(value, monkeypa
     monkeypatch.setitem(BUILTIN_PLUGINS, "noisy", "tests.test_plugins:Noisy")
     with pytest.raises(ConfigError, match=r"'eta' must be .* @ plugins\.noisy\.eta"):
         PluginManager.from_names(["noisy"], {"noisy": {"eta": value}})
+
+
+@attrs.define
+class ByValue:
+    """A plugin object that compares by value, so Python gives it no hash."""
+
+    name: str = "by_value"
+
+    @hookimpl
+    def on_epoch_start(self, epoch, ctx):
+        pass
+
+
+def test_an_unhashable_plugin_object_is_refused_naming_it():
+    with pytest.raises(PluginError, match=r"plugin 'by_value' .* unhashable .*eq=False\)"):
+        PluginManager([ActivePlugin("by_value", "test", ByValue(), None)])

@@ -181,6 +181,11 @@ def test_a_resume_blames_the_command_for_its_own_mistakes(
     err = capsys.readouterr().err
     assert "a resume keeps its task: the run has 'dem_sr', this command asks for 'sar2opt'" in err
     assert "extra fields" not in err
+    config = out / "config.toml"
+    config.write_text(config.read_text().replace('task = "dem_sr"', 'task = "sar2opt"'))
+    assert main(["--resume", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"a resume keeps its task: the run has 'dem_sr', {config} has 'sar2opt'" in err
 
 
 def test_cuda_generator_states_round_trip_through_a_checkpoint_and_a_resume(

@@ -269,15 +269,20 @@ def write_geotiff(path: Path, profile: Mapping[str, Any]) -> Iterator[DatasetWri
     GDAL reports a write the disk refuses (full, over quota, ``ulimit -f``) to its error
     handler and carries on, closing a truncated file without raising, so the file is read
     back, every block of it, before the rename. A failure is a ``StorageError`` naming
-    ``path`` and, when the disk refuses writes, its reason; ``path`` is left as it was.
+    ``path`` and, when the disk refuses writes, its reason; ``path`` is left as it was. A
+    ``RasterioError`` raised in the caller's block stays what it is unless the disk refuses
+    writes.
     """
     with replaced_when_done(path) as tmp:
         try:
             with rasterio.open(tmp, "w", **profile) as dst:
                 yield dst
             problem = unreadable_part(tmp, profile)
-        except RasterioError as error:  # a failed write GDAL did raise
-            problem = str(error.__cause__ or error)
+        except RasterioError:
+            # raised in the caller's block: a write the disk refused is named by the probe,
+            # anything else (one of the caller's own reads, say) is the caller's, as it is
+            probe_refused_write(tmp)
+            raise
         if problem is not None:
             probe_refused_write(tmp)  # the disk's OSError becomes a StorageError naming path
             raise StorageError(f"writing {path} failed: {problem} (left as it was)")

@@ -90,8 +90,9 @@ class Task(Protocol):
     then per step ``forward_losses`` (unless a plugin provides ``training_forward``), and per
     epoch ``validate``, ``checkpoint_meta`` and ``export_model`` when it checkpoints,
     ``plot_examples`` and ``write_plots`` when it draws. Each method gets what it reads as
-    arguments (``checkpoint_meta`` and ``plot_examples`` the datasets ``build_datasets``
-    returned), so none depends on another having stored something on the instance first.
+    arguments the trainer has (``checkpoint_meta`` and ``plot_examples`` the datasets
+    ``build_datasets`` returned), so a task need not keep them; what a task keeps between
+    its own calls (sar2opt: the frozen weights' fingerprint, cached tokens) is its own.
     The members are checked when the task is looked up, before anything is built: a method
     missing or taking other arguments, or an attribute the class does not declare, is exit 2
     naming each.
