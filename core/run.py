@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -185,10 +187,21 @@ def close_process_group() -> None:
 def exit_process(status: int) -> None:
     """Exit with ``status``. After an interruption the checkpoint is saved and every process
     is leaving: a launcher that stops the remaining workers once one has exited (torchrun
-    sends SIGTERM) must not turn their status 130 into a kill."""
+    sends SIGTERM) must not turn their status 130 into a kill.
+
+    A process of a multi-process run leaves without the interpreter's finalization, its
+    output flushed and every file closed by then: gloo's C++ threads can abort it
+    ("terminate called without an active exception", SIGABRT) even after the process
+    group is destroyed, which turned a finished or stopped rank's status into -6.
+    """
     if status == EXIT_INTERRUPTED:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
     sys.exit(status)
 
 

@@ -33,6 +33,7 @@ from torch import nn
 from core.config import load_config
 from core.hookspecs import hookimpl
 from core.plugins import ActivePlugin, PluginManager
+from core.run import close_process_group, exit_process
 from core.tasks.dem_sr.terrain import TERRAINS
 from core.train import Trainer
 from plugins.gradients.pcgrad import PCGrad
@@ -191,8 +192,9 @@ def main() -> None:
     result["train_running_pcgrad"] = train(args.data, args.out / "running", "running", pcgrad)
     result["train_global_pcgrad"] = train(args.data, args.out / "global_pcgrad", "global", pcgrad)
     (args.out / f"rank{rank}.json").write_text(json.dumps(result))
-    accelerator.state.destroy_process_group()  # as core.run does: gloo may abort the exit
 
 
 if __name__ == "__main__":
     main()
+    close_process_group()
+    exit_process(0)  # as core.run leaves: gloo may abort the interpreter's finalization

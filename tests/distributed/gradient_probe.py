@@ -26,6 +26,7 @@ from core.config import Config, load_config
 from core.context import RunContext
 from core.hookspecs import hookimpl
 from core.plugins import ActivePlugin, PluginManager
+from core.run import close_process_group, exit_process
 from core.tasks import get_task
 from core.train import Trainer
 
@@ -258,8 +259,9 @@ def main(argv: list[str]) -> None:
         "backward_collectives": BackwardCollective.calls,
     }
     torch.save(saved, args.out / f"probe_rank{rank}.pt")
-    trainer.accelerator.state.destroy_process_group()  # as core.run does: gloo may abort the exit
 
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    close_process_group()
+    exit_process(0)  # as core.run leaves: gloo may abort the interpreter's finalization

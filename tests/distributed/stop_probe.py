@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import runpy
 import signal
 import time
 from pathlib import Path
@@ -29,7 +28,8 @@ import plugins
 from core.context import RunContext
 from core.hookspecs import hookimpl
 from core.plugins import Plugin
-from core.run import build_parser
+from core.run import build_parser, exit_process
+from core.run import main as run_main
 
 PAUSED = "paused.json"
 LOG_KEY = "stop_probe_step"
@@ -86,11 +86,9 @@ def main() -> None:
     args, _ = build_parser().parse_known_args()
     run_dir = Path(args.resume or args.out)
     plugins.BUILTIN_PLUGINS[StopProbe.name] = "stop_probe:StopProbe"
-    try:
-        runpy.run_module("core.run", run_name="__main__", alter_sys=True)
-    except SystemExit as exit:
-        (run_dir / f"exit_rank{os.environ['RANK']}").write_text(str(exit.code))
-        raise
+    status = run_main()
+    (run_dir / f"exit_rank{os.environ['RANK']}").write_text(str(status))
+    exit_process(status)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from core.config import load_config
 from core.context import RunContext
 from core.hookspecs import hookimpl
 from core.plugins import ActivePlugin, PluginManager
+from core.run import close_process_group, exit_process
 from core.train import Trainer
 from plugins.samplers.stratified import Stratified, StratifiedConfig
 
@@ -90,8 +91,9 @@ def main(data_dir: str, run_dir: str, out: str) -> None:
         "trained": probe.batches,
     }
     (Path(out) / f"rank{trainer.accelerator.process_index}.json").write_text(json.dumps(record))
-    trainer.accelerator.state.destroy_process_group()  # as core.run does: gloo may abort the exit
 
 
 if __name__ == "__main__":
     main(*sys.argv[1:4])
+    close_process_group()
+    exit_process(0)  # as core.run leaves: gloo may abort the interpreter's finalization
