@@ -168,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             return report_error(error)
         finally:
             trainer.release_run_dir()
+            for tracker in trainer.accelerator.trackers:  # flushed however the run ended:
+                tracker.finish()  # a rank of several leaves without finalization
     except UsageError as error:
         return report_error(error)
     finally:
