@@ -591,7 +591,6 @@ def test_a_plugin_implementing_a_hook_twice_is_refused():
         manager(Twice())
 
 
-
 @attrs.frozen
 class NoisyConfig:
     eta: float = attrs.field(default=0.01, validator=terraplug.non_negative)
