@@ -245,7 +245,9 @@ def build(
     args: argparse.Namespace, folder: Path, out: Path, epochs: int
 ) -> tuple[TimedTrainer, HandLoop]:
     """Both sides, set up for a run of ``epochs``, the trainer first (as ``core.run`` would)."""
-    config = resolve_config(build_parser().parse_args(cli_arguments(args, folder, out, epochs)))
+    config, _ = resolve_config(
+        build_parser().parse_args(cli_arguments(args, folder, out, epochs))
+    )
     trainer = TimedTrainer(config, PluginManager.from_names(config.run.plugins, config.plugins))
     trainer.setup()
     return trainer, HandLoop(config)

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 from core.config import Config, absolute_data, load_config
 from core.errors import EXIT_INTERRUPTED, StorageError, UsageError, report_error
@@ -92,12 +93,14 @@ def plugin_names(option: str) -> list[str]:
     return names
 
 
-def resolve_config(args: argparse.Namespace) -> Config:
+def resolve_config(args: argparse.Namespace) -> tuple[Config, dict[str, Any] | None]:
+    """The run's config and, with ``--resume``, the checkpoint it continues from, read once
+    here (the resume checks need it) and handed to the trainer."""
     overrides = [*shortcut_overrides(args), *args.set]
     if args.resume is None:
         config = absolute_data(load_config(args.config, overrides))
         config.resumed = []  # a run repeated from another's config.toml starts its own history
-        return config
+        return config, None
     saved = args.resume / CONFIG
     problem = resume_problem(args.resume)
     if problem:
@@ -111,7 +114,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
     check_resume(args.resume, trained, config, edited=absolute_data(load_config(saved)))
     check_data(args.resume, checkpoint["data"], config.data.dir)
     record_resume(trained, config, after_epoch=checkpoint["epoch"])
-    return config
+    return config, checkpoint
 
 
 def resume_problem(run_dir: Path) -> str | None:
@@ -148,13 +151,13 @@ def main(argv: list[str] | None = None) -> int:
             return print_listing("task", describe_tasks(), args.strict_plugins)
         if args.strict_plugins:
             check_installed_tasks()
-        config = resolve_config(args)
+        config, checkpoint = resolve_config(args)
         plugins = PluginManager.from_names(
             config.run.plugins, config.plugins, strict=args.strict_plugins
         )
         from core.train import Interrupted, NonFiniteLossError, Trainer
 
-        trainer = Trainer(config, plugins, resume=args.resume is not None)
+        trainer = Trainer(config, plugins, resume=checkpoint)
         try:
             trainer.fit()
         except Interrupted as signal_name:

@@ -46,7 +46,7 @@ from core.plugins import PluginManager
 from core.resume import data_identity
 from core.run_folder import CHECKPOINT, CONFIG, INTERRUPTED, LOSS_CURVES, METRICS, SUMMARY
 from core.runlock import RunLock, claim_run_dir
-from core.safe_io import load_checkpoint, nonfinite_tensors, save_tensors
+from core.safe_io import nonfinite_tensors, save_tensors
 from core.spikes import count_loss_spikes
 from core.tasks import Batch, get_task
 
@@ -264,9 +264,14 @@ def restore_rng(state: dict[str, Any]) -> None:
 class Trainer:
     """Runs one configured training job in ``run_dir``."""
 
-    def __init__(self, config: Config, plugins: PluginManager, *, resume: bool = False) -> None:
+    def __init__(
+        self, config: Config, plugins: PluginManager, *, resume: dict[str, Any] | None = None
+    ) -> None:
+        """``resume``: the checkpoint the run continues from (``core.run`` read and checked
+        it); None starts a new run."""
         self.config = config
-        self.resume = resume
+        self.resumed = resume
+        self.resume = resume is not None
         cpu = config.train.cpu or launched_without_gpus()
         state = PartialState(cpu=cpu)  # processes agree on the run folder before logging starts
         run_dir = self.run_dir = self.resolve_run_dir(state)
@@ -357,7 +362,7 @@ class Trainer:
         start_epoch = 1
         plugin_states: dict[str, dict[str, Any]] = {}
         if self.resume:
-            start_epoch, plugin_states = self.load_checkpoint()
+            start_epoch, plugin_states = self.restore_checkpoint()
         else:
             config.plugins = ctx.plugins.resolved_sections(config.plugins)
         if accelerator.is_main_process:  # the settings in force, and a resume's history
@@ -758,11 +763,11 @@ class Trainer:
                 "any). Lower optim.lr or enable optim.grad_clip"
             )
 
-    def load_checkpoint(self) -> tuple[int, dict[str, dict[str, Any]]]:
-        """Restore everything :meth:`save_checkpoint` wrote; returns the epoch to run next
-        and the plugins' saved states (handed back after their ``setup``)."""
-        path = self.run_dir / CHECKPOINT
-        state = load_checkpoint(path)
+    def restore_checkpoint(self) -> tuple[int, dict[str, dict[str, Any]]]:
+        """Restore everything :meth:`save_checkpoint` wrote (the checkpoint ``resume`` gave);
+        returns the epoch to run next and the plugins' saved states (handed back after their
+        ``setup``)."""
+        path, state = self.run_dir / CHECKPOINT, self.resumed
         load_trained_state(self.accelerator.unwrap_model(self.model), state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.restore_process_state(path, state["processes"])

@@ -59,7 +59,7 @@ def test_resume_extends_epochs_records_it_and_refuses_other_plugins(
 
     # a new run from the resumed run's config.toml starts its own history
     repeat = build_parser().parse_args(["--config", str(out / "config.toml"), "--out", "again"])
-    assert resolve_config(repeat).resumed == []
+    assert resolve_config(repeat)[0].resumed == []
 
 
 @pytest.mark.parametrize(
