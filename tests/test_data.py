@@ -418,7 +418,8 @@ def test_label_from_dem_ignores_regional_tilt_but_not_roughness() -> None:
 
 def test_label_tile_reports_its_source() -> None:
     z = plane(35.0)
-    assert label_tile("kansas_tile_1", z, (CELL, CELL)) == ("flat", "region")
+    assert label_tile("flat_tile_1", z, (CELL, CELL)) == ("flat", "region")  # the user's word
+    assert label_tile("kansas_tile_1", z, (CELL, CELL)) == ("extreme", "dem")  # a region, overruled
     assert label_tile("unnamed_1", z, (CELL, CELL)) == ("extreme", "dem")
 
 

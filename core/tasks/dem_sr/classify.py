@@ -1,8 +1,9 @@
 """``python -m core.classify PATH...``: the terrain category of each GeoTIFF, then the counts.
 
 Shows what the dataset will see before a run starts: each file's category, whether it came
-from a region name or was measured from the DEM, and the measurements. Bad files are reported
-on stderr and skipped; the exit status is 2 if any path was bad, else 0.
+from its name or was measured from the DEM, the measurements and why (tab-separated), then
+every region name the measurements overruled, with the reason. Bad files are reported on
+stderr and skipped; the exit status is 2 if any path was bad, else 0.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from core.data.geotiff import read_dem
 from core.errors import EXIT_OK, EXIT_USAGE, DataError, report_error
-from core.tasks.dem_sr.data.labels import label_tile, terrain_stats
+from core.tasks.dem_sr.data.labels import Label, explain_label, terrain_stats
 from core.tasks.dem_sr.terrain import TERRAINS
 
 GEOTIFF_SUFFIXES = (".tif", ".tiff")
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     counts: Counter[str] = Counter()
+    overruled: list[str] = []
     failed = 0
     for path in args.paths:
         try:
@@ -39,15 +41,20 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for file in files:
             try:
-                category, line = _classify(file)
+                label, line = _classify(file)
             except DataError as error:
                 report_error(error)
                 failed += 1
                 continue
-            counts[category] += 1
+            counts[label.category] += 1
+            if label.overruled:
+                overruled.append(f"{file.stem}: {label.category} ({label.reason})")
             print(line)
 
     print(f"\n{sum(counts.values())} tiles: " + ", ".join(f"{t} {counts[t]}" for t in TERRAINS))
+    if overruled:
+        print(f"{len(overruled)} region name(s) overruled by the measurements:")
+        print("\n".join(f"  {line}" for line in overruled))
     if failed:
         print(f"{failed} bad path(s), see the errors above", file=sys.stderr)
         return EXIT_USAGE
@@ -66,10 +73,10 @@ def _expand(path: Path) -> list[Path]:
     return [path]
 
 
-def _classify(path: Path) -> tuple[str, str]:
-    """(category, printed line) for one file."""
+def _classify(path: Path) -> tuple[Label, str]:
+    """(label, printed line) for one file."""
     dem = read_dem(path)
-    category, source = label_tile(path.stem, dem.elevation, dem.cell_size_m())
+    label = explain_label(path.stem, dem.elevation, dem.cell_size_m())
     stats = terrain_stats(dem.elevation, dem.cell_size_m())
     measured = (
         f"relief {stats.relief_m:.0f} m, roughness {stats.roughness_m:.1f} m, "
@@ -78,7 +85,7 @@ def _classify(path: Path) -> tuple[str, str]:
         f"elevation skewness {stats.elevation_skewness:.2f}, "
         f"slope bimodality {stats.slope_bimodality:.2f}"
     )
-    return category, f"{path}\t{category}\t{source}\t{measured}"
+    return label, f"{path}\t{label.category}\t{label.source}\t{measured}\t{label.reason}"
 
 
 if __name__ == "__main__":

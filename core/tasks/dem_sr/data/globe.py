@@ -50,7 +50,7 @@ CITATION = (
     "Oceanic and Atmospheric Administration, National Geophysical Data Center, Boulder, "
     "Colorado, U.S.A."
 )
-CACHE_VERSION = "globe-v2"
+CACHE_VERSION = "globe-v3"
 """Bump when regions, detectors or the tile format change, so old caches are not reused."""
 
 GRID_SHAPE = (6000, 10800)
@@ -196,7 +196,7 @@ GLOBE = RasterSource(
 
 
 def default_cache_dir() -> Path:
-    """``<cache_root()>/globe-v2``."""
+    """``<cache_root()>/globe-v3``."""
     return GLOBE.default_cache_dir()
 
 

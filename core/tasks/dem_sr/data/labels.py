@@ -1,8 +1,15 @@
-"""Terrain categories for tiles: from a region name in the tile id, else from the DEM itself.
+"""Terrain categories for tiles: from the name in the tile id and the DEM itself.
 
-Names come first because they carry what elevation cannot: a Saharan erg and the Ganges plain
-are both nearly level, so "desert" is only ever assigned from a name. Unnamed tiles are
-classified by two tilt-independent measures in physical units:
+Names carry what elevation cannot: a Saharan erg and the Ganges plain are both nearly level,
+so "desert" is only ever assigned from a name. Which wins (``explain_label``):
+
+1. a category word in the tile id (``desert_tile_3``): the user said so, it always wins;
+2. measurements that clearly contradict a region named in the tile id (``contradiction``): a
+   region box holds the odd ridge or basin its name does not describe;
+3. the region's category;
+4. the measurements alone, for a tile that names nothing.
+
+Tiles are measured by two tilt-independent measures in physical units:
 
 - **roughness**: standard deviation (m) of the elevation about its best-fit plane, so a uniform
   regional tilt (which inflates plain relief) does not make a plain rugged;
@@ -68,6 +75,24 @@ DEM_THRESHOLDS: dict[str, tuple[float, float]] = {
 }
 """Category -> (roughness in m, mean slope in degrees); reaching either one is enough."""
 
+LADDER: tuple[str, ...] = ("flat", "moderate", "alpine", "extreme")
+"""The categories elevation can tell, in order of relief (``DEM_THRESHOLDS`` between them)."""
+
+HINT_SPANS: dict[str, tuple[str, str]] = {
+    **{category: (category, category) for category in LADDER},
+    "desert": ("flat", "moderate"),
+}
+"""The measured categories (lowest, highest) that agree with a region's category. Deserts are
+basins, ergs and plains that measure flat or moderate, so only alpine or extreme relief can
+contradict a desert region."""
+
+OVERRULE_FACTOR = 2.0
+"""Measurements clearly contradict a region's category when the roughness or the slope reaches
+this many times the threshold above the category's span, or both stay below the threshold at
+its foot divided by it (or when they reach a category two steps outside the span). San Joaquin
+Valley tile 88 (roughness 32 m, slope 6.5°) needs at most 2.7; 2 leaves a flat tile up to
+24 m and 6° flat."""
+
 CANYON_TOP_QUARTER_AREA = 0.22
 """Share of an alpine-rough tile's area in the top quarter of its relief that, with
 ``CANYON_SKEWNESS``, makes it a canyon (extreme): named canyon tiles have a median of 0.26,
@@ -95,23 +120,41 @@ class TerrainStats:
     modes); reported, not used: at 90 m and coarser, canyon and range tiles measure alike."""
 
 
-def label_from_tile_id(tile_id: str) -> str | None:
-    """Category of the longest region name in ``tile_id`` as a whole word, else None.
+@attrs.frozen
+class Label:
+    """A tile's category, its ``label_tile`` source and why, in one line."""
 
-    Words are separated by ``_``, ``-``, spaces or dots (all treated alike, so
-    ``death-valley_3`` names ``death_valley``); letters and digits glued to a name hide it,
-    so ``flatiron`` does not say ``flat``.
+    category: str
+    source: str
+    """``"region"`` when the name decided, ``"dem"`` when the measurements did."""
+    reason: str
+    overruled: bool = False
+    """A region named in the tile id was clearly contradicted by the measurements."""
+
+
+def name_in_tile_id(tile_id: str) -> str | None:
+    """The category word in ``tile_id``, else its longest region name (``REGIONS``), else None.
+
+    Names count as whole words. Words are separated by ``_``, ``-``, spaces or dots (all
+    treated alike, so ``death-valley_3`` names ``death_valley``); letters and digits glued to a
+    name hide it, so ``flatiron`` does not say ``flat``.
     """
     key = re.sub(r"[-\s.]+", "_", tile_id.lower())
     for name, pattern in _region_patterns():
         if pattern.search(key):
-            return REGIONS[name]
+            return name
     return None
+
+
+def label_from_tile_id(tile_id: str) -> str | None:
+    """The category ``tile_id`` names (``name_in_tile_id``), else None."""
+    name = name_in_tile_id(tile_id)
+    return None if name is None else REGIONS[name]
 
 
 @functools.cache
 def _region_patterns() -> tuple[tuple[str, re.Pattern[str]], ...]:
-    names = sorted(REGIONS, key=lambda name: (-len(name), name))
+    names = sorted(REGIONS, key=lambda name: (name not in TERRAINS, -len(name), name))
     return tuple((name, re.compile(rf"(?:^|(?<=_)){re.escape(name)}(?=_|$)")) for name in names)
 
 
@@ -176,11 +219,77 @@ def category_from_stats(stats: TerrainStats) -> str:
     return category
 
 
+def contradiction(hint: str, stats: TerrainStats) -> str | None:
+    """Why ``stats`` clearly contradict a region of category ``hint``, or None.
+
+    Clearly: the roughness or slope reaches ``OVERRULE_FACTOR`` times the threshold above the
+    hint's span (``HINT_SPANS``), or reaches the category two steps above it; or both stay
+    below the thresholds at the span's foot divided by the factor, or below the category two
+    steps down.
+    """
+    low, high = (LADDER.index(category) for category in HINT_SPANS[hint])
+    top = len(LADDER) - 1
+    if high < top and (why := _reaches(stats, DEM_THRESHOLDS[LADDER[high + 1]], OVERRULE_FACTOR)):
+        return why
+    if high < top - 1 and (why := _reaches(stats, DEM_THRESHOLDS[LADDER[high + 2]], 1.0)):
+        return f"{why}: {LADDER[high + 2]}, two steps above {LADDER[high]}"
+    if low >= 1 and (why := _stays_below(stats, DEM_THRESHOLDS[LADDER[low]], OVERRULE_FACTOR)):
+        return why
+    if low >= 2 and (why := _stays_below(stats, DEM_THRESHOLDS[LADDER[low - 1]], 1.0)):
+        return f"{why}: {LADDER[low - 2]}, two steps below {LADDER[low]}"
+    return None
+
+
+def _reaches(stats: TerrainStats, thresholds: tuple[float, float], factor: float) -> str | None:
+    """``roughness 56.0 m ≥ 2 × 12 m`` (or the slope's) when either reaches factor x its
+    threshold, else None."""
+    limit_m, limit_deg = thresholds
+    times = "" if factor == 1 else f"{factor:g} × "
+    if stats.roughness_m >= factor * limit_m:
+        return f"roughness {stats.roughness_m:.1f} m ≥ {times}{limit_m:g} m"
+    if stats.mean_slope_deg >= factor * limit_deg:
+        return f"slope {stats.mean_slope_deg:.1f}° ≥ {times}{limit_deg:g}°"
+    return None
+
+
+def _stays_below(stats: TerrainStats, thresholds: tuple[float, float], factor: float) -> str | None:
+    """``roughness 4.9 m < 12 m / 2 and slope ...`` when both stay below their threshold
+    divided by ``factor``, else None."""
+    limit_m, limit_deg = thresholds
+    per = "" if factor == 1 else f" / {factor:g}"
+    if stats.roughness_m < limit_m / factor and stats.mean_slope_deg < limit_deg / factor:
+        return (
+            f"roughness {stats.roughness_m:.1f} m < {limit_m:g} m{per} and "
+            f"slope {stats.mean_slope_deg:.1f}° < {limit_deg:g}°{per}"
+        )
+    return None
+
+
+def explain_label(tile_id: str, elevation_m: np.ndarray, cell_size: tuple[float, float]) -> Label:
+    """The tile's category and why: a category word in the name, else the measurements where
+    they clearly contradict a named region, else the region, else the measurements."""
+    name = name_in_tile_id(tile_id)
+    if name in TERRAINS:
+        return Label(name, "region", f"the name says {name}")
+    stats = terrain_stats(elevation_m, cell_size)
+    measured = category_from_stats(stats)
+    if name is None:
+        return Label(measured, "dem", "measured: the name holds no region or category")
+    hint = REGIONS[name]
+    said = f"region {name} says {hint}"
+    if measured == hint:
+        return Label(hint, "region", f"{said}; the measurements agree")
+    why = contradiction(hint, stats)
+    if why is None:
+        return Label(hint, "region", f"{said}; measured {measured}, not clearly otherwise")
+    return Label(measured, "dem", f"{said}; {why}", overruled=True)
+
+
 def label_tile(
     tile_id: str, elevation_m: np.ndarray, cell_size: tuple[float, float]
 ) -> tuple[str, str]:
-    """(category, source): source is ``"region"`` when named, ``"dem"`` when measured."""
-    category = label_from_tile_id(tile_id)
-    if category is not None:
-        return category, "region"
-    return label_from_dem(elevation_m, cell_size), "dem"
+    """(category, source): source is ``"region"`` when the name decided (a category word, or a
+    region the measurements do not clearly contradict), ``"dem"`` when they did
+    (``explain_label`` says why)."""
+    label = explain_label(tile_id, elevation_m, cell_size)
+    return label.category, label.source

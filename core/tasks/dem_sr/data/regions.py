@@ -1,10 +1,11 @@
 """Named lat/lon boxes of the built-in elevation sources, each with its terrain category.
 
 Names carry what elevation cannot (a basin floor and a farmed plain are equally level), so the
-built-in datasets label tiles by the box they fall in, as the seed labels its tiles by region;
-a tile outside every box is left to the automatic classifier
-(``core.tasks.dem_sr.data.labels``). Boxes are in degrees of the source's own geographic CRS;
-docs/data-format.md shows the SRTM boxes with the measurements behind them.
+built-in datasets label tiles by the box they fall in, as the seed labels its tiles by region,
+unless the tile's own measurements clearly contradict the box's category; a tile outside every
+box is left to the automatic classifier (``core.tasks.dem_sr.data.labels``). Boxes are in
+degrees of the source's own geographic CRS; docs/data-format.md shows the SRTM boxes with the
+measurements behind them.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ def _read(path: Path) -> Raster:
 SRTM = RasterSource(
     name="srtm90",
     title="SRTM 90 m, central California to western Nevada",
-    cache_version="srtm90-v1",
+    cache_version="srtm90-v2",
     load=lambda: _read(fetch(SRTM90)),
     regions=SRTM_REGIONS,
     citation=SRTM_CITATION,
@@ -55,7 +55,7 @@ SRTM = RasterSource(
 COLORADO = RasterSource(
     name="colorado10m",
     title="10 m elevation of the Elk Mountains, Colorado (alpine only)",
-    cache_version="colorado10m-v1",
+    cache_version="colorado10m-v2",
     load=lambda: _read(fetch(COLORADO_10M)),
     regions=COLORADO_REGIONS,
     citation=COLORADO_CITATION,
