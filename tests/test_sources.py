@@ -44,8 +44,10 @@ def srtm_raster() -> tuple[np.ndarray, Affine]:
 
 def test_default_source_is_srtm_and_names_are_checked() -> None:
     assert load_config(None, []).data.source == "srtm90"
-    assert set(SOURCES) == {"srtm90", "globe", "colorado10m"}
-    with pytest.raises(ConfigError, match=r"data\.source.*'srtm30'.*srtm90, globe, colorado10m"):
+    assert set(SOURCES) == {"srtm90", "globe", "colorado10m", "tianshan"}
+    with pytest.raises(
+        ConfigError, match=r"data\.source.*'srtm30'.*srtm90, globe, colorado10m, tianshan"
+    ):
         source_named("srtm30")
 
 

@@ -188,7 +188,7 @@ def test_terraplug_data_reaches_the_built_in_sources_and_the_classifier(tmp_path
         write_dem,
     )
 
-    assert DEM_SOURCES == ("srtm90", "globe", "colorado10m")
+    assert DEM_SOURCES == ("srtm90", "globe", "colorado10m", "tianshan")
     folder = ensure_source_tiles("colorado10m", quiet=True)
     tile = sorted((folder / "val").glob("*.tif"))[0]
     dem = read_dem(tile)

@@ -1,5 +1,5 @@
-"""The built-in DEM sources, selected with ``data.source``: ``srtm90`` (the default), ``globe``
-and ``colorado10m``.
+"""The built-in DEM sources, selected with ``data.source``: ``srtm90`` (the default), ``globe``,
+``colorado10m`` and ``tianshan``.
 
 Each is a raster inside a pinned PyPI wheel (``core.data.distfiles``), cut into labelled tiles
 by ``core.tasks.dem_sr.data.tiling``; docs/data-format.md describes their origin, licences
@@ -15,6 +15,7 @@ from core.data.geotiff import read_dem
 from core.errors import ConfigError
 from core.tasks.dem_sr.data.globe import GLOBE
 from core.tasks.dem_sr.data.regions import COLORADO_REGIONS, SRTM_REGIONS
+from core.tasks.dem_sr.data.tianshan import TIANSHAN
 from core.tasks.dem_sr.data.tiling import Raster, RasterSource, ensure_tiles
 
 SRTM_CITATION = (
@@ -64,7 +65,9 @@ COLORADO = RasterSource(
     validation_south_of=38.95,
 )
 
-SOURCES: dict[str, RasterSource] = {source.name: source for source in (SRTM, GLOBE, COLORADO)}
+SOURCES: dict[str, RasterSource] = {
+    source.name: source for source in (SRTM, GLOBE, COLORADO, TIANSHAN)
+}
 
 
 def source_named(name: str) -> RasterSource:
