@@ -181,3 +181,13 @@ def test_fetch_downloads_an_sdist_alone_without_installing_it(cache: Path) -> No
     assert sha256_of(path) == HOUSTON_3DEP.sha256
     assert sha256_of(HOUSTON_3DEP.folder / PYWBT.file) == PYWBT.sha256
     assert importlib.util.find_spec("pywbt") is None
+
+
+def test_pip_refuses_an_sdist_that_is_not_the_pinned_one(cache: Path) -> None:
+    """The requirement pip gets is hash-pinned: a file with another checksum is refused by pip
+    itself, before it prepares the sdist's metadata (the step that runs its setup script)."""
+    item = attrs.evolve(HOUSTON_3DEP, archive=attrs.evolve(PYWBT, sha256="0" * 64))
+    with pytest.raises(DataError, match=r"could not download pywbt==0\.3\.0") as raised:
+        fetch(item)
+    assert "DO NOT MATCH THE HASHES" in str(raised.value)
+    assert not any(item.folder.iterdir())
