@@ -65,8 +65,13 @@ class Archive:
 
     @property
     def binary_option(self) -> str:
-        """The ``pip download`` option that picks this archive's kind (sdist or wheel)."""
-        return "--no-binary=:all:" if self.is_sdist else "--only-binary=:all:"
+        """The ``pip download`` option that picks this archive's kind (sdist or wheel).
+
+        Only this distribution is asked for as an sdist: pip passes the option on to the
+        build environment in which it prepares the sdist's metadata, and ``:all:`` would make
+        it build setuptools and the rest of that environment from source too.
+        """
+        return f"--no-binary={self.distribution}" if self.is_sdist else "--only-binary=:all:"
 
 
 @attrs.frozen
