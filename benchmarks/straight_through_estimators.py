@@ -42,7 +42,7 @@ def main() -> None:
     model = build_terramind(
         "tiny", pretrained=False, lora_rank=0, lora_alpha=1.0, lora_targets="to_logits"
     )
-    dataset = PairDataset.from_folder(ensure_default_pairs(64, quiet=True), TERRAMIND_V1)
+    dataset = PairDataset.from_folder(ensure_default_pairs(64, quiet=True), TERRAMIND_V1, size=64)
     sar = torch.stack([dataset[i]["sar"] for i in range(2)])
     optical = torch.stack([dataset[i]["optical"] for i in range(2)])
     with torch.no_grad():

@@ -115,7 +115,7 @@ def test_six_georeferenced_pairs_named_with_their_countries(
                 == optical.transform
                 == full.transform @ Affine.translation(offset, offset)
             )
-    dataset = PairDataset.from_folder(real.folder, TERRAMIND_V1, strict=True)
+    dataset = PairDataset.from_folder(real.folder, TERRAMIND_V1, size=TILE_SIZE, strict=True)
     assert sorted(dataset.names) == sorted(p.name for p in real.patches)
 
     assert ensure_bigearthnet_pairs() == real  # read from the cache
@@ -185,14 +185,14 @@ def test_sar_is_in_db_on_terramind_s1grd_scale(real: RealPairs) -> None:
     assert np.abs(z.mean(axis=(0, 2, 3))).max() < 1
     assert ((z.std(axis=(0, 2, 3)) > 0.3) & (z.std(axis=(0, 2, 3)) < 1.5)).all()
     assert (((10 ** (sar / 10) - mean) / std).mean(axis=(0, 2, 3)) > 2).all()
-    dataset = PairDataset.from_folder(real.folder, TERRAMIND_V1, strict=True)
+    dataset = PairDataset.from_folder(real.folder, TERRAMIND_V1, size=TILE_SIZE, strict=True)
     position = [p.name for p in real.patches].index(dataset.names[0])
     # float32 standardisation of dB values: ~1e-7 on z up to ~3; atol 1e-5 leaves 100x
     np.testing.assert_allclose(dataset[0]["sar"].numpy(), z[position], atol=1e-5)
 
 
 def test_optical_pairs_read_back_to_reflectance(real: RealPairs) -> None:
-    dataset = PairDataset.from_folder(real.folder, TERRAMIND_V1, strict=True)
+    dataset = PairDataset.from_folder(real.folder, TERRAMIND_V1, size=TILE_SIZE, strict=True)
     dn = read(real.folder / "S2L2A" / f"{dataset.names[0]}.tif")
     back = dataset.destandardise_optical(dataset[0]["optical"]).numpy()
     np.testing.assert_allclose(back, dn, atol=0.01)  # float32 of DN up to ~6000: ulp 5e-4
@@ -295,7 +295,9 @@ def test_a_data_folder_is_split_as_before_without_the_real_pairs(
 ) -> None:
     monkeypatch.setenv("TERRAPLUG_CACHE", str(tmp_path / "empty-cache"))
     folder = tmp_path / "pairs"
-    write_good_pairs(folder, n=5)
-    train, val = task_datasets(tmp_path, f"data.dir='{folder}'", "data.val_fraction=0.4")
+    write_good_pairs(folder, n=5)  # 32 x 32 pairs 1 km apart: one window and one block each
+    overrides = ("data.val_fraction=0.4", "data.tile_size=32", "data.val_block=1")
+    train, val = task_datasets(tmp_path, f"data.dir='{folder}'", *overrides)
     assert len(val) == 2 and sorted(train.names + val.names) == [f"good_{k}" for k in range(5)]
-    assert not (tmp_path / "empty-cache").exists()  # nothing was fetched or built
+    cached = [path.name for path in (tmp_path / "empty-cache").iterdir()]
+    assert cached == ["windows"]  # the folder's window index; no data was fetched or built

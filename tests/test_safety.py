@@ -212,7 +212,7 @@ def test_another_format_named_tif_is_refused_naming_it(
     write_sar(pairs, "bad")
     bad_optical = DISGUISES[kind](pairs / "S2L2A" / "bad.tif", outside)
     with pytest.raises(DataError, match=re.escape(f"{bad_optical}: {REFUSED}")):
-        PairDataset.from_folder(pairs, TERRAMIND_V1, strict=True)
+        PairDataset.from_folder(pairs, TERRAMIND_V1, size=32, strict=True)
 
 
 class CountingHandler(http.server.BaseHTTPRequestHandler):

@@ -40,7 +40,7 @@ def default_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def default_ds(default_dir: Path) -> PairDataset:
-    return PairDataset.from_folder(default_dir, TERRAMIND_V1, strict=True)
+    return PairDataset.from_folder(default_dir, TERRAMIND_V1, size=64, strict=True)
 
 
 def read(path: Path) -> np.ndarray:
@@ -231,7 +231,7 @@ def write(
     path: Path,
     data: np.ndarray,
     *,
-    crs: str = UTM,
+    crs: str | None = UTM,
     transform: Affine | None = None,
     nodata: float | None = None,
 ) -> Path:
@@ -303,23 +303,19 @@ def transforms_differ(folder: Path) -> Path:
     return write_optical(folder, "bad", transform=grid(10.0))
 
 
-def not_a_multiple_of_32(folder: Path) -> Path:
-    write_optical(folder, "bad", optical_array(48))
-    return write_sar(folder, "bad", sar_array(48))
+def no_square_window(folder: Path) -> Path:
+    write_optical(folder, "bad", optical_array(48)[:, :16])
+    return write_sar(folder, "bad", sar_array(48)[:, :16])
 
 
-def nan_in_sar(folder: Path) -> Path:
-    write_optical(folder, "bad")
-    sar = sar_array()
-    sar[1, 5, 7] = np.nan
-    return write_sar(folder, "bad", sar)
+def no_crs(folder: Path) -> Path:
+    write_optical(folder, "bad", crs=None)
+    return write_sar(folder, "bad", crs=None)
 
 
-def nodata_in_optical(folder: Path) -> Path:
-    write_sar(folder, "bad")
-    optical = optical_array()
-    optical[3, 0, 0] = 0
-    return write_optical(folder, "bad", optical, nodata=0)
+def all_nodata(folder: Path) -> Path:
+    write_optical(folder, "bad", np.zeros((12, 32, 32), np.uint16), nodata=0)
+    return write_sar(folder, "bad")
 
 
 def truncated_optical(folder: Path) -> Path:
@@ -345,15 +341,12 @@ BAD_PAIRS: dict[str, tuple[Callable[[Path], Path], str]] = {
     "shapes differ": (shapes_differ, r"is 32x32 pixels but .* is 64x64; .* co-registered"),
     "CRS differs": (crs_differs, r"has CRS EPSG:32632 but .* has EPSG:32633"),
     "transforms differ": (transforms_differ, r"different geotransforms"),
-    "not a multiple of 32": (
-        not_a_multiple_of_32,
-        r"48x48 pixels; height and width must be multiples of 32 for TerraMind's diffusion",
+    "no square window": (
+        no_square_window,
+        r"16x48 pixels cannot hold one square 32x32 window \(data.tile_size, a multiple of 32\)",
     ),
-    "NaN in SAR": (nan_in_sar, r"1 values are nodata or not finite \(first: band VH, row 5,"),
-    "nodata in optical": (
-        nodata_in_optical,
-        r"1 values are nodata or not finite \(first: band B04, row 0, column 0\)",
-    ),
+    "no CRS": (no_crs, r"has no CRS \(neither has .*\); the spatial split needs one"),
+    "every pixel nodata": (all_nodata, r"every pixel is nodata or not finite"),
     "truncated optical": (truncated_optical, r"not a readable GeoTIFF"),
     "dangling optical link": (dangling_optical_link, r"a symbolic link to .*, which does not"),
 }
@@ -365,42 +358,42 @@ def test_a_bad_pair_is_named_when_strict_and_skipped_otherwise(tmp_path: Path, k
     write_good_pairs(tmp_path)
     culprit = make(tmp_path)
     with pytest.raises(DataError, match=problem) as info:
-        PairDataset.from_folder(tmp_path, TERRAMIND_V1, strict=True)
+        PairDataset.from_folder(tmp_path, TERRAMIND_V1, size=32, strict=True)
     assert str(culprit) in str(info.value)
     with pytest.warns(UserWarning, match=problem) as caught:
-        ds = PairDataset.from_folder(tmp_path, TERRAMIND_V1)
+        ds = PairDataset.from_folder(tmp_path, TERRAMIND_V1, size=32)
     assert len(caught) == 1 and str(culprit) in str(caught[0].message)
     assert ds.names == ["good_0", "good_1", "good_2"] and len(ds) == 3
     sar_path = tmp_path / "S1GRD" / "bad.tif"
-    [(path, reason)] = ds.skipped
+    [(path, reason)] = [entry for entry in ds.skipped if entry[0] != str(tmp_path)]
     assert path == str(sar_path if sar_path.exists() else culprit) and str(culprit) in reason
 
 
-def test_a_pair_of_another_tile_shape_is_skipped(tmp_path: Path) -> None:
+def test_pairs_of_any_shape_mix_as_windows(tmp_path: Path) -> None:
+    """A pair larger than one window is no longer another tile shape: it gives windows."""
     write_good_pairs(tmp_path)
-    big = write_sar(tmp_path, "big", sar_array(64))
-    write_optical(tmp_path, "big", optical_array(64))
-    with pytest.warns(UserWarning, match="one dataset needs one tile shape"):
-        ds = PairDataset.from_folder(tmp_path, TERRAMIND_V1)
-    assert ds.names == ["good_0", "good_1", "good_2"] and ds.skipped[0][0] == str(big)
-    with pytest.raises(DataError, match=r"big\.tif: shape \(64, 64\) differs from \(32, 32\)"):
-        PairDataset.from_folder(tmp_path, TERRAMIND_V1, strict=True)
+    write_sar(tmp_path, "big", sar_array(64), transform=grid(5000))
+    write_optical(tmp_path, "big", optical_array(64), transform=grid(5000))
+    ds = PairDataset.from_folder(tmp_path, TERRAMIND_V1, size=32, strict=True)
+    windows = [f"big_r{row}_c{col}" for row in (0, 32) for col in (0, 32)]
+    assert ds.names == [*windows, "good_0", "good_1", "good_2"] and not ds.skipped
+    assert {tuple(ds[i]["sar"].shape) for i in range(len(ds))} == {(2, 32, 32)}
 
 
 def test_folder_layout_errors_name_the_folder(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not a folder") as info:
-        PairDataset.from_folder(tmp_path / "missing", TERRAMIND_V1)
+        PairDataset.from_folder(tmp_path / "missing", TERRAMIND_V1, size=32)
     assert str(tmp_path / "missing") in str(info.value)
     write_optical(tmp_path, "a")
     with pytest.raises(DataError, match=r"no S1GRD/ subfolder; expected S1GRD/<name>\.tif") as info:
-        PairDataset.from_folder(tmp_path, TERRAMIND_V1)
+        PairDataset.from_folder(tmp_path, TERRAMIND_V1, size=32)
     assert str(tmp_path) in str(info.value) and "S2L2A/<name>.tif (12 bands" in str(info.value)
     (tmp_path / "S2L2A" / "a.tif").unlink()
     (tmp_path / "S1GRD").mkdir()
     with pytest.raises(DataError, match=r"no \.tif or \.tiff files in S1GRD/ or S2L2A/") as info:
-        PairDataset.from_folder(tmp_path, TERRAMIND_V1)
+        PairDataset.from_folder(tmp_path, TERRAMIND_V1, size=32)
     assert str(tmp_path) in str(info.value)
     write_sar(tmp_path, "lonely")
     with pytest.warns(UserWarning), pytest.raises(DataError, match="none of the 1 pairs") as info:
-        PairDataset.from_folder(tmp_path, TERRAMIND_V1)
+        PairDataset.from_folder(tmp_path, TERRAMIND_V1, size=32)
     assert str(tmp_path) in str(info.value)

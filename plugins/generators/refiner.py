@@ -4,7 +4,8 @@ to correct its output.
 TerraMind generates once per training tile, without gradient, at set-up; the generations
 are cached in the run folder (``cache/refiner_generated.npy``, memory-mapped), so neither
 later epochs nor a resumed run generate them again. The refiner maps (generated optical,
-SAR) to optical as a residual correction, trained with L1 against the target. Validation
+SAR) to optical as a residual correction, trained with L1 against the target over its valid
+pixels (``batch["mask"]``). Validation
 generates and then refines, so the metrics score the whole two-stage model.
 """
 
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 
 from core.hookspecs import Batch, hookimpl
 from core.plugins import Plugin
+from core.tasks.sar2opt.metrics import masked_mean
 from core.tasks.sar2opt.terramind import TerraMindSarToOptical
 from plugins.generators import sar2opt_task, terramind_of
 
@@ -137,4 +139,5 @@ class Refiner(Plugin):
         rows = self.generated[batch["idx"].cpu().numpy()]
         generated = torch.from_numpy(rows).to(batch["sar"].device)
         refined = model(generated, batch["sar"])
-        return F.l1_loss(refined, batch["optical"], reduction="none").mean((1, 2, 3)).unsqueeze(1)
+        error = F.l1_loss(refined, batch["optical"], reduction="none")
+        return masked_mean(error, batch["mask"]).unsqueeze(1)  # valid pixels only

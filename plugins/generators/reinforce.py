@@ -2,8 +2,8 @@
 
 Each input gets ``samples`` token maps drawn from TerraMind's logits. Each map is decoded
 by the real diffusion decoder (with fixed noise, so the reward measures the tokens and not
-the noise) and scored: reward = minus the mean L1 error against the target, per band in
-standardised units (so every band counts alike and nothing saturates). The
+the noise) and scored: reward = minus the mean L1 error against the target over its valid
+pixels, per band in standardised units (so every band counts alike and nothing saturates). The
 leave-one-out baseline (the mean reward of the other samples of the same input) cuts the
 estimator's variance without biasing it; advantages are divided by the spread of that
 input's rewards, and a small entropy bonus keeps the policy from collapsing. The gradient is
@@ -27,6 +27,7 @@ from torch.distributions import Categorical
 from core import validators as check
 from core.hookspecs import Batch, hookimpl
 from core.plugins import Plugin
+from core.tasks.sar2opt.metrics import masked_mean
 from plugins.generators import terramind_of
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ class Reinforce(Plugin):
                 tokens.flatten(0, 1), size, self.config.diffusion_steps, self.config.noise_seed
             )
             target = batch["optical"].repeat(k, 1, 1, 1)
-            error = (decoded - target).abs().mean((1, 2, 3))
+            error = masked_mean((decoded - target).abs(), batch["mask"].repeat(k, 1, 1, 1))
             reward = -error.reshape(k, -1)  # [k, B]
             baseline = (reward.sum(0, keepdim=True) - reward) / (k - 1)
         ctx.log("reinforce_reward_mean", reward.mean().item())

@@ -1,5 +1,5 @@
-"""sar2opt's config sections: ``[model]`` (TerraMind) and an empty ``[loss]``: each generator
-plugin defines its own objective and options."""
+"""sar2opt's config sections: ``[model]`` (TerraMind), an empty ``[loss]`` (each generator
+plugin defines its own objective and options) and ``[pairs]`` (how pairs are read)."""
 
 from __future__ import annotations
 
@@ -56,3 +56,26 @@ class TerraMindSection:
 @attrs.define
 class NoLossSection:
     """No loss weights: the single ``objective`` component is the generator plugin's own."""
+
+
+@attrs.define
+class PairsSection:
+    """``[pairs]``: how a ``--data`` folder of SAR/optical pairs is read (docs/data-format.md,
+    "SAR -> optical pairs"); the built-in pairs ignore it."""
+
+    crops: int = attrs.field(default=3, validator=check.non_negative_int)
+    """Training crops per window that has room to move (a pair larger than one window):
+    each starts up to half a window away, drawn once from ``data.split_seed``; 0: the
+    windows alone."""
+    flips: bool = True
+    """Flip half of the crops north-south: the radar still looks east or west (range
+    geometry kept); east-west flips and rotations are never drawn."""
+    min_valid: float = attrs.field(
+        default=0.9, validator=[check.fraction, attrs.validators.gt(0.0)]
+    )
+    """Share of valid pixels (in both files, every band) a window needs; invalid pixels of
+    the windows kept are masked."""
+    l2a_offset: float = attrs.field(default=0.0, validator=check.non_negative)
+    """The DN of reflectance 0, subtracted from every S2 L2A DN before use: 1000 undoes ESA's
+    ``BOA_ADD_OFFSET`` (-1000) of processing baseline 04.00 and later (products since 25
+    January 2022)."""

@@ -1,12 +1,18 @@
-"""Co-registered Sentinel-1 GRD / Sentinel-2 L2A pairs for SAR->optical translation.
+"""Co-registered Sentinel-1 GRD / Sentinel-2 L2A pairs of any size for SAR->optical translation.
 
 A folder holds ``S1GRD/<name>.tif`` (VV, VH backscatter in dB) and ``S2L2A/<name>.tif`` (12 L2A
-bands, reflectance DN on the 0..10000 scale), paired by file name. As in ``TileDataset``, every
-pair is read, checked and standardised once when the dataset is built and kept in memory, so a
-pair that is not co-registered, has holes or does not fit TerraMind's 32-pixel grid is reported
-before training rather than mid-epoch. Both modalities are standardised with fixed per-band
-statistics (TerraMind's pretraining ones), not per tile: the pretrained encoder expects inputs on
-the scale it was trained on, and a prediction must map back to absolute reflectance.
+bands, reflectance DN on the 0..10000 scale), paired by file name. As with the DEM task's
+rasters, a pair is a raster of windows: the window index (``core.data.window_index``) checks
+both files of every pair from their headers (co-registration, bands, room for one window),
+reads them once a strip at a time to record each window's share of valid pixels, and is
+cached; a sample is then one windowed read of each file. A 10,000 x 10,000 scene pair trains
+without cutting, and memory does not grow with the data. Training adds seeded crops of the
+windows (``PairDataset.with_crops``); validation reads the fixed windows.
+
+Both modalities are standardised with fixed per-band statistics (TerraMind's pretraining
+ones), not per window: the pretrained encoder expects inputs on the scale it was trained on,
+and a prediction must map back to absolute reflectance. Invalid pixels (nodata, not finite,
+optical 0 DN) are filled and masked (``sample["mask"]``), never a reason to drop a pair.
 
 ``ensure_default_pairs`` writes the embedded default data: procedural pairs in which SAR and
 optical are two sensors looking at one land-cover map and one relief, so the translation has a
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,13 +35,28 @@ import torch
 from affine import Affine
 from numpy.typing import ArrayLike
 from rasterio.crs import CRS
+from rasterio.errors import RasterioError
+from rasterio.io import DatasetReader
+from rasterio.windows import Window
 from torch.utils.data import Dataset
 
+from core.config import DataSection
 from core.data.cache import build_once, cache_root, read_manifest
 from core.data.datasets import SkippedFiles
-from core.data.geotiff import geotiff_profile, open_geotiff, require_file
+from core.data.geotiff import gdal_cache, geotiff_profile, open_geotiff, require_file
 from core.data.noise import power_law_noise
+from core.data.rasters import OpenRasters
+from core.data.spatial_split import split_windows
+from core.data.window_index import (
+    GridFile,
+    WindowIndex,
+    build_index,
+    cached_index,
+    file_identity,
+    index_key,
+)
 from core.errors import DataError
+from core.tasks.sar2opt.config import PairsSection
 
 SAR_BANDS = ("VV", "VH")
 """Sentinel-1 GRD polarisations, backscatter (sigma0) in dB."""
@@ -55,7 +77,9 @@ OPTICAL_BANDS = (
 """Sentinel-2 L2A bands in TerraMind's order, reflectance DN (10000 = reflectance 1)."""
 SAR_DIR, OPTICAL_DIR = "S1GRD", "S2L2A"
 MULTIPLE = 32
-"""Height and width must be multiples of this: TerraMind's diffusion decoder needs it."""
+"""Window sides must be multiples of this: TerraMind's diffusion decoder needs it."""
+DEFAULT_TILE_SIZE = 64
+"""The window side when ``data.tile_size`` is 0."""
 LAYOUT = (
     f"expected {SAR_DIR}/<name>.tif ({len(SAR_BANDS)} bands: {', '.join(SAR_BANDS)} in dB) and "
     f"{OPTICAL_DIR}/<name>.tif ({len(OPTICAL_BANDS)} bands: {' '.join(OPTICAL_BANDS)}, "
@@ -133,48 +157,120 @@ TERRAMIND_V1 = Standardisation(
 """TerraMind v1 pretraining statistics (``untok_sen1grd@224``, ``untok_sen2l2a@224``)."""
 
 
+MIN_VALID = 0.9
+"""Default share of valid pixels a window needs (``[pairs] min_valid``)."""
+DARK_DN = 1000.0
+"""The size of ESA's L2A offset (``BOA_ADD_OFFSET`` = -1000 since processing baseline 04.00):
+an offset product stores reflectance 0 as 1000 DN, so almost none of its values lie below."""
+OFFSET_LOOK = 0.01
+"""A product whose valid optical values lie below ``DARK_DN`` less often than this looks
+offset: without the offset, water, shadow and the blue bands of vegetation (a few hundred
+DN) put far more of a scene there."""
+GDAL_CACHE_MB = 64
+INDEX_RULES = "pairs-v1"
+"""Part of the index key: change it when what the index records about a window changes."""
+
+
 @attrs.frozen(eq=False)
 class _Pairs:
-    """Everything read from disk, shared by a dataset and all its subsets."""
+    """The window index of a folder of pairs and how its windows are read: shared by a
+    dataset and all its subsets, and all a DataLoader worker receives (no pixels)."""
 
-    sar: np.ndarray  # [N, 2, H, W] float32, standardised
-    optical: np.ndarray  # [N, 12, H, W] float32, standardised
-    names: list[str]
+    index: WindowIndex
+    optical_paths: tuple[str, ...]
+    """Aligned with ``index.files``, whose paths are the pairs' SAR files."""
+    stats: Standardisation
+    l2a_offset: float
+    min_valid: float
+    rasters: OpenRasters = attrs.field(factory=OpenRasters)
+
+    def read(self, file_no: int, row: int, col: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """SAR dB ``[2, s, s]``, optical DN ``[12, s, s]`` (as stored) and validity ``[s, s]``
+        of the window whose top-left cell is (``row``, ``col``)."""
+        size = self.index.size
+        path = self.index.files[file_no].path
+        return _read_pair(
+            self.rasters, path, self.optical_paths[file_no], Window(col, row, size, size)
+        )
+
+
+@attrs.frozen(eq=False)
+class _Views:
+    """Where each sample is read: its window in the index, the top-left cell it actually
+    starts at (a crop moves it), and whether it is flipped north-south."""
+
+    window: np.ndarray
+    row: np.ndarray
+    col: np.ndarray
+    flip: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.window)
+
+    def take(self, indices: np.ndarray) -> _Views:
+        return _Views(*(values[indices] for values in attrs.astuple(self, recurse=False)))
+
+    def join(self, other: _Views) -> _Views:
+        return _Views(
+            *(
+                np.concatenate([mine, theirs])
+                for mine, theirs in zip(
+                    attrs.astuple(self, recurse=False),
+                    attrs.astuple(other, recurse=False),
+                    strict=True,
+                )
+            )
+        )
 
 
 class PairDataset(Dataset):
-    """Standardised (SAR, optical) pairs of one domain.
+    """Standardised (SAR, optical) windows of co-registered pairs of any size, with a mask
+    of the valid pixels.
 
-    Build with ``from_folder``. ``names`` and ``terrains`` (all 0: samplers and
-    ``train_val_split`` group by terrain) are aligned with the sample positions; ``skipped``
-    lists ``(path, reason)`` for pairs left out, the path being the pair's S1GRD file (its
-    S2L2A file when there is no SAR).
+    Build with ``from_folder``. The index lists every window once; a sample is read from
+    disk when it is asked for, so memory does not grow with the scenes. ``names``,
+    ``regions`` and ``terrains`` (all 0: samplers and the split group by terrain) are
+    aligned with the samples; ``skipped`` lists ``(path, reason)`` for pairs left out, the
+    path being the pair's S1GRD file (its S2L2A file when there is no SAR), and one entry
+    for the folder when windows were left out or pixels masked.
     """
 
-    def __init__(
-        self,
-        pairs: _Pairs,
-        indices: np.ndarray,
-        stats: Standardisation,
-        skipped: list[tuple[str, str]],
-    ) -> None:
+    def __init__(self, pairs: _Pairs, views: _Views, skipped: list[tuple[str, str]]) -> None:
         self._pairs = pairs
-        self._indices = np.asarray(indices, dtype=np.int64)
-        self.stats = stats
+        self._views = views
+        self.stats = pairs.stats
         self.skipped = skipped
-        self.names = [pairs.names[i] for i in self._indices]
-        self.terrains = np.zeros(len(self._indices), dtype=np.int64)
+        index = pairs.index
+        files = index["file"][views.window]
+        self.names = [
+            _view_name(index, f, r, c, flip)
+            for f, r, c, flip in zip(files, views.row, views.col, views.flip, strict=True)
+        ]
+        self.regions = [index.files[f].name for f in files]
+        self.terrains = np.zeros(len(views), dtype=np.int64)
 
     @classmethod
     def from_folder(
-        cls, folder: Path, stats: Standardisation, *, strict: bool = False
+        cls,
+        folder: Path,
+        stats: Standardisation,
+        *,
+        size: int,
+        strict: bool = False,
+        l2a_offset: float = 0.0,
+        min_valid: float = MIN_VALID,
+        quiet: bool = True,
     ) -> PairDataset:
-        """Every pair of ``folder/S1GRD/<name>.tif`` and ``folder/S2L2A/<name>.tif``.
+        """Every ``size`` x ``size`` window of every pair ``folder/S1GRD/<name>.tif`` and
+        ``folder/S2L2A/<name>.tif``, indexed once (cached) and read when a sample is asked
+        for; ``l2a_offset`` is subtracted from the optical DN (1000 undoes ESA's offset).
 
-        A bad pair is skipped with a warning, or raises ``DataError`` when ``strict``; a missing
-        subfolder, or no usable pair at all, always raises.
+        A bad pair is skipped with a warning, or raises ``DataError`` when ``strict``; a
+        missing subfolder, a ``size`` that is not a multiple of 32, or no usable window at
+        all always raises. Unless ``quiet``, prints what was left out or masked.
         """
         folder = Path(folder)
+        check_window_size(size)
         if not folder.is_dir():
             raise DataError(f"{folder}: not a folder of SAR/optical pairs; {LAYOUT}")
         for sub in (SAR_DIR, OPTICAL_DIR):
@@ -187,7 +283,9 @@ class PairDataset(Dataset):
             raise DataError(f"{folder}: no .tif or .tiff files in {SAR_DIR}/ or {OPTICAL_DIR}/")
 
         skipped = SkippedFiles(strict)
-        loaded = []
+        files: list[GridFile] = []
+        optical_paths: list[str] = []
+        offset_notes: list[str | None] = []
         for name in names:
             sar_path, optical_path = sar_files.get(name), optical_files.get(name)
             if optical_path is None:
@@ -200,43 +298,140 @@ class PairDataset(Dataset):
                 )
             else:
                 try:
-                    loaded.append((sar_path, *_load_pair(sar_path, optical_path)))
+                    grid, note = _pair_grid(sar_path, optical_path, size)
                 except DataError as error:
                     skipped.add(sar_path, error)
-        if not loaded:
+                    continue
+                files.append(grid)
+                optical_paths.append(str(optical_path))
+                offset_notes.append(note)
+        if not files:
             raise DataError(f"{folder}: none of the {len(names)} pairs is usable")
-        kept = skipped.keep_common_shape(loaded, lambda item: item[1].shape[1:])
 
-        pairs = _Pairs(
-            sar=np.stack([_standardise(s, stats.sar_mean, stats.sar_std) for _, s, _ in kept]),
-            optical=np.stack(
-                [_standardise(o, stats.optical_mean, stats.optical_std) for _, _, o in kept]
+        indexer = _Indexer(files, optical_paths, size, min_valid)
+        settings = {
+            "size": size,
+            "min_valid": min_valid,
+            "optical": optical_paths,
+            "rules": INDEX_RULES,
+        }
+        index = cached_index(
+            index_key([Path(f.path) for f in files] + [Path(p) for p in optical_paths], settings),
+            lambda: build_index(
+                files,
+                size,
+                indexer.read_strip,
+                indexer.describe,
+                quiet=quiet,
+                desc=f"indexing {size}x{size} windows of SAR/optical pairs",
             ),
-            names=[path.stem for path, _, _ in kept],
         )
-        return cls(pairs, np.arange(len(kept)), stats, skipped.entries)
+        for file_no, problem in sorted(index.problems.items(), key=lambda item: int(item[0])):
+            skipped.add(Path(files[int(file_no)].path), DataError(problem))
+        if not len(index):
+            raise DataError(f"{folder}: none of the {len(names)} pairs is usable")
+        if l2a_offset == 0:
+            _warn_offset(index, optical_paths, offset_notes)
+        entries = skipped.entries
+        dropped = _dropped(index)
+        if dropped:
+            entries.append((str(folder), dropped))
+            if not quiet:
+                print(f"SAR->optical pairs in {folder}: {dropped}")
+        pairs = _Pairs(index, tuple(optical_paths), stats, l2a_offset, min_valid)
+        return cls(pairs, _lattice(index), entries)
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> PairDataset:
         """A view on some samples (positions in this dataset), renumbered from 0."""
-        chosen = self._indices[np.asarray(indices, dtype=np.int64)]
-        return PairDataset(self._pairs, chosen, self.stats, self.skipped)
+        chosen = self._views.take(np.asarray(indices, dtype=np.int64))
+        return PairDataset(self._pairs, chosen, self.skipped)
+
+    def with_crops(self, count: int, seed: int, *, flips: bool) -> PairDataset:
+        """These samples, then ``count`` crops of each window that has room to move.
+
+        A crop starts up to half a window from its window in each direction (within the
+        pair), so it stays clear of the validation windows the one-window buffer keeps away;
+        with ``flips``, half of them (seeded) are flipped north-south. The crops are drawn
+        once from ``seed``: every epoch and every process sees the same sample at the same
+        index, and the per-sample caches of the generator plugins stay valid.
+        """
+        index, views, size = self._pairs.index, self._views, self._pairs.index.size
+        heights = np.array([f.height for f in index.files])[index["file"][views.window]]
+        widths = np.array([f.width for f in index.files])[index["file"][views.window]]
+        room = np.flatnonzero((heights > size) | (widths > size))
+        if count == 0 or not len(room):
+            return self
+        rng = np.random.default_rng([seed, count])
+        half = size // 2
+        shape = (len(room), count)
+        rows = views.row[room, None] + rng.integers(-half, half + 1, shape)
+        cols = views.col[room, None] + rng.integers(-half, half + 1, shape)
+        flip = rng.random(shape) < 0.5 if flips else np.zeros(shape, dtype=bool)
+        crops = _Views(
+            np.repeat(views.window[room], count),
+            np.clip(rows, 0, heights[room, None] - size).ravel(),
+            np.clip(cols, 0, widths[room, None] - size).ravel(),
+            flip.ravel(),
+        )
+        return PairDataset(self._pairs, views.join(crops), self.skipped)
 
     def __len__(self) -> int:
-        return len(self._indices)
+        return len(self._views)
+
+    def bounds(self) -> np.ndarray:
+        """``[N, 4]`` (left, bottom, right, top) of every sample, in its CRS: its window of
+        the lattice, moved as far as its crop moved (north-up grids, as the index's)."""
+        index, views = self._pairs.index, self._views
+        transforms = np.array([f.transform for f in index.files])[index["file"][views.window]]
+        dx = transforms[:, 0] * (views.col - index["col"][views.window])
+        dy = transforms[:, 4] * (views.row - index["row"][views.window])
+        return index.bounds()[views.window] + np.stack([dx, dy, dx, dy], axis=1)
+
+    def crs(self) -> np.ndarray:
+        return self._pairs.index.crs_of()[self._views.window]
 
     def fingerprint(self, modality: str) -> str:
-        """A hash of this dataset's standardised ``"sar"`` or ``"optical"`` tiles, in order:
-        what a per-tile cache computed from them is keyed by."""
+        """A hash of what this dataset's ``"sar"`` or ``"optical"`` samples are made of, in
+        order: every file's path, size and modification time, every sample's window and
+        flip, the standardisation and the L2A offset. What a per-sample cache computed from
+        them is keyed by; it reads no pixel."""
         from core.keyed_cache import fingerprint
 
-        tiles = getattr(self._pairs, modality)
-        return fingerprint(*(tiles[i] for i in self._indices))
+        pairs = self._pairs
+        files = [
+            file_identity(Path(path))
+            for grid, optical in zip(pairs.index.files, pairs.optical_paths, strict=True)
+            for path in (grid.path, optical)
+        ]
+        stats = (
+            (pairs.stats.sar_mean, pairs.stats.sar_std)
+            if modality == "sar"
+            else (pairs.stats.optical_mean, pairs.stats.optical_std, pairs.l2a_offset)
+        )
+        return fingerprint(
+            modality, pairs.index.size, pairs.min_valid, files, *stats,
+            *attrs.astuple(self._views, recurse=False),
+        )  # fmt: skip
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
-        i = self._indices[idx]
+        pairs, views = self._pairs, self._views
+        window = int(views.window[idx])
+        file_no = int(pairs.index["file"][window])
+        sar, optical, valid = pairs.read(file_no, int(views.row[idx]), int(views.col[idx]))
+        if valid.mean() < pairs.min_valid:  # a crop reaching into voids: its checked window
+            row, col = int(pairs.index["row"][window]), int(pairs.index["col"][window])
+            sar, optical, valid = pairs.read(file_no, row, col)
+        if views.flip[idx]:
+            sar, optical, valid = sar[:, ::-1], optical[:, ::-1], valid[::-1]
+        stats = pairs.stats
         return {
-            "sar": torch.from_numpy(self._pairs.sar[i].copy()),
-            "optical": torch.from_numpy(self._pairs.optical[i].copy()),
+            "sar": torch.from_numpy(_standardise(sar, stats.sar_mean, stats.sar_std, valid)),
+            "optical": torch.from_numpy(
+                _standardise(
+                    optical - pairs.l2a_offset, stats.optical_mean, stats.optical_std, valid
+                )
+            ),
+            "mask": torch.from_numpy(np.ascontiguousarray(valid)[None]),
             "terrain": torch.tensor(self.terrains[idx], dtype=torch.int64),
             "idx": int(idx),
         }
@@ -253,6 +448,64 @@ class PairDataset(Dataset):
         return x * std[:, None, None] + mean[:, None, None]
 
 
+def load_pairs(
+    folder: Path, data: DataSection, pairs: PairsSection, *, quiet: bool = True
+) -> tuple[PairDataset, PairDataset]:
+    """Training (with ``pairs.crops`` crops per window) and validation windows of ``folder``.
+
+    A folder with ``train/`` and ``val/`` subfolders (each in the pairs layout) is split
+    already. Anything else is split spatially as the DEM task splits rasters
+    (``core.data.spatial_split``): by ``data.val_regions`` (pair names) when given, else by
+    seeded blocks of ``data.val_block`` windows, with a one-window buffer either way.
+    """
+    size = data.tile_size or DEFAULT_TILE_SIZE
+
+    def read(path: Path) -> PairDataset:
+        return PairDataset.from_folder(
+            path,
+            TERRAMIND_V1,
+            size=size,
+            strict=data.strict,
+            l2a_offset=pairs.l2a_offset,
+            min_valid=pairs.min_valid,
+            quiet=quiet,
+        )
+
+    train_dir, val_dir = Path(folder) / "train", Path(folder) / "val"
+    if train_dir.is_dir() and val_dir.is_dir():
+        train, val = read(train_dir), read(val_dir)
+        train.skipped.extend(val.skipped)
+    else:
+        dataset = read(Path(folder))
+        split = split_windows(dataset, data, data.split_seed)
+        train, val = dataset.subset(split.train), dataset.subset(split.val)
+    return train.with_crops(pairs.crops, data.split_seed, flips=pairs.flips), val
+
+
+def check_window_size(size: int) -> None:
+    """TerraMind's diffusion decoder needs sides that are multiples of ``MULTIPLE``."""
+    if size < MULTIPLE or size % MULTIPLE:
+        raise DataError(
+            f"data.tile_size must be a positive multiple of {MULTIPLE} (TerraMind's diffusion "
+            f"decoder needs it), got {size}"
+        )
+
+
+def _lattice(index: WindowIndex) -> _Views:
+    n = len(index)
+    return _Views(np.arange(n), index["row"], index["col"], np.zeros(n, dtype=bool))
+
+
+def _view_name(index: WindowIndex, file_no: int, row: int, col: int, flip: bool) -> str:
+    """The pair's name for a file of one window, else ``<name>_r<row>_c<col>``; a flipped
+    crop ends in ``_flipped``."""
+    grid, size = index.files[file_no], index.size
+    stem = Path(grid.path).stem
+    single = grid.height < 2 * size and grid.width < 2 * size and row == 0 and col == 0
+    name = stem if single else f"{stem}_r{row}_c{col}"
+    return f"{name}_flipped" if flip else name
+
+
 def _geotiffs(folder: Path) -> dict[str, Path]:
     """GeoTIFF files directly in ``folder``, by file name; a symbolic link that points
     nowhere is kept, so reading it reports it instead of dropping it silently."""
@@ -264,68 +517,197 @@ def _geotiffs(folder: Path) -> dict[str, Path]:
     }
 
 
-def _standardise(data: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
-    return ((data - mean[:, None, None]) / std[:, None, None]).astype(np.float32)
+def _standardise(
+    data: np.ndarray, mean: np.ndarray, std: np.ndarray, valid: np.ndarray
+) -> np.ndarray:
+    """Standardised bands, invalid pixels filled with 0 (the band's mean): masked out of the
+    metrics, and no NaN reaches the model."""
+    standard = (data - mean[:, None, None]) / std[:, None, None]
+    return np.where(valid, standard, 0.0).astype(np.float32)
 
 
-@attrs.frozen(eq=False)
-class _Raster:
-    """One file's bands and georeferencing, for the co-registration checks."""
+def _read_pair(
+    rasters: OpenRasters, sar_path: str, optical_path: str, window: Window
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """SAR and optical of one window as float32, and where every band of both is valid:
+    not the file's nodata, finite, and (optical) not 0 DN, which L2A reserves for no data."""
+    with gdal_cache(GDAL_CACHE_MB):
+        sar, sar_valid = _read_bands(rasters, sar_path, window)
+        optical, optical_valid = _read_bands(rasters, optical_path, window)
+    return sar, optical, sar_valid & optical_valid & (optical != 0).all(axis=0)
 
-    data: np.ndarray  # [C, H, W] float32
-    crs: CRS | None
-    transform: Affine
+
+def _read_bands(rasters: OpenRasters, path: str, window: Window) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        ds = rasters.get(path)
+        data = ds.read(window=window, out_dtype="float32")
+        valid = (ds.read_masks(window=window) != 0).all(axis=0)
+    except RasterioError as error:
+        raise DataError(
+            f"{path}: not a readable GeoTIFF (rows {window.row_off} to "
+            f"{window.row_off + window.height}: {error.__cause__ or error})"
+        ) from error
+    return data, valid & np.isfinite(data).all(axis=0)
 
 
-def _read_bands(path: Path, bands: tuple[str, ...], kind: str) -> _Raster:
-    """All bands of one file as float32; every failure is a ``DataError`` naming the file."""
-    require_file(path)
-    with open_geotiff(path) as ds:
-        if ds.count != len(bands):
+class _Indexer:
+    """What the window index needs of a pair: strips of both files' validity (and how many
+    optical values lie below ``DARK_DN``), and each window's share of valid pixels."""
+
+    def __init__(
+        self, files: list[GridFile], optical_paths: list[str], size: int, min_valid: float
+    ) -> None:
+        self.files = files
+        self.optical_paths = optical_paths
+        self.size = size
+        self.min_valid = min_valid
+        self.rasters = OpenRasters()
+
+    def read_strip(self, file_no: int, row: int) -> tuple[np.ndarray, np.ndarray]:
+        grid = self.files[file_no]
+        window = Window(0, row, grid.width, self.size)
+        _, optical, valid = _read_pair(self.rasters, grid.path, self.optical_paths[file_no], window)
+        return valid, np.where(valid, (optical < DARK_DN).sum(axis=0), 0)
+
+    def describe(
+        self, file_no: int, row: int, col: int, strip: tuple[np.ndarray, np.ndarray]
+    ) -> dict[str, Any] | str:
+        valid = strip[0][:, col : col + self.size]
+        share = float(valid.mean())
+        if share == 0.0:
+            return "every pixel is nodata or not finite"
+        if share < self.min_valid:
+            return f"fewer than {self.min_valid:.0%} of the pixels are valid"
+        return {
+            "valid": share,
+            "invalid": int(valid.size - valid.sum()),
+            "dark": int(strip[1][:, col : col + self.size].sum()),
+        }
+
+
+def _pair_grid(sar_path: Path, optical_path: Path, size: int) -> tuple[GridFile, str | None]:
+    """The pair's grid, checked from the headers: band counts, one grid for both files (size,
+    CRS, transform), a CRS, and room for one window; and what in the optical file's metadata
+    says its DN carry ESA's offset, if anything."""
+    for path in (sar_path, optical_path):
+        require_file(path)
+    with open_geotiff(sar_path) as sar, open_geotiff(optical_path) as optical:
+        for path, ds, bands, kind in (
+            (sar_path, sar, SAR_BANDS, SAR_DIR),
+            (optical_path, optical, OPTICAL_BANDS, OPTICAL_DIR),
+        ):
+            if ds.count != len(bands):
+                raise DataError(
+                    f"{path}: has {ds.count} bands; an {kind} file needs {len(bands)} "
+                    f"({', '.join(bands)})"
+                )
+        (height, width), other = sar.shape, optical.shape
+        if (height, width) != other:
             raise DataError(
-                f"{path}: has {ds.count} bands; an {kind} file needs {len(bands)} "
-                f"({', '.join(bands)})"
+                f"{sar_path} is {height}x{width} pixels but {optical_path} is "
+                f"{other[0]}x{other[1]}; SAR and optical must be co-registered on one grid"
             )
-        data = ds.read().astype(np.float32)
-        void = ds.read_masks() == 0
-        crs, transform = ds.crs, ds.transform
-    void |= ~np.isfinite(data)
-    if void.any():
-        band, row, col = np.argwhere(void)[0]
-        raise DataError(
-            f"{path}: {int(void.sum())} values are nodata or not finite (first: band "
-            f"{bands[band]}, row {row}, column {col}); a training pair needs every pixel"
+        if sar.crs != optical.crs:
+            raise DataError(
+                f"{sar_path} has CRS {sar.crs} but {optical_path} has {optical.crs}; "
+                "SAR and optical must be co-registered on one grid"
+            )
+        if not sar.transform.almost_equals(optical.transform):
+            raise DataError(
+                f"{sar_path} and {optical_path} have different geotransforms "
+                f"({tuple(sar.transform)[:6]} vs {tuple(optical.transform)[:6]}); "
+                "SAR and optical must be co-registered on one grid"
+            )
+        if sar.crs is None:
+            raise DataError(
+                f"{sar_path}: has no CRS (neither has {optical_path}); the spatial split "
+                "needs one (fix: rio edit-info --crs EPSG:... on both files)"
+            )
+        grid = GridFile(
+            str(sar_path),
+            height,
+            width,
+            tuple(sar.transform)[:6],
+            sar.crs.to_string(),
+            sar_path.stem,
         )
-    return _Raster(data, crs, transform)
+        note = _offset_note(optical)
+    if height < size or width < size:
+        fits = min(height, width) // MULTIPLE * MULTIPLE
+        hint = (
+            f"set data.tile_size to {fits} or less"
+            if fits
+            else f"TerraMind needs at least {MULTIPLE}x{MULTIPLE}"
+        )
+        raise DataError(
+            f"{sar_path}: {height}x{width} pixels cannot hold one square {size}x{size} window "
+            f"(data.tile_size, a multiple of {MULTIPLE}); {hint}"
+        )
+    return grid, note
 
 
-def _load_pair(sar_path: Path, optical_path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """SAR dB and optical DN of one pair, checked to be complete and co-registered."""
-    sar = _read_bands(sar_path, SAR_BANDS, SAR_DIR)
-    optical = _read_bands(optical_path, OPTICAL_BANDS, OPTICAL_DIR)
-    (height, width), other = sar.data.shape[1:], optical.data.shape[1:]
-    if (height, width) != other:
-        raise DataError(
-            f"{sar_path} is {height}x{width} pixels but {optical_path} is {other[0]}x{other[1]}; "
-            "SAR and optical must be co-registered on one grid"
+def _offset_note(ds: DatasetReader) -> str | None:
+    """The tag that says an L2A product's DN carry ESA's offset: a non-zero
+    ``BOA_ADD_OFFSET`` (of the file or a band), or ``PROCESSING_BASELINE`` 04.00 or later."""
+    tags = ds.tags()
+    for band in ds.indexes:
+        tags.update(ds.tags(band))
+    for key, value in sorted(tags.items()):
+        if "BOA_ADD_OFFSET" in key.upper() and _number(value):
+            return f"{key}={value}"
+    baseline = tags.get("PROCESSING_BASELINE", "")
+    if _number(baseline) and float(baseline) >= 4.0:
+        return f"PROCESSING_BASELINE={baseline}"
+    return None
+
+
+def _number(text: str) -> bool:
+    """Whether ``text`` is a finite non-zero number."""
+    try:
+        return math.isfinite(value := float(text)) and value != 0
+    except ValueError:
+        return False
+
+
+def _warn_offset(index: WindowIndex, optical_paths: list[str], notes: list[str | None]) -> None:
+    """Warn about each optical file whose metadata says its DN carry ESA's -1000 offset and
+    whose values look like it, while no ``[pairs] l2a_offset`` undoes it."""
+    file_of = index["file"]
+    values = (index.size**2 - index["invalid"]) * len(OPTICAL_BANDS)
+    for file_no, note in enumerate(notes):
+        mine = file_of == file_no
+        if note is None or not mine.any():
+            continue
+        below = index["dark"][mine].sum() / values[mine].sum()
+        if below < OFFSET_LOOK:
+            warnings.warn(
+                f"{optical_paths[file_no]}: {note} and {below:.2%} of its valid values lie "
+                f"below {DARK_DN:g} DN: its DN look offset (reflectance = (DN - 1000) / "
+                "10000 since processing baseline 04.00), but no offset is set; set "
+                "--set pairs.l2a_offset=1000 unless the offset was removed already",
+                stacklevel=3,
+            )
+
+
+def _dropped(index: WindowIndex) -> str:
+    """The windows the index left out and the pixels it masks, in one line ("" when none);
+    the pairs left out whole are listed one by one."""
+    parts = []
+    rejected = sum(index.rejected.values())
+    if rejected:
+        reasons = "; ".join(f"{count} {reason}" for reason, count in index.rejected.items())
+        parts.append(
+            f"{rejected} of {rejected + len(index)} windows left out ({reasons}): "
+            f"{rejected * index.size**2:,} pixels"
         )
-    if sar.crs != optical.crs:
-        raise DataError(
-            f"{sar_path} has CRS {sar.crs} but {optical_path} has {optical.crs}; "
-            "SAR and optical must be co-registered on one grid"
+    masked = int(index["invalid"].sum())
+    if masked:
+        windows = int((index["invalid"] > 0).sum())
+        parts.append(
+            f"{masked:,} invalid pixels masked in {windows} of the {len(index)} windows kept "
+            "(filled, and left out of the metrics)"
         )
-    if not sar.transform.almost_equals(optical.transform):
-        raise DataError(
-            f"{sar_path} and {optical_path} have different geotransforms "
-            f"({tuple(sar.transform)[:6]} vs {tuple(optical.transform)[:6]}); "
-            "SAR and optical must be co-registered on one grid"
-        )
-    if height % MULTIPLE or width % MULTIPLE:
-        raise DataError(
-            f"{sar_path}: {height}x{width} pixels; height and width must be multiples of "
-            f"{MULTIPLE} for TerraMind's diffusion decoder, so crop the pair"
-        )
-    return sar.data, optical.data
+    return "; ".join(parts)
 
 
 # --- the embedded default pairs --------------------------------------------------------------
@@ -371,11 +753,7 @@ def ensure_default_pairs(tile_size: int = 64, *, quiet: bool = False) -> Path:
     ``manifest.json``, is built in a temporary folder and renamed into place, so an interrupted
     or concurrent first run never leaves a partial dataset; a later call only reads the manifest.
     """
-    if tile_size < MULTIPLE or tile_size % MULTIPLE:
-        raise DataError(
-            f"tile_size must be a positive multiple of {MULTIPLE} (TerraMind's diffusion "
-            f"decoder needs it), got {tile_size}"
-        )
+    check_window_size(tile_size)
     folder = cache_root() / f"sar2opt-{tile_size}-{CACHE_VERSION}"
     manifest = build_once(folder, lambda staging: _build(staging, tile_size), _read_manifest)
     if not quiet:

@@ -2,7 +2,8 @@
 
 Each function returns one value per tile (``[B]`` or ``[B, bands]``), so the task can sum
 them over tiles and processes and divide once: the metrics do not depend on how tiles were
-batched or shared between processes.
+batched or shared between processes. ``mask`` (``[B, 1, H, W]``, the sample's valid pixels)
+keeps filled nodata pixels out of every score.
 """
 
 from __future__ import annotations
@@ -15,22 +16,32 @@ from core.tasks.sar2opt.data import OPTICAL_BANDS
 RED, NIR = OPTICAL_BANDS.index("B04"), OPTICAL_BANDS.index("B08")
 
 
-def psnr(generated: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per tile, the mean of ``values`` ``[B, C, H, W]`` over the pixels ``mask`` keeps
+    (every channel of them): the plain mean when every pixel is valid."""
+    weight = mask.to(values.dtype).expand_as(values)
+    return (values * weight).sum((1, 2, 3)) / weight.sum((1, 2, 3)).clamp_min(1)
+
+
+def psnr(generated: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """dB, for reflectance in [0, 1]."""
-    mse = (generated - target).square().mean((1, 2, 3)).clamp_min(1e-10)
-    return -10 * torch.log10(mse)
+    return -10 * torch.log10(masked_mean((generated - target).square(), mask).clamp_min(1e-10))
 
 
-def band_l1(generated: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def band_l1(generated: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``[B, 12]``: mean absolute reflectance error of each band."""
-    return (generated - target).abs().mean((2, 3))
+    weight = mask.to(generated.dtype)
+    error = ((generated - target).abs() * weight).sum((2, 3))
+    return error / weight.sum((2, 3)).clamp_min(1)
 
 
-def spectral_angle(generated: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def spectral_angle(
+    generated: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
     """Mean angle in degrees between generated and target spectra, per pixel: 0 when the
     spectral shape is right whatever the brightness."""
     cosine = F.cosine_similarity(generated, target, dim=1, eps=1e-8).clamp(-1, 1)
-    return torch.rad2deg(torch.arccos(cosine)).mean((1, 2))
+    return masked_mean(torch.rad2deg(torch.arccos(cosine))[:, None], mask)
 
 
 def ndvi(optical: torch.Tensor) -> torch.Tensor:
@@ -38,9 +49,9 @@ def ndvi(optical: torch.Tensor) -> torch.Tensor:
     return (nir - red) / (nir + red).clamp_min(1e-6)
 
 
-def ndvi_error(generated: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def ndvi_error(generated: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean absolute NDVI error: vegetation as a downstream user reads it."""
-    return (ndvi(generated) - ndvi(target)).abs().mean((1, 2))
+    return masked_mean((ndvi(generated) - ndvi(target)).abs()[:, None], mask)
 
 
 def token_scores(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

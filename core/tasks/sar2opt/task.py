@@ -21,15 +21,22 @@ from tqdm import tqdm
 
 from core.config import Config
 from core.context import RunContext
-from core.data.datasets import train_val_split
 from core.errors import UsageError
 from core.keyed_cache import cached_rows, fingerprint
 from core.run_folder import CACHE
 from core.tasks import Batch, PredictOptions, ReportMetric, metric_text
 from core.tasks.sar2opt import metrics
+from core.tasks.sar2opt.bigearthnet import TILE_SIZE as REAL_TILE_SIZE
 from core.tasks.sar2opt.bigearthnet import ensure_bigearthnet_pairs
-from core.tasks.sar2opt.config import NoLossSection, TerraMindSection
-from core.tasks.sar2opt.data import OPTICAL_BANDS, TERRAMIND_V1, PairDataset, ensure_default_pairs
+from core.tasks.sar2opt.config import NoLossSection, PairsSection, TerraMindSection
+from core.tasks.sar2opt.data import (
+    DEFAULT_TILE_SIZE,
+    OPTICAL_BANDS,
+    TERRAMIND_V1,
+    PairDataset,
+    ensure_default_pairs,
+    load_pairs,
+)
 from core.tasks.sar2opt.generation import terramind_in
 from core.tasks.sar2opt.plots import plot_sar_optical
 from core.tasks.sar2opt.terramind import (
@@ -46,7 +53,6 @@ from core.tasks.sar2opt.terramind import (
 GENERATORS = ("teacher_forcing", "straight_through", "reinforce", "refiner", "encoder_only")
 REFLECTANCE_SCALE = 10_000.0
 """S2 L2A digital numbers per unit reflectance; metrics compare reflectances in [0, 1]."""
-DEFAULT_TILE_SIZE = 64
 NO_GENERATOR = (
     "sar2opt trains through a generator plugin: TerraMind samples discrete tokens, so a loss "
     'on its generated output has no gradient ("element 0 of tensors does not require grad"). '
@@ -81,7 +87,9 @@ class SarToOptical:
         ReportMetric("val_ssim", "val SSIM", higher_is_better=True),
     )
     reference_name = ""
-    sections = MappingProxyType({"model": TerraMindSection, "loss": NoLossSection})
+    sections = MappingProxyType(
+        {"model": TerraMindSection, "loss": NoLossSection, "pairs": PairsSection}
+    )
 
     def __init__(self) -> None:
         self.skipped: list[tuple[str, str]] = []
@@ -94,11 +102,13 @@ class SarToOptical:
             raise UsageError(NO_GENERATOR)
         data = config.data
         if data.dir:
-            dataset = PairDataset.from_folder(Path(data.dir), TERRAMIND_V1, strict=data.strict)
-            self.skipped = dataset.skipped
-            self.train_dataset, self.val_dataset = train_val_split(
-                dataset, data.val_fraction, data.split_seed
+            self.train_dataset, self.val_dataset = load_pairs(
+                Path(data.dir),
+                data,
+                config.task_sections["pairs"],
+                quiet=not ctx.accelerator.is_main_process,
             )
+            self.skipped = self.train_dataset.skipped
         else:
             self.train_dataset, self.val_dataset = self.default_datasets(config, ctx)
             self.skipped = self.train_dataset.skipped
@@ -112,14 +122,13 @@ class SarToOptical:
         metrics on real imagery. ``data.val_fraction`` applies to a ``--data`` folder only.
         """
         quiet = not ctx.accelerator.is_main_process
+        size = config.data.tile_size or DEFAULT_TILE_SIZE
         with ctx.accelerator.main_process_first():
-            procedural = ensure_default_pairs(
-                config.data.tile_size or DEFAULT_TILE_SIZE, quiet=quiet
-            )
+            procedural = ensure_default_pairs(size, quiet=quiet)
             real = ensure_bigearthnet_pairs(quiet=quiet)
         return (
-            PairDataset.from_folder(procedural, TERRAMIND_V1, strict=True),
-            PairDataset.from_folder(real.folder, TERRAMIND_V1, strict=True),
+            PairDataset.from_folder(procedural, TERRAMIND_V1, size=size, strict=True),
+            PairDataset.from_folder(real.folder, TERRAMIND_V1, size=REAL_TILE_SIZE, strict=True),
         )
 
     def build_model(self, config: Config) -> nn.Module:
@@ -188,19 +197,13 @@ class SarToOptical:
         with pretrained weights never reads the tokens of another tokenizer. The validation
         targets are tokenized now too, after which nothing runs the tokenizer's encoder.
         """
-        self.train_tokens = self.cached_tokens(
-            terramind, self.train_dataset, "target_tokens", ctx
-        )
+        self.train_tokens = self.cached_tokens(terramind, self.train_dataset, "target_tokens", ctx)
         self.prepare_validation_tokens(terramind, ctx)
 
-    def prepare_validation_tokens(
-        self, terramind: TerraMindSarToOptical, ctx: RunContext
-    ) -> None:
+    def prepare_validation_tokens(self, terramind: TerraMindSarToOptical, ctx: RunContext) -> None:
         """Tokenize every validation target once (token scores and the ceiling read them),
         then park the tokenizer's encoder on the CPU, off the training device."""
-        self.val_tokens = self.cached_tokens(
-            terramind, self.val_dataset, "val_target_tokens", ctx
-        )
+        self.val_tokens = self.cached_tokens(terramind, self.val_dataset, "val_target_tokens", ctx)
         terramind.park_tokenizer_encoder()
 
     def cached_tokens(
@@ -300,13 +303,17 @@ class SarToOptical:
         terramind = terramind_in(model)
         target = self.reflectance(tile["optical"])
         generated = self.reflectance(model.generate(tile["sar"], steps, seed))
+        mask = tile["mask"]  # the valid pixels: filled nodata is scored nowhere
+        _, ssim = structural_similarity_index_measure(
+            generated, target, data_range=1.0, return_full_image=True
+        )
         yield "tiles", torch.ones(1, device=target.device)
-        yield "l1", (generated - target).abs().mean((1, 2, 3))
-        yield "psnr", metrics.psnr(generated, target)
-        yield "ssim", structural_similarity_index_measure(generated, target, data_range=1.0)[None]
-        yield "spectral_angle_deg", metrics.spectral_angle(generated, target)
-        yield "ndvi_mae", metrics.ndvi_error(generated, target)
-        yield "band_l1", metrics.band_l1(generated, target)[0]
+        yield "l1", metrics.masked_mean((generated - target).abs(), mask)
+        yield "psnr", metrics.psnr(generated, target, mask)
+        yield "ssim", metrics.masked_mean(ssim, mask)
+        yield "spectral_angle_deg", metrics.spectral_angle(generated, target, mask)
+        yield "ndvi_mae", metrics.ndvi_error(generated, target, mask)
+        yield "band_l1", metrics.band_l1(generated, target, mask)[0]
         tokens = torch.from_numpy(self.val_tokens[tile["idx"].cpu().numpy()]).to(target.device)
         with seeded(seed):  # the logits do not depend on ROAR's shuffle; keep RNGs untouched
             logits = terramind(tile["sar"], output="logits").float()
@@ -316,8 +323,8 @@ class SarToOptical:
         if with_ceiling:
             size = tuple(tile["optical"].shape[-2:])
             ceiling = self.reflectance(terramind.decode(tokens, size, steps, seed))
-            yield "ceiling_l1", (ceiling - target).abs().mean((1, 2, 3))
-            yield "ceiling_psnr", metrics.psnr(ceiling, target)
+            yield "ceiling_l1", metrics.masked_mean((ceiling - target).abs(), mask)
+            yield "ceiling_psnr", metrics.psnr(ceiling, target, mask)
 
     def reflectance(self, optical: torch.Tensor) -> torch.Tensor:
         """Standardised optical -> reflectance clipped to [0, 1]."""
