@@ -53,11 +53,19 @@ class DataSection:
     dir: str = ""
     """A folder of GeoTIFFs; empty: the built-in ``source`` (cut on first use)."""
     source: str = "srtm90"
-    """dem_sr's built-in DEM without ``dir``: ``srtm90``, ``globe`` or ``colorado10m``."""
+    """dem_sr's built-in DEM without ``dir``: ``srtm90``, ``globe``, ``colorado10m``,
+    ``tianshan`` or ``world`` (eight landscapes, validated on held-out ones)."""
     scale: int = attrs.field(default=3, validator=check.positive_int)
     tile_size: int = attrs.field(default=0, validator=check.non_negative_int)
-    """Tile size in pixels of the built-in data; 0: the task's (dem_sr 48, sar2opt 64)."""
+    """Window size in pixels: rasters are read as windows of this size (a tile of that size
+    is one window); 0: the task's (dem_sr 48, sar2opt 64)."""
     val_fraction: float = attrs.field(default=0.2, validator=check.open_fraction)
+    val_block: int = attrs.field(default=8, validator=check.positive_int)
+    """Without ``train/`` and ``val/`` folders, validation takes whole blocks of this many
+    windows a side (docs/data-format.md, "Spatial split")."""
+    val_regions: list[str] = attrs.field(factory=list)
+    """Validate on these regions (a raster's ``landscape`` or ``region`` tag, a named box,
+    or its file name) instead of seeded blocks: landscapes training never sees."""
     split_seed: int = attrs.field(default=0, validator=check.seed)
     """Seed of the train/validation split, apart from ``run.seed``: runs with other seeds
     validate on the same tiles and differ in initial weights and batch order only."""

@@ -137,13 +137,16 @@ def record_resume(saved: Config, resumed: Config, after_epoch: int) -> None:
 
 
 def data_identity(folder: str) -> dict[str, Any] | None:
-    """What a resume checks ``data.dir`` against: its GeoTIFFs (recursively, the files the
-    tasks read) counted, and their names, sizes and modification times hashed; None for the
-    built-in data (no folder)."""
+    """What a resume checks ``data.dir`` against: the raster it names, or its GeoTIFFs
+    (recursively, the files the tasks read), counted, and their names, sizes and modification
+    times hashed; None for the built-in data (no folder)."""
     if not folder:
         return None
     root = Path(folder)
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in GEOTIFF and not p.is_dir())
+    if root.is_file():  # one raster
+        files, root = [root], root.parent
+    else:
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in GEOTIFF and not p.is_dir())
     stats = [p.stat() if p.exists() else p.lstat() for p in files]  # lstat: a broken link
     return {
         "files": len(files),
@@ -164,8 +167,8 @@ def check_data(run_dir: Path, saved: dict[str, Any] | None, folder: str) -> None
     now = data_identity(folder)
     if now == saved:
         return
-    if not Path(folder).is_dir():
-        what = f"is not a folder any more; the run trained on {saved['files']} GeoTIFFs there"
+    if not (Path(folder).is_dir() or Path(folder).is_file()):
+        what = f"is not there any more; the run trained on {saved['files']} GeoTIFFs there"
     elif now["files"] != saved["files"]:
         what = f"holds {now['files']} GeoTIFFs, the run trained on {saved['files']}"
     elif now["names"] != saved["names"]:

@@ -50,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override a config key (repeatable); the value is read as TOML",
     )
-    parser.add_argument("--data", help="a folder of GeoTIFFs (default: tiles of data.source)")
+    parser.add_argument(
+        "--data", help="a GeoTIFF of any size or a folder of them (default: data.source)"
+    )
     parser.add_argument("--epochs", type=int, help="shortcut for run.epochs")
     parser.add_argument("--out", help="run folder (shortcut for run.out)")
     parser.add_argument("--seed", type=int, help="shortcut for run.seed")

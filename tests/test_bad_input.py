@@ -70,7 +70,7 @@ def test_folder_of_only_bad_tiles_exits_2_and_warns_about_each(tmp_path: Path, c
     folder.mkdir()
     text = folder / "notes.tif"
     text.write_text("not a raster")
-    void = write_dem(folder / "void.tif", np.full((12, 12), -9999.0), utm(), UTM, nodata=-9999)
+    void = write_dem(folder / "void.tif", np.full((48, 48), -9999.0), utm(), UTM, nodata=-9999)
     with pytest.warns(UserWarning) as caught:
         assert main(fast_args(folder, tmp_path / "run")) == 2
     warned = " ".join(str(w.message) for w in caught)

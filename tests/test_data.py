@@ -124,7 +124,7 @@ def test_block_mean_lr_and_crop_to_a_multiple_of_scale(tmp_path: Path) -> None:
 
 def test_std_is_floored_for_flat_tiles(tmp_path: Path) -> None:
     write_dem(tmp_path / "lake.tif", np.full((12, 12), 104.0), utm(), UTM)
-    sample = TileDataset.from_folder(tmp_path, 2)[0]
+    sample = TileDataset.from_folder(tmp_path, 2, tile_size=12)[0]
     assert sample["std"].item() == 1.0 and sample["mean"].item() == pytest.approx(104.0)  # exact
     assert torch.count_nonzero(sample["hr"]) == 0
 
@@ -135,7 +135,7 @@ def test_paired_hr_lr_folders_read_lr_from_disk(tmp_path: Path) -> None:
     for name in ("a.tif", "b.tif"):
         write_dem(tmp_path / "hr" / name, hr, utm(), UTM)
         write_dem(tmp_path / "lr" / name, lr, utm(2 * CELL), UTM)
-    ds = TileDataset.from_folder(tmp_path, 2)
+    ds = TileDataset.from_folder(tmp_path, 2, tile_size=12)
     assert ds.tile_ids == ["a", "b"]
     sample = ds[0]
     lr_m = sample["lr"][0] * sample["std"] + sample["mean"]
@@ -147,7 +147,7 @@ def test_paired_shape_mismatch_names_both_files(tmp_path: Path) -> None:
     write_dem(tmp_path / "hr" / "a.tif", rough_surface((12, 12)), utm(), UTM)
     write_dem(tmp_path / "lr" / "a.tif", rough_surface((5, 5)), utm(2 * CELL), UTM)
     with pytest.raises(DataError) as info:
-        TileDataset.from_folder(tmp_path, 2, strict=True)
+        TileDataset.from_folder(tmp_path, 2, tile_size=12, strict=True)
     assert str(tmp_path / "hr" / "a.tif") in str(info.value)
     assert str(tmp_path / "lr" / "a.tif") in str(info.value)
 
@@ -251,7 +251,7 @@ def test_bad_files_raise_data_error_naming_the_file(tmp_path: Path, kind: str) -
         read_dem(path)
     assert str(path) in str(info.value)
     with pytest.raises(DataError, match=problem) as info:
-        TileDataset.from_folder(tmp_path, 2, strict=True)
+        TileDataset.from_folder(tmp_path, 2, tile_size=12, strict=True)
     assert str(path) in str(info.value)
 
 
@@ -260,26 +260,26 @@ def test_bad_tiles_are_skipped_with_a_warning_unless_strict(tmp_path: Path) -> N
         write_dem(tmp_path / f"good_{n}.tif", rough_surface((12, 12), n), utm(), UTM)
     (tmp_path / "sub").mkdir()
     bad = text_file(tmp_path / "sub" / "broken.tif")
-    odd = write_dem(tmp_path / "odd_shape.tif", rough_surface((16, 16)), utm(), UTM)
+    odd = write_dem(tmp_path / "too_small.tif", rough_surface((8, 8)), utm(), UTM)
     with pytest.warns(UserWarning) as caught:
-        ds = TileDataset.from_folder(tmp_path, 2)
+        ds = TileDataset.from_folder(tmp_path, 2, tile_size=12)
     warned = [str(w.message) for w in caught]
     assert len(warned) == 2 and str(bad) in warned[0] and str(odd) in warned[1]
     assert ds.tile_ids == ["good_0", "good_1", "good_2"]
     assert [path for path, _ in ds.skipped] == [str(bad), str(odd)]
     with pytest.raises(DataError, match=r"broken\.tif"):
-        TileDataset.from_folder(tmp_path, 2, strict=True)
+        TileDataset.from_folder(tmp_path, 2, tile_size=12, strict=True)
 
 
 def test_empty_or_missing_folder_and_no_usable_tile(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"no .tif or .tiff files") as info:
-        TileDataset.from_folder(tmp_path, 2)
+        TileDataset.from_folder(tmp_path, 2, tile_size=12)
     assert str(tmp_path) in str(info.value)
-    with pytest.raises(DataError, match="not a folder"):
-        TileDataset.from_folder(tmp_path / "missing", 2)
+    with pytest.raises(DataError, match="not a GeoTIFF or a folder of GeoTIFFs"):
+        TileDataset.from_folder(tmp_path / "missing", 2, tile_size=12)
     text_file(tmp_path / "only.tif")
     with pytest.warns(UserWarning), pytest.raises(DataError, match="none of the 1") as info:
-        TileDataset.from_folder(tmp_path, 2)
+        TileDataset.from_folder(tmp_path, 2, tile_size=12)
     assert str(tmp_path) in str(info.value)
 
 

@@ -29,6 +29,7 @@ from rasterio.errors import CRSError, RasterBlockError, RasterioError
 from rasterio.io import DatasetReader, DatasetWriter
 from rasterio.transform import array_bounds
 from rasterio.warp import transform_bounds
+from rasterio.windows import Window
 
 from core.errors import DataError, StorageError
 from core.safe_io import probe_refused_write, replaced_when_done
@@ -115,17 +116,30 @@ def read_dem(path: Path | str, *, strict: bool = False) -> Dem:
     """
     path = Path(path)
     with open_dem(path) as ds:
-        elevation = ds.read(1).astype(np.float32)
-        void = ds.read_masks(1) == 0
+        elevation = read_elevation(ds)
         transform, crs, nodata, tags = ds.transform, ds.crs, ds.nodata, dict(ds.tags())
-    void |= ~np.isfinite(elevation)
-    if nodata is not None:
-        void |= elevation == np.float32(nodata)
-    elevation[void] = np.nan
     mask_implausible(elevation, path, strict=strict)
     if np.isnan(elevation).all():
         raise DataError(f"{path}: every pixel is nodata")
     return Dem(elevation, transform, crs, nodata, tags)
+
+
+def read_elevation(ds: DatasetReader, window: Window | None = None) -> np.ndarray:
+    """Band 1 (or one window of it) as float32, NaN where the file's nodata value, its
+    internal mask or a non-finite value says void."""
+    elevation = ds.read(1, window=window).astype(np.float32)
+    void = ds.read_masks(1, window=window) == 0
+    void |= ~np.isfinite(elevation)
+    if ds.nodata is not None:
+        void |= elevation == np.float32(ds.nodata)
+    elevation[void] = np.nan
+    return elevation
+
+
+def implausible(elevation: np.ndarray) -> np.ndarray:
+    """Where ``elevation`` holds values no terrain has (NaN is not implausible, only void)."""
+    low, high = ELEVATION_RANGE_M
+    return (elevation < low) | (elevation > high)
 
 
 def require_file(path: Path) -> None:
@@ -144,10 +158,10 @@ def mask_implausible(elevation: np.ndarray, source: Path | str, *, strict: bool)
     65535); read as elevations they wreck training and prediction. ``strict``: a DataError.
     """
     low, high = ELEVATION_RANGE_M
-    implausible = (elevation < low) | (elevation > high)  # NaN compares False: voids stay
-    if not implausible.any():
+    outside = implausible(elevation)
+    if not outside.any():
         return
-    values = np.unique(elevation[implausible])
+    values = np.unique(elevation[outside])
     shown = ", ".join(f"{value:g}" for value in values[:3])
     more = f" and {len(values) - 3} other values" if len(values) > 3 else ""
     problem = (
@@ -157,7 +171,7 @@ def mask_implausible(elevation: np.ndarray, source: Path | str, *, strict: bool)
     if strict:
         raise DataError(f"{problem} (--strict-data); set the file's nodata value")
     warnings.warn(f"{problem}; treated as voids (--strict-data stops instead)", stacklevel=2)
-    elevation[implausible] = np.nan
+    elevation[outside] = np.nan
 
 
 def georeferencing_problems(transform: Affine, crs: CRS, shape: tuple[int, ...]) -> list[str]:
@@ -377,10 +391,17 @@ def _scale_factors(crs: CRS, centre: tuple[float, float]) -> tuple[float, float]
     """(meridional, parallel) scale of a projected CRS at ``centre``; (1, 1) where PROJ
     cannot tell (a local or engineering CRS)."""
     try:
-        proj = pyproj.Proj(crs.to_wkt())
+        proj = _proj(crs.to_wkt())
         lon, lat = proj(*centre, inverse=True)
         factors = proj.get_factors(lon, lat)
     except (pyproj.exceptions.CRSError, pyproj.exceptions.ProjError):
         return 1.0, 1.0
     scales = (factors.meridional_scale, factors.parallel_scale)
     return scales if all(math.isfinite(s) and s > 0 for s in scales) else (1.0, 1.0)
+
+
+@functools.lru_cache(maxsize=16)
+def _proj(wkt: str) -> pyproj.Proj:
+    """One ``Proj`` per CRS: building one costs far more than using it, and the window index
+    asks for the cell size of every window."""
+    return pyproj.Proj(wkt)

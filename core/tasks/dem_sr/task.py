@@ -19,7 +19,7 @@ from core.tasks import Batch, HarnessSettings, PredictOptions, ReportMetric, met
 from core.tasks.dem_sr.config import DemLossSection, RcanSection
 from core.tasks.dem_sr.data.dataset import TileDataset, load_split
 from core.tasks.dem_sr.data.procedural import write_procedural_tiles
-from core.tasks.dem_sr.data.sources import ensure_source_tiles
+from core.tasks.dem_sr.data.sources import ensure_source
 from core.tasks.dem_sr.losses import COMPONENTS, dem_loss_components
 from core.tasks.dem_sr.metrics import ValidationAccumulator
 from core.tasks.dem_sr.plots import plot_hillshade_triptych, plot_terrain_rmse
@@ -59,16 +59,9 @@ class DemSuperResolution:
     def build_datasets(self, config: Config, ctx: RunContext) -> tuple[TileDataset, TileDataset]:
         data = config.data
         with ctx.accelerator.main_process_first():
-            folder = (
-                Path(data.dir)
-                if data.dir
-                else ensure_source_tiles(
-                    data.source,
-                    tile_size=data.tile_size or 48,
-                    quiet=not ctx.accelerator.is_main_process,
-                )
-            )
-            train, val = load_split(folder, data, data.split_seed)
+            quiet = not ctx.accelerator.is_main_process
+            folder, data = (Path(data.dir), data) if data.dir else ensure_source(data, quiet=quiet)
+            train, val = load_split(folder, data, data.split_seed, quiet=quiet)
         self.skipped = train.skipped
         return train, val
 

@@ -247,6 +247,7 @@ class PairDataset(Dataset):
             for f, r, c, flip in zip(files, views.row, views.col, views.flip, strict=True)
         ]
         self.regions = [index.files[f].name for f in files]
+        self.landscapes = self.regions  # a pair is its own landscape
         self.terrains = np.zeros(len(views), dtype=np.int64)
 
     @classmethod

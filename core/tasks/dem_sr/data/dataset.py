@@ -1,121 +1,181 @@
-"""A folder of GeoTIFF tiles as (LR, HR) training pairs with masks, terrain labels and units.
+"""Windows of elevation rasters of any size as (LR, HR) training pairs with masks, terrain
+labels and units.
 
-All tiles are read, checked and labelled once, when the dataset is built, and kept in memory
-as stacked arrays: datasets here are small, a bad file is reported before training starts
-rather than in a worker mid-epoch, and terrain labels are known without touching pixels again
-(samplers group by terrain before the first batch).
+``--data`` may be one GeoTIFF, a folder of them, or both mixed: a 48 x 48 tile is a raster
+that holds one window, a national mosaic one that holds millions. The window index
+(``core.data.window_index``) checks, labels and places every window once, reading a strip of
+rows at a time, and is cached; the dataset then reads one window per sample, so memory stays
+flat in the size of the rasters and samplers know every window's terrain before the first
+batch. A bad file is reported when the index is built, not in a worker mid-epoch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-import attrs
 import numpy as np
+import rasterio
 import torch
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.errors import RasterioError
+from rasterio.windows import Window
 from torch.utils.data import Dataset
 
 from core.config import DataSection
-from core.data.datasets import SkippedFiles, train_val_split
-from core.data.geotiff import read_dem
+from core.data.datasets import SkippedFiles
+from core.data.geotiff import (
+    GEOTIFF_ONLY,
+    cell_size_m,
+    gdal_cache,
+    implausible,
+    lonlat_bounds,
+    mask_implausible,
+    open_dem,
+    read_elevation,
+)
+from core.data.rasters import OpenRasters
+from core.data.spatial_split import split_windows
+from core.data.window_index import (
+    GridFile,
+    WindowIndex,
+    build_index,
+    cached_index,
+    index_key,
+)
 from core.errors import DataError
-from core.tasks.dem_sr.data.labels import label_tile
+from core.tasks.dem_sr.data.labels import label_from_tile_id, label_tile
+from core.tasks.dem_sr.data.regions import COLORADO_REGIONS, GLOBE_REGIONS, SRTM_REGIONS, Region
 from core.tasks.dem_sr.terrain import terrain_index
 
-T = TypeVar("T", bound=tuple)
-
 MIN_STD_M = 1.0
-"""Floor of the per-tile std, so near-flat tiles are not blown up into noise."""
-
-
-@attrs.frozen(eq=False)
-class _Tiles:
-    """Everything read from disk, shared by a dataset and all its subsets."""
-
-    hr: np.ndarray  # [N, H, W] float32 metres, NaN = void
-    lr: np.ndarray  # [N, H/s, W/s] float32 metres, NaN = void
-    cell_size: np.ndarray  # [N, 2] float32 (dy, dx) of an HR cell in metres
-    terrains: np.ndarray  # [N] int64
-    tile_ids: list[str]
-    paths: list[Path]
+"""Floor of the per-window std, so near-flat windows are not blown up into noise."""
+MIN_VALID_FRACTION = 0.5
+"""A window needs at least this share of valid HR cells: a window that is mostly sea or void
+teaches the model little and its few cells would weigh as much as a whole window's."""
+LABEL_RULES = "labels-v2"
+"""Part of the index key: change it when the labelling rules change, so indexes are rebuilt."""
+GDAL_CACHE_MB = 64
+NAMED_REGIONS: tuple[Region, ...] = (*SRTM_REGIONS, *GLOBE_REGIONS, *COLORADO_REGIONS)
 
 
 class TileDataset(Dataset):
-    """HR tiles and their LR counterparts, normalised per tile by the LR mean and std.
+    """HR windows and their LR counterparts, normalised per window by the LR mean and std.
 
-    Build with ``from_folder``. ``tile_ids``, ``terrains`` and ``paths`` are aligned with the
-    sample positions; ``skipped`` lists ``(path, reason)`` for files left out.
+    Build with ``from_folder``. ``tile_ids``, ``terrains``, ``regions`` and ``paths`` are
+    aligned with the sample positions; ``skipped`` lists ``(path, reason)`` for files left
+    out.
     """
 
     def __init__(
         self,
-        tiles: _Tiles,
-        indices: np.ndarray,
+        index: WindowIndex,
+        positions: np.ndarray,
         scale: int,
         skipped: list[tuple[str, str]],
+        lr_paths: tuple[str | None, ...],
     ) -> None:
-        self._tiles = tiles
-        self._indices = np.asarray(indices, dtype=np.int64)
+        self.index = index
+        self._positions = np.asarray(positions, dtype=np.int64)
         self.scale = scale
         self.skipped = skipped
-        self.tile_ids = [tiles.tile_ids[i] for i in self._indices]
-        self.paths = [tiles.paths[i] for i in self._indices]
-        self.terrains = tiles.terrains[self._indices]
+        self._lr_paths = lr_paths
+        self._rasters = OpenRasters()
+        columns = {name: values[self._positions] for name, values in index.columns.items()}
+        self.tile_ids: list[str] = columns["tile_id"].tolist()
+        self.regions: list[str] = columns["region"].tolist()
+        self.terrains: np.ndarray = columns["terrain"].astype(np.int64)
+        self.paths = [Path(index.files[f].path) for f in columns["file"]]
+        self.landscapes = [index.files[f].name for f in columns["file"]]
+        """Each window's raster by its ``landscape`` or ``region`` tag, else its file name."""
+        self._cell_size = np.stack([columns["cell_dy"], columns["cell_dx"]], axis=1).astype(
+            np.float32
+        )
 
     @classmethod
-    def from_folder(cls, data_dir: Path, scale: int, *, strict: bool = False) -> TileDataset:
-        """Every ``*.tif``/``*.tiff`` under ``data_dir`` (recursive, sorted).
+    def from_folder(
+        cls,
+        data: Path | Sequence[Path],
+        scale: int,
+        *,
+        tile_size: int = 48,
+        strict: bool = False,
+        quiet: bool = True,
+    ) -> TileDataset:
+        """Every ``tile_size`` window of a GeoTIFF, of every ``*.tif``/``*.tiff`` under a
+        folder (recursive, sorted), or of a list of either.
 
-        LR tiles are ``scale`` x ``scale`` block means of HR, unless ``data_dir`` has ``hr/``
+        LR windows are ``scale`` x ``scale`` block means of HR, unless a folder has ``hr/``
         and ``lr/`` subfolders with the same file names, which are then read as pairs. A bad
-        tile is skipped with a warning, or raises ``DataError`` when ``strict``.
+        file is skipped with a warning, or raises ``DataError`` when ``strict``.
         """
-        data_dir = Path(data_dir)
         if scale < 1:
             raise DataError(f"scale must be a positive integer, got {scale}")
-        if not data_dir.is_dir():
-            raise DataError(f"{data_dir}: not a folder of GeoTIFF tiles")
-        paired = (data_dir / "hr").is_dir() and (data_dir / "lr").is_dir()
-        hr_root = data_dir / "hr" if paired else data_dir
-        files = _geotiffs(hr_root)
-        if not files:
-            raise DataError(f"{data_dir}: no .tif or .tiff files found")
-
-        skipped = SkippedFiles(strict)
-        loaded = []
-        for path in files:
+        if tile_size % scale:
+            raise DataError(
+                f"data.tile_size {tile_size} is not a multiple of data.scale {scale}: an LR "
+                "window must cover whole HR cells"
+            )
+        hr_paths, lr_paths = _rasters(data)
+        problems: dict[Path, DataError] = {}
+        files: list[GridFile] = []
+        lr_of: list[str | None] = []
+        for path, lr_path in zip(hr_paths, lr_paths, strict=True):
             try:
-                lr_path = data_dir / "lr" / path.relative_to(hr_root) if paired else None
-                loaded.append((path, *_load_pair(path, lr_path, scale, strict)))
+                files.append(_grid(path, lr_path, scale, tile_size))
+                lr_of.append(str(lr_path) if lr_path else None)
             except DataError as error:
-                skipped.add(path, error)
-        if not loaded:
-            raise DataError(f"{data_dir}: none of the {len(files)} GeoTIFF files is usable")
-        kept = skipped.keep_common_shape(loaded, lambda item: item[1].shape)
-
-        tiles = _Tiles(
-            hr=np.stack([item[1] for item in kept]),
-            lr=np.stack([item[2] for item in kept]),
-            cell_size=np.array([item[3] for item in kept], dtype=np.float32),
-            terrains=np.array([terrain_index(item[4]) for item in kept], dtype=np.int64),
-            tile_ids=[item[0].stem for item in kept],
-            paths=[item[0] for item in kept],
+                problems[path] = error
+        if not files:
+            _report(problems, hr_paths, strict)
+            raise DataError(f"{_named(data)}: none of the {len(hr_paths)} GeoTIFF files is usable")
+        settings = {
+            "size": tile_size,
+            "scale": scale,
+            "strict": strict,
+            "lr": lr_of,
+            "rules": LABEL_RULES,
+            "min_valid": MIN_VALID_FRACTION,
+        }
+        paths = [Path(f.path) for f in files] + [Path(p) for p in lr_of if p]
+        indexer = _Indexer(files, lr_of, scale, tile_size, strict)
+        index = cached_index(
+            index_key(paths, settings),
+            lambda: build_index(
+                files,
+                tile_size,
+                indexer.read_strip,
+                indexer.describe,
+                quiet=quiet,
+                desc=f"indexing {tile_size}x{tile_size} windows",
+            ),
         )
-        return cls(tiles, np.arange(len(kept)), scale, skipped.entries)
+        for file_no, problem in index.problems.items():
+            problems[Path(files[int(file_no)].path)] = DataError(problem)
+        skipped = _report(problems, hr_paths, strict)
+        if not len(index):
+            raise DataError(f"{_named(data)}: none of the {len(hr_paths)} GeoTIFF files is usable")
+        return cls(index, np.arange(len(index)), scale, skipped, tuple(lr_of))
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> TileDataset:
         """A view on some samples (positions in this dataset), renumbered from 0."""
-        chosen = self._indices[np.asarray(indices, dtype=np.int64)]
-        return TileDataset(self._tiles, chosen, self.scale, self.skipped)
+        chosen = self._positions[np.asarray(indices, dtype=np.int64)]
+        return TileDataset(self.index, chosen, self.scale, self.skipped, self._lr_paths)
+
+    def bounds(self) -> np.ndarray:
+        """``[N, 4]`` (left, bottom, right, top) of every sample's window, in its CRS."""
+        return self.index.bounds()[self._positions]
+
+    def crs(self) -> np.ndarray:
+        return self.index.crs_of()[self._positions]
 
     def __len__(self) -> int:
-        return len(self._indices)
+        return len(self._positions)
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
-        i = self._indices[idx]
-        hr, lr = self._tiles.hr[i], self._tiles.lr[i]
+        hr, lr = self._read(int(self._positions[idx]))
         lr_valid = np.isfinite(lr)
         mean, std = normalisation(lr)
         mask = np.isfinite(hr)
@@ -128,14 +188,190 @@ class TileDataset(Dataset):
             "idx": int(idx),
             "mean": torch.tensor(mean, dtype=torch.float32),
             "std": torch.tensor(std, dtype=torch.float32),
-            "cell_size": torch.from_numpy(self._tiles.cell_size[i].copy()),
+            "cell_size": torch.from_numpy(self._cell_size[idx].copy()),
         }
+
+    def _read(self, position: int) -> tuple[np.ndarray, np.ndarray]:
+        """HR and LR of one window, in metres with NaN voids."""
+        file_no = int(self.index["file"][position])
+        window = self.index.window(position)
+        with gdal_cache(GDAL_CACHE_MB):
+            hr = read_elevation(self._rasters.get(self.index.files[file_no].path), window)
+            lr_path = self._lr_paths[file_no]
+            lr = (
+                block_mean(hr, self.scale)
+                if lr_path is None
+                else read_elevation(self._rasters.get(lr_path), _scaled(window, self.scale))
+            )
+        for values in (hr, lr):
+            values[implausible(values)] = np.nan  # reported when the index was built
+        return hr, lr
+
+
+class _Indexer:
+    """What the window index needs of DEM rasters: strips of HR (and LR) rows, and each
+    window's validity, terrain label, region and cell size."""
+
+    def __init__(
+        self, files: list[GridFile], lr_of: list[str | None], scale: int, size: int, strict: bool
+    ) -> None:
+        self.files = files
+        self.lr_of = lr_of
+        self.scale = scale
+        self.size = size
+        self.strict = strict
+        self._regions: dict[int, list[Region]] = {}
+
+    def read_strip(self, file_no: int, row: int) -> tuple[np.ndarray, np.ndarray | None]:
+        grid, lr_path = self.files[file_no], self.lr_of[file_no]
+        strip = Window(0, row, grid.width, self.size)
+        try:
+            with gdal_cache(GDAL_CACHE_MB), rasterio.Env(**GEOTIFF_ONLY):
+                with rasterio.open(grid.path, driver="GTiff") as ds:
+                    hr = read_elevation(ds, strip)
+                lr = None
+                if lr_path is not None:
+                    with rasterio.open(lr_path, driver="GTiff") as ds:
+                        lr = read_elevation(ds, _scaled(strip, self.scale))
+        except RasterioError as error:
+            raise DataError(
+                f"{grid.path}: not a readable GeoTIFF (rows {row} to {row + self.size}: "
+                f"{error.__cause__ or error})"
+            ) from error
+        mask_implausible(hr, grid.path, strict=self.strict)
+        if lr is not None:
+            mask_implausible(lr, lr_path, strict=self.strict)
+        return hr, lr
+
+    def describe(
+        self, file_no: int, row: int, col: int, strip: tuple[np.ndarray, np.ndarray | None]
+    ) -> dict[str, Any] | str:
+        grid, size, scale = self.files[file_no], self.size, self.scale
+        hr = strip[0][:, col : col + size]
+        valid = float(np.isfinite(hr).mean())
+        if valid == 0.0:
+            return "every pixel is nodata"
+        if valid < MIN_VALID_FRACTION:
+            return f"less than {MIN_VALID_FRACTION:.0%} of the cells are valid"
+        lr = (
+            block_mean(hr, scale)
+            if strip[1] is None
+            else strip[1][:, col // scale : (col + size) // scale]
+        )
+        if not np.isfinite(lr).any():
+            return "no LR cell is valid (every block touches nodata)"
+        transform = grid.affine @ Affine.translation(col, row)
+        cell_size = cell_size_m(transform, grid.crs, (size, size))
+        stem = Path(grid.path).stem
+        single = grid.height < 2 * size and grid.width < 2 * size
+        tile_id = stem if single else f"{stem}_r{row}_c{col}"
+        region = None if label_from_tile_id(tile_id) else self._region(file_no, transform)
+        name = tile_id if region is None else f"{region.name}_{tile_id}"
+        category, label = label_tile(name, hr, cell_size)
+        return {
+            "tile_id": tile_id,
+            "region": region.name if region else grid.name,
+            "terrain": terrain_index(category),
+            "label": label,
+            "cell_dy": cell_size[0],
+            "cell_dx": cell_size[1],
+            "valid": valid,
+        }
+
+    def _region(self, file_no: int, transform: Affine) -> Region | None:
+        """The named box (``regions.py``) that holds the whole window, if any; only boxes
+        that meet the file are tried, so most files cost no per-window transform."""
+        grid = self.files[file_no]
+        crs = CRS.from_user_input(grid.crs)
+        if file_no not in self._regions:
+            west, south, east, north = lonlat_bounds(grid.affine, crs, (grid.height, grid.width))
+            self._regions[file_no] = [
+                r
+                for r in NAMED_REGIONS
+                if r.south < north and south < r.north and r.west < east and west < r.east
+            ]
+        if not self._regions[file_no]:
+            return None
+        west, south, east, north = lonlat_bounds(transform, crs, (self.size, self.size))
+        return next(
+            (r for r in self._regions[file_no] if r.contains(south, north, west, east)), None
+        )
+
+
+def _report(problems: dict[Path, DataError], paths: list[Path], strict: bool) -> list:
+    """Warn about (or, ``strict``, raise) each file left out, in the files' order."""
+    skipped = SkippedFiles(strict)
+    for path in paths:
+        if path in problems:
+            skipped.add(path, problems[path])
+    return skipped.entries
+
+
+def _scaled(window: Window, scale: int) -> Window:
+    return Window(
+        window.col_off // scale, window.row_off // scale, window.width // scale,
+        window.height // scale,
+    )  # fmt: skip
+
+
+def _grid(path: Path, lr_path: Path | None, scale: int, size: int) -> GridFile:
+    """The grid of one raster, checked: readable, one band, a CRS, at least one window, and
+    a paired LR raster exactly ``scale`` times smaller."""
+    with open_dem(path) as ds:
+        tags = ds.tags()
+        name = tags.get("landscape") or tags.get("region") or path.stem
+        grid = GridFile(
+            str(path), ds.height, ds.width, tuple(ds.transform)[:6], ds.crs.to_string(), name
+        )
+    if grid.height < size or grid.width < size:
+        raise DataError(
+            f"{path}: {grid.height} x {grid.width} cells is smaller than one {size} x {size} "
+            "window; set data.tile_size to the tiles' size"
+        )
+    if lr_path is not None:
+        if not lr_path.is_file():
+            raise DataError(f"{path}: no matching LR file {lr_path}")
+        with open_dem(lr_path) as ds:
+            lr_shape = (ds.height, ds.width)
+        if (lr_shape[0] * scale, lr_shape[1] * scale) != (grid.height, grid.width):
+            raise DataError(
+                f"{path} is {(grid.height, grid.width)} but {lr_path} is {lr_shape}; at scale "
+                f"{scale} the LR raster must be exactly HR / {scale}"
+            )
+    return grid
+
+
+def _rasters(data: Path | Sequence[Path]) -> tuple[list[Path], list[Path | None]]:
+    """HR rasters and their paired LR rasters (None: block means) of a file, a folder or a
+    list of either."""
+    hr: list[Path] = []
+    lr: list[Path | None] = []
+    for item in [data] if isinstance(data, str | Path) else data:
+        item = Path(item)
+        if item.is_dir():
+            paired = (item / "hr").is_dir() and (item / "lr").is_dir()
+            root = item / "hr" if paired else item
+            found = _geotiffs(root)
+            if not found:
+                raise DataError(f"{item}: no .tif or .tiff files found")
+            hr.extend(found)
+            lr.extend(item / "lr" / p.relative_to(root) if paired else None for p in found)
+        elif item.is_file() or item.is_symlink():
+            hr.append(item)
+            lr.append(None)
+        else:
+            raise DataError(f"{item}: not a GeoTIFF or a folder of GeoTIFFs")
+    return hr, lr
+
+
+def _named(data: Path | Sequence[Path]) -> str:
+    return str(data) if isinstance(data, str | Path) else ", ".join(map(str, data))
 
 
 def normalisation(lr: np.ndarray) -> tuple[float, float]:
-    """Mean and std (floored at ``MIN_STD_M``) of a tile's valid LR cells, in metres.
+    """Mean and std (floored at ``MIN_STD_M``) of a window's valid LR cells, in metres.
 
-    Only the LR is known at inference, so LR and HR are both normalised with these; a tile
+    Only the LR is known at inference, so LR and HR are both normalised with these; a window
     without a valid cell gets (0, ``MIN_STD_M``).
     """
     valid = np.isfinite(lr)
@@ -144,20 +380,32 @@ def normalisation(lr: np.ndarray) -> tuple[float, float]:
     return float(lr[valid].mean()), max(float(lr[valid].std()), MIN_STD_M)
 
 
-def load_split(folder: Path, data: DataSection, seed: int) -> tuple[TileDataset, TileDataset]:
-    """Training and validation tiles of ``folder``.
+def load_split(
+    data_path: Path, data: DataSection, seed: int, *, quiet: bool = True
+) -> tuple[TileDataset, TileDataset]:
+    """Training and validation windows of ``data_path``.
 
     A folder with ``train/`` and ``val/`` subfolders is split already (the built-in sources
-    hold out a spatially separate block); any other folder is split by ``train_val_split``.
+    hold out a spatially separate block). Anything else is split spatially
+    (``core.data.spatial_split``): by ``data.val_regions`` when given, else by seeded blocks
+    of ``data.val_block`` windows, with a one-window buffer either way.
     """
-    train_dir, val_dir = Path(folder) / "train", Path(folder) / "val"
-    if not (train_dir.is_dir() and val_dir.is_dir()):
-        dataset = TileDataset.from_folder(folder, data.scale, strict=data.strict)
-        return train_val_split(dataset, data.val_fraction, seed)
-    train = TileDataset.from_folder(train_dir, data.scale, strict=data.strict)
-    val = TileDataset.from_folder(val_dir, data.scale, strict=data.strict)
-    train.skipped.extend(val.skipped)
-    return train, val
+    size = data.tile_size or 48
+    train_dir, val_dir = Path(data_path) / "train", Path(data_path) / "val"
+    if train_dir.is_dir() and val_dir.is_dir():
+        train = TileDataset.from_folder(
+            train_dir, data.scale, tile_size=size, strict=data.strict, quiet=quiet
+        )
+        val = TileDataset.from_folder(
+            val_dir, data.scale, tile_size=size, strict=data.strict, quiet=quiet
+        )
+        train.skipped.extend(val.skipped)
+        return train, val
+    dataset = TileDataset.from_folder(
+        data_path, data.scale, tile_size=size, strict=data.strict, quiet=quiet
+    )
+    split = split_windows(dataset, data, seed)
+    return dataset.subset(split.train), dataset.subset(split.val)
 
 
 def _geotiffs(folder: Path) -> list[Path]:
@@ -169,34 +417,6 @@ def _geotiffs(folder: Path) -> list[Path]:
         for p in folder.rglob("*")
         if p.suffix.lower() in suffixes and (p.is_file() or (p.is_symlink() and not p.exists()))
     )
-
-
-def _load_pair(
-    hr_path: Path, lr_path: Path | None, scale: int, strict: bool
-) -> tuple[np.ndarray, np.ndarray, tuple[float, float], str]:
-    """HR and LR in metres, the HR cell size and the terrain category of one tile."""
-    dem = read_dem(hr_path, strict=strict)
-    hr = dem.elevation
-    if lr_path is None:
-        height, width = (hr.shape[0] // scale) * scale, (hr.shape[1] // scale) * scale
-        if height == 0 or width == 0:
-            raise DataError(f"{hr_path}: {hr.shape} is smaller than one {scale}x{scale} block")
-        hr = hr[:height, :width]
-        lr = block_mean(hr, scale)
-    else:
-        if not lr_path.is_file():
-            raise DataError(f"{hr_path}: no matching LR file {lr_path}")
-        lr = read_dem(lr_path, strict=strict).elevation
-        if (lr.shape[0] * scale, lr.shape[1] * scale) != hr.shape:
-            raise DataError(
-                f"{hr_path} is {hr.shape} but {lr_path} is {lr.shape}; "
-                f"at scale {scale} the LR tile must be exactly HR / {scale}"
-            )
-    if not np.isfinite(lr).any():
-        raise DataError(f"{hr_path}: no LR cell is valid (every block touches nodata)")
-    cell_size = dem.cell_size_m()
-    category, _ = label_tile(hr_path.stem, hr, cell_size)
-    return hr, lr.astype(np.float32), cell_size, category
 
 
 def block_mean(elevation: np.ndarray, scale: int) -> np.ndarray:

@@ -20,6 +20,10 @@ from core.tasks.dem_sr.terrain import TERRAINS, terrain_index
 
 CRS = "EPSG:32613"
 """UTM zone 13N (Colorado), a projected CRS in metres."""
+SPACING = 8
+"""Tiles lie this many tile widths apart (the default ``data.val_block``): they are
+independent surfaces, not neighbours, so each is a validation block of its own and none is
+lost to the buffer of the spatial split."""
 
 
 def write_procedural_tiles(
@@ -33,8 +37,8 @@ def write_procedural_tiles(
         for n in range(per_terrain):
             rng = np.random.default_rng([seed, k, n])
             z = _SURFACES[category](rng, size, cell_size_m)
-            extent = size * cell_size_m  # tiles side by side, one row of tiles per category
-            origin = Affine.translation(500_000 + n * extent, 4_400_000 - 2 * k * extent)
+            spacing = SPACING * size * cell_size_m  # one row of tiles per category
+            origin = Affine.translation(500_000 + n * spacing, 4_400_000 - k * spacing)
             write_dem(
                 out_dir / f"{category}_tile_{n}.tif",
                 z,

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import attrs
+
+from core.config import DataSection
 from core.data.distfiles import COLORADO_10M, SRTM90, fetch
 from core.data.geotiff import read_dem
 from core.errors import ConfigError
@@ -17,13 +20,12 @@ from core.tasks.dem_sr.data.globe import GLOBE
 from core.tasks.dem_sr.data.regions import COLORADO_REGIONS, SRTM_REGIONS
 from core.tasks.dem_sr.data.tianshan import TIANSHAN
 from core.tasks.dem_sr.data.tiling import Raster, RasterSource, ensure_tiles
-
-SRTM_CITATION = (
-    "Farr, T. G., Rosen, P. A., Caro, E., Crippen, R., Duren, R., Hensley, S., Kobrick, M., "
-    "Paller, M., Rodriguez, E., Roth, L., Seal, D., Shaffer, S., Shimada, J., Umland, J., "
-    "Werner, M., Oskin, M., Burbank, D., and Alsdorf, D., 2007. The Shuttle Radar Topography "
-    "Mission. Reviews of Geophysics 45, RG2004, doi:10.1029/2005RG000183"
+from core.tasks.dem_sr.data.world import (
+    SRTM_CITATION,
+    VALIDATION,
+    ensure_world_rasters,
 )
+
 COLORADO_CITATION = (
     "U.S. Geological Survey, 3D Elevation Program 1/3 arc-second (about 10 m) DEM, as shipped "
     "in the localtileserver 1.0.0 wheel (co_elevation_roi.tif)"
@@ -70,14 +72,30 @@ SOURCES: dict[str, RasterSource] = {
 }
 
 
+WORLD = "world"
+"""The multi-region source: whole rasters of eight landscapes (``world.py``), read as windows
+and validated on held-out landscapes, not cut into tiles."""
+
+
 def source_named(name: str) -> RasterSource:
     """The source ``data.source`` names; an unknown name is a ``ConfigError`` listing them."""
     try:
         return SOURCES[name]
     except KeyError:
         raise ConfigError(
-            f"data.source: unknown source {name!r}; expected one of {', '.join(SOURCES)}"
+            f"data.source: unknown source {name!r}; expected one of {', '.join([*SOURCES, WORLD])}"
         ) from None
+
+
+def ensure_source(data: DataSection, *, quiet: bool = False) -> tuple[Path, DataSection]:
+    """The data of ``data.source`` and the settings that split it: a tile source's cut
+    folder (``train/`` and ``val/``) as it is; ``world``'s rasters with its held-out
+    landscapes (``world.VALIDATION``), unless ``data.val_regions`` names others."""
+    if data.source == WORLD:
+        regions = data.val_regions or list(VALIDATION)
+        return ensure_world_rasters(quiet=quiet), attrs.evolve(data, val_regions=regions)
+    tile_size = data.tile_size or 48
+    return ensure_tiles(source_named(data.source), tile_size=tile_size, quiet=quiet), data
 
 
 def ensure_source_tiles(name: str, *, tile_size: int = 48, quiet: bool = False) -> Path:

@@ -42,7 +42,6 @@ from core.data.distfiles import Member, fetch
 from core.data.geotiff import cell_size_m, write_dem
 from core.errors import DataError
 from core.tasks.dem_sr.data.decoders import mark_sea, read_grid
-from core.tasks.dem_sr.data.sources import SRTM_CITATION
 from core.tasks.dem_sr.data.tiling import Raster
 
 CACHE_VERSION = "world-v1"
@@ -51,6 +50,12 @@ CELL_SIZE_M = 90.0
 MIN_VALID_FRACTION = 0.5
 """A 90 m cell needs at least this fraction of its area covered by valid source cells."""
 
+SRTM_CITATION = (
+    "Farr, T. G., Rosen, P. A., Caro, E., Crippen, R., Duren, R., Hensley, S., Kobrick, M., "
+    "Paller, M., Rodriguez, E., Roth, L., Seal, D., Shaffer, S., Shimada, J., Umland, J., "
+    "Werner, M., Oskin, M., Burbank, D., and Alsdorf, D., 2007. The Shuttle Radar Topography "
+    "Mission. Reviews of Geophysics 45, RG2004, doi:10.1029/2005RG000183"
+)
 ALOS_CITATION = (
     "Tadono, T., Ishida, H., Oda, F., Naito, S., Minakawa, K., Iwamoto, H., 2014. Precise "
     "Global DEM Generation by ALOS PRISM. ISPRS Annals of the Photogrammetry, Remote Sensing "
@@ -186,6 +191,27 @@ LANDSCAPES: tuple[Landscape, ...] = (
         read_tiff,
     ),
 )
+
+
+VALIDATION: tuple[str, ...] = (
+    "french_prealps",
+    "southern_england",
+    "hawaii_big_island",
+    "high_sierra",
+    "white_mountains",
+    "kings_canyon",
+    "sierra_escarpment",
+    "inyo_escarpment",
+    "tuolumne_canyon",
+    "owens_valley",
+    "saline_valley",
+    "eureka_valley",
+    "round_valley",
+)
+"""The landscapes ``world`` validates on, which training never sees (``data.val_regions``):
+three whole rasters, and named regions of the Sierra Nevada raster (``regions.py``) for the
+classes only it holds: alpine ranges, escarpments and canyons, desert basins. Chosen so that
+every class validates on at least 3 landscapes; docs/data-format.md has the counts."""
 
 
 def default_cache_dir() -> Path:

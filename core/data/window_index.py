@@ -1,0 +1,250 @@
+"""A lattice of fixed-size windows over rasters of any size, described once and cached.
+
+A training sample is a window of ``size`` x ``size`` cells of one raster file: a 48 x 48 tile
+is a raster that holds one window, a 10,000 x 10,000 lidar tile holds 43,000. The index is
+what a dataset needs to know before the first batch (where each window is, whether it is
+usable, its terrain) without holding any pixel: building it reads each file once, a strip of
+``size`` rows at a time, so memory stays flat in the raster's size; afterwards a dataset reads
+one window per sample (``rasterio`` windowed reads).
+
+Windows stay within one file, on that file's own grid: nothing is reprojected, so files in
+different CRSs mix freely (each window keeps its file's cell size). The lattice is anchored
+at each file's first cell and never overlaps; the cells past the last whole window are left
+out.
+
+The index is cached under ``<cache_root()>/windows/``, keyed by every file's path, size and
+modification time and by the settings that change it (``key``): a second run over the same
+files reads it back in milliseconds; a touched file or another setting builds a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import attrs
+import numpy as np
+from affine import Affine
+from rasterio.windows import Window
+from tqdm.auto import tqdm
+
+from core.data.cache import cache_root
+from core.errors import DataError
+
+INDEX_VERSION = 1
+"""Bump when the stored layout changes, so old indexes are rebuilt."""
+
+KEPT_INDEXES = 256
+"""Indexes kept in the cache; a few kilobytes each, a few megabytes for a national mosaic."""
+
+S = TypeVar("S")
+
+
+@attrs.frozen
+class GridFile:
+    """One raster's grid, as the index saw it."""
+
+    path: str
+    height: int
+    width: int
+    transform: tuple[float, ...]
+    """The affine's six coefficients (a, b, c, d, e, f)."""
+    crs: str
+    name: str
+    """What reports call the file: its ``landscape`` or ``region`` tag, else its stem."""
+
+    @property
+    def affine(self) -> Affine:
+        return Affine(*self.transform)
+
+
+@attrs.frozen(eq=False)
+class WindowIndex:
+    """Every usable window: ``file``, ``row`` and ``col`` (top-left cell) plus the columns the
+    task's ``describe`` gave, all aligned; ``rejected`` counts the windows left out, by
+    reason."""
+
+    size: int
+    files: tuple[GridFile, ...]
+    columns: Mapping[str, np.ndarray]
+    rejected: Mapping[str, int] = attrs.field(factory=dict)
+    problems: Mapping[str, str] = attrs.field(factory=dict)
+    """File number (as text) -> why that whole file was left out."""
+
+    def __len__(self) -> int:
+        return len(self.columns["file"])
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.columns[name]
+
+    def window(self, i: int) -> Window:
+        return Window(int(self["col"][i]), int(self["row"][i]), self.size, self.size)
+
+    def transform(self, i: int) -> Affine:
+        """The affine of window ``i``'s own grid."""
+        return self.files[self["file"][i]].affine @ Affine.translation(
+            int(self["col"][i]), int(self["row"][i])
+        )
+
+    def bounds(self) -> np.ndarray:
+        """``[N, 4]`` (left, bottom, right, top) of every window in its file's CRS."""
+        transforms = np.array([f.transform for f in self.files], dtype=np.float64)
+        t = transforms[self["file"]]
+        cols = np.stack([self["col"], self["col"] + self.size], axis=1).astype(np.float64)
+        rows = np.stack([self["row"], self["row"] + self.size], axis=1).astype(np.float64)
+        # corners of north-up grids (b = d = 0, which every DEM this index reads has)
+        x = t[:, [0]] * cols + t[:, [2]]
+        y = t[:, [4]] * rows + t[:, [5]]
+        return np.stack([x.min(1), y.min(1), x.max(1), y.max(1)], axis=1)
+
+    def crs_of(self) -> np.ndarray:
+        """The CRS of every window's file."""
+        return np.array([f.crs for f in self.files], dtype=object)[self["file"]]
+
+
+def file_identity(path: Path) -> list:
+    """What says a file is unchanged: its resolved path, size and modification time."""
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def index_key(paths: Sequence[Path], settings: Mapping[str, Any]) -> str:
+    """The cache key of an index over ``paths`` built with ``settings``."""
+    payload = {
+        "version": INDEX_VERSION,
+        "files": [file_identity(path) for path in paths],
+        "settings": dict(settings),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def build_index(
+    files: Sequence[GridFile],
+    size: int,
+    read_strip: Callable[[int, int], S],
+    describe: Callable[[int, int, int, S], Mapping[str, Any] | str],
+    *,
+    quiet: bool = False,
+    desc: str = "indexing windows",
+) -> WindowIndex:
+    """Visit every lattice window of every file, a strip of ``size`` rows at a time.
+
+    ``read_strip(file_no, row)`` reads rows ``row .. row + size`` of that file (in whatever
+    form the task needs); ``describe(file_no, row, col, strip)`` returns the window's
+    columns, or the reason it is left out. A ``DataError`` from either leaves the whole file
+    out; so does a file without a usable window. Either is recorded in ``problems``.
+    """
+    total = sum((f.height // size) * (f.width // size) for f in files)
+    rows: list[tuple[int, int, int]] = []
+    described: dict[str, list] = {}
+    rejected: Counter[str] = Counter()
+    problems: dict[str, str] = {}
+    with tqdm(total=total, desc=desc, unit="window", disable=quiet, mininterval=1.0) as bar:
+        for file_no, grid in enumerate(files):
+            kept: list[tuple[int, int, int]] = []
+            columns: list[Mapping[str, Any]] = []
+            reasons: Counter[str] = Counter()
+            try:
+                for row in range(0, grid.height - size + 1, size):
+                    strip = read_strip(file_no, row)
+                    for col in range(0, grid.width - size + 1, size):
+                        result = describe(file_no, row, col, strip)
+                        if isinstance(result, str):
+                            reasons[result] += 1
+                        else:
+                            kept.append((file_no, row, col))
+                            columns.append(result)
+                    bar.update(grid.width // size)
+            except DataError as error:
+                problems[str(file_no)] = str(error)
+                continue
+            rejected.update(reasons)
+            if not kept:
+                problems[str(file_no)] = f"{grid.path}: {_no_window(reasons)}"
+            rows.extend(kept)
+            for result in columns:
+                for name, value in result.items():
+                    described.setdefault(name, []).append(value)
+    position = np.array(rows, dtype=np.int64).reshape(-1, 3)
+    columns_out = {
+        "file": position[:, 0].astype(np.int32),
+        "row": position[:, 1],
+        "col": position[:, 2],
+        **{name: np.asarray(values) for name, values in described.items()},
+    }
+    return WindowIndex(size, tuple(files), columns_out, dict(rejected), problems)
+
+
+def _no_window(reasons: Counter[str]) -> str:
+    """Why a file gave no window: the one reason, or each with its count."""
+    if len(reasons) == 1:
+        return next(iter(reasons))
+    listed = ", ".join(f"{count} {reason}" for reason, count in reasons.most_common())
+    return f"no usable window ({listed})"
+
+
+def cached_index(key: str, build: Callable[[], WindowIndex]) -> WindowIndex:
+    """The index stored under ``key``, built and stored first if there is none.
+
+    Stored as one ``.npz`` (no pickles: read back with ``allow_pickle=False``) written to a
+    temporary name and renamed, so concurrent processes never read half an index.
+    """
+    path = cache_root() / "windows" / f"{key}.npz"
+    if path.is_file():
+        try:
+            index = _load(path)
+            os.utime(path)  # recently used: pruned last
+            return index
+        except (OSError, ValueError, KeyError):
+            pass  # damaged or from another layout: build it again
+    index = build()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as staged:
+        np.savez(staged, **_stored(index))
+    os.replace(staged.name, path)
+    _prune(path.parent)
+    return index
+
+
+def _prune(folder: Path) -> None:
+    """Keep the ``KEPT_INDEXES`` most recently used indexes: a changed file or setting leaves
+    its old index behind."""
+    stored = sorted(folder.glob("*.npz"), key=_last_used, reverse=True)
+    for old in stored[KEPT_INDEXES:]:
+        old.unlink(missing_ok=True)
+
+
+def _last_used(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:  # pruned by another process meanwhile
+        return 0
+
+
+def _stored(index: WindowIndex) -> dict[str, np.ndarray]:
+    meta = {
+        "version": INDEX_VERSION,
+        "size": index.size,
+        "files": [attrs.asdict(f) for f in index.files],
+        "rejected": index.rejected,
+        "problems": index.problems,
+        "columns": list(index.columns),
+    }
+    columns = {f"column_{name}": np.asarray(values) for name, values in index.columns.items()}
+    return {"meta": np.array(json.dumps(meta)), **columns}
+
+
+def _load(path: Path) -> WindowIndex:
+    with np.load(path, allow_pickle=False) as stored:
+        meta = json.loads(str(stored["meta"]))
+        if meta["version"] != INDEX_VERSION:
+            raise ValueError("another index layout")
+        columns = {name: stored[f"column_{name}"] for name in meta["columns"]}
+    files = tuple(GridFile(**{**f, "transform": tuple(f["transform"])}) for f in meta["files"])
+    return WindowIndex(meta["size"], files, columns, meta["rejected"], meta["problems"])
