@@ -79,7 +79,8 @@ class DataSection:
 class OptimSection:
     """AdamW with a per-step schedule."""
 
-    lr: float = attrs.field(default=1e-3, validator=check.positive)
+    lr: float = attrs.field(default=1e-3, validator=check.non_negative)
+    """0 freezes the weights: the frozen-model null of the spike measure (docs/experiments.md)."""
     weight_decay: float = attrs.field(default=0.0, validator=check.non_negative)
     schedule: str = attrs.field(
         default="cosine", validator=attrs.validators.in_(("cosine", "constant"))
@@ -89,6 +90,10 @@ class OptimSection:
     grad_clip: float = attrs.field(default=0.0, validator=check.non_negative)
     """Clip the global gradient norm to this value; 0 disables clipping."""
     accumulation_steps: int = attrs.field(default=1, validator=check.positive_int)
+    lr_spike_steps: tuple[int, ...] = attrs.field(default=(), validator=check.step_numbers)
+    """Optimizer steps (1 = the first) taken at ``lr_spike_factor`` times the learning rate:
+    an injected instability, the control the model-spike measure must find."""
+    lr_spike_factor: float = attrs.field(default=100.0, validator=check.positive)
 
 
 @attrs.define
@@ -114,6 +119,17 @@ class TrainSection:
     tensorboard: bool = False
     max_nonfinite_steps: int = attrs.field(default=5, validator=check.positive_int)
     """Stop after this many consecutive steps with a non-finite loss (each one is skipped)."""
+    validate_every_steps: int = attrs.field(default=0, validator=check.non_negative_int)
+    """Also validate after every this many optimizer steps (``val_curve`` in metrics.jsonl);
+    0: only at the end of each epoch."""
+    probe_every: int = attrs.field(default=10, validator=check.non_negative_int)
+    """Evaluate the probe set every this many optimizer steps (``probe_loss``, model spikes);
+    0: never."""
+    probe_tiles: int = attrs.field(default=16, validator=check.positive_int)
+    """Training windows in the probe set, as many of each domain as it holds, chosen by
+    ``data.split_seed``: the same windows for every arm and seed."""
+    model_spike_jump: float = attrs.field(default=0.1, validator=check.positive)
+    """A model spike: the probe loss rose by more than this fraction since the probe before."""
 
 
 @attrs.define

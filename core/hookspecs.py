@@ -102,7 +102,8 @@ def route_batch(model: nn.Module, batch: Batch, ctx: RunContext) -> None:
     """Before every forward pass, training and validation, with the batch on its device.
 
     Composable. Lets a plugin route samples to domain-specific layers (``domain_bn`` tells
-    its norms the terrain of each sample). ``model.training`` tells the two apart.
+    its norms the terrain of each sample). ``model.training`` tells training from the rest
+    (validation, the probe set's training windows, plots).
     """
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from core.spikes import spike_steps
+from core.spikes import batch_loss_outliers
 
 DPI = 110
 
@@ -50,12 +50,12 @@ def domain_order(names: Sequence[str], known: Sequence[str]) -> list[str]:
 def plot_loss_curves(
     rows: Sequence[Mapping[str, Any]], path: str | PathLike[str], components: Sequence[str] = ()
 ) -> None:
-    """Per-epoch total and per-component losses; per-step losses with spikes, if present.
+    """Per-epoch total and per-component losses; per-step losses with their outliers.
 
     ``rows`` are ``metrics.jsonl`` objects. Panels: train/val total loss; each
     ``train_loss_<component>`` of ``components`` (solid) and ``val_loss_<component>``
     (dashed) that exists; and, when rows carry ``step_losses`` (that epoch's per-step
-    losses), the concatenated step series with ``spike_steps`` marked.
+    losses), the concatenated step series with ``batch_loss_outliers`` marked.
     """
     steps = run_step_losses(rows)
     fig = Figure(figsize=(15 if steps else 10, 4.2), layout="constrained")
@@ -85,14 +85,14 @@ def plot_loss_curves(
     if steps:
         ax = axes[2]
         ax.plot(steps, lw=0.8, color="C0", label="step loss")
-        spikes = spike_steps(steps)
-        finite_spikes = [s for s in spikes if math.isfinite(steps[s])]
+        outliers = batch_loss_outliers(steps)
+        finite_outliers = [s for s in outliers if math.isfinite(steps[s])]
         ax.plot(
-            finite_spikes,
-            [steps[s] for s in finite_spikes],
+            finite_outliers,
+            [steps[s] for s in finite_outliers],
             "v",
             color="C3",
-            label=f"spikes ({len(spikes)})",
+            label=f"batch-loss outliers ({len(outliers)})",
         )
         log_if_positive(ax, [v for v in steps if math.isfinite(v)])
         ax.set(title="per-step loss", xlabel="step")

@@ -6,6 +6,7 @@
     RUN_DIR/metrics.jsonl    one JSON object per epoch
     RUN_DIR/checkpoint.pt    the last checkpoint (weights-only, see docs/safety.md)
     RUN_DIR/summary.json     written when the run finishes
+    RUN_DIR/val_tiles.csv.gz the last validation's errors per tile (tasks that give them)
     RUN_DIR/interrupted.json written when a signal stopped it: how to resume
     RUN_DIR/run.lock         held by the live run (core.runlock)
     RUN_DIR/cache/           per-tile caches a task or plugin keeps for the run
@@ -16,6 +17,7 @@ CONFIG = "config.toml"
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint.pt"
 SUMMARY = "summary.json"
+VAL_TILES_CSV = "val_tiles.csv.gz"
 INTERRUPTED = "interrupted.json"
 LOCK_FILE = "run.lock"
 CACHE = "cache"

@@ -6,6 +6,8 @@ One optimizer step, as data flows through it::
       -> [B, C] losses x loss_weights (hook) + auxiliary_loss (hook)
       -> x per_sample_losses (hook) -> backward (hook)
       -> transform_gradients (hook) -> clip -> optimizer.step -> after_optimizer_step (hook)
+      -> every train.probe_every steps: the probe set's loss (core.spikes, model spikes)
+      -> every train.validate_every_steps steps: a point of the validation curve
 
 Validation, the plots and the task's export run on the plugins' ``evaluation_weights``
 (hook), and ``on_run_end`` (hook) hears how the run ended, whichever way.
@@ -47,8 +49,9 @@ from core.resume import data_identity
 from core.run_folder import CHECKPOINT, CONFIG, INTERRUPTED, LOSS_CURVES, METRICS, SUMMARY
 from core.runlock import RunLock, claim_run_dir
 from core.safe_io import nonfinite_tensors, save_tensors
-from core.spikes import count_loss_spikes
-from core.tasks import Batch, get_task
+from core.spikes import batch_loss_outliers, probe_indices, probe_jumps, probe_loss
+from core.tasks import VAL_TILES, Batch, get_task
+from core.val_tiles import write_val_tiles
 
 
 class NonFiniteLossError(RuntimeError):
@@ -97,13 +100,17 @@ def plan_statistics(
 
 
 def lr_at(config: Config, progress: float, step: int) -> float:
-    """Learning rate at ``progress`` in [0, 1] through the run (linear warm-up, then cosine)."""
+    """Learning rate at ``progress`` in [0, 1] through the run (linear warm-up, then cosine)
+    for the optimizer step after ``step`` steps, times ``optim.lr_spike_factor`` at the steps
+    ``optim.lr_spike_steps`` lists (counted from 1)."""
     optim = config.optim
     warmup = min(1.0, (step + 1) / optim.warmup_steps) if optim.warmup_steps else 1.0
+    injected = optim.lr_spike_factor if step + 1 in optim.lr_spike_steps else 1.0
     if optim.schedule == "constant":
-        return optim.lr * warmup
+        return optim.lr * warmup * injected
     floor = 0.01 * optim.lr
-    return warmup * (floor + (optim.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+    cosine = floor + (optim.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return warmup * cosine * injected
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -261,6 +268,23 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"][: torch.cuda.device_count()])
 
 
+@contextlib.contextmanager
+def aside(model: nn.Module, ctx: RunContext, seed: int) -> Iterator[None]:
+    """A measurement that leaves the run as it found it: ``model`` in eval mode and the
+    random generators seeded with ``seed`` for the block (a forward that samples gives the
+    same draws every time), then the generators, ``ctx.log`` values and train mode as they
+    were, so a run trains the same with or without the measurement."""
+    saved, logged = rng_state(), ctx.logged_values()
+    model.eval()
+    set_seed(seed)
+    try:
+        yield
+    finally:
+        model.train()
+        restore_rng(saved)
+        ctx.restore_logged(logged)
+
+
 class Trainer:
     """Runs one configured training job in ``run_dir``."""
 
@@ -292,12 +316,17 @@ class Trainer:
         )
         self.rows: list[dict[str, Any]] = []
         self.step_losses: list[float] = []
+        self.probe_batch: Batch | None = None
+        """The probe set (``train.probe_tiles`` training windows), None without probes."""
+        self.probe_last: float | None = None
+        """The probe set's last loss, which the next one is compared with."""
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.stop_signal: int | None = None
         self.partial: dict[int, dict[str, Any]] = {}
         """An interrupted epoch's progress on this process: {epoch: {"sums", "losses",
-        "logged"}}, the state :meth:`run_epoch` accumulates over the epoch's steps."""
+        "logged", "probes", "curve"}}, the state :meth:`run_epoch` accumulates over the
+        epoch's steps."""
         self.lock = self.claim_run_dir(state)  # last: a failure above leaves nothing locked
 
     # --- set-up ------------------------------------------------------------------------
@@ -359,6 +388,10 @@ class Trainer:
             [getattr(config.loss, c, 1.0) for c in ctx.task.components],
             device=accelerator.device,
         )
+        if config.train.probe_every:
+            chosen = probe_indices(train.terrains, config.train.probe_tiles, config.data.split_seed)
+            batch = default_collate([train[int(i)] for i in chosen])
+            self.probe_batch = to_device(batch, accelerator.device)
         start_epoch = 1
         plugin_states: dict[str, dict[str, Any]] = {}
         if self.resume:
@@ -472,10 +505,15 @@ class Trainer:
         steps = list(chunks(local, config.optim.accumulation_steps))
         partial = self.partial.pop(epoch, None)
         if partial is None:
-            sums = torch.zeros(2 + len(ctx.task.components), dtype=torch.float64)
+            sums = torch.zeros(self.sums_size(), dtype=torch.float64)
             epoch_losses: list[float] = []
+            probes: list[list[Any]] = []  # [step, probe loss, a model spike?]
+            curve: list[dict[str, Any]] = []  # the validation points within the epoch
+            if self.probe_batch is not None and self.probe_last is None:  # before step 1
+                self.record_probe(probes)
         else:  # the steps an interruption finished count as if never interrupted
             sums, epoch_losses = partial["sums"], partial["losses"]
+            probes, curve = partial["probes"], partial["curve"]
             ctx.restore_logged(partial["logged"])  # replaces what the replayed hooks logged
         done = len(epoch_losses)  # steps completed before an interruption, replayed from here
         loader = DataLoader(
@@ -501,6 +539,7 @@ class Trainer:
             step_sums = self.optimizer_step(micro, progress)
             if self.nonfinite_total == skipped_before:  # a skipped step stays out of the means
                 sums += step_sums
+                self.measure_after_step(probes, curve, last=step_index == len(steps) - 1)
             loss = float(step_sums[0] / max(step_sums[1], 1))
             epoch_losses.append(loss)
             bar.set_postfix(loss=f"{loss:.4f}")
@@ -512,6 +551,8 @@ class Trainer:
                     "sums": sums,
                     "losses": epoch_losses,
                     "logged": ctx.logged_values(),
+                    "probes": probes,
+                    "curve": curve,
                 }
                 self.save_checkpoint(epoch - 1)
                 self.write_interrupted(stop, epoch, step_index + 1, len(steps))
@@ -520,20 +561,33 @@ class Trainer:
         sums = accelerator.reduce(sums.to(accelerator.device), "sum").cpu()
         count = max(float(sums[1]), 1.0)
         row: dict[str, Any] = {"epoch": epoch, "train_loss": float(sums[0]) / count}
+        components = len(ctx.task.components)
         for i, component in enumerate(ctx.task.components):
             row[f"train_loss_{component}"] = float(sums[2 + i]) / count
+        by_domain = sums[2 + components :].reshape(2, len(ctx.terrains)).tolist()
+        row["train_loss_by_terrain"] = {
+            name: total / samples
+            for name, total, samples in zip(ctx.terrains, *by_domain, strict=True)
+            if samples
+        }
         with evaluated(accelerator.unwrap_model(self.model), ctx):
             row.update(self.validate())
             extras = ctx.plugins.call("validation_metrics", model=self.model, ctx=ctx)
+        curve.append(self.curve_point(row))
         row.update(stats)
         row.update(
             lr=self.optimizer.param_groups[0]["lr"],
             steps=len(steps),
-            loss_spikes=count_loss_spikes(self.step_losses + epoch_losses)
-            - count_loss_spikes(self.step_losses),
+            batch_loss_outliers=len(batch_loss_outliers(self.step_losses + epoch_losses))
+            - len(batch_loss_outliers(self.step_losses)),
+            model_spikes=sum(spike for _, _, spike in probes),
+            model_spike_steps=[step for step, _, spike in probes if spike],
             nonfinite_steps=self.nonfinite_total,
             seconds=round(time.perf_counter() - started, 3),
-            step_losses=list(epoch_losses),  # per optimizer step: the spikes, visible
+            step_losses=list(epoch_losses),  # per optimizer step: the outliers, visible
+            probe_steps=[step for step, _, _ in probes],
+            probe_loss=[loss for _, loss, _ in probes],
+            val_curve=curve,
         )
         self.step_losses.extend(epoch_losses)
         for name, extra in extras:
@@ -548,14 +602,19 @@ class Trainer:
         row.update(logged)
         return row
 
+    def sums_size(self) -> int:
+        """[loss sum, samples, per-component sums, per-domain base-weighted loss sums,
+        per-domain samples]: what :meth:`optimizer_step` returns and an epoch adds up."""
+        return 2 + len(self.ctx.task.components) + 2 * len(self.ctx.terrains)
+
     def optimizer_step(self, micro: list[dict[str, Any]], progress: float) -> torch.Tensor:
-        """One optimizer step over ``micro``; returns local [loss sum, samples, component sums]."""
+        """One optimizer step over ``micro``; returns this process's sums (:meth:`sums_size`)."""
         ctx, accelerator, model = self.ctx, self.accelerator, self.model
         counts = torch.zeros(len(ctx.terrains), device=accelerator.device)
         for batch in micro:
             counts += torch.bincount(batch["terrain"], minlength=len(ctx.terrains)).float()
         counts = accelerator.reduce(counts, "sum") if ctx.world_size > 1 else counts
-        sums = torch.zeros(2 + len(ctx.task.components), dtype=torch.float64)
+        sums = torch.zeros(self.sums_size(), dtype=torch.float64)
         for index, batch in enumerate(micro):
             ctx.step = StepInfo(counts, index, len(micro), progress)
             last = index == len(micro) - 1
@@ -588,9 +647,13 @@ class Trainer:
                 ):
                     ctx.backward(per_sample.sum() * ctx.world_size / ctx.step.num_samples)
             detached = per_sample.detach()
+            base = losses.detach() @ self.base_weights  # before any plugin reweights it
+            by_domain = base.new_zeros(2, len(ctx.terrains)).index_add_(
+                1, batch["terrain"], torch.stack([base, torch.ones_like(base)])
+            )
             sums += torch.cat(
                 [detached.sum().reshape(1), detached.new_full((1,), len(detached)),
-                 losses.detach().sum(0)]
+                 losses.detach().sum(0), by_domain.flatten()]
             ).double().cpu()  # fmt: skip
         ctx.plugins.call("transform_gradients", model=model, ctx=ctx)
         # fp16's GradScaler handles overflowing gradients itself: it skips the step and
@@ -650,6 +713,48 @@ class Trainer:
             )
         return False
 
+    def measure_after_step(
+        self, probes: list[list[Any]], curve: list[dict[str, Any]], last: bool
+    ) -> None:
+        """The probe set's loss every ``train.probe_every`` optimizer steps, and a validation
+        point every ``train.validate_every_steps`` (but the epoch's ``last`` step: the epoch's
+        own validation is that point). Neither changes the run (:func:`aside`)."""
+        step, train = self.ctx.global_step, self.config.train
+        if self.probe_batch is not None and step % train.probe_every == 0:
+            self.record_probe(probes)
+        if train.validate_every_steps and step % train.validate_every_steps == 0 and not last:
+            model = self.accelerator.unwrap_model(self.model)
+            with evaluated(model, self.ctx), aside(model, self.ctx, self.config.run.seed):
+                metrics = self.validate()
+            curve.append(self.curve_point(metrics))
+
+    def curve_point(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """A point of ``val_curve``: the optimizer step, ``val_loss`` and the task's report
+        metrics (their overall values)."""
+        keys = ("val_loss", *(metric.key for metric in self.ctx.task.report_metrics))
+        return {"step": self.ctx.global_step, **{key: metrics.get(key) for key in keys}}
+
+    @torch.no_grad()
+    def record_probe(self, probes: list[list[Any]]) -> None:
+        """Append ``[step, probe loss, a model spike?]``: the probe set's loss with the
+        ``[loss]`` base weights, through the loss the run trains with (a plugin's
+        ``training_forward``, else the task's), before any plugin reweights it."""
+        ctx, model = self.ctx, self.accelerator.unwrap_model(self.model)
+        batch = dict(self.probe_batch)
+        with aside(model, ctx, self.config.data.split_seed):
+            ctx.plugins.call("route_batch", model=model, batch=batch, ctx=ctx)
+            with self.accelerator.autocast():
+                losses = ctx.plugins.exclusive(
+                    "training_forward", model=model, batch=batch, ctx=ctx
+                )
+                if losses is None:
+                    losses = ctx.task.forward_losses(model, batch)
+        value = probe_loss((losses.float() @ self.base_weights).tolist())
+        jump = probe_jumps([self.probe_last, value])[1]
+        spike = jump is not None and jump > self.config.train.model_spike_jump
+        probes.append([ctx.global_step, value, spike])
+        self.probe_last = value
+
     def validate(self) -> dict[str, Any]:
         model = self.accelerator.unwrap_model(self.model)
         model.eval()
@@ -670,12 +775,17 @@ class Trainer:
     # --- epoch end, checkpoints --------------------------------------------------------
 
     def end_epoch(self, epoch: int, row: dict[str, Any]) -> None:
-        """Checkpoint (it carries the rows), then the metrics line, plots, loggers, hooks.
+        """The validation's per-tile errors, the checkpoint (it carries the rows), then the
+        metrics line, plots, loggers, hooks.
 
         In this order a kill at any moment leaves a run that resumes: ``metrics.jsonl``
-        never gets ahead of the checkpoint, and resuming rewrites it from the checkpoint.
+        never gets ahead of the checkpoint, and resuming rewrites it from the checkpoint;
+        the per-tile file is never behind it (a resumed epoch writes it again).
         """
         ctx, accelerator = self.ctx, self.accelerator
+        tiles = row.pop(VAL_TILES, None)
+        if tiles is not None and accelerator.is_main_process:  # never behind the checkpoint
+            write_val_tiles(self.run_dir, epoch, tiles)
         row = json_safe(row)
         self.rows.append(row)
         every = self.config.train.checkpoint_every
@@ -711,14 +821,21 @@ class Trainer:
     def print_epoch(self, row: dict[str, Any]) -> None:
         print(
             f"epoch {row['epoch']}/{self.config.run.epochs}: {self.ctx.task.epoch_summary(row)} "
-            f"spikes {row['loss_spikes']} {row['seconds']:.1f} s",
+            f"batch-loss outliers {row['batch_loss_outliers']} model spikes "
+            f"{row['model_spikes']} {row['seconds']:.1f} s",
             flush=True,
         )
 
     def process_state(self) -> dict[str, Any]:
         """What differs between processes: an interrupted epoch's progress (``partial``),
-        the step losses behind the loss-spike counts, and the random generators."""
-        return {"partial": self.partial, "step_losses": self.step_losses, "rng": rng_state()}
+        the step losses behind the batch-loss outlier counts, the last probe loss and the
+        random generators."""
+        return {
+            "partial": self.partial,
+            "step_losses": self.step_losses,
+            "probe_last": self.probe_last,
+            "rng": rng_state(),
+        }
 
     def save_checkpoint(self, completed_epoch: int) -> None:
         """The last checkpoint, with every process's own state, written atomically by the
@@ -794,6 +911,7 @@ class Trainer:
         own = processes[rank] if rank < len(processes) else processes[0]
         self.partial = own["partial"]
         self.step_losses = own["step_losses"]
+        self.probe_last = own["probe_last"]
         restore_rng(own["rng"])
 
     def write_interrupted(self, signum: int, epoch: int, steps_done: int, steps: int) -> None:
@@ -853,7 +971,8 @@ class Trainer:
         summary = {
             "epochs": len(self.rows),
             "final": self.rows[-1] if self.rows else None,
-            "loss_spikes_total": sum(row["loss_spikes"] for row in self.rows),
+            "batch_loss_outliers_total": sum(row["batch_loss_outliers"] for row in self.rows),
+            "model_spikes_total": sum(row["model_spikes"] for row in self.rows),
             "nonfinite_steps": self.nonfinite_total,
             "skipped_tiles": [
                 {"path": path, "reason": reason}

@@ -32,3 +32,9 @@ optional_non_negative = optional(non_negative)
 open_fraction = and_(finite, gt(0.0), lt(1.0))
 fraction = and_(finite, ge(0.0), le(1.0))
 seed = and_(ge(0), lt(SEED_LIMIT))
+
+
+def step_numbers(_: Any, attribute: attrs.Attribute, value: tuple[int, ...]) -> None:
+    """Optimizer step numbers count from 1."""
+    if any(step < 1 for step in value):
+        raise ValueError(f"'{attribute.name}' must list steps >= 1: {list(value)}")

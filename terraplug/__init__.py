@@ -31,11 +31,13 @@ from core.plugins import ENTRY_POINT_GROUP, NoConfig, Plugin
 from core.safe_io import atomic_write, check_output, load_checkpoint, replaced_when_done
 from core.tasks import (
     TASK_GROUP,
+    VAL_TILES,
     Batch,
     HarnessSettings,
     PredictOptions,
     ReportMetric,
     Task,
+    TileMetric,
     metric_text,
 )
 from core.validators import fraction, non_negative, open_fraction, positive, positive_int
@@ -43,6 +45,7 @@ from core.validators import fraction, non_negative, open_fraction, positive, pos
 __all__ = [
     "ENTRY_POINT_GROUP",
     "TASK_GROUP",
+    "VAL_TILES",
     "Batch",
     "Config",
     "ConfigError",
@@ -56,6 +59,7 @@ __all__ = [
     "RunContext",
     "StepInfo",
     "Task",
+    "TileMetric",
     "TrainedRun",
     "UsageError",
     "__version__",

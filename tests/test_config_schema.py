@@ -149,7 +149,7 @@ def test_a_key_without_a_validator_is_found():
         (["--set", "optim.accumulation_steps=0"], "@ config.optim.accumulation_steps"),
         (["--set", "optim.lr=nan"], "'lr' must be a finite number: nan @ config.optim.lr"),
         (["--set", "optim.lr=inf"], "'lr' must be a finite number: inf @ config.optim.lr"),
-        (["--set", "optim.lr=-1"], "'lr' must be > 0.0: -1.0 @ config.optim.lr"),
+        (["--set", "optim.lr=-1"], "'lr' must be >= 0.0: -1.0 @ config.optim.lr"),
         (["--set", "train.checkpoint_every=0"], "@ config.train.checkpoint_every"),
         (["--epochs", "0"], "'epochs' must be >= 1: 0 @ config.run.epochs"),
         (["--epochs", "-1"], "@ config.run.epochs"),

@@ -124,7 +124,7 @@ def test_hook_route_batch(train_run):
                 self.examples.append(ctx.terrains[int(batch["terrain"][0])])
 
     probe = Router()
-    train_run(probe)
+    train_run(probe, overrides=("train.probe_every=0",))  # the probe: training tiles, eval mode
     assert probe.train_tiles and probe.val_tiles
     assert not probe.train_tiles & probe.val_tiles, "validation tiles must not be trained on"
     # after the last epoch the hillshade plot draws one routed validation tile per terrain

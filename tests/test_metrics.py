@@ -1,4 +1,4 @@
-"""Metrics in metres and degrees: Horn slope, the per-terrain accumulator, loss spikes."""
+"""Metrics in metres and degrees: Horn slope, the per-terrain accumulator, the spike measures."""
 
 from __future__ import annotations
 
@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from core.spikes import count_loss_spikes, spike_steps
+from core.spikes import (
+    batch_loss_outliers,
+    probe_indices,
+    probe_jumps,
+    probe_loss,
+    probe_rise,
+)
 from core.tasks.dem_sr.metrics import ValidationAccumulator, horn_slope_deg
 from core.tasks.dem_sr.terrain import TERRAINS, terrain_index
 
@@ -184,16 +190,40 @@ def test_perfect_prediction_scores_zero() -> None:
     assert summary["val_rmse_m"] == 0 and summary["val_slope_rmse_deg"] == 0
 
 
-def test_spikes_on_a_constructed_series() -> None:
+def test_batch_loss_outliers_on_a_constructed_series() -> None:
     losses = [1.0 + 0.01 * (i % 3) for i in range(40)]
-    losses[3] = 9.0  # before a baseline of window // 2 = 10 values: not a spike
+    losses[3] = 9.0  # before a baseline of window // 2 = 10 values: not an outlier
     losses[15] = 1.6  # above 1.5 x median 1.01
     losses[16] = 1.4  # below it
     losses[30] = 5.0
-    losses[31] = 4.0  # right after a spike: the median baseline is not dragged up
+    losses[31] = 4.0  # right after an outlier: the median baseline is not dragged up
     losses[35] = math.nan  # a blow-up counts and stays out of the baseline
-    assert spike_steps(losses) == [15, 30, 31, 35]
-    assert count_loss_spikes(losses) == 4
-    assert count_loss_spikes(losses, factor=2.0) == 3
-    assert spike_steps(losses, window=4) == [3, 15, 30, 31, 35]
-    assert count_loss_spikes([]) == 0
+    assert batch_loss_outliers(losses) == [15, 30, 31, 35]
+    assert len(batch_loss_outliers(losses, factor=2.0)) == 3
+    assert batch_loss_outliers(losses, window=4) == [3, 15, 30, 31, 35]
+    assert batch_loss_outliers([]) == []
+    assert batch_loss_outliers([*losses[:35], None]) == [15, 30, 31, 35]  # null in JSON
+
+
+def test_model_spikes_on_a_constructed_probe_series() -> None:
+    """The probe loss is the windows' geometric mean: a 20 % rise on every window is a 20 %
+    rise whatever their scales; a spike is a rise above the threshold since the probe before."""
+    flat, steep = np.array([1.0, 0.9, 1.1]), np.array([0.01, 0.02, 0.015])
+    before = probe_loss([*flat, *steep])
+    assert probe_loss([*(flat * 1.2), *(steep * 1.2)]) == pytest.approx(1.2 * before)
+    assert probe_loss([*flat, *steep, math.nan]) == math.inf
+    values = [1.0, 0.9, 0.95, 1.2, 1.1, math.inf, 1.0]
+    jumps = probe_jumps(values)
+    assert jumps[:5] == pytest.approx([None, -0.1, 0.95 / 0.9 - 1, 1.2 / 0.95 - 1, 1.1 / 1.2 - 1])
+    assert jumps[5:] == [math.inf, None]  # a blow-up, then nothing to compare with
+    assert probe_rise(values[:5]) == pytest.approx(math.log(0.95 / 0.9) + math.log(1.2 / 0.95))
+    assert probe_rise([2.0, 1.5, 1.0]) == 0.0
+
+
+def test_the_probe_set_takes_every_domain_in_turn() -> None:
+    domains = np.array([0] * 10 + [1] * 2 + [2] * 30)
+    chosen = probe_indices(domains, 8, seed=0)
+    assert np.bincount(domains[chosen]).tolist() == [3, 2, 3]  # domain 1 has only 2
+    assert chosen.tolist() == probe_indices(domains, 8, seed=0).tolist()  # fixed by the seed
+    assert len(set(chosen.tolist())) == 8
+    assert len(probe_indices(domains, 100, seed=0)) == len(domains)

@@ -164,19 +164,26 @@ def assert_identical(resumed: Any, straight: Any, where: str) -> None:
         assert resumed == straight, where
 
 
-@pytest.mark.parametrize("name", DEM_SR_PLUGINS)
-def test_every_plugin_resumes_bit_for_bit(name, procedural_dir, tmp_path, monkeypatch):
-    """Interrupted within its second epoch and resumed, a run ends with the metrics, weights,
-    optimizer, plugin state and random generators of the run that was never interrupted."""
+def stopped_and_resumed(procedural_dir, tmp_path, monkeypatch, args) -> tuple[Any, Any]:
+    """The run ``args`` describe (two epochs; ``--plugins`` must include ``stop``), stopped
+    after step 3 and resumed, beside the same run never interrupted: their folders."""
     monkeypatch.setitem(plugins.BUILTIN_PLUGINS, "stop", f"{__name__}:Stop")
-    args = ["--plugins", f"{name},stop", "--set", "train.max_steps_per_epoch=2"]
-    args += SETTINGS.get(name, [])
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     assert main(fast_args(procedural_dir, straight, *args)) == 0
     monkeypatch.setattr(Stop, "at", 3)
     assert main(fast_args(procedural_dir, interrupted, *args)) == 130
     monkeypatch.setattr(Stop, "at", None)
     assert main(["--resume", str(interrupted)]) == 0
+    return interrupted, straight
+
+
+@pytest.mark.parametrize("name", DEM_SR_PLUGINS)
+def test_every_plugin_resumes_bit_for_bit(name, procedural_dir, tmp_path, monkeypatch):
+    """Interrupted within its second epoch and resumed, a run ends with the metrics, weights,
+    optimizer, plugin state and random generators of the run that was never interrupted."""
+    args = ["--plugins", f"{name},stop", "--set", "train.max_steps_per_epoch=2"]
+    args += SETTINGS.get(name, [])
+    interrupted, straight = stopped_and_resumed(procedural_dir, tmp_path, monkeypatch, args)
     assert without_timing(read_metrics(interrupted)) == without_timing(read_metrics(straight))
     resumed, reference = (load_checkpoint(run / CHECKPOINT) for run in (interrupted, straight))
     for key in ("model", "optimizer", "plugins", "global_step"):

@@ -20,6 +20,8 @@ from core.experiment.spec import (
     parse_seeds,
     read_spec,
 )
+from core.experiment.summary import check_primaries
+from core.tasks import get_task
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="experiment folder")
     parser.add_argument("--report-dir", type=Path, help="where the report goes (default --out)")
     parser.add_argument("--baseline", help="the arm Δ is measured against (default: baseline)")
-    parser.add_argument("--target-loss", type=float, help="fixed val_loss for epochs-to-target")
     parser.add_argument("--jobs", type=int, default=1, help="runs side by side (default 1)")
     parser.add_argument("--threads", type=int, default=0, help="threads per run (0: auto)")
     parser.add_argument(
@@ -80,7 +81,7 @@ def build_experiment(args: argparse.Namespace) -> Experiment:
         common=common,
         data=args.data or spec.data,
         baseline=baseline,
-        target_loss=args.target_loss if args.target_loss is not None else spec.target_loss,
+        primary=spec.primary,
         correction=spec.correction,
         test=spec.test,
         alpha=spec.alpha,
@@ -94,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         experiment = build_experiment(args)
         check_arms(experiment, args.out)
+        task = get_task(experiment.task)
+        check_primaries(experiment, task.report_metrics, task.terrains)
         finished, pending = plan_jobs(experiment, args.out)
     except UsageError as error:
         return report_error(error)

@@ -1,10 +1,10 @@
-"""The experiment report's plots: curves and final errors per arm, and per-step losses with
-their spikes marked."""
+"""The experiment report's plots: curves and final errors per arm, per-step losses with their
+batch-loss outliers marked, and the probe set's loss with the model spikes marked."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from os import PathLike
 from typing import Any
 
@@ -12,8 +12,9 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
+from core.experiment.summary import probe_series
 from core.plots import domain_order, log_if_positive, run_step_losses, save
-from core.spikes import spike_steps
+from core.spikes import batch_loss_outliers
 from core.tasks import ReportMetric
 
 
@@ -112,7 +113,13 @@ def plot_domain_metrics_by_arm(
     value, mean over seeds with ± std error bars; with a ``baseline`` a second row shows each
     arm's change in % against the baseline with the same seed (same validation tiles), whose
     error bars are the std of those paired changes. The task's reference (dem_sr: bicubic)
-    joins a metric's panel when the rows carry its ``<reference>_by_terrain``."""
+    joins a metric's panel when the rows carry its ``<reference>_by_terrain``; a metric no
+    run has gets no panel."""
+    finals = {
+        arm: {seed: rows[-1] for seed, rows in seeds.items() if rows} for arm, seeds in runs.items()
+    }
+    finals = {arm: seeds for arm, seeds in finals.items() if seeds}
+    present = {key for seeds in finals.values() for row in seeds.values() for key in row}
     keys = tuple(
         (
             f"{metric.key}_by_terrain",
@@ -120,12 +127,8 @@ def plot_domain_metrics_by_arm(
             metric.label,
         )
         for metric in metrics
-        if metric.by_domain
+        if metric.by_domain and f"{metric.key}_by_terrain" in present
     )
-    finals = {
-        arm: {seed: rows[-1] for seed, rows in seeds.items() if rows} for arm, seeds in runs.items()
-    }
-    finals = {arm: seeds for arm, seeds in finals.items() if seeds}
     paired = baseline in finals
     fig = Figure(figsize=(7 * len(keys), 8.5 if paired else 4.5), layout="constrained")
     axes = fig.subplots(2 if paired else 1, len(keys), squeeze=False)
@@ -199,37 +202,67 @@ def plot_domain_metrics_by_arm(
     save(fig, path)
 
 
-def step_loss_figure(runs: ArmRuns) -> Figure:
-    """One panel per arm: each seed's training loss per optimizer step, and red crosses on the
-    steps ``core.spikes.spike_steps`` calls spikes, the definition behind the trainer's
-    ``loss_spikes`` (a non-finite spike sits at the top of its seed's curve)."""
+Series = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""(optimizer steps, values, indices of the marked values) of one run."""
+
+
+def step_series(rows: Sequence[Mapping[str, Any]]) -> Series:
+    """Training loss per optimizer step, its batch-loss outliers marked."""
+    losses = np.array(run_step_losses(rows), dtype=np.float64)
+    marked = np.array(batch_loss_outliers(losses.tolist()), dtype=int)
+    return np.arange(1, len(losses) + 1), losses, marked
+
+
+def probe_marked(rows: Sequence[Mapping[str, Any]]) -> Series:
+    """The probe set's loss at each probe step, the trainer's model spikes marked."""
+    steps, values = probe_series(rows)
+    spikes = {s for row in rows for s in row.get("model_spike_steps", [])}
+    marked = np.array([i for i, s in enumerate(steps) if s in spikes], dtype=int)
+    numbers = [math.nan if v is None else v for v in values]
+    return np.array(steps, dtype=int), np.array(numbers, dtype=np.float64), marked
+
+
+def marked_series_figure(
+    runs: ArmRuns, series: Callable[[Sequence[Mapping[str, Any]]], Series], ylabel: str, what: str
+) -> Figure:
+    """One panel per arm, one curve per seed (``series`` of its rows), and red crosses on
+    the marked values, ``what`` they are (a non-finite one sits at the top of its curve)."""
     arms = [arm for arm, seeds in runs.items() if seeds]
     fig = Figure(figsize=(12, 1.2 + 2.2 * max(1, len(arms))), layout="constrained")
-    axes = fig.subplots(max(1, len(arms)), 1, squeeze=False)[:, 0]
+    axes = fig.subplots(max(1, len(arms)), 1, squeeze=False, sharex=True)[:, 0]
     for ax, arm in zip(axes, arms, strict=False):
-        count, finite_losses = 0, []
+        count, finite_values = 0, []
         for i, (seed, rows) in enumerate(runs[arm].items()):
-            losses = np.array(run_step_losses(rows))
-            if not losses.size:
+            steps, values, marked = series(rows)
+            if not values.size:
                 continue
-            finite = losses[np.isfinite(losses)]
-            finite_losses.extend(finite.tolist())
-            spikes = np.array(spike_steps(losses.tolist()), dtype=int)
-            count += len(spikes)
+            finite = values[np.isfinite(values)]
+            finite_values.extend(finite.tolist())
+            count += len(marked)
             top = finite.max() if finite.size else 1.0
-            steps = np.arange(1, len(losses) + 1)
-            ax.plot(steps, losses, lw=0.7, color=f"C{i}", label=f"seed {seed}")
-            heights = np.where(np.isfinite(losses[spikes]), losses[spikes], top)
-            ax.scatter(steps[spikes], heights, marker="x", s=30, color="red", zorder=3)
-        log_if_positive(ax, finite_losses)
-        ax.set_title(f"{arm}: {count} loss spikes (red ×) over {len(runs[arm])} seeds", fontsize=9)
-        ax.set_ylabel("train loss")
+            ax.plot(steps, values, lw=0.7, color=f"C{i}", label=f"seed {seed}")
+            heights = np.where(np.isfinite(values[marked]), values[marked], top)
+            ax.scatter(steps[marked], heights, marker="x", s=30, color="red", zorder=3)
+        log_if_positive(ax, finite_values)
+        ax.set_title(f"{arm}: {count} {what} (red ×) over {len(runs[arm])} seeds", fontsize=9)
+        ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper right")
     axes[-1].set_xlabel("optimizer step")
     return fig
 
 
+def step_loss_figure(runs: ArmRuns) -> Figure:
+    """Each seed's training loss per optimizer step, the steps
+    ``core.spikes.batch_loss_outliers`` finds marked: the trainer's ``batch_loss_outliers``."""
+    return marked_series_figure(runs, step_series, "train loss", "batch-loss outliers")
+
+
 def plot_step_losses_by_arm(runs: ArmRuns, path: str | PathLike[str]) -> None:
-    """``step_loss_figure`` written to ``path``: the spikes behind the counts, visible."""
+    """``step_loss_figure`` written to ``path``: the outliers behind the counts, visible."""
     save(step_loss_figure(runs), path)
+
+
+def plot_probe_losses_by_arm(runs: ArmRuns, path: str | PathLike[str]) -> None:
+    """Each seed's probe-set loss over the optimizer steps, its model spikes marked."""
+    save(marked_series_figure(runs, probe_marked, "probe loss", "model spikes"), path)

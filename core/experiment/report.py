@@ -7,13 +7,29 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from core.experiment.schedule import Runs, collect
+from core.config import load_config
+from core.experiment.schedule import Runs, collect, collect_tiles, run_dir_of
 from core.experiment.spec import Experiment
-from core.experiment.summary import EQUAL_STEPS, STAT_ROWS, Column, Summary, summarise
+from core.experiment.stats import smallest_p
+from core.experiment.summary import (
+    EQUAL_STEPS,
+    STAT_ROWS,
+    Column,
+    Summary,
+    per_1000_steps,
+    probe_series,
+    summarise,
+)
+from core.run_folder import CONFIG
+from core.spikes import probe_rise
 from core.tasks import ReportMetric, get_task
 
 CORRECTED = {"holm": "Holm", "bh": "Benjamini-Hochberg", "none": "no"}
-TEST_NAMES = {"t": "paired t-test", "wilcoxon": "Wilcoxon signed-rank test"}
+TEST_NAMES = {
+    "signflip": "exact paired sign-flip test",
+    "t": "paired t-test",
+    "wilcoxon": "Wilcoxon signed-rank test",
+}
 
 
 def decimals_for(value: float) -> int:
@@ -24,7 +40,8 @@ def decimals_for(value: float) -> int:
 
 
 def marks(experiment: Experiment, summary: Summary, arm: str, name: str) -> str:
-    """``*``: the paired test gives p < alpha; ``†``: it still does after the correction."""
+    """``*``: the paired test gives p < alpha; ``†``: it still does after its family's
+    correction (the primary endpoints', or the table's exploratory tests')."""
     stats = summary.stats[arm]
     p, adjusted = stats["paired_p"].get(name), stats["adjusted_p"].get(name)
     text = "*" if p is not None and p < experiment.alpha else ""
@@ -33,22 +50,38 @@ def marks(experiment: Experiment, summary: Summary, arm: str, name: str) -> str:
     return text
 
 
-def cell(experiment: Experiment, summary: Summary, arm: str, name: str) -> str:
-    """``mean ± std (Δ%)`` followed by the test's marks."""
-    stats = summary.stats[arm]
+def censored_median(values: Sequence[float | None]) -> float:
+    """The median where None (never reached) is later than any value: ``inf`` when half
+    the runs or more never got there."""
+    ordered = sorted(math.inf if value is None else value for value in values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def cell(experiment: Experiment, summary: Summary, arm: str, column: Column) -> str:
+    """``mean ± std (Δ%)`` followed by the test's marks; bold for the arm's primary
+    endpoint. A censored column gives the median over the seeds, a run that never got
+    there counting as later than any, and ``(k/n reached)``."""
+    name, stats, runs = column.name, summary.stats[arm], summary.per_seed[arm]
     mean, spread = stats["mean"].get(name), stats["std"].get(name)
-    seeds = len(summary.per_seed[arm])
-    if mean is None:
-        had_target = any(v.get("target_loss") is not None for v in summary.per_seed[arm].values())
-        return f"none reached (0/{seeds})" if name == "epochs_to_target" and had_target else "–"
-    digits = 1 if name in ("epochs_to_target", f"epoch{EQUAL_STEPS}") else decimals_for(mean)
-    text = f"{mean:.{digits}f} ± {spread:.{digits}f}"
-    if name == "epochs_to_target" and stats["count"][name] < seeds:
-        text += f" ({stats['count'][name]:.0f}/{seeds} reached)"
+    mark = marks(experiment, summary, arm, name)
+    if column.censored and any(name in run for run in runs.values()):
+        values = [run.get(name) for run in runs.values()]
+        median = censored_median(values)
+        text = "never" if math.isinf(median) else f"{median:.0f}"
+        reached = sum(value is not None for value in values)
+        text = f"median {text} ({reached}/{len(values)} reached)"
+    elif mean is None:
+        return "–"
+    else:
+        digits = 1 if name == f"epoch{EQUAL_STEPS}" else decimals_for(mean)
+        text = f"{mean:.{digits}f} ± {spread:.{digits}f}"
     change = stats["delta_pct"].get(name)
     if change is not None:
-        text += f" ({change:+.1f}%{marks(experiment, summary, arm, name)})"
-    return text
+        text += f" ({change:+.1f}%{mark})"
+    elif mark:
+        text += f" ({mark})"
+    return f"**{text}**" if summary.questions.get(arm) == name else text
 
 
 def control_verdict(experiment: Experiment, summary: Summary, primary: Column) -> list[str]:
@@ -108,19 +141,148 @@ def control_verdict(experiment: Experiment, summary: Summary, primary: Column) -
     return lines
 
 
-def markdown(experiment: Experiment, summary: Summary, primary: Column) -> str:
-    """One table per ``summary.tables``, after a legend and the controls' verdict."""
+def spike_verdict(
+    experiment: Experiment, runs: Runs, injected: Sequence[int], probe_every: int
+) -> list[str]:
+    """Whether the model-spike measure behaved on its controls: none on the ``frozen`` arm
+    (a model that does not learn, fed the arm's batches) and one within ``probe_every``
+    steps of each of the ``unstable`` arm's ``injected`` steps, in every seed."""
+    lines = []
+    frozen, unstable = experiment.control("frozen"), experiment.control("unstable")
+    if frozen is not None and runs.get(frozen.name):
+        seeds = runs[frozen.name]
+        spikes = sum(row["model_spikes"] for rows in seeds.values() for row in rows)
+        rise = max(probe_rise(probe_series(rows)[1]) for rows in seeds.values())
+        outliers = [per_1000_steps(rows, "batch_loss_outliers") for rows in seeds.values()]
+        state = "as it must" if spikes == 0 else "**so the measure moves without learning**"
+        lines.append(
+            f"The frozen control `{frozen.name}` shows {spikes} model spikes over "
+            f"{len(seeds)} seeds (largest probe loss rise {rise:.3g}), {state}; its batches "
+            f"still give {sum(outliers) / len(outliers):.1f} batch-loss outliers / 1000 "
+            "steps, which the batches' spread alone makes."
+        )
+    if unstable is not None and runs.get(unstable.name):
+        seeds = runs[unstable.name]
+        missed = [
+            (seed, step)
+            for seed, rows in seeds.items()
+            for step in injected
+            if not any(
+                step <= found < step + probe_every
+                for row in rows
+                for found in row.get("model_spike_steps", [])
+            )
+        ]
+        where = ", ".join(map(str, injected)) or "none"
+        misses = ", ".join(f"step {step} of seed {seed}" for seed, step in missed)
+        found = f"**but misses** {misses}" if missed else "in every seed, as it must"
+        lines.append(
+            f"The unstable control `{unstable.name}` (learning rate multiplied at steps "
+            f"{where}) has a model spike within {probe_every} step{'s' if probe_every > 1 else ''} "
+            "of each injected step "
+            f"{found}."
+        )
+    return lines
+
+
+def questions_section(
+    experiment: Experiment, summary: Summary, tables_columns: dict[str, Column]
+) -> list[str]:
+    """One row per question: its primary endpoint's test, intervals, corrected p, the change
+    it could detect and what it says."""
+    if not summary.questions:
+        return []
+    family = len(summary.questions)
+    level = summary.level
+    lines = [
+        "## Questions",
+        "",
+        f"Each arm asks one question of `{experiment.baseline}`, decided on its primary "
+        f"endpoint (bold in the tables below); every other cell is exploratory. The "
+        f"family of primary endpoints holds {family} test{'s' if family > 1 else ''} "
+        f"({TEST_NAMES[experiment.test]}), under the {CORRECTED[experiment.correction]} "
+        "correction: the smallest p must clear "
+        f"{level:.3g}. Intervals: 95 % of the mean paired difference, over seeds (Student t) "
+        "and over seeds and validation tiles (hierarchical bootstrap over seeds and regions "
+        "of tiles). Detectable: the change a test at the corrected level finds with 80 % "
+        "power, from the arm's paired spread (normal approximation).",
+        "",
+        "| arm | primary endpoint | paired change | over seeds | over seeds and tiles | p | "
+        "adjusted p | detectable | verdict |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+
+    def number(value: float | None, spec: str = "+") -> str:
+        return "–" if value is None else f"{value:{spec}.{decimals_for(value)}f}"
+
+    def p_text(value: float | None) -> str:
+        return "–" if value is None else f"{value:.3g}"
+
+    def interval(low: float | None, high: float | None) -> str:
+        return "–" if low is None or high is None else f"[{number(low)}, {number(high)}]"
+
+    for arm, name in summary.questions.items():
+        stats = {row: summary.stats[arm][row].get(name) for row in STAT_ROWS}
+        column = tables_columns[name]
+        n = int(stats["count"] or 0)
+        floor = smallest_p(n, experiment.test)
+        adjusted = stats["adjusted_p"]
+        if stats["paired_p"] is None:
+            verdict = "no test (fewer than 2 paired seeds)"
+        elif floor > level:
+            verdict = f"cannot be decided: with {n} seeds the smallest p is {floor:.3g}"
+        elif adjusted is not None and adjusted < experiment.alpha:
+            better = ((stats["paired_diff_mean"] or 0) > 0) == column.higher_is_better
+            verdict = "**better**" if better else "**worse**"
+        else:
+            verdict = "no difference shown"
+        change = "" if stats["delta_pct"] is None else f" ({stats['delta_pct']:+.2f} %)"
+        lines.append(
+            f"| `{arm}` | {column.label} | {number(stats['paired_diff_mean'])}{change} | "
+            f"{interval(stats['ci_low'], stats['ci_high'])} | "
+            f"{interval(stats['boot_low'], stats['boot_high'])} | "
+            f"{p_text(stats['paired_p'])} | {p_text(adjusted)} | "
+            f"{number(stats['detectable_80'], '')} | {verdict} |"
+        )
+    lines.append("")
+    return lines
+
+
+def shares_section(experiment: Experiment, summary: Summary) -> list[str]:
+    """Which domain carries how much of each measure, for the baseline (mean over seeds)."""
+    if not summary.shares:
+        return []
+    labels = list(summary.shares)
+    names = list(dict.fromkeys(d for shares in summary.shares.values() for d in shares))
+    lines = [
+        f"## Which terrain carries each measure (`{experiment.baseline}`)",
+        "",
+        "Each terrain's share in %, mean over the seeds: of the training windows and the "
+        "training loss (last epoch, `[loss]` base weights), of the validation tiles, of "
+        "val_loss and of the sum behind the primary metric (its numerator over the tiles).",
+        "",
+        "| terrain | " + " | ".join(labels) + " |",
+        "| --- | " + " | ".join("---" for _ in labels) + " |",
+    ]
+    for name in names:
+        cells = (f"{100 * summary.shares[label].get(name, 0.0):.1f}" for label in labels)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+def markdown(
+    experiment: Experiment, summary: Summary, primary: Column, spikes: Sequence[str] = ()
+) -> str:
+    """The controls' verdict (``spikes``: :func:`spike_verdict`'s lines), the questions, the
+    domains' shares and one table per ``summary.tables``, after a legend."""
     reference = summary.reference_name
     order = [arm.name for arm in experiment.arms if arm.name in summary.per_seed]
     if reference in summary.per_seed:
         order.append(reference)
     arms = {arm.name: arm for arm in experiment.arms}
-    target = (
-        f"val_loss {experiment.target_loss}"
-        if experiment.target_loss is not None
-        else "the baseline's final val_loss with the same seed"
-    )
     common = ", ".join(f"`{s}`" for s in experiment.common) or "none"
+    columns = {c.name: c for table in summary.tables for c in table.columns}
     lines = [
         "# Experiment results",
         "",
@@ -133,16 +295,23 @@ def markdown(experiment: Experiment, summary: Summary, primary: Column) -> str:
         f"`{experiment.baseline}` in %; * marks a change whose {TEST_NAMES[experiment.test]} over "
         f"seeds (pairs of runs with the same seed; every run validates on the same tiles) gives "
         f"p < {experiment.alpha}, † one that survives the {CORRECTED[experiment.correction]} "
-        "correction over the table's tests (control arms excepted). "
-        f"Epochs to target: the first epoch whose val_loss is at or below {target}; "
-        "its mean is over the seeds that reached it. At equal optimizer steps: each run read "
-        "at its last epoch within the fewest steps any arm took with that seed. "
-        "Loss spikes: see docs/experiments.md and step_losses_by_arm.png.",
+        "correction over its family: the primary endpoints (bold), or the table's other, "
+        "exploratory tests (controls, budgets, tests null by construction and duplicates "
+        "left out). Steps to a fraction of the gain: the first validation step at which the "
+        "run has that fraction of the baseline's mean final gain over the reference, the "
+        "median over seeds (a run that never got there counts as later than any), tested "
+        "by the exact sign test. "
+        "At equal optimizer steps: each run read at its last epoch within the fewest steps "
+        "any arm took with that seed. Batch-loss outliers and model spikes: see "
+        "docs/experiments.md, step_losses_by_arm.png and probe_losses_by_arm.png.",
         "",
         "## Controls",
         "",
         *control_verdict(experiment, summary, primary),
+        *spikes,
         "",
+        *questions_section(experiment, summary, columns),
+        *shares_section(experiment, summary),
     ]
     for table in summary.tables:
         lines.extend([f"## {table.title}", ""])
@@ -153,7 +322,7 @@ def markdown(experiment: Experiment, summary: Summary, primary: Column) -> str:
             extra = f" ({', '.join(f'`{s}`' for s in arm.set)})" if arm and arm.set else ""
             role = f" [{arm.control}]" if arm and arm.control else ""
             label = f"{name} (reference)" if name == reference else f"`{name}`{extra}{role}"
-            cells = " | ".join(cell(experiment, summary, name, c.name) for c in table.columns)
+            cells = " | ".join(cell(experiment, summary, name, c) for c in table.columns)
             lines.append(f"| {label} | {len(summary.per_seed[name])} | {cells} |")
         lines.append("")
     return "\n".join(lines)
@@ -187,24 +356,42 @@ def primary_column(metrics: Sequence[ReportMetric]) -> Column:
     return Column("final_val_loss", "final val_loss")
 
 
+def injected_steps(experiment: Experiment, out: Path) -> tuple[tuple[int, ...], int]:
+    """The ``unstable`` control's ``optim.lr_spike_steps`` and ``train.probe_every``, from
+    the config.toml of its first complete run (every seed has the same)."""
+    arm = experiment.control("unstable")
+    for seed in experiment.seeds if arm is not None else ():
+        path = run_dir_of(out, arm, seed) / CONFIG
+        if path.is_file():
+            config = load_config(path)
+            return tuple(config.optim.lr_spike_steps), config.train.probe_every
+    return (), 0
+
+
 def write_report(experiment: Experiment, out: Path, report_dir: Path) -> Summary:
     """Tables, CSV and plots from the complete runs under ``out``."""
     from core.experiment.plots import (
         plot_domain_metrics_by_arm,
         plot_loss_curves_by_arm,
+        plot_probe_losses_by_arm,
         plot_step_losses_by_arm,
     )
 
     task = get_task(experiment.task)
     runs: Runs = collect(experiment, out)
-    summary = summarise(experiment, runs, task.report_metrics, task.terrains, task.reference_name)
+    tiles = collect_tiles(experiment, out)
+    summary = summarise(
+        experiment, runs, task.report_metrics, task.terrains, task.reference_name, tiles
+    )
     report_dir.mkdir(parents=True, exist_ok=True)
     primary = primary_column(task.report_metrics)
-    (report_dir / "results.md").write_text(markdown(experiment, summary, primary))
+    spikes = spike_verdict(experiment, runs, *injected_steps(experiment, out))
+    (report_dir / "results.md").write_text(markdown(experiment, summary, primary, spikes))
     write_csv(report_dir / "results.csv", experiment, summary)
     baseline = experiment.baseline
     plot_loss_curves_by_arm(runs, report_dir / "loss_curves_by_arm.png", baseline=baseline)
     plot_step_losses_by_arm(runs, report_dir / "step_losses_by_arm.png")
+    plot_probe_losses_by_arm(runs, report_dir / "probe_losses_by_arm.png")
     if any(metric.by_domain for metric in task.report_metrics):
         plot_domain_metrics_by_arm(
             runs,

@@ -22,6 +22,7 @@ from core.errors import UsageError
 from core.experiment.spec import Arm, Experiment, run_overrides
 from core.plugins import PluginManager
 from core.run_folder import CHECKPOINT, CONFIG, METRICS, SUMMARY
+from core.val_tiles import read_val_tiles
 
 Runs = dict[str, dict[int, list[dict[str, Any]]]]
 """arm name -> seed -> that run's metrics.jsonl rows (complete runs only)."""
@@ -228,3 +229,15 @@ def collect(experiment: Experiment, out: Path) -> Runs:
             if is_complete(run_dir):
                 runs.setdefault(arm.name, {})[seed] = read_rows(run_dir)
     return runs
+
+
+def collect_tiles(experiment: Experiment, out: Path) -> dict[str, dict[int, Any]]:
+    """The per-tile validation errors (``val_tiles.csv.gz``) of every complete run that
+    has them: arm name -> seed -> columns."""
+    tiles: dict[str, dict[int, Any]] = {}
+    for arm in experiment.arms:
+        for seed in experiment.seeds:
+            run_dir = run_dir_of(out, arm, seed)
+            if is_complete(run_dir) and (columns := read_val_tiles(run_dir)) is not None:
+                tiles.setdefault(arm.name, {})[seed] = columns
+    return tiles

@@ -20,9 +20,9 @@ from core.tasks import task_class
 
 BASELINE = "baseline"
 DEFAULT_SEEDS = (0, 1, 2)
-CONTROLS = ("sham", "harmful")
+CONTROLS = ("sham", "harmful", "frozen", "unstable")
 CORRECTIONS = ("holm", "bh", "none")
-TESTS = ("t", "wilcoxon")
+TESTS = ("signflip", "t", "wilcoxon")
 
 
 def _non_empty(_: object, attribute: attrs.Attribute, value: str) -> None:
@@ -63,11 +63,16 @@ class Arm:
     control: str | None = attrs.field(
         default=None, validator=attrs.validators.optional(attrs.validators.in_(CONTROLS))
     )
-    """``sham``: must differ from the baseline by chance only; ``harmful``: must be worse."""
+    """``sham``: must differ from the baseline by chance only; ``harmful``: must be worse;
+    ``frozen`` (``optim.lr=0``): the model-spike measure must stay at 0; ``unstable``
+    (``optim.lr_spike_steps``): it must find the injected steps."""
     seed_offset: int = attrs.field(default=0, validator=check.non_negative_int)
     """Added to every seed of this arm. A sham arm with an offset draws other initial weights
     and batch orders than the baseline, so it measures the spread between seeds; with 0 it
     repeats the baseline's runs exactly (the trainer is deterministic)."""
+    primary: str | None = None
+    """The column this arm's question is decided on (its primary endpoint); None: the
+    experiment's ``primary``. Every other column of the arm is exploratory."""
 
     @property
     def overrides(self) -> tuple[str, ...]:
@@ -91,10 +96,12 @@ class SpecFile:
     set: tuple[str, ...] = ()
     data: str | None = None
     baseline: str | None = None
-    target_loss: float | None = None
+    primary: str | None = None
+    """Every question's primary endpoint unless its arm names its own; None: the task's
+    first report metric (dem_sr: val RMSE)."""
     correction: str = attrs.field(default="holm", validator=attrs.validators.in_(CORRECTIONS))
-    """The family correction of each table's paired tests."""
-    test: str = attrs.field(default="t", validator=attrs.validators.in_(TESTS))
+    """The correction of the primary endpoints' tests, and of each table's exploratory ones."""
+    test: str = attrs.field(default="signflip", validator=attrs.validators.in_(TESTS))
     alpha: float = attrs.field(default=0.05, validator=check.open_fraction)
 
 
@@ -108,10 +115,10 @@ class Experiment:
     common: tuple[str, ...] = ()
     data: str | None = None
     baseline: str = BASELINE
-    target_loss: float | None = None
-    """A fixed val_loss target; None: each seed's baseline final val_loss (see docs)."""
+    primary: str | None = None
+    """The default primary endpoint (``SpecFile.primary``)."""
     correction: str = "holm"
-    test: str = "t"
+    test: str = "signflip"
     alpha: float = 0.05
     task: str = attrs.field(kw_only=True)
     """``run.task`` of every arm, as the common settings resolve it (core.config's default
@@ -119,6 +126,11 @@ class Experiment:
 
     def control(self, kind: str) -> Arm | None:
         return next((arm for arm in self.arms if arm.control == kind), None)
+
+    def questions(self) -> list[Arm]:
+        """The arms whose comparison with the baseline is a question: all but the baseline
+        and the controls."""
+        return [arm for arm in self.arms if arm.name != self.baseline and arm.control is None]
 
 
 def parse_arm(spec: str) -> Arm:
@@ -192,7 +204,7 @@ def check_arms(experiment: Experiment, out: Path) -> None:
             )
     if experiment.baseline not in slugs.values():
         raise UsageError(f"--baseline {experiment.baseline!r} is not one of the arms")
-    for kind in ("sham", "harmful"):
+    for kind in CONTROLS:
         arms = [arm.name for arm in experiment.arms if arm.control == kind]
         if len(arms) > 1:
             raise UsageError(f"arms {arms} are all marked control = {kind!r}; mark one")

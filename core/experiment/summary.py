@@ -1,28 +1,51 @@
-"""From the runs' ``metrics.jsonl`` rows to the numbers of the report.
+"""From the runs' ``metrics.jsonl`` rows and ``val_tiles.csv.gz`` to the numbers of the report.
 
-The trainer's columns (spikes, steps, epochs to target, val_loss) exist for every task; the
-task adds its own through ``report_metrics`` (``core.tasks.ReportMetric``).
+The trainer's columns (batch-loss outliers, model spikes, steps, convergence, val_loss) exist
+for every task; the task adds its own through ``report_metrics`` (``core.tasks.ReportMetric``).
+Each question (an arm against the baseline) is decided on one primary endpoint; every other
+test is exploratory, corrected per table.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import accumulate
 from typing import Any
 
 import attrs
+import numpy as np
 
+from core.errors import UsageError
 from core.experiment.schedule import Runs
 from core.experiment.spec import Experiment
-from core.experiment.stats import adjust, delta_pct, mean_std, paired_test
-from core.tasks import ReportMetric
+from core.experiment.stats import (
+    Tiles,
+    adjust,
+    corrected_level,
+    delta_pct,
+    detectable_change,
+    hierarchical_bootstrap,
+    mean_std,
+    paired_test,
+    sign_test_p,
+)
+from core.spikes import probe_rise
+from core.tasks import ReportMetric, TileMetric
 
 EQUAL_STEPS = "@equal_steps"
 """Suffix of the columns read at the epoch where every arm has had the same steps."""
+FRACTIONS = (50, 80, 95)
+"""The fractions of the baseline's gain over the reference whose steps the report gives."""
 STAT_ROWS = (
     "mean", "std", "count", "delta_pct", "paired_diff_mean", "paired_diff_std",
-    "ci_low", "ci_high", "paired_p", "adjusted_p",
+    "ci_low", "ci_high", "boot_low", "boot_high", "paired_p", "adjusted_p", "detectable_80",
+    "primary",
 )  # fmt: skip
+POWER = 0.8
+
+TileRuns = dict[str, dict[int, Tiles]]
+"""arm name -> seed -> that run's ``val_tiles.csv.gz`` columns."""
 
 
 @attrs.frozen
@@ -30,29 +53,47 @@ class Column:
     name: str
     label: str
     higher_is_better: bool = False
+    tested: bool = True
+    """False for a budget (optimizer steps, the epoch read): what an arm was given, not an
+    outcome."""
+    censored: bool = False
+    """Values are None where a run never got there: tested by the exact sign test."""
 
 
 @attrs.frozen
 class Table:
-    """One table of the report; its paired tests form one family for the correction."""
+    """One table of the report; its exploratory tests form one family for the correction."""
 
     title: str
     columns: tuple[Column, ...]
 
 
+def curve_metric(metrics: Sequence[ReportMetric]) -> ReportMetric:
+    """The metric of the validation curve: the task's first, else ``val_loss``."""
+    return metrics[0] if metrics else ReportMetric("val_loss", "val_loss")
+
+
 def tables_for(metrics: Sequence[ReportMetric], domains: Sequence[str]) -> list[Table]:
     """The headline (trainer and task columns), the view at equal steps, one per domain."""
+    curve = curve_metric(metrics)
+    better = curve.higher_is_better
+    fractions = [
+        Column(f"steps_to_{f}pct", f"steps to {f} % of the gain", censored=True)
+        for f in (FRACTIONS if curve.reference else ())
+    ]
     headline = [
-        Column("spikes_per_100_epochs", "loss spikes / 100 epochs"),
-        Column("spikes_per_1000_steps", "loss spikes / 1000 steps"),
-        Column("steps", "optimizer steps"),
-        Column("epochs_to_target", "epochs to target"),
+        Column("batch_loss_outliers_per_1000_steps", "batch-loss outliers / 1000 steps"),
+        Column("model_spikes_per_1000_steps", "model spikes / 1000 steps"),
+        Column("probe_rise", "probe loss rise (log)"),
+        Column("steps", "optimizer steps", tested=False),
+        *fractions,
+        Column("val_auc", f"{curve.label}, mean over the curve", better),
         Column("final_val_loss", "final val_loss"),
         *(Column(m.key, m.label, m.higher_is_better) for m in metrics),
     ]
     equal = [
-        Column(f"epoch{EQUAL_STEPS}", "epoch"),
-        Column(f"steps{EQUAL_STEPS}", "optimizer steps"),
+        Column(f"epoch{EQUAL_STEPS}", "epoch", tested=False),
+        Column(f"steps{EQUAL_STEPS}", "optimizer steps", tested=False),
         Column(f"val_loss{EQUAL_STEPS}", "val_loss"),
         *(Column(f"{m.key}{EQUAL_STEPS}", m.label, m.higher_is_better) for m in metrics),
     ]
@@ -64,26 +105,89 @@ def tables_for(metrics: Sequence[ReportMetric], domains: Sequence[str]) -> list[
     return tables
 
 
-def spikes_per_100_epochs(rows: Sequence[Mapping[str, Any]]) -> float:
-    """Loss spikes (``core.spikes.spike_steps``, counted per epoch by the trainer) per 100
-    epochs: the unit of the seed's §7.2."""
-    return sum(row["loss_spikes"] for row in rows) / len(rows) * 100
+def column_names(metrics: Sequence[ReportMetric], domains: Sequence[str]) -> list[str]:
+    """Every tested column, the names a primary endpoint may take."""
+    tables = tables_for(metrics, domains)
+    return [c.name for table in tables for c in table.columns if c.tested]
 
 
-def spikes_per_1000_steps(rows: Sequence[Mapping[str, Any]]) -> float:
-    """Loss spikes per 1000 optimizer steps: fair where arms differ in steps per epoch
-    (``curriculum`` trains on fewer tiles, so fewer steps, in its early epochs)."""
-    return (
-        sum(row["loss_spikes"] for row in rows) / max(1, sum(row["steps"] for row in rows)) * 1000
-    )
+def primary_of(experiment: Experiment, arm_name: str, metrics: Sequence[ReportMetric]) -> str:
+    """An arm's primary endpoint: its own, else the experiment's, else the task's first
+    metric (``final_val_loss`` for a task without report metrics)."""
+    arm = next(arm for arm in experiment.arms if arm.name == arm_name)
+    default = metrics[0].key if metrics else "final_val_loss"
+    return arm.primary or experiment.primary or default
 
 
-def epochs_to_target(rows: Sequence[Mapping[str, Any]], target: float) -> int | None:
-    """The first epoch whose val_loss is at or below ``target``; None if none is."""
-    for row in rows:
-        value = row.get("val_loss")
-        if value is not None and value <= target:
-            return int(row["epoch"])
+def check_primaries(
+    experiment: Experiment, metrics: Sequence[ReportMetric], domains: Sequence[str]
+) -> None:
+    """Every declared primary endpoint is a tested column of the report (exit 2 naming it)."""
+    names = column_names(metrics, domains)
+    declared = [("primary", experiment.primary)]
+    declared += [(f"arm {arm.name!r}: primary", arm.primary) for arm in experiment.arms]
+    for where, name in declared:
+        if name is not None and name not in names:
+            raise UsageError(
+                f"{where} {name!r} is not a tested column of task {experiment.task!r}; "
+                f"choose one of {', '.join(names)}"
+            )
+
+
+def total(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
+    """The sum of ``key`` over the rows; None when a row lacks it."""
+    values = [row.get(key) for row in rows]
+    return None if None in values else float(sum(values))
+
+
+def per_1000_steps(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
+    """``sum(key) / sum(steps) x 1000``: fair where arms differ in steps per epoch."""
+    count = total(rows, key)
+    return None if count is None else count / max(1, sum(row["steps"] for row in rows)) * 1000
+
+
+def probe_series(rows: Sequence[Mapping[str, Any]]) -> tuple[list[int], list[float | None]]:
+    """The run's probe steps and probe losses, in order."""
+    steps = [step for row in rows for step in row.get("probe_steps", [])]
+    return steps, [value for row in rows for value in row.get("probe_loss", [])]
+
+
+def validation_curve(rows: Sequence[Mapping[str, Any]], key: str) -> list[tuple[int, float]]:
+    """``(optimizer step, key)`` at every validation: the rows' ``val_curve`` points (every
+    ``train.validate_every_steps`` steps and each epoch's end), or the epochs' own rows
+    where they have none; points without a finite value are left out."""
+    points: list[tuple[int, Any]] = []
+    for row, done in zip(rows, accumulate(row["steps"] for row in rows), strict=True):
+        curve = row.get("val_curve") or [{"step": done, key: row.get(key)}]
+        points += [(point["step"], point.get(key)) for point in curve]
+    return [(step, float(v)) for step, v in points if v is not None and math.isfinite(v)]
+
+
+def curve_mean(points: Sequence[tuple[int, float]]) -> float | None:
+    """The area under the validation curve divided by the steps it spans (trapezoids between
+    validations): the metric's mean over training, which rewards getting there early."""
+    if not points:
+        return None
+    steps, values = np.array(points, dtype=np.float64).T
+    if len(points) == 1 or steps[-1] == steps[0]:
+        return float(values[-1])
+    area = np.sum((values[1:] + values[:-1]) / 2 * np.diff(steps))
+    return float(area / (steps[-1] - steps[0]))
+
+
+def gain(value: float, reference: float, higher_is_better: bool) -> float:
+    """How much better than the reference ``value`` is (positive: better)."""
+    return value - reference if higher_is_better else reference - value
+
+
+def steps_to_fraction(
+    points: Sequence[tuple[int, float]], reference: float, goal: float, metric: ReportMetric
+) -> int | None:
+    """The first validation step with at least ``goal`` gain over the reference; None if
+    none (censored: the run never got there within its budget)."""
+    for step, value in points:
+        if gain(value, reference, metric.higher_is_better) >= goal:
+            return step
     return None
 
 
@@ -106,24 +210,34 @@ def task_values(row: Mapping[str, Any], metric: ReportMetric, key: str, domains:
 
 def run_metrics(
     rows: Sequence[Mapping[str, Any]],
-    target: float | None,
     budget: int,
     metrics: Sequence[ReportMetric],
     domains: Sequence[str],
+    baseline_gain: float | None,
 ) -> dict[str, Any]:
-    """One run's numbers (None where a value does not exist, e.g. a target not reached)."""
+    """One run's numbers (None where a value does not exist, e.g. a fraction not reached)."""
     final, equal = rows[-1], row_at_steps(rows, budget)
+    curve = curve_metric(metrics)
+    points = validation_curve(rows, curve.key)
+    _, probes = probe_series(rows)
     values: dict[str, Any] = {
-        "spikes_per_100_epochs": spikes_per_100_epochs(rows),
-        "spikes_per_1000_steps": spikes_per_1000_steps(rows),
+        "batch_loss_outliers_per_1000_steps": per_1000_steps(rows, "batch_loss_outliers"),
+        "model_spikes_per_1000_steps": per_1000_steps(rows, "model_spikes") if probes else None,
+        "probe_rise": probe_rise(probes) if probes else None,
         "steps": sum(row["steps"] for row in rows),
-        "epochs_to_target": None if target is None else epochs_to_target(rows, target),
-        "target_loss": target,
+        "val_auc": curve_mean(points),
         "final_val_loss": final.get("val_loss"),
         f"epoch{EQUAL_STEPS}": equal["epoch"],
         f"steps{EQUAL_STEPS}": sum(row["steps"] for row in rows if row["epoch"] <= equal["epoch"]),
         f"val_loss{EQUAL_STEPS}": equal.get("val_loss"),
     }
+    reference = final.get(curve.reference) if curve.reference else None
+    for fraction in FRACTIONS if curve.reference else ():
+        reached = None
+        if reference is not None and baseline_gain is not None:
+            goal = fraction / 100 * baseline_gain
+            reached = steps_to_fraction(points, reference, goal, curve)
+        values[f"steps_to_{fraction}pct"] = reached
     for metric in metrics:
         values.update(task_values(final, metric, metric.key, domains))
         values[f"{metric.key}{EQUAL_STEPS}"] = equal.get(metric.key)
@@ -141,11 +255,56 @@ def reference_metrics(
     return values or None
 
 
+def baseline_gain(experiment: Experiment, runs: Runs, metrics: Sequence[ReportMetric]):
+    """The baseline's final gain over the reference, averaged over its seeds: the goal the
+    fractions are of. A mean over seeds rather than each seed's own end, so no run reaches
+    100 % by construction; None without a reference or a baseline that beats it."""
+    curve = curve_metric(metrics)
+    gains = [
+        gain(rows[-1][curve.key], rows[-1][curve.reference], curve.higher_is_better)
+        for rows in runs.get(experiment.baseline, {}).values()
+        if curve.reference and rows[-1].get(curve.key) is not None
+        and rows[-1].get(curve.reference) is not None
+    ]  # fmt: skip
+    goal = float(np.mean(gains)) if gains else None
+    return goal if goal is not None and goal > 0 else None
+
+
+def domain_shares(
+    rows: Sequence[Mapping[str, Any]], tiles: Tiles | None, metric: ReportMetric
+) -> dict[str, dict[str, float]]:
+    """Which domain carries how much of each measure, in one run: per domain, its share of
+    the training windows and of the training loss (the last epoch, ``[loss]`` base weights,
+    before plugins), of the validation tiles, of ``val_loss`` and of the sum behind the
+    metric (dem_sr: the squared error behind val RMSE)."""
+    final = rows[-1]
+    counts, losses = final.get("terrain_counts") or {}, final.get("train_loss_by_terrain") or {}
+    measures = {
+        "training windows": {d: float(n) for d, n in counts.items()},
+        "training loss": {d: counts.get(d, 0) * loss for d, loss in losses.items()},
+    }
+    if tiles is not None:
+        names = [str(d) for d in np.unique(tiles["terrain"])]
+        measures["validation tiles"] = {d: float(np.sum(tiles["terrain"] == d)) for d in names}
+        pooled = {"val_loss": "loss"}
+        if metric.tiles is not None:
+            pooled[f"{metric.label}: {metric.tiles.numerator}"] = metric.tiles.numerator
+        for label, column in pooled.items():
+            if column in tiles:
+                inside = tiles["terrain"]
+                measures[label] = {d: float(tiles[column][inside == d].sum()) for d in names}
+    return {
+        label: {d: v / sum(values.values()) for d, v in values.items()}
+        for label, values in measures.items()
+        if sum(values.values()) > 0
+    }
+
+
 @attrs.define
 class Summary:
     """Per arm and metric: the per-seed numbers, their mean, std and count, the change of the
-    mean against the baseline (%), a paired test of the per-seed differences and its p-value
-    after the table's correction."""
+    mean against the baseline (%), a paired test of the per-seed differences, its intervals
+    and its p-value after its family's correction."""
 
     per_seed: dict[str, dict[int, dict[str, Any]]]
     stats: dict[str, dict[str, dict[str, float | None]]]
@@ -153,22 +312,17 @@ class Summary:
     tables: list[Table]
     reference_name: str
     """The task's reference row (dem_sr: bicubic); empty for a task without one."""
+    questions: dict[str, str] = attrs.Factory(dict)
+    """Question arm -> its primary endpoint (a column name)."""
+    level: float = 0.05
+    """The corrected level of the primary endpoints' family (``corrected_level``)."""
+    shares: dict[str, dict[str, float]] = attrs.Factory(dict)
+    """The baseline's ``domain_shares``, averaged over its seeds."""
 
     @property
     def complete_runs(self) -> int:
         """The arms' finished runs; the task's reference row (``reference_name``) is none."""
         return sum(len(seeds) for arm, seeds in self.per_seed.items() if arm != self.reference_name)
-
-
-def targets(experiment: Experiment, runs: Runs) -> dict[int, float | None]:
-    """Per seed: ``--target-loss``, else the baseline's final val_loss with that seed."""
-    baseline = runs.get(experiment.baseline, {})
-    return {
-        seed: experiment.target_loss
-        if experiment.target_loss is not None
-        else (baseline[seed][-1].get("val_loss") if seed in baseline else None)
-        for seed in experiment.seeds
-    }
 
 
 def step_budgets(runs: Runs) -> dict[int, int]:
@@ -182,17 +336,64 @@ def step_budgets(runs: Runs) -> dict[int, int]:
     return budgets
 
 
+def tile_metrics(
+    metrics: Sequence[ReportMetric], domains: Sequence[str]
+) -> dict[str, tuple[TileMetric, str | None]]:
+    """Column name -> (how it follows from the tiles, its domain or None for all tiles)."""
+    found: dict[str, tuple[TileMetric, str | None]] = {}
+    for m in metrics:
+        if m.tiles is not None:
+            found[m.key] = (m.tiles, None)
+            if m.by_domain:
+                found.update({f"{m.key}_{d}": (m.tiles, d) for d in domains})
+    return found
+
+
+def compare(
+    experiment: Experiment,
+    column: Column,
+    values: Mapping[int, Any],
+    base: Mapping[int, Any],
+    tiles: tuple[Mapping[int, Tiles], Mapping[int, Tiles], TileMetric, str | None] | None,
+) -> dict[str, float | None]:
+    """The paired cells of one arm and column: the test (the exact sign test for a censored
+    column, whose differences do not exist where a run never got there), the seed-level and
+    the seeds-and-tiles intervals."""
+    cells: dict[str, float | None] = dict.fromkeys(
+        ("paired_diff_mean", "paired_diff_std", "ci_low", "ci_high", "boot_low", "boot_high")
+    )
+    if column.censored:
+        cells["paired_p"] = sign_test_p(values, base)
+        return cells
+    paired = paired_test(values, base, experiment.test)
+    if paired is None:
+        cells["paired_p"] = None
+        return cells
+    cells.update(
+        paired_diff_mean=paired.mean,
+        paired_diff_std=paired.std,
+        ci_low=paired.low,
+        ci_high=paired.high,
+        paired_p=paired.p,
+    )
+    if tiles is not None and (interval := hierarchical_bootstrap(*tiles)) is not None:
+        cells["boot_low"], cells["boot_high"] = interval
+    return cells
+
+
 def summarise(
     experiment: Experiment,
     runs: Runs,
     metrics: Sequence[ReportMetric],
     domains: Sequence[str],
     reference_name: str,
+    tiles: TileRuns | None = None,
 ) -> Summary:
-    seed_targets, budgets = targets(experiment, runs), step_budgets(runs)
+    tiles = tiles or {}
+    budgets, goal = step_budgets(runs), baseline_gain(experiment, runs, metrics)
     per_seed = {
         arm: {
-            seed: run_metrics(rows, seed_targets[seed], budgets[seed], metrics, domains)
+            seed: run_metrics(rows, budgets[seed], metrics, domains, goal)
             for seed, rows in sorted(seeds.items())
         }
         for arm, seeds in runs.items()
@@ -206,7 +407,14 @@ def summarise(
     if reference and reference_name:
         per_seed[reference_name] = dict(sorted(reference.items()))
     tables = tables_for(metrics, domains)
+    questions = {
+        arm.name: primary_of(experiment, arm.name, metrics)
+        for arm in experiment.questions()
+        if arm.name in per_seed
+    }
+    from_tiles = tile_metrics(metrics, domains)
     base = per_seed.get(experiment.baseline, {})
+    base_tiles = tiles.get(experiment.baseline, {})
     stats: dict[str, dict[str, dict[str, float | None]]] = {}
     for arm, seeds in per_seed.items():
         stats[arm] = {row: {} for row in STAT_ROWS}
@@ -215,45 +423,101 @@ def summarise(
             values = {seed: run.get(name) for seed, run in seeds.items()}
             base_values = {seed: run.get(name) for seed, run in base.items()}
             mean, spread, count = mean_std(list(values.values()))
-            censored = name == "epochs_to_target" and None in (
-                *values.values(),
-                *base_values.values(),
-            )
-            paired = None
-            if arm != experiment.baseline and not censored:  # a target never reached: no number
-                paired = paired_test(values, base_values, experiment.test)
             base_mean = mean_std(list(base_values.values()))[0]
             change = None if arm == experiment.baseline else delta_pct(mean, base_mean)
-            cells = (mean, spread, count, change)
-            cells += (
-                (paired.mean, paired.std, paired.low, paired.high, paired.p, None)
-                if paired
-                else (None,) * 6
-            )
-            for row, value in zip(STAT_ROWS, cells, strict=True):
-                stats[arm][row][name] = value
-    correct(experiment, stats, tables, exclude={reference_name})
-    return Summary(per_seed, stats, tables, reference_name)
+            if column.censored:
+                change = None  # the report gives medians, a run never there counting as last
+            cells: dict[str, float | None] = {"paired_p": None}
+            if arm != experiment.baseline and column.tested:
+                how = from_tiles.get(name)
+                pair = (tiles.get(arm, {}), base_tiles, *how) if how and arm in tiles else None
+                cells = compare(experiment, column, values, base_values, pair)
+            cells.update(mean=mean, std=spread, count=count, delta_pct=change)
+            cells["primary"] = 1.0 if questions.get(arm) == name else None
+            for row in STAT_ROWS:
+                stats[arm][row][name] = cells.get(row)
+    level = corrected_level(experiment.alpha, len(questions), experiment.correction)
+    for arm, name in questions.items():
+        spread, count = stats[arm]["paired_diff_std"].get(name), stats[arm]["count"].get(name)
+        if spread is not None and count:
+            stats[arm]["detectable_80"][name] = detectable_change(spread, int(count), level, POWER)
+    exclude = {reference_name, experiment.baseline} | {a.name for a in experiment.arms if a.control}
+    correct(experiment, per_seed, stats, tables, questions, exclude)
+    shares = average_shares(
+        [
+            domain_shares(rows, tiles.get(experiment.baseline, {}).get(seed), curve_metric(metrics))
+            for seed, rows in runs.get(experiment.baseline, {}).items()
+        ]
+    )
+    return Summary(per_seed, stats, tables, reference_name, questions, level, shares)
+
+
+def average_shares(runs: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """The mean over runs of each measure's share per domain."""
+    labels = dict.fromkeys(label for run in runs for label in run)
+    return {
+        label: {
+            d: float(np.mean([run[label].get(d, 0.0) for run in runs if label in run]))
+            for d in dict.fromkeys(d for run in runs for d in run.get(label, {}))
+        }
+        for label in labels
+    }
+
+
+def differences(
+    per_seed: Mapping[str, Mapping[int, Mapping[str, Any]]], arm: str, baseline: str, name: str
+) -> tuple[float, ...] | None:
+    """The per-seed differences of a column, scaled to the largest (None for a censored
+    value): two tests with the same tuple are the same test, one column a multiple of the
+    other (spikes per epoch and per step; a column read at equal steps where that is the
+    end). All zeros: a test that is null by construction."""
+    seeds = sorted(per_seed[arm].keys() & per_seed.get(baseline, {}).keys())
+    pairs = [(per_seed[arm][s].get(name), per_seed[baseline][s].get(name)) for s in seeds]
+    if any(a is None or b is None for a, b in pairs):
+        return None
+    diffs = np.array([a - b for a, b in pairs], dtype=np.float64)
+    largest = np.abs(diffs).max(initial=0.0)
+    return tuple(np.round(diffs / largest, 9)) if largest > 0 else tuple(diffs * 0)
 
 
 def correct(
     experiment: Experiment,
+    per_seed: Mapping[str, Mapping[int, Mapping[str, Any]]],
     stats: dict[str, dict[str, dict[str, float | None]]],
     tables: Sequence[Table],
+    questions: Mapping[str, str],
     exclude: set[str],
 ) -> None:
-    """Fill ``adjusted_p`` with the table-wise corrected p-values. The family of a table is
-    every tested (arm, column) in it, the control arms and the reference row excepted: they
-    check the experiment, they are not its questions (their ``adjusted_p`` stays empty)."""
-    controls = {arm.name for arm in experiment.arms if arm.control} | exclude
+    """Fill ``adjusted_p``. The primary endpoints form one family, one test per question;
+    every table's other tests form an exploratory family each. A family leaves out the
+    controls and the reference row (they check the experiment, they are not its questions),
+    tests null by construction (every per-seed difference zero) and duplicates (differences
+    a multiple of those of a test already in this or an earlier family: a column read at
+    equal steps where that is the run's end repeats the headline's)."""
+    family = [
+        (arm, name)
+        for arm, name in questions.items()
+        if stats[arm]["paired_p"].get(name) is not None
+    ]
+    families = [family]
+    seen = {(arm, differences(per_seed, arm, experiment.baseline, name)) for arm, name in family}
     for table in tables:
-        family = [
-            (arm, column.name)
-            for arm in stats
-            if arm not in controls
-            for column in table.columns
-            if stats[arm]["paired_p"].get(column.name) is not None
-        ]
+        family = []
+        for arm in stats:
+            if arm in exclude:
+                continue
+            for column in table.columns:
+                name = column.name
+                if stats[arm]["paired_p"].get(name) is None or questions.get(arm) == name:
+                    continue
+                shape = differences(per_seed, arm, experiment.baseline, name)
+                if shape is not None:
+                    if not any(shape) or (arm, shape) in seen:
+                        continue
+                    seen.add((arm, shape))
+                family.append((arm, name))
+        families.append(family)
+    for family in families:
         adjusted = adjust([stats[a]["paired_p"][c] for a, c in family], experiment.correction)
         for (arm, name), value in zip(family, adjusted, strict=True):
             stats[arm]["adjusted_p"][name] = value

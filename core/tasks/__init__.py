@@ -40,10 +40,30 @@ Batch = dict[str, Any]
 and the task's own keys)."""
 
 TASK_GROUP = "terraplug.tasks"
+VAL_TILES = "val_tiles"
+"""The key under which ``Task.validate`` may return its per-tile errors: a list of one dict
+per validation sample of every process (``tile``, ``terrain``, ``region`` and numbers), which
+the trainer writes to the run folder's ``val_tiles.csv.gz`` instead of ``metrics.jsonl``."""
 BUILTIN_TASKS: dict[str, str] = {
     "dem_sr": "core.tasks.dem_sr.task:DemSuperResolution",
     "sar2opt": "core.tasks.sar2opt.task:SarToOptical",
 }
+
+
+@attrs.frozen
+class TileMetric:
+    """How a metric follows from the per-tile errors (``VAL_TILES``): over a set of tiles it
+    is ``sum(numerator) / sum(denominator)``, square-rooted when ``root`` (dem_sr's RMSE:
+    squared error over pixels). The experiment resamples tiles with it (its bootstrap)."""
+
+    numerator: str
+    denominator: str
+    root: bool = False
+
+    def over(self, numerator: Any, denominator: Any) -> Any:
+        """The metric from the sums (numbers or arrays of them)."""
+        ratio = numerator / denominator
+        return ratio**0.5 if self.root else ratio
 
 
 @attrs.frozen
@@ -60,6 +80,9 @@ class ReportMetric:
     """The row also has ``<key>_by_terrain`` ({domain: value}): a table per domain follows."""
     reference: str | None = None
     """The key of the same measure for the task's reference (dem_sr: bicubic interpolation)."""
+    tiles: TileMetric | None = None
+    """How the metric follows from the per-tile errors the task's ``validate`` returns, if
+    it does: then the report gives an interval over seeds and tiles too."""
 
 
 @attrs.frozen
@@ -139,7 +162,8 @@ class Task(Protocol):
 
     def validate(self, model: nn.Module, batches: Iterable[Batch], ctx: RunContext) -> dict:
         """Metrics over this process's validation batches (already routed through the
-        plugins' ``route_batch``), reduced over all processes."""
+        plugins' ``route_batch``), reduced over all processes; optionally the per-tile
+        errors of every process under ``VAL_TILES``."""
 
     def epoch_summary(self, row: dict[str, Any]) -> str:
         """The headline metrics of a ``metrics.jsonl`` row, for the console."""
@@ -185,6 +209,17 @@ class PredictOptions:
     strict_data: bool = False
     cpu: bool = False
     progress: bool = True
+    """A progress bar (core.predict: when stderr is a terminal)."""
+    progress_lines: bool = False
+    """A progress line now and then on stdout instead (core.predict: when it shows no bar)."""
+    batch_size: int | None = None
+    """Windows per forward pass; None: the task's default."""
+    diffusion_steps: int | None = None
+    """sar2opt: diffusion steps instead of the run's; None: the run's."""
+    top_p: float | None = None
+    """sar2opt: token sampling's top-p instead of the run's."""
+    temperature: float | None = None
+    """sar2opt: token sampling's temperature instead of the run's."""
 
 
 PER_INSTANCE = ("skipped",)

@@ -51,6 +51,54 @@ def _full_window(mask: torch.Tensor) -> torch.Tensor:
     return -F.max_pool2d(-mask.float(), 3, stride=1) > 0.5
 
 
+TILE_COLUMNS = {
+    "sq_err": "sq_err_m2",
+    "pixels": "pixels",
+    "slope_sq_err": "slope_sq_err_deg2",
+    "slope_pixels": "slope_pixels",
+    "loss": "loss",
+}
+"""The per-tile sums of ``val_tiles.csv.gz`` (``ValidationAccumulator.update``'s names ->
+the file's columns): any of the metrics follows from them over any set of tiles."""
+
+
+def tile_records(
+    batch: dict[str, Any],
+    sums: dict[str, list[float]],
+    bicubic_rmse: Sequence[float],
+    regions: Sequence[str],
+) -> list[dict[str, Any]]:
+    """One ``val_tiles.csv.gz`` row per sample of ``batch``: its tile, terrain and region,
+    RMSE in metres, bicubic's and the summed errors."""
+    return [
+        {
+            "tile": str(tile),
+            "terrain": TERRAINS[int(terrain)],
+            "region": region,
+            "rmse_m": math.sqrt(sq / pixels) if pixels else math.nan,
+            "bicubic_rmse_m": bicubic,
+            **{column: sums[name][i] for name, column in TILE_COLUMNS.items()},
+        }
+        for i, (tile, terrain, region, sq, pixels, bicubic) in enumerate(
+            zip(batch["tile_id"], batch["terrain"].tolist(), regions, sums["sq_err"],
+                sums["pixels"], bicubic_rmse, strict=True)
+        )
+    ]  # fmt: skip
+
+
+def tile_medians(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The median over tiles of each tile's RMSE, overall and per terrain: beside the
+    pixel-pooled RMSE, which a few rough tiles can carry alone."""
+    finite = [r for r in records if math.isfinite(r["rmse_m"])]
+    by_terrain = {
+        name: float(np.median([r["rmse_m"] for r in finite if r["terrain"] == name]))
+        for name in TERRAINS
+        if any(r["terrain"] == name for r in finite)
+    }
+    overall = float(np.median([r["rmse_m"] for r in finite])) if finite else math.nan
+    return {"val_tile_median_rmse_m": overall, "val_tile_median_rmse_m_by_terrain": by_terrain}
+
+
 class ValidationAccumulator:
     """Sums validation errors per terrain in float64, reducible across processes.
 
@@ -74,8 +122,9 @@ class ValidationAccumulator:
         terrain: torch.Tensor,
         cell_size: torch.Tensor,
         loss: torch.Tensor | None = None,
-    ) -> None:
+    ) -> dict[str, list[float]]:
         """Add one batch; ``loss`` (optional, ``[B]``) is each sample's scalar validation loss.
+        Returns the batch's per-sample sums (``tile_sums``): the per-tile errors.
 
         Predictions and truth are taken back to metres with the tile's ``mean`` and ``std``
         before any error is measured; slope errors count only where the whole 3x3 window is
@@ -109,6 +158,7 @@ class ValidationAccumulator:
             per_sample += [loss.detach().double().reshape(-1), ones]
         stats = torch.stack(per_sample).to(self.sums.device)
         self.sums.index_add_(1, terrain.to(self.sums.device, torch.long), stats)
+        return dict(zip(self._STATS, stats.cpu().tolist(), strict=True))
 
     def reduce(self, reduce_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Replace the local sums by ``reduce_fn(sums)``, e.g. a cross-process sum."""

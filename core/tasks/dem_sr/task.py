@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from types import MappingProxyType
@@ -10,18 +11,27 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate.utils import gather_object
 from torch import nn
 
 from core.config import Config
 from core.context import RunContext
 from core.errors import ConfigError
-from core.tasks import Batch, HarnessSettings, PredictOptions, ReportMetric, metric_text
+from core.tasks import (
+    VAL_TILES,
+    Batch,
+    HarnessSettings,
+    PredictOptions,
+    ReportMetric,
+    TileMetric,
+    metric_text,
+)
 from core.tasks.dem_sr.config import DemLossSection, RcanSection
 from core.tasks.dem_sr.data.dataset import TileDataset, load_split
 from core.tasks.dem_sr.data.procedural import write_procedural_tiles
 from core.tasks.dem_sr.data.sources import ensure_source
 from core.tasks.dem_sr.losses import COMPONENTS, dem_loss_components
-from core.tasks.dem_sr.metrics import ValidationAccumulator
+from core.tasks.dem_sr.metrics import ValidationAccumulator, tile_medians, tile_records
 from core.tasks.dem_sr.plots import plot_hillshade_triptych, plot_terrain_rmse
 from core.tasks.dem_sr.rcan import build_rcan
 from core.tasks.dem_sr.terrain import TERRAINS
@@ -39,8 +49,20 @@ class DemSuperResolution:
     components = COMPONENTS
     terrains = TERRAINS
     report_metrics = (
-        ReportMetric("val_rmse_m", "val RMSE (m)", by_domain=True, reference="val_rmse_m_bicubic"),
-        ReportMetric("val_slope_rmse_deg", "val slope RMSE (°)", by_domain=True),
+        ReportMetric(
+            "val_rmse_m",
+            "val RMSE (m)",
+            by_domain=True,
+            reference="val_rmse_m_bicubic",
+            tiles=TileMetric("sq_err_m2", "pixels", root=True),
+        ),
+        ReportMetric(
+            "val_slope_rmse_deg",
+            "val slope RMSE (°)",
+            by_domain=True,
+            tiles=TileMetric("slope_sq_err_deg2", "slope_pixels", root=True),
+        ),
+        ReportMetric("val_tile_median_rmse_m", "val per-tile median RMSE (m)", by_domain=True),
     )
     reference_name = "bicubic"
     sections = MappingProxyType({"model": RcanSection, "loss": DemLossSection})
@@ -55,6 +77,10 @@ class DemSuperResolution:
         self.bicubic: dict[str, Any] | None = None
         """Bicubic interpolation's scores: the validation tiles never change, so the first
         validation measures them once."""
+        self.bicubic_tiles: dict[str, float] = {}
+        """Bicubic's RMSE per validation tile, measured with ``bicubic``."""
+        self.val_regions: list[str] = []
+        """The region of each validation window, for its row of ``val_tiles.csv.gz``."""
 
     def build_datasets(self, config: Config, ctx: RunContext) -> tuple[TileDataset, TileDataset]:
         data = config.data
@@ -63,6 +89,7 @@ class DemSuperResolution:
             folder, data = (Path(data.dir), data) if data.dir else ensure_source(data, quiet=quiet)
             train, val = load_split(folder, data, data.split_seed, quiet=quiet)
         self.skipped = train.skipped
+        self.val_regions = val.regions
         return train, val
 
     def build_model(self, config: Config) -> nn.Module:
@@ -82,23 +109,33 @@ class DemSuperResolution:
 
     @torch.no_grad()
     def validate(self, model: nn.Module, batches: Iterable[Batch], ctx: RunContext) -> dict:
-        """RMSE/MAE in metres and slope RMSE in degrees, per terrain; ``val_loss`` uses the
-        base ``[loss]`` weights so runs with different weighting plugins stay comparable.
-        ``val_rmse_m_bicubic`` is plain bicubic interpolation: the bar a model must clear."""
+        """RMSE/MAE in metres and slope RMSE in degrees, per terrain, and the per-tile median
+        RMSE; ``val_loss`` uses the base ``[loss]`` weights so runs with different weighting
+        plugins stay comparable. ``val_rmse_m_bicubic`` is plain bicubic interpolation: the
+        bar a model must clear. The per-tile errors of every process go under ``VAL_TILES``."""
         weights = base_loss_weights(ctx.config).to(ctx.device)
         model_errors = ValidationAccumulator(device=ctx.device)
         bicubic_errors = ValidationAccumulator(device=ctx.device) if self.bicubic is None else None
+        records: list[dict[str, Any]] = []
         for batch in batches:
             with ctx.accelerator.autocast():
                 pred = model(batch["lr"]).float()
             losses = dem_loss_components(pred, batch["hr"], batch["mask"])
             tile = [batch[key] for key in ("hr", "mask", "mean", "std", "terrain", "cell_size")]
-            model_errors.update(pred, *tile, loss=losses @ weights)
+            sums = model_errors.update(pred, *tile, loss=losses @ weights)
             if bicubic_errors is not None:
                 scale = ctx.config.data.scale
                 bicubic = F.interpolate(batch["lr"], scale_factor=scale, mode="bicubic")
-                bicubic_errors.update(bicubic, *tile)
+                squared = bicubic_errors.update(bicubic, *tile)
+                for name, sq, pixels in zip(
+                    batch["tile_id"], squared["sq_err"], squared["pixels"], strict=True
+                ):
+                    self.bicubic_tiles[str(name)] = math.sqrt(sq / pixels) if pixels else math.nan
+            bicubic_rmse = [self.bicubic_tiles[str(name)] for name in batch["tile_id"]]
+            regions = [self.val_regions[i] for i in batch["idx"].tolist()]
+            records += tile_records(batch, sums, bicubic_rmse, regions)
         model_errors.reduce(lambda t: ctx.accelerator.reduce(t, "sum"))
+        records = sorted(gather_object(records), key=lambda record: record["tile"])
         if bicubic_errors is not None:  # the validation tiles never change: measure it once
             bicubic_errors.reduce(lambda t: ctx.accelerator.reduce(t, "sum"))
             summary = bicubic_errors.summary()
@@ -106,7 +143,12 @@ class DemSuperResolution:
                 "val_rmse_m_bicubic": summary["val_rmse_m"],
                 "val_rmse_m_bicubic_by_terrain": summary["val_rmse_m_by_terrain"],
             }
-        return {**model_errors.summary(), **self.bicubic}
+        return {
+            **model_errors.summary(),
+            **tile_medians(records),
+            **self.bicubic,
+            VAL_TILES: records,
+        }
 
     def epoch_summary(self, row: dict[str, Any]) -> str:
         by_terrain = " ".join(
