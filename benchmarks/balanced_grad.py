@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -52,6 +51,7 @@ from benchlib import (
     finish,
     interleave,
     paired,
+    peak_rss_mib,
     peak_tensor_bytes,
     ratio_line,
     spread,
@@ -215,26 +215,15 @@ def setup(
     return runners, batches
 
 
-def max_rss_mib() -> float:
-    """This process's peak RSS, MiB: ``VmHWM`` where Linux has it, since ``ru_maxrss``
-    carries over the parent's RSS into a child it starts."""
-    status = Path("/proc/self/status")
-    if status.exists():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def rss_child(args: argparse.Namespace) -> None:
     """In a fresh process, one variant only: its peak RSS before and after an epoch of
     ``2 * steps`` batches, as JSON (the warm-up step has already set the high-water mark
     of one step, so the rise is what the epoch keeps beyond a step)."""
     with tempfile.TemporaryDirectory() as scratch:
         runners, batches = setup(args, args.data, Path(scratch), [args.rss_child], [len(TERRAINS)])
-        before = max_rss_mib()
+        before = peak_rss_mib()
         runners[args.rss_child].epoch(batches[len(TERRAINS)] * 2)
-    print(json.dumps({"before": before, "after": max_rss_mib()}))
+    print(json.dumps({"before": before, "after": peak_rss_mib()}))
 
 
 def rss_of(variant: str, folder: Path, args: argparse.Namespace) -> dict[str, float]:

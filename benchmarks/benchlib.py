@@ -13,6 +13,7 @@ import argparse
 import datetime
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -137,6 +138,17 @@ def ratio_line(
         f"target {target}: {verdict}",
         flush=True,
     )
+
+
+def peak_rss_mib() -> float:
+    """This process's peak RSS, MiB: ``VmHWM`` where Linux has it, since ``ru_maxrss`` of a
+    child that ``subprocess`` starts begins at its parent's RSS."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def synchronize(device: torch.device) -> None:

@@ -29,7 +29,16 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from affine import Affine
-from benchlib import add_common_arguments, finish, interleave, paired, ratio_line, spread, start
+from benchlib import (
+    add_common_arguments,
+    finish,
+    interleave,
+    paired,
+    peak_rss_mib,
+    ratio_line,
+    spread,
+    start,
+)
 from torch import nn
 
 from core.config import Config
@@ -70,22 +79,13 @@ def predictor(model: nn.Module) -> Predictor:
     return Predictor(TrainedRun(config, ctx.model, ctx, {}), WINDOW, OVERLAP, "moderate")
 
 
-def max_rss_mib() -> float:
-    """This process's peak RSS, MiB (``VmHWM``: a child's ``ru_maxrss`` starts at its
-    parent's)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
-
-
 def rss_child(size: int, cache_mb: int, scratch: Path) -> None:
     """In a fresh process: peak RSS before and after predicting a ``size``-square raster,
     with GDAL's cache at ``cache_mb`` (0: GDAL's default), as JSON."""
     src = write_dem(scratch / f"in{size}.tif", terrain(size), UTM_TRANSFORM, "EPSG:32613")
     run = predictor(Bicubic())
     run.predict_windows([np.zeros((WINDOW, WINDOW), np.float32)])  # first-call allocations
-    before = max_rss_mib()
+    before = peak_rss_mib()
     started = time.perf_counter()
     if cache_mb:
         with gdal_cache(cache_mb):
@@ -93,7 +93,7 @@ def rss_child(size: int, cache_mb: int, scratch: Path) -> None:
     else:
         run.run(src, scratch / f"out{size}.tif", progress=False)
     seconds = time.perf_counter() - started
-    print(json.dumps({"before": before, "after": max_rss_mib(), "seconds": seconds}))
+    print(json.dumps({"before": before, "after": peak_rss_mib(), "seconds": seconds}))
 
 
 def measure_rss(size: int, cache_mb: int, threads: int) -> dict[str, float]:
