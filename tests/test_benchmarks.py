@@ -61,6 +61,15 @@ RATIO = re.compile(
             },
         ),
         (
+            "window_loading.py",
+            [],
+            {
+                "peak_rss_768_vs_240",
+                "loader_workers0_vs_small_model",
+                "loader_workers2_vs_small_model",
+            },
+        ),
+        (
             "terramind_memory.py",
             [],
             {
