@@ -174,8 +174,15 @@ def test_memory_depends_on_width_not_height(trained_run: Path, tmp_path: Path) -
 def test_terrain_guess_from_name_else_from_the_dem(tmp_path: Path) -> None:
     x = np.arange(64) * 90.0
     steep = np.broadcast_to(500 + np.tan(np.radians(40)) * x, (48, 64))
+    gentle = np.broadcast_to(500 + np.tan(np.radians(4)) * x, (48, 64))  # moderate by slope
     level = np.full((48, 64), 200.0) + np.random.default_rng(0).normal(0, 0.1, (48, 64))
-    cases = {"scan_1": (steep, "extreme"), "scan_2": (level, "flat"), "kansas_3": (steep, "flat")}
+    cases = {
+        "scan_1": (steep, "extreme"),
+        "scan_2": (level, "flat"),
+        "kansas_3": (gentle, "flat"),  # the region's flat holds: 4° is not 2 x 3°
+        "kansas_4": (steep, "extreme"),  # 40° clearly contradicts it
+        "alpine_5": (level, "alpine"),  # a category word always wins
+    }
     for name, (z, expected) in cases.items():
         path = write_dem(tmp_path / f"{name}.tif", z, UTM_TRANSFORM, UTM, -32768, dtype="int16")
         assert guess_terrain(path) == expected, name

@@ -57,7 +57,7 @@ SRTM = RasterSource(
 
 COLORADO = RasterSource(
     name="colorado10m",
-    title="10 m elevation of the Elk Mountains, Colorado (alpine only)",
+    title="10 m elevation of the Elk Mountains, Colorado (nearly all alpine)",
     cache_version="colorado10m-v2",
     load=lambda: _read(fetch(COLORADO_10M)),
     regions=COLORADO_REGIONS,

@@ -6,7 +6,8 @@ one path; a ``RasterSource`` says only what differs between them:
 - **the lattice**: ``tile_size`` x ``tile_size`` squares anchored at the raster's first cell, so
   tiles never overlap; ``checkerboard`` keeps every other one (no two kept tiles share an edge,
   which halves an epoch without losing any region).
-- **labels**: a tile wholly inside a named ``Region`` box takes its category; any other tile is
+- **labels**: a tile wholly inside a named ``Region`` box takes its category unless its
+  measurements clearly contradict it (``labels.explain_label``); any other tile is
   measured by the automatic classifier (``core.tasks.dem_sr.data.labels``) or, with
   ``unnamed=False``, dropped. Tiles are named ``<region>_tile_<n>`` (``<source>_tile_<n>``
   when unnamed), so the dataset reading them back finds the same labels from the names.
