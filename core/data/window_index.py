@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from core.data.cache import cache_root
 from core.errors import DataError
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 """Bump when the stored layout changes, so old indexes are rebuilt."""
 
 KEPT_INDEXES = 256
@@ -68,7 +68,11 @@ class GridFile:
 class WindowIndex:
     """Every usable window: ``file``, ``row`` and ``col`` (top-left cell) plus the columns the
     task's ``describe`` gave, all aligned; ``rejected`` counts the windows left out, by
-    reason."""
+    reason, ``problems`` the files left out.
+
+    A text column is stored as integer codes into ``categories[name]`` (``text(name)`` reads
+    it back): a few bytes a window, so an index of millions of windows stays small.
+    """
 
     size: int
     files: tuple[GridFile, ...]
@@ -76,6 +80,13 @@ class WindowIndex:
     rejected: Mapping[str, int] = attrs.field(factory=dict)
     problems: Mapping[str, str] = attrs.field(factory=dict)
     """File number (as text) -> why that whole file was left out."""
+    categories: Mapping[str, tuple[str, ...]] = attrs.field(factory=dict)
+
+    def text(self, name: str, positions: np.ndarray | None = None) -> list[str]:
+        """A text column's values (of ``positions``, else of every window)."""
+        codes = self.columns[name] if positions is None else self.columns[name][positions]
+        labels = self.categories[name]
+        return [labels[code] for code in codes]
 
     def __len__(self) -> int:
         return len(self.columns["file"])
@@ -137,18 +148,19 @@ def build_index(
 
     ``read_strip(file_no, row)`` reads rows ``row .. row + size`` of that file (in whatever
     form the task needs); ``describe(file_no, row, col, strip)`` returns the window's
-    columns, or the reason it is left out. A ``DataError`` from either leaves the whole file
-    out; so does a file without a usable window. Either is recorded in ``problems``.
+    columns (numbers, or text, which is stored as codes), or the reason it is left out. A
+    ``DataError`` from either leaves the whole file out; so does a file without a usable
+    window. Either is recorded in ``problems``.
     """
     total = sum((f.height // size) * (f.width // size) for f in files)
-    rows: list[tuple[int, int, int]] = []
-    described: dict[str, list] = {}
+    parts: list[dict[str, np.ndarray]] = []
+    vocabulary: dict[str, dict[str, int]] = {}
     rejected: Counter[str] = Counter()
     problems: dict[str, str] = {}
     with tqdm(total=total, desc=desc, unit="window", disable=quiet, mininterval=1.0) as bar:
         for file_no, grid in enumerate(files):
-            kept: list[tuple[int, int, int]] = []
-            columns: list[Mapping[str, Any]] = []
+            kept: list[tuple[int, int]] = []
+            rows: list[Mapping[str, Any]] = []
             reasons: Counter[str] = Counter()
             try:
                 for row in range(0, grid.height - size + 1, size):
@@ -158,8 +170,8 @@ def build_index(
                         if isinstance(result, str):
                             reasons[result] += 1
                         else:
-                            kept.append((file_no, row, col))
-                            columns.append(result)
+                            kept.append((row, col))
+                            rows.append(result)
                     bar.update(grid.width // size)
             except DataError as error:
                 problems[str(file_no)] = str(error)
@@ -167,18 +179,41 @@ def build_index(
             rejected.update(reasons)
             if not kept:
                 problems[str(file_no)] = f"{grid.path}: {_no_window(reasons)}"
-            rows.extend(kept)
-            for result in columns:
-                for name, value in result.items():
-                    described.setdefault(name, []).append(value)
-    position = np.array(rows, dtype=np.int64).reshape(-1, 3)
-    columns_out = {
-        "file": position[:, 0].astype(np.int32),
-        "row": position[:, 1],
-        "col": position[:, 2],
-        **{name: np.asarray(values) for name, values in described.items()},
+                continue
+            parts.append(_columns(file_no, kept, rows, vocabulary))  # one file's, as arrays
+    columns = {
+        name: np.concatenate([part[name] for part in parts]) if parts else np.zeros(0, np.int32)
+        for name in _names(parts)
     }
-    return WindowIndex(size, tuple(files), columns_out, dict(rejected), problems)
+    categories = {name: tuple(codes) for name, codes in vocabulary.items()}
+    return WindowIndex(size, tuple(files), columns, dict(rejected), problems, categories)
+
+
+def _columns(
+    file_no: int,
+    kept: list[tuple[int, int]],
+    rows: list[Mapping[str, Any]],
+    vocabulary: dict[str, dict[str, int]],
+) -> dict[str, np.ndarray]:
+    """One file's windows as arrays; text becomes codes into ``vocabulary`` (extended)."""
+    position = np.array(kept, dtype=np.int32)
+    out = {
+        "file": np.full(len(kept), file_no, dtype=np.int32),
+        "row": position[:, 0],
+        "col": position[:, 1],
+    }
+    for name in rows[0]:
+        values = [row[name] for row in rows]
+        if isinstance(values[0], str):
+            codes = vocabulary.setdefault(name, {})
+            out[name] = np.array([codes.setdefault(v, len(codes)) for v in values], np.int32)
+        else:
+            out[name] = np.asarray(values)
+    return out
+
+
+def _names(parts: list[dict[str, np.ndarray]]) -> list[str]:
+    return list(parts[0]) if parts else ["file", "row", "col"]
 
 
 def _no_window(reasons: Counter[str]) -> str:
@@ -234,6 +269,7 @@ def _stored(index: WindowIndex) -> dict[str, np.ndarray]:
         "files": [attrs.asdict(f) for f in index.files],
         "rejected": index.rejected,
         "problems": index.problems,
+        "categories": index.categories,
         "columns": list(index.columns),
     }
     columns = {f"column_{name}": np.asarray(values) for name, values in index.columns.items()}
@@ -247,4 +283,5 @@ def _load(path: Path) -> WindowIndex:
             raise ValueError("another index layout")
         columns = {name: stored[f"column_{name}"] for name in meta["columns"]}
     files = tuple(GridFile(**{**f, "transform": tuple(f["transform"])}) for f in meta["files"])
-    return WindowIndex(meta["size"], files, columns, meta["rejected"], meta["problems"])
+    categories = {name: tuple(labels) for name, labels in meta["categories"].items()}
+    return WindowIndex(meta["size"], files, columns, meta["rejected"], meta["problems"], categories)

@@ -11,9 +11,10 @@ batch. A bad file is reported when the index is built, not in a worker mid-epoch
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import rasterio
@@ -58,15 +59,17 @@ teaches the model little and its few cells would weigh as much as a whole window
 LABEL_RULES = "labels-v2"
 """Part of the index key: change it when the labelling rules change, so indexes are rebuilt."""
 GDAL_CACHE_MB = 64
+T = TypeVar("T")
 NAMED_REGIONS: tuple[Region, ...] = (*SRTM_REGIONS, *GLOBE_REGIONS, *COLORADO_REGIONS)
 
 
 class TileDataset(Dataset):
     """HR windows and their LR counterparts, normalised per window by the LR mean and std.
 
-    Build with ``from_folder``. ``tile_ids``, ``terrains``, ``regions`` and ``paths`` are
-    aligned with the sample positions; ``skipped`` lists ``(path, reason)`` for files left
-    out.
+    Build with ``from_folder``. ``terrains`` (an array), ``tile_ids``, ``regions``,
+    ``landscapes`` and ``paths`` (lists, made when asked for) are aligned with the sample
+    positions; ``skipped`` lists ``(path, reason)`` for files left out. Per window it holds
+    only its position in the index and its terrain, so memory stays flat in the data's size.
     """
 
     def __init__(
@@ -83,15 +86,31 @@ class TileDataset(Dataset):
         self.skipped = skipped
         self._lr_paths = lr_paths
         self._rasters = OpenRasters()
-        columns = {name: values[self._positions] for name, values in index.columns.items()}
-        self.tile_ids: list[str] = columns["tile_id"].tolist()
-        self.regions: list[str] = columns["region"].tolist()
-        self.terrains: np.ndarray = columns["terrain"].astype(np.int64)
-        self.paths = [Path(index.files[f].path) for f in columns["file"]]
-        self.landscapes = [index.files[f].name for f in columns["file"]]
+        self.terrains: np.ndarray = index["terrain"][self._positions].astype(np.int64)
+
+    @property
+    def tile_ids(self) -> list[str]:
+        return [self._tile_id(int(p)) for p in self._positions]
+
+    @property
+    def regions(self) -> list[str]:
+        """Each window's named box, else its raster's name (``landscapes``)."""
+        return self.index.text("region", self._positions)
+
+    @property
+    def landscapes(self) -> list[str]:
         """Each window's raster by its ``landscape`` or ``region`` tag, else its file name."""
-        self._cell_size = np.stack([columns["cell_dy"], columns["cell_dx"]], axis=1).astype(
-            np.float32
+        return [self.index.files[f].name for f in self.index["file"][self._positions]]
+
+    @property
+    def paths(self) -> list[Path]:
+        return [Path(self.index.files[f].path) for f in self.index["file"][self._positions]]
+
+    def _tile_id(self, position: int) -> str:
+        """The file's stem, with the window's row and column where the file holds several."""
+        grid = self.index.files[self.index["file"][position]]
+        return tile_id(
+            grid, self.index.size, self.index["row"][position], self.index["col"][position]
         )
 
     @classmethod
@@ -143,7 +162,7 @@ class TileDataset(Dataset):
         indexer = _Indexer(files, lr_of, scale, tile_size, strict)
         index = cached_index(
             index_key(paths, settings),
-            lambda: build_index(
+            lambda: _one_torch_thread(build_index)(
                 files,
                 tile_size,
                 indexer.read_strip,
@@ -175,7 +194,8 @@ class TileDataset(Dataset):
         return len(self._positions)
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
-        hr, lr = self._read(int(self._positions[idx]))
+        position = int(self._positions[idx])
+        hr, lr = self._read(position)
         lr_valid = np.isfinite(lr)
         mean, std = normalisation(lr)
         mask = np.isfinite(hr)
@@ -184,11 +204,14 @@ class TileDataset(Dataset):
             "hr": torch.from_numpy(((np.where(mask, hr, mean) - mean) / std)[None]).float(),
             "mask": torch.from_numpy(mask[None]),
             "terrain": torch.tensor(self.terrains[idx], dtype=torch.int64),
-            "tile_id": self.tile_ids[idx],
+            "tile_id": self._tile_id(position),
             "idx": int(idx),
             "mean": torch.tensor(mean, dtype=torch.float32),
             "std": torch.tensor(std, dtype=torch.float32),
-            "cell_size": torch.from_numpy(self._cell_size[idx].copy()),
+            "cell_size": torch.tensor(
+                [self.index["cell_dy"][position], self.index["cell_dx"][position]],
+                dtype=torch.float32,
+            ),
         }
 
     def _read(self, position: int) -> tuple[np.ndarray, np.ndarray]:
@@ -262,20 +285,17 @@ class _Indexer:
             return "no LR cell is valid (every block touches nodata)"
         transform = grid.affine @ Affine.translation(col, row)
         cell_size = cell_size_m(transform, grid.crs, (size, size))
-        stem = Path(grid.path).stem
-        single = grid.height < 2 * size and grid.width < 2 * size
-        tile_id = stem if single else f"{stem}_r{row}_c{col}"
-        region = None if label_from_tile_id(tile_id) else self._region(file_no, transform)
-        name = tile_id if region is None else f"{region.name}_{tile_id}"
+        window_id = tile_id(grid, size, row, col)
+        region = None if label_from_tile_id(window_id) else self._region(file_no, transform)
+        name = window_id if region is None else f"{region.name}_{window_id}"
         category, label = label_tile(name, hr, cell_size)
         return {
-            "tile_id": tile_id,
             "region": region.name if region else grid.name,
-            "terrain": terrain_index(category),
+            "terrain": np.int8(terrain_index(category)),
             "label": label,
-            "cell_dy": cell_size[0],
-            "cell_dx": cell_size[1],
-            "valid": valid,
+            "cell_dy": np.float32(cell_size[0]),
+            "cell_dx": np.float32(cell_size[1]),
+            "valid": np.float32(valid),
         }
 
     def _region(self, file_no: int, transform: Affine) -> Region | None:
@@ -305,6 +325,29 @@ def _report(problems: dict[Path, DataError], paths: list[Path], strict: bool) ->
         if path in problems:
             skipped.add(path, problems[path])
     return skipped.entries
+
+
+def _one_torch_thread(build: Callable[..., T]) -> Callable[..., T]:
+    """``build`` on one torch thread: a window's slope is a tiny convolution, for which
+    torch's thread pool costs far more than it saves (twenty times more on a busy machine)."""
+
+    @functools.wraps(build)
+    def run(*args: Any, **kwargs: Any) -> T:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return build(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
+
+
+def tile_id(grid: GridFile, size: int, row: int, col: int) -> str:
+    """A window's name: its file's stem, with ``_r<row>_c<col>`` where the file holds more
+    than one window."""
+    stem = Path(grid.path).stem
+    return stem if grid.height < 2 * size and grid.width < 2 * size else f"{stem}_r{row}_c{col}"
 
 
 def _scaled(window: Window, scale: int) -> Window:
