@@ -197,11 +197,15 @@ def test_mostly_void_windows_are_left_out(tmp_path: Path) -> None:
     }
 
 
-def test_core_run_trains_on_one_raster(tmp_path: Path) -> None:
-    path = utm_raster(tmp_path / "dem.tif", (480, 480))
+@pytest.mark.parametrize("data", ["one raster", "two CRSs"])
+def test_core_run_trains_without_cutting(tmp_path: Path, data: str) -> None:
+    if data == "one raster":
+        path = utm_raster(tmp_path / "dem.tif", (480, 480))
+    else:
+        path = mixed_crs_folder(tmp_path / "rasters")
     args = ["--data", str(path), "--out", str(tmp_path / "run"), "--epochs", "1"]
     for assignment in (*FAST, "data.val_block=2"):
         args += ["--set", assignment]
     assert main(args) == 0
     row = read_metrics(tmp_path / "run")[-1]
-    assert np.isfinite(row["val_rmse_m"])
+    assert np.isfinite(row["val_rmse_m"]) and row["steps"] > 0
