@@ -20,6 +20,7 @@ from core.data.geotiff import write_dem
 from core.errors import DataError
 from core.run import main
 from core.tasks.dem_sr.data.dataset import TileDataset, block_mean, load_split
+from core.tasks.dem_sr.data.labels import terrain_stats
 from tests.conftest import FAST, read_metrics
 
 UTM = "EPSG:32613"
@@ -57,6 +58,10 @@ def test_a_large_raster_is_read_as_its_lattice_of_windows(tmp_path: Path) -> Non
         np.testing.assert_allclose(hr.numpy(), expected, atol=1e-3)
         lr = sample["lr"][0].double() * sample["std"].double() + sample["mean"].double()
         np.testing.assert_allclose(lr.numpy(), block_mean(expected, 3), atol=1e-3)
+        stats = terrain_stats(expected, (CELL, CELL))
+        for name in ("relief_m", "roughness_m", "mean_slope_deg"):
+            # stored as float32 (6e-8 relative); UTM's scale factor moves cell sizes by <0.1 %
+            assert dataset.index[name][i] == pytest.approx(getattr(stats, name), rel=2e-3)
     assert dataset.tile_ids[0] == "big_r0_c0" and len(set(dataset.tile_ids)) == len(dataset)
 
 

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from core.data.cache import cache_root
 from core.errors import DataError
 
-INDEX_VERSION = 2
+INDEX_VERSION = 3
 """Bump when the stored layout changes, so old indexes are rebuilt."""
 
 KEPT_INDEXES = 256

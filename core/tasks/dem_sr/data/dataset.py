@@ -47,7 +47,7 @@ from core.data.window_index import (
     index_key,
 )
 from core.errors import DataError
-from core.tasks.dem_sr.data.labels import label_from_tile_id, label_tile
+from core.tasks.dem_sr.data.labels import explain_label, label_from_tile_id, terrain_stats
 from core.tasks.dem_sr.data.regions import COLORADO_REGIONS, GLOBE_REGIONS, SRTM_REGIONS, Region
 from core.tasks.dem_sr.terrain import terrain_index
 
@@ -288,11 +288,15 @@ class _Indexer:
         window_id = tile_id(grid, size, row, col)
         region = None if label_from_tile_id(window_id) else self._region(file_no, transform)
         name = window_id if region is None else f"{region.name}_{window_id}"
-        category, label = label_tile(name, hr, cell_size)
+        stats = terrain_stats(hr, cell_size)
+        label = explain_label(name, hr, cell_size, stats)
         return {
             "region": region.name if region else grid.name,
-            "terrain": np.int8(terrain_index(category)),
-            "label": label,
+            "terrain": np.int8(terrain_index(label.category)),
+            "label": label.source,
+            "relief_m": np.float32(stats.relief_m),
+            "roughness_m": np.float32(stats.roughness_m),
+            "mean_slope_deg": np.float32(stats.mean_slope_deg),
             "cell_dy": np.float32(cell_size[0]),
             "cell_dx": np.float32(cell_size[1]),
             "valid": np.float32(valid),

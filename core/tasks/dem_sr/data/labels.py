@@ -265,13 +265,19 @@ def _stays_below(stats: TerrainStats, thresholds: tuple[float, float], factor: f
     return None
 
 
-def explain_label(tile_id: str, elevation_m: np.ndarray, cell_size: tuple[float, float]) -> Label:
+def explain_label(
+    tile_id: str,
+    elevation_m: np.ndarray,
+    cell_size: tuple[float, float],
+    stats: TerrainStats | None = None,
+) -> Label:
     """The tile's category and why: a category word in the name, else the measurements where
-    they clearly contradict a named region, else the region, else the measurements."""
+    they clearly contradict a named region, else the region, else the measurements
+    (``stats``, when the caller has them already)."""
     name = name_in_tile_id(tile_id)
     if name in TERRAINS:
         return Label(name, "region", f"the name says {name}")
-    stats = terrain_stats(elevation_m, cell_size)
+    stats = stats or terrain_stats(elevation_m, cell_size)
     measured = category_from_stats(stats)
     if name is None:
         return Label(measured, "dem", "measured: the name holds no region or category")
