@@ -20,13 +20,17 @@ import torch
 from accelerate import Accelerator
 from affine import Affine
 from rasterio.crs import CRS
+from rasterio.windows import Window
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from core.context import RunContext
+from core.errors import UsageError
 from core.plugins import PluginManager
+from core.tasks import PredictOptions
 from core.tasks.sar2opt.adapters import ADAPTERS, load_merged, load_run_terramind
 from core.tasks.sar2opt.data import OPTICAL_BANDS
+from core.tasks.sar2opt.predict import SarToOpticalPredictor, SceneNoise
 from core.tasks.sar2opt.task import SarToOptical
 from terraplug.testing import reset_accelerate_state
 from tests.conftest import read_metrics
@@ -150,6 +154,85 @@ def test_predict_turns_a_sentinel1_scene_into_a_georeferenced_sentinel2_geotiff(
     valid = data[:, 5:, :]
     assert (valid > 0).all() and valid.mean() < 10_000  # reflectance DN, not standardised
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_overlapping_windows_draw_the_same_noise_where_they_overlap() -> None:
+    """The scene's noise: a window reads the blocks it covers, so two windows 32 px apart
+    share the tokens' Gumbel noise and the diffusion's starting noise over their overlap,
+    and another seed draws other noise."""
+    noise = SceneNoise(0, 16, 12, 50)
+    gumbel, pixels = noise.window(32, 0, 64)
+    right_gumbel, right_pixels = noise.window(32, 32, 64)
+    grid, right_grid = gumbel.reshape(4, 4, 50), right_gumbel.reshape(4, 4, 50)
+    assert torch.equal(grid[:, 2:], right_grid[:, :2])
+    assert torch.equal(pixels[:, :, 32:], right_pixels[:, :, :32])
+    assert not torch.equal(grid[:, :2], right_grid[:, :2])
+    assert not torch.equal(SceneNoise(1, 16, 12, 50).window(32, 0, 64)[1], pixels)
+
+
+def test_predict_batches_skips_void_windows_and_records_its_settings(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Windows go through TerraMind in batches, each with its noise from the scene's grid,
+    so the output does not depend on the batch size; a window without a valid pixel is
+    never generated and stays nodata; the command's diffusion steps, top-p and temperature
+    replace the run's and are recorded in the output's tags; without a terminal, progress
+    comes as lines on stdout."""
+    from core.predict import main
+
+    source = tmp_path / "s1.tif"
+    write_s1_scene(source, 96, 160)
+    with rasterio.open(source, "r+") as dst:  # the windows at columns 96-159: all nodata
+        dst.write(np.full((2, 96, 64), -9999, np.float32), window=Window(96, 0, 64, 96))
+    terramind, config, _ = load_run_terramind(run_dir)
+    outputs = []
+    for batch in (1, 3):
+        predictor = SarToOpticalPredictor(terramind, 1, config.run.seed, 64, 16, batch)
+        predictor.run(source, tmp_path / f"batch{batch}.tif", progress=False)
+        assert predictor.skipped == 2  # two rows of windows, one void window each
+        with rasterio.open(tmp_path / f"batch{batch}.tif") as out:
+            outputs.append(out.read().astype(int))
+    # the same noise and windows; batched float32 sums may differ in the last bits, which
+    # moves a DN across a rounding boundary at most
+    assert np.abs(outputs[0] - outputs[1]).max() <= 1
+    assert (outputs[0][:, :, 96:] == 0).all() and (outputs[0][:, 5:, :96] > 0).all()
+    with pytest.raises(UsageError, match="--overlap 12: the windows' stride"):
+        SarToOpticalPredictor(terramind, 1, 0, 64, 12)
+
+    output = tmp_path / "s2.tif"
+    overrides = ["--diffusion-steps", "2", "--top-p", "0.5", "--temperature", "0.7"]
+    command = ["--checkpoint", str(run_dir), str(source), str(output), "--batch-size", "4"]
+    assert main([*command, *overrides]) == 0
+    assert "s1.tif: 8/8 windows" in capsys.readouterr().out  # pytest's stderr: no terminal
+    with rasterio.open(output) as out:
+        tags = out.tags()
+    assert {key: tags[key] for key in ("diffusion_steps", "top_p", "temperature", "seed")} == {
+        "diffusion_steps": "2", "top_p": "0.5", "temperature": "0.7", "seed": "0"
+    }  # fmt: skip
+    assert (tags["decoder_thresholding"], tags["decoder_clip"]) == ("False", "3.0")
+    assert (tags["window"], tags["overlap"]) == ("64", "16")
+
+
+def test_predict_refuses_sampling_settings_it_cannot_use(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Exit 2 naming the option, before the model loads; a dem_sr run does not sample."""
+    from core.predict import main
+    from core.tasks.dem_sr.predict import predict as dem_predict
+
+    source, output = tmp_path / "s1.tif", tmp_path / "s2.tif"
+    write_s1_scene(source, 32, 32)
+    for option, value, message in (
+        ("--batch-size", "0", "--batch-size 0 must be at least 1"),
+        ("--diffusion-steps", "0", "--diffusion-steps 0 must be at least 1"),
+        ("--top-p", "1.5", "--top-p 1.5 must lie in [0, 1]"),
+        ("--temperature", "0", "--temperature 0.0 must be above 0"),
+    ):
+        assert main(["--checkpoint", str(run_dir), str(source), str(output), option, value]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(UsageError, match="--top-p: a dem_sr run does not sample"):
+        dem_predict(run_dir, source, output, PredictOptions(top_p=0.5))
+    assert not output.exists()
 
 
 def test_predict_on_a_full_disk_exits_1_and_leaves_no_output(

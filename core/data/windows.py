@@ -3,7 +3,15 @@ streaming scheme both tasks' ``core.predict`` tools use."""
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+
 import numpy as np
+from tqdm.auto import tqdm
+
+LINE_SECONDS = 30.0
+"""How often :func:`window_progress` prints a line when no bar is shown."""
 
 
 def taper(size: int, overlap: int) -> np.ndarray:
@@ -25,3 +33,34 @@ def window_starts(length: int, size: int, stride: int) -> list[int]:
     if length <= size:
         return [0]
     return [*range(0, length - size, stride), length - size]
+
+
+@contextlib.contextmanager
+def window_progress(
+    total: int, name: str, bar: bool, lines: bool
+) -> Iterator[Callable[[int], None]]:
+    """Yields ``advance(n)``, which counts ``n`` more of ``total`` windows of ``name``: on a
+    tqdm bar (``bar``: stderr is a terminal), else in a line on stdout at most every
+    ``LINE_SECONDS`` and once at the end (``lines``: a log file or a pipe, where a bar would
+    only show at the end), else nowhere."""
+    started = last = time.monotonic()
+    done = 0
+
+    def line() -> None:
+        seconds = time.monotonic() - started
+        rate = f"{done / seconds:.2f}" if seconds > 0 else "-"
+        print(f"{name}: {done}/{total} windows, {seconds:.0f} s, {rate} windows/s", flush=True)
+
+    with tqdm(total=total, desc=name, unit="window", disable=not bar) as counter:
+
+        def advance(count: int) -> None:
+            nonlocal done, last
+            done += count
+            counter.update(count)
+            if lines and not bar and time.monotonic() - last >= LINE_SECONDS:
+                last = time.monotonic()
+                line()
+
+        yield advance
+    if lines and not bar:
+        line()

@@ -18,15 +18,17 @@ import torch
 from affine import Affine
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
-from tqdm.auto import tqdm
 
 from core.data.geotiff import geotiff_profile, mask_implausible, open_dem, write_geotiff
-from core.data.windows import taper, window_starts
+from core.data.windows import taper, window_progress, window_starts
 from core.errors import DataError, UsageError
 from core.inference import TrainedRun
 from core.tasks import PredictOptions
 from core.tasks.dem_sr.data.dataset import normalisation
 from core.tasks.dem_sr.terrain import TERRAINS, terrain_index
+
+DEFAULT_BATCH_SIZE = 16
+"""Windows per forward pass when ``--batch-size`` is not given."""
 
 
 def normalise(window: np.ndarray) -> tuple[np.ndarray, float, float]:
@@ -69,7 +71,7 @@ class Predictor:
         window: int,
         overlap: int,
         terrain: str,
-        batch_size: int = 16,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         strict_data: bool = False,
     ) -> None:
         if window < 1:
@@ -94,13 +96,16 @@ class Predictor:
         pred = self.trained.model(self.trained.route(batch)["lr"])[:, 0].float().cpu().numpy()
         return [p * std + mean for p, (_, mean, std) in zip(pred, chunk, strict=True)]
 
-    def run(self, src_path: Path, dst_path: Path, progress: bool = True) -> None:
+    def run(
+        self, src_path: Path, dst_path: Path, progress: bool = True, lines: bool = False
+    ) -> None:
         """Write the super-resolved raster through ``write_geotiff``, so a failure, a full
-        disk or a signal never leaves a half-written ``dst_path``, nor the temporary file."""
+        disk or a signal never leaves a half-written ``dst_path``, nor the temporary file.
+        ``progress``: a bar; ``lines``: a line now and then on stdout."""
         with open_dem(src_path) as src:
             nodata = src.nodata if src.nodata is not None and np.isfinite(src.nodata) else np.nan
             with write_geotiff(dst_path, self._profile(src, nodata)) as dst:
-                self._stream(src, dst, nodata, progress)
+                self._stream(src, dst, nodata, progress, lines)
 
     def _profile(self, src: rasterio.DatasetReader, nodata: float) -> dict:
         """Float32 (super-resolved elevations are fractional), the input's CRS and nodata."""
@@ -118,6 +123,7 @@ class Predictor:
         dst: rasterio.io.DatasetWriter,
         nodata: float,
         progress: bool,
+        lines: bool,
     ) -> None:
         s, size, stride = self.scale, self.window, self.window - 2 * self.overlap
         height, width = src.height, src.width
@@ -128,7 +134,7 @@ class Predictor:
         weights = np.zeros_like(total)
         weight = self.weight[: lr_rows * s, : lr_cols * s]
         name, total_windows = Path(src.name).name, len(rows) * len(cols)
-        with tqdm(total=total_windows, desc=name, unit="window", disable=not progress) as bar:
+        with window_progress(total_windows, name, progress, lines) as advance:
             for i, row in enumerate(rows):
                 band = read_elevation(src, Window(0, row, width, lr_rows), strict=self.strict_data)
                 for start in range(0, len(cols), self.batch_size):
@@ -138,7 +144,7 @@ class Predictor:
                         span = slice(col * s, (col + lr_cols) * s)
                         total[:, span] += pred[: lr_rows * s, : lr_cols * s] * weight
                         weights[:, span] += weight
-                    bar.update(len(batch_cols))
+                    advance(len(batch_cols))
                 # LR rows no later window touches: blend, mask and write them, then shift up
                 done = (rows[i + 1] if i + 1 < len(rows) else height) - row
                 out = self._finish(total[: done * s], weights[: done * s], band[:done], nodata)
@@ -193,6 +199,11 @@ def predict(run_dir: Path, src: Path, dst: Path, options: PredictOptions) -> Non
     terrain-aware model (one with ``route_batch`` plugins) is guessed when not given."""
     if options.domain is not None and options.domain not in TERRAINS:
         raise UsageError(f"--terrain {options.domain!r}: choose one of {', '.join(TERRAINS)}")
+    sampling = {"--diffusion-steps": options.diffusion_steps, "--top-p": options.top_p,
+                "--temperature": options.temperature}  # fmt: skip
+    given = [name for name, value in sampling.items() if value is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)}: a dem_sr run does not sample; sar2opt runs do")
     with open_dem(src):
         pass  # a bad input is reported before the model loads
     trained = TrainedRun.restore(run_dir, cpu=options.cpu)
@@ -205,5 +216,12 @@ def predict(run_dir: Path, src: Path, dst: Path, options: PredictOptions) -> Non
         if trained.uses_hook("route_batch")
         else "moderate"
     )
-    predictor = Predictor(trained, window, overlap, terrain, strict_data=options.strict_data)
-    predictor.run(src, dst, progress=options.progress)
+    predictor = Predictor(
+        trained,
+        window,
+        overlap,
+        terrain,
+        batch_size=options.batch_size or DEFAULT_BATCH_SIZE,
+        strict_data=options.strict_data,
+    )
+    predictor.run(src, dst, progress=options.progress, lines=options.progress_lines)

@@ -30,6 +30,8 @@ OPTICAL_RAW = "untok_sen2l2a@224"
 OPTICAL_TOKENS = "tok_sen2l2a@224"
 FROZEN_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 """``model.frozen_dtype``: how TerraMind's frozen weights are held."""
+TEMPERATURE_ZERO = 1e-10
+"""TerraTorch's sampler picks the most likely token at temperatures this close to 0."""
 
 
 @contextlib.contextmanager
@@ -165,24 +167,69 @@ class TerraMindSarToOptical(nn.Module):
     ) -> torch.Tensor:
         """Standardised optical images from ``[B, N]`` token ids.
 
-        Every image starts from the same diffusion noise (drawn from ``seed``), so two decodes
-        differ only through their tokens.
+        Every image starts from the same diffusion noise (drawn from ``seed`` as TerraTorch's
+        pipeline draws it), so two decodes differ only through their tokens.
         """
-        patch = self.tokenizer.patch_size
-        grid = tokens.reshape(tokens.shape[0], size[0] // patch, size[1] // patch)
+        shape = (1, self.tokenizer.n_channels, *size)
+        noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed))  # on the CPU
+        return self.decode_noise(tokens, noise.expand(len(tokens), -1, -1, -1), steps)
+
+    @torch.no_grad()
+    def decode_noise(self, tokens: torch.Tensor, noise: torch.Tensor, steps: int) -> torch.Tensor:
+        """Standardised optical images from ``[B, N]`` token ids and the diffusion's starting
+        noise ``[B, C, H, W]``: TerraTorch's own pipeline (``PipelineCond``: DDIM, trailing
+        timesteps, no guidance), with the noise given instead of drawn inside. DDIM's steps
+        draw nothing more (eta 0), so the image is a function of tokens and noise."""
+        tokenizer, patch = self.tokenizer, self.tokenizer.patch_size
+        height, width = noise.shape[-2:]
+        grid = tokens.reshape(len(tokens), height // patch, width // patch)
+        scheduler = tokenizer.noise_scheduler
+        scheduler.set_timesteps(steps, mode="trailing")
+        image = noise.to(tokens.device, torch.float32)
         with self.autocast(tokens.device):
-            images = torch.cat(
-                [
-                    self.tokenizer.decode_tokens(
-                        one.unsqueeze(0),
-                        image_size=size,
-                        timesteps=steps,
-                        generator=torch.Generator().manual_seed(seed),  # draws on the CPU
-                    )
-                    for one in grid
-                ]
-            )
-        return images.float()
+            quant = tokenizer.tokens_to_embedding(grid)
+            for t in scheduler.timesteps:
+                output = tokenizer.decoder(image, t, quant, orig_res=None)
+                with torch.autocast(tokens.device.type, enabled=False):
+                    image = scheduler.step(output.float(), t, image).prev_sample
+        return image.float()
+
+    def sample_tokens(self, logits: torch.Tensor, gumbel: torch.Tensor) -> torch.Tensor:
+        """``[B, N]`` token ids drawn from ``[B, N, V]`` logits as TerraTorch's sampler draws
+        them (top-p on the logits, then softmax at the temperature; the most likely token at
+        temperature 0), by the Gumbel-max trick with the given ``[B, N, V]`` Gumbel noise:
+        ``argmax(logits / T + g)`` is distributed as ``softmax(logits / T)``, and two windows
+        that share the noise of a position pick the same token where their logits agree."""
+        sampler, temperature = self.generator.sampler, self.generator.temps
+        flat = logits.reshape(-1, logits.shape[-1]).float().clone()  # filtered in place
+        if temperature <= TEMPERATURE_ZERO:  # TerraTorch's own rule for the argmax
+            return flat.argmax(-1).reshape(logits.shape[:2])
+        filtered = sampler.top_k_top_p_filtering(flat, self.generator.top_k, self.generator.top_p)
+        perturbed = filtered / temperature + gumbel.reshape(flat.shape).to(flat.device)
+        return perturbed.argmax(-1).reshape(logits.shape[:2])
+
+    @torch.no_grad()
+    def generate_noise(
+        self, sar: torch.Tensor, steps: int, gumbel: torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
+        """Standardised optical images from SAR, as :meth:`generate` samples them (one
+        decoding step of all tokens at top-p and temperature, then the diffusion decoder),
+        with the randomness given: ``[B, N, V]`` Gumbel noise for the tokens and ``[B, C, H,
+        W]`` starting noise for the diffusion. The same noise gives the same image,
+        whatever else is in the batch."""
+        tokens = self.sample_tokens(self(sar, output="logits"), gumbel)
+        return self.decode_noise(tokens, noise, steps)
+
+    def generation_settings(self) -> dict[str, float | bool]:
+        """What the sampling and the decoder's bound are now (see
+        :meth:`configure_generation`), as predict records them in its output."""
+        config = self.tokenizer.noise_scheduler.config
+        return {
+            "top_p": self.generator.top_p,
+            "temperature": self.generator.temps,
+            "decoder_thresholding": bool(config.thresholding),
+            "decoder_clip": float(config.clip_sample_range) if config.clip_sample else 0.0,
+        }
 
     def configure_generation(
         self, *, top_p: float, temperature: float, thresholding: bool, clip: float
