@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +32,8 @@ KEY_SUFFIX = ".key.json"
 
 
 def fingerprint(*parts: Any) -> str:
-    """SHA-256 over tensors, arrays and modules (dtype, shape and bytes of every entry of the
-    state dict) and JSON-able values, in order."""
+    """SHA-256 over tensors, arrays, modules and state dicts (name, dtype, shape and bytes of
+    every entry) and JSON-able values, in order."""
     digest = hashlib.sha256()
     for part in parts:
         _update(digest, part)
@@ -42,7 +42,9 @@ def fingerprint(*parts: Any) -> str:
 
 def _update(digest: Any, part: Any) -> None:
     if isinstance(part, nn.Module):
-        for name, tensor in sorted(part.state_dict().items()):
+        part = part.state_dict()
+    if isinstance(part, Mapping) and all(isinstance(v, torch.Tensor) for v in part.values()):
+        for name, tensor in sorted(part.items()):  # a state dict, or part of one
             digest.update(name.encode())
             _update(digest, tensor)
     elif isinstance(part, torch.Tensor):

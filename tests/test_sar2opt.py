@@ -29,7 +29,12 @@ from core.plugins import ActivePlugin, PluginManager
 from core.safe_io import load_checkpoint
 from core.tasks.sar2opt.config import TerraMindSection
 from core.tasks.sar2opt.data import OPTICAL_BANDS
-from core.tasks.sar2opt.terramind import build_terramind, checkpoint_blocks, hold_frozen_weights
+from core.tasks.sar2opt.terramind import (
+    OPTICAL_RAW,
+    build_terramind,
+    checkpoint_blocks,
+    hold_frozen_weights,
+)
 from core.train import Trainer
 from plugins.generators.straight_through import expected_code_error, gumbel_code_error
 from terraplug.testing import reset_accelerate_state
@@ -380,6 +385,46 @@ def test_refiner_caches_generations_and_freezes_terramind(tmp_path: Path) -> Non
     )
 
 
+def test_encoder_only_caches_its_targets_keyed_by_the_weights_without_adapters(
+    tmp_path: Path,
+) -> None:
+    """The un-adapted encodings of the targets are computed once into the run folder: a
+    set-up after the adapters trained reads them back, one after a frozen weight changed
+    computes them again."""
+    from plugins.generators.encoder_only import adapters_disabled
+
+    out = tmp_path / "enc"
+    trainer, _ = make_trainer(out, "encoder_only", "data.tile_size=32")
+    trainer.setup()
+    plugin = next(p.obj for p in trainer.ctx.plugins.active if p.name == "encoder_only")
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    dataset = trainer.ctx.train_dataset
+    path = out / "cache" / "encoder_targets.npy"
+    stored = path.stat()
+    optical = torch.stack([dataset[i]["optical"] for i in (0, len(dataset) - 1)])
+    with adapters_disabled(model), torch.no_grad():
+        expected = model.encode(optical, OPTICAL_RAW)
+    # float32, the same kernels on the same tiles in this process, in batches of another
+    # size: at most a few ulps of the encodings (about 1)
+    torch.testing.assert_close(torch.from_numpy(plugin.targets[[0, len(dataset) - 1]]), expected)
+    assert stored_key(out, "encoder_targets")["what"] == "encoder_targets"
+
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name and parameter.requires_grad:
+                parameter.add_(0.1)  # what training does to the adapters
+    plugin.setup(trainer.ctx)
+    assert (path.stat().st_ino, path.stat().st_mtime_ns) == (stored.st_ino, stored.st_mtime_ns)
+
+    with torch.no_grad():
+        model.terramind.encoder[0].mlp.fc1.base_layer.weight.add_(0.1)  # other frozen weights
+    plugin.setup(trainer.ctx)
+    assert path.stat().st_ino != stored.st_ino
+    with adapters_disabled(model), torch.no_grad():
+        changed = model.encode(optical, OPTICAL_RAW)
+    torch.testing.assert_close(torch.from_numpy(plugin.targets[[0, len(dataset) - 1]]), changed)
+
+
 def test_target_tokens_are_cached_per_tile_and_keyed_by_the_tokenizer(tmp_path: Path) -> None:
     """Cached tokens are the tokenizer's; a run re-started into the same folder with another
     model size (another tokenizer) tokenizes again rather than train on the old labels."""
@@ -470,6 +515,44 @@ def test_decoder_thresholding_bounds_images_to_one_standard_deviation(
     # 1e-6: a few float32 ulps (1.2e-7 above 1) of the scheduler's arithmetic after its clamp
     assert bounds[True] <= 1.0 + 1e-6
     assert 1.0 < bounds[False] <= 3.0 + 1e-6
+
+
+def test_decode_noise_is_terratorchs_pipeline_with_the_noise_given(terramind: nn.Module) -> None:
+    """Predict hands the diffusion its starting noise; given the noise TerraTorch's pipeline
+    draws from a seeded generator, the image is exactly the pipeline's (one image at a time:
+    a batch may sum in another order)."""
+    tokens = torch.randint(0, 15360, (2, 16))
+    for steps in (1, 3):
+        for one in tokens:
+            noise = torch.randn((1, 12, 64, 64), generator=torch.Generator().manual_seed(5))
+            theirs = terramind.tokenizer.decode_tokens(
+                one.reshape(1, 4, 4), image_size=(64, 64), timesteps=steps,
+                generator=torch.Generator().manual_seed(5),
+            )  # fmt: skip
+            assert torch.equal(terramind.decode_noise(one[None], noise, steps), theirs)
+
+
+def test_sample_tokens_draws_as_terratorchs_sampler(terramind: nn.Module) -> None:
+    """The Gumbel-max draw of predict follows TerraTorch's sampling rule: top-p on the
+    logits, then softmax at the temperature; the most likely token at temperature 0."""
+    probabilities = torch.tensor([0.5, 0.3, 0.2, 1e-12, 1e-12])  # any vocabulary size
+    logits = probabilities.log().expand(1, 4000, -1)  # 4000 positions, one distribution
+    noise = torch.empty(1, 4000, 5).exponential_(generator=torch.Generator().manual_seed(0))
+    gumbel = -noise.log()
+    try:
+        for top_p, kept in ((0.0, 3), (0.6, 2)):  # 0.6: the nucleus is the first two tokens
+            terramind.configure_generation(
+                top_p=top_p, temperature=0.5, thresholding=False, clip=3.0
+            )
+            counts = torch.bincount(terramind.sample_tokens(logits, gumbel)[0], minlength=5)
+            wanted = torch.softmax(probabilities[:kept].log() / 0.5, dim=0)
+            assert counts[kept:].sum() == 0
+            # 4000 draws: a share's standard error is at most 0.008, so 0.04 is five of them
+            torch.testing.assert_close(counts[:kept] / 4000, wanted, atol=0.04, rtol=0)
+        terramind.configure_generation(top_p=0.8, temperature=1e-11, thresholding=False, clip=3.0)
+        assert (terramind.sample_tokens(logits, gumbel) == 0).all()
+    finally:
+        terramind.configure_generation(top_p=0.8, temperature=1.0, thresholding=False, clip=3.0)
 
 
 def test_sar2opt_without_a_generator_plugin_says_which_to_use(tmp_path: Path) -> None:

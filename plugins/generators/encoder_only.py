@@ -1,12 +1,14 @@
 """``encoder_only``: LoRA on TerraMind's encoder only, trained in latent space.
 
 Decoder and sampling stay frozen and unused in training. The target is the encoding of the
-target optical image by TerraMind's own encoder *without* adapters (computed once per tile
-at set-up); the loss pulls the adapted encoding of the SAR image towards it, token by token
-(MSE). An encoder that makes SAR look like optical to the frozen decoder lets generation
-from SAR behave like generation from optical. Only approximately: the decoder reads the
-encoder's output plus each context token's modality embedding, and the S1 GRD embedding
-stays, so even a perfect latent match does not condition the decoder as optical input does.
+target optical image by TerraMind's own encoder *without* adapters, computed once per tile
+and cached in the run folder (``cache/encoder_targets.npy``, memory-mapped, keyed by
+TerraMind's weights without the adapters and by the tiles); the loss pulls the adapted
+encoding of the SAR image towards it, token by token (MSE). An encoder that makes SAR look
+like optical to the frozen decoder lets generation from SAR behave like generation from
+optical. Only approximately: the decoder reads the encoder's output plus each context
+token's modality embedding, and the S1 GRD embedding stays, so even a perfect latent match
+does not condition the decoder as optical input does.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
     from core.context import RunContext
 
 ENCODER_BLOCK = re.compile(r"(^|\.)encoder\.\d+\.")
+ENCODER_TARGETS = "encoder_targets"
 
 
 @contextlib.contextmanager
@@ -58,7 +62,7 @@ class EncoderOnly(Plugin):
 
     def __init__(self, config: object) -> None:
         super().__init__(config)
-        self.targets: torch.Tensor | None = None
+        self.targets: np.ndarray | None = None
 
     @hookimpl
     def configure_model(self, model: nn.Module, ctx: RunContext) -> None:
@@ -79,26 +83,42 @@ class EncoderOnly(Plugin):
     def setup(self, ctx: RunContext) -> None:
         self.targets = self.optical_encodings(terramind_of(ctx.model, ctx, self.name), ctx)
 
-    @torch.no_grad()
-    def optical_encodings(self, terramind: TerraMindSarToOptical, ctx: RunContext) -> torch.Tensor:
-        """``[N_train, T, D]`` encodings of the training targets by the un-adapted encoder.
+    def optical_encodings(self, terramind: TerraMindSarToOptical, ctx: RunContext) -> np.ndarray:
+        """``[N_train, T, D]`` encodings of the training targets by the un-adapted encoder,
+        computed once per run folder and read back memory-mapped (10,000 tiles of 224 at
+        ``base`` are 23 GB of float32: page cache, not each process's memory).
 
         With adapters switched off the encoder is exactly the base model, also on a resumed
-        run whose adapters have already trained.
+        run whose adapters have already trained; so the key holds the transformer's weights
+        without the adapters, which training changes and the encodings never see.
         """
-        dataset = ctx.train_dataset
-        with adapters_disabled(terramind):
-            return torch.cat(
-                [
-                    terramind.encode(
-                        dataset[i]["optical"].unsqueeze(0).to(ctx.device), OPTICAL_RAW
-                    ).cpu()
-                    for i in range(len(dataset))
-                ]
-            )
+        dataset, device = ctx.train_dataset, ctx.device
+
+        @torch.no_grad()
+        def encode(indices: np.ndarray) -> torch.Tensor:
+            with adapters_disabled(terramind):
+                return torch.cat(
+                    [
+                        terramind.encode(
+                            torch.stack([dataset[int(i)]["optical"] for i in chunk]).to(device),
+                            OPTICAL_RAW,
+                        ).cpu()
+                        for chunk in np.array_split(indices, max(1, len(indices) // 16))
+                    ]
+                )
+
+        task = sar2opt_task(ctx, self.name)
+        base = {
+            name: tensor
+            for name, tensor in terramind.terramind.state_dict().items()
+            if "lora_" not in name
+        }
+        key = task.cache_key(ENCODER_TARGETS, base, "optical", ctx.config)
+        return task.cached_per_tile(ENCODER_TARGETS, key, encode, ctx)
 
     @hookimpl
     def training_forward(self, model: nn.Module, batch: Batch, ctx: RunContext) -> torch.Tensor:
-        target = self.targets[batch["idx"].cpu()].to(batch["sar"].device)
+        rows = self.targets[batch["idx"].cpu().numpy()]
+        target = torch.from_numpy(rows).to(batch["sar"].device)
         encoding = model(batch["sar"], output="encoding")
         return F.mse_loss(encoding, target, reduction="none").mean((1, 2)).unsqueeze(1)

@@ -9,7 +9,7 @@ each member it lacks, before anything is trained.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -31,7 +31,7 @@ class TokenGeneration(Protocol):
     def cache_key(
         self,
         what: str,
-        weights: nn.Module,
+        weights: nn.Module | Mapping[str, torch.Tensor],
         tiles: str,
         config: Config,
         dataset: Any = None,

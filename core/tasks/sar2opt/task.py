@@ -9,7 +9,7 @@ generation (token sampling and diffusion decoding) and scores it in reflectance.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -156,15 +156,15 @@ class SarToOptical:
     def cache_key(
         self,
         what: str,
-        weights: nn.Module,
+        weights: nn.Module | Mapping[str, torch.Tensor],
         tiles: str,
         config: Config,
         dataset: PairDataset | None = None,
         **settings: Any,
     ) -> dict:
-        """The key of a per-tile cache made by ``weights`` from the ``tiles`` (``"sar"`` or
-        ``"optical"``) of ``dataset`` (default: training): model, weight and tile
-        fingerprints, ``settings``."""
+        """The key of a per-tile cache made by ``weights`` (a module, or the part of a state
+        dict that the cache depends on) from the ``tiles`` (``"sar"`` or ``"optical"``) of
+        ``dataset`` (default: training): model, weight and tile fingerprints, ``settings``."""
         model = config.model
         return {
             "what": what,
