@@ -11,10 +11,10 @@ batch. A bad file is reported when the index is built, not in a worker mid-epoch
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -59,7 +59,6 @@ teaches the model little and its few cells would weigh as much as a whole window
 LABEL_RULES = "labels-v2"
 """Part of the index key: change it when the labelling rules change, so indexes are rebuilt."""
 GDAL_CACHE_MB = 64
-T = TypeVar("T")
 NAMED_REGIONS: tuple[Region, ...] = (*SRTM_REGIONS, *GLOBE_REGIONS, *COLORADO_REGIONS)
 
 
@@ -160,17 +159,18 @@ class TileDataset(Dataset):
         }
         paths = [Path(f.path) for f in files] + [Path(p) for p in lr_of if p]
         indexer = _Indexer(files, lr_of, scale, tile_size, strict)
-        index = cached_index(
-            index_key(paths, settings),
-            lambda: _one_torch_thread(build_index)(
-                files,
-                tile_size,
-                indexer.read_strip,
-                indexer.describe,
-                quiet=quiet,
-                desc=f"indexing {tile_size}x{tile_size} windows",
-            ),
-        )
+        with _one_torch_thread():
+            index = cached_index(
+                index_key(paths, settings),
+                lambda: build_index(
+                    files,
+                    tile_size,
+                    indexer.read_strip,
+                    indexer.describe,
+                    quiet=quiet,
+                    desc=f"indexing {tile_size}x{tile_size} windows",
+                ),
+            )
         for file_no, problem in index.problems.items():
             problems[Path(files[int(file_no)].path)] = DataError(problem)
         skipped = _report(problems, hr_paths, strict)
@@ -331,20 +331,17 @@ def _report(problems: dict[Path, DataError], paths: list[Path], strict: bool) ->
     return skipped.entries
 
 
-def _one_torch_thread(build: Callable[..., T]) -> Callable[..., T]:
-    """``build`` on one torch thread: a window's slope is a tiny convolution, for which
-    torch's thread pool costs far more than it saves (twenty times more on a busy machine)."""
-
-    @functools.wraps(build)
-    def run(*args: Any, **kwargs: Any) -> T:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return build(*args, **kwargs)
-        finally:
-            torch.set_num_threads(threads)
-
-    return run
+@contextlib.contextmanager
+def _one_torch_thread() -> Iterator[None]:
+    """One torch thread while windows are described: a window's slope is a tiny convolution,
+    for which torch's thread pool costs far more than it saves (twenty times more on a busy
+    machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def tile_id(grid: GridFile, size: int, row: int, col: int) -> str:
