@@ -51,7 +51,8 @@ class DataSection:
     """Where tiles come from and how they are batched."""
 
     dir: str = ""
-    """A folder of GeoTIFFs; empty: the built-in ``source`` (cut on first use)."""
+    """A GeoTIFF of any size or a folder of them, read as windows; empty: the built-in
+    ``source``."""
     source: str = "srtm90"
     """dem_sr's built-in DEM without ``dir``: ``srtm90``, ``globe``, ``colorado10m``,
     ``tianshan`` or ``world`` (eight landscapes, validated on held-out ones)."""

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 
+from core.data import window_index
 from core.tasks.dem_sr.data.procedural import write_procedural_tiles
 from terraplug.testing import FAST, read_metrics, reset_accelerate_state, run_training
 
@@ -22,6 +23,16 @@ __all__ = ["FAST", "read_metrics"]
 # torch's default of one thread per core makes processes contend for every core.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_window_indexes(tmp_path_factory: pytest.TempPathFactory):
+    """The suite's window indexes in a folder of its own: the user's cache keeps its 256
+    most recently used indexes, which the suite's hundreds of folders would push out."""
+    folder = tmp_path_factory.mktemp("window-indexes")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(window_index, "index_folder", lambda: folder)
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -62,4 +73,3 @@ def install_distribution(source: Path, target: Path) -> Path:
         check=True, capture_output=True,
     )  # fmt: skip
     return target
-

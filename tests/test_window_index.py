@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +14,14 @@ from pyproj import Transformer
 from torch.utils.data import DataLoader
 
 from core.config import DataSection
-from core.data.cache import cache_root
+from core.data import window_index
 from core.data.geotiff import write_dem
 from core.errors import DataError
 from core.run import main
+from core.tasks.dem_sr.data import dataset as dataset_module
 from core.tasks.dem_sr.data.dataset import TileDataset, block_mean, load_split
 from core.tasks.dem_sr.data.labels import terrain_stats
+from core.tasks.dem_sr.terrain import TERRAINS
 from tests.conftest import FAST, read_metrics
 
 UTM = "EPSG:32613"
@@ -77,21 +78,36 @@ def test_small_tiles_and_a_large_raster_mix_in_one_folder(tmp_path: Path) -> Non
 def test_the_index_is_built_once_and_rebuilt_when_a_file_changes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("TERRAPLUG_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "indexes"
+    monkeypatch.setattr(window_index, "index_folder", lambda: folder)
     path = utm_raster(tmp_path / "dem.tif", (150, 150))
     first_mean = TileDataset.from_folder(path, 3)[0]["mean"].item()
-    stored = list((cache_root() / "windows").glob("*.npz"))
-    assert len(stored) == 1
-    before = stored[0].stat().st_mtime_ns
+    assert len(list(folder.glob("*.npz"))) == 1
     write_dem(path, hills((150, 150)) + 100.0, Affine(CELL, 0, 5e5, 0, -CELL, 4.4e6), UTM)
-    os.utime(path, ns=(before, before + 10**9))  # a new modification time, however coarse
     again = TileDataset.from_folder(path, 3)
-    assert len(list((cache_root() / "windows").glob("*.npz"))) == 2
+    assert len(list(folder.glob("*.npz"))) == 2
     # rel 1e-6: float32 means of ~1500 m, each within a few ulps of the exact one
     assert again[0]["mean"].item() == pytest.approx(first_mean + 100.0, rel=1e-6)
-    cached = TileDataset.from_folder(path, 3)  # read back, not rebuilt
+
+    def no_build(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the index was built again")
+
+    monkeypatch.setattr(dataset_module, "build_index", no_build)
+    cached = TileDataset.from_folder(path, 3)  # read back
     assert cached.tile_ids == again.tile_ids and (cached.terrains == again.terrains).all()
-    assert len(list((cache_root() / "windows").glob("*.npz"))) == 2
+    with pytest.raises(AssertionError, match="built again"):  # another setting: a new index
+        TileDataset.from_folder(path, 3, tile_size=24)
+
+
+def test_a_damaged_index_is_built_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "indexes"
+    monkeypatch.setattr(window_index, "index_folder", lambda: folder)
+    path = utm_raster(tmp_path / "dem.tif", (100, 100))
+    first = TileDataset.from_folder(path, 3).tile_ids
+    (stored,) = folder.glob("*.npz")
+    stored.write_bytes(stored.read_bytes()[:100])  # truncated
+    assert TileDataset.from_folder(path, 3).tile_ids == first
+    assert not list(folder.glob("*.tmp"))
 
 
 def test_dataloader_workers_read_the_same_windows(tmp_path: Path) -> None:
@@ -152,8 +168,13 @@ def test_the_spatial_split_keeps_a_window_between_training_and_validation(
             val.bounds()[val.crs() == crs], train.bounds()[train.crs() == crs], gap
         )
         assert pairs == 0
-    # across CRSs, in longitude and latitude: not even touching
-    assert touching_pairs(lonlat_boxes(val), lonlat_boxes(train), np.zeros(2)) == 0
+    # across CRSs, in longitude and latitude: a window apart too (the smaller window, a
+    # 1" window of 48 cells, less a hair)
+    gap = np.full(2, 48 / 3600) - 1e-9
+    val_boxes, train_boxes = lonlat_boxes(val), lonlat_boxes(train)
+    for crs in set(val.crs()):
+        others = train.crs() != crs
+        assert touching_pairs(val_boxes[val.crs() == crs], train_boxes[others], gap) == 0
 
 
 def test_the_spatial_split_is_seeded(tmp_path: Path) -> None:
@@ -168,6 +189,11 @@ def test_named_regions_validate_whole_landscapes(tmp_path: Path) -> None:
     folder = mixed_crs_folder(tmp_path)
     train, val = load_split(folder, DataSection(val_regions=["utm_b"]), seed=0)
     assert set(val.regions) == {"utm_b"} and "utm_b" not in set(train.regions)
+    gap = np.full(2, 48 * CELL) - 1e-6  # the same buffer: a window between them
+    utm = train.crs() == UTM
+    assert touching_pairs(val.bounds(), train.bounds()[utm], gap) == 0
+    with pytest.raises(DataError, match="left no training window"):
+        load_split(folder, DataSection(val_regions=["utm_a", "utm_b", "geographic"]), seed=0)
     with pytest.raises(DataError, match=r"data\.val_regions: no window lies in atlantis"):
         load_split(folder, DataSection(val_regions=["atlantis"]), seed=0)
 
@@ -214,3 +240,45 @@ def test_core_run_trains_without_cutting(tmp_path: Path, data: str) -> None:
     assert main(args) == 0
     row = read_metrics(tmp_path / "run")[-1]
     assert np.isfinite(row["val_rmse_m"]) and row["steps"] > 0
+
+
+def test_paired_lr_windows_are_the_matching_part_of_the_lr_raster(tmp_path: Path) -> None:
+    hr = hills((96, 96))
+    lr = block_mean(hr, 3) + 7.0  # not the block mean: proves the LR raster is read
+    write_dem(tmp_path / "hr" / "a.tif", hr, Affine(CELL, 0, 5e5, 0, -CELL, 4.4e6), UTM)
+    write_dem(tmp_path / "lr" / "a.tif", lr, Affine(3 * CELL, 0, 5e5, 0, -3 * CELL, 4.4e6), UTM)
+    dataset = TileDataset.from_folder(tmp_path, 3)
+    assert dataset.tile_ids == ["a_r0_c0", "a_r0_c48", "a_r48_c0", "a_r48_c48"]
+    sample = dataset[3]
+    lr_m = sample["lr"][0].double() * sample["std"].double() + sample["mean"].double()
+    # float32 normalised values of ~1500 m back in metres: a few ulps (1.2e-4 m)
+    np.testing.assert_allclose(lr_m.numpy(), lr[16:32, 16:32], atol=1e-3)
+
+
+def test_an_unmarked_void_never_reaches_the_lr_input(tmp_path: Path) -> None:
+    z = np.full((48, 48), 1500.0)
+    z[0, 0] = -32768  # a void without a nodata tag
+    write_dem(tmp_path / "flat.tif", z, Affine(CELL, 0, 5e5, 0, -CELL, 4.4e6), UTM)
+    with pytest.warns(UserWarning, match="-32768 m lie outside"):
+        sample = TileDataset.from_folder(tmp_path, 3)[0]
+    assert sample["mean"].item() == 1500.0 and sample["std"].item() == 1.0  # exact
+    assert not sample["mask"][0, 0, 0] and sample["mask"].sum() == 48 * 48 - 1
+
+
+def test_a_rotated_grid_is_refused_naming_the_file(tmp_path: Path) -> None:
+    rotated = Affine(0, CELL, 5e5, CELL, 0, 4.4e6)  # rows run east, columns north
+    path = write_dem(tmp_path / "rotated.tif", hills((96, 96)), rotated, UTM)
+    with pytest.raises(DataError, match=r"rotated\.tif: a rotated or sheared grid"):
+        TileDataset.from_folder(path, 3, strict=True)
+
+
+def test_a_raster_of_many_windows_takes_no_region_from_its_file_name(tmp_path: Path) -> None:
+    x = np.arange(96) * CELL
+    plane = 500 + np.tan(np.radians(12)) * x  # 12°: moderate by slope, and no clear contradiction
+    transform = Affine(CELL, 0, 5e5, 0, -CELL, 4.4e6)
+    write_dem(tmp_path / "alps_3.tif", np.broadcast_to(plane[:48], (48, 48)), transform, UTM)
+    write_dem(tmp_path / "alps_mosaic.tif", np.broadcast_to(plane, (96, 96)), transform, UTM)
+    tile = TileDataset.from_folder(tmp_path / "alps_3.tif", 3)
+    mosaic = TileDataset.from_folder(tmp_path / "alps_mosaic.tif", 3)
+    assert [TERRAINS[t] for t in tile.terrains] == ["alpine"]  # a tile named by its region
+    assert {TERRAINS[t] for t in mosaic.terrains} == {"moderate"}  # measured

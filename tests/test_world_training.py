@@ -13,8 +13,9 @@ import pytest
 from core.config import DataSection
 from core.run import main
 from core.tasks.dem_sr.data.dataset import TileDataset, load_split
+from core.tasks.dem_sr.data.labels import name_in_tile_id
 from core.tasks.dem_sr.data.sources import ensure_source
-from core.tasks.dem_sr.data.world import VALIDATION
+from core.tasks.dem_sr.data.world import LANDSCAPES, VALIDATION
 from core.tasks.dem_sr.terrain import TERRAINS
 from tests.conftest import FAST, read_metrics
 
@@ -39,7 +40,9 @@ def test_world_validates_on_landscapes_training_never_sees(world_split) -> None:
     train, val = world_split
     assert set(val.regions) == set(VALIDATION)
     assert set(train.regions).isdisjoint(VALIDATION)
-    assert set(train.landscapes).isdisjoint({"french_prealps", "southern_england"})
+    assert set(train.landscapes).isdisjoint(
+        {"french_prealps", "southern_england", "hawaii_big_island"}
+    )
     for terrain, (_, landscapes) in per_class(val).items():
         assert landscapes >= 3, terrain
 
@@ -63,3 +66,10 @@ def test_core_run_trains_on_the_world_by_name(tmp_path: Path) -> None:
     row = read_metrics(tmp_path / "run")[-1]
     assert np.isfinite(row["val_rmse_m"]) and np.isfinite(row["val_rmse_m_bicubic"])
     assert set(row["val_rmse_m_by_terrain"]) == set(TERRAINS)
+
+
+def test_no_landscape_name_says_a_category() -> None:
+    """A world raster's windows are classified from statistics or named boxes; its file name
+    (``southern_alps_nz``) is no hint, and must not say a category either."""
+    for landscape in LANDSCAPES:
+        assert name_in_tile_id(landscape.name) not in TERRAINS, landscape.name

@@ -52,10 +52,9 @@ def spatial_split(
     if block < 1:
         raise DataError(f"data.val_block must be at least 1 window, got {block}")
     blocks = _block_ids(bounds, crs, block)
-    count = blocks.max() + 1 if len(blocks) else 0
-    majority = np.array(
-        [np.bincount(domains[blocks == b]).argmax() for b in range(count)], dtype=np.int64
-    )
+    per_block = np.zeros((blocks.max() + 1 if len(blocks) else 0, domains.max() + 1), np.int64)
+    np.add.at(per_block, (blocks, domains), 1)
+    majority = per_block.argmax(axis=1)
     rng = np.random.default_rng(seed)
     val_blocks: list[int] = []
     for domain in np.unique(domains):
@@ -82,15 +81,16 @@ def split_windows(dataset: Any, data: DataSection, seed: int) -> SpatialSplit:
     bounds, crs = dataset.bounds(), dataset.crs()
     if data.val_regions:
         names = np.array([dataset.regions, dataset.landscapes])
-        return split_by_region(bounds, crs, names, tuple(data.val_regions))
-    split = spatial_split(
-        bounds,
-        crs,
-        dataset.terrains,
-        val_fraction=data.val_fraction,
-        seed=seed,
-        block=data.val_block,
-    )
+        split = split_by_region(bounds, crs, names, tuple(data.val_regions))
+    else:
+        split = spatial_split(
+            bounds,
+            crs,
+            dataset.terrains,
+            val_fraction=data.val_fraction,
+            seed=seed,
+            block=data.val_block,
+        )
     if not len(split.val) or not len(split.train):
         missing = "validation" if not len(split.val) else "training"
         raise DataError(
@@ -125,12 +125,14 @@ def split_by_region(
 
 
 def _block_ids(bounds: np.ndarray, crs: np.ndarray, block: int) -> np.ndarray:
-    """Consecutive ids of the (CRS, block column, block row) each window's centre falls in."""
+    """Consecutive ids of the (CRS, window size, block column, block row) each window's
+    centre falls in: windows of other cell sizes in one CRS lie on grids of their own."""
     extent = np.stack([bounds[:, 2] - bounds[:, 0], bounds[:, 3] - bounds[:, 1]], axis=1)
     centre = (bounds[:, :2] + bounds[:, 2:]) / 2
     cell = np.floor(centre / (block * extent)).astype(np.int64)
     _, crs_ids = np.unique(crs.astype(str), return_inverse=True)
-    keys = np.column_stack([crs_ids, cell])
+    _, size_ids = np.unique(np.round(extent, 6), axis=0, return_inverse=True)
+    keys = np.column_stack([crs_ids, size_ids.reshape(-1), cell])
     _, ids = np.unique(keys, axis=0, return_inverse=True)
     return ids.reshape(-1)
 
@@ -139,8 +141,9 @@ def near_validation(bounds: np.ndarray, crs: np.ndarray, is_val: np.ndarray) -> 
     """Non-validation windows less than one window from a validation window.
 
     Two windows of width ``w`` are that close when their centres differ by less than ``2 w``
-    in both directions (Chebyshev distance in window units); windows of different sizes use
-    the larger, which keeps more than a window between them.
+    in both directions (Chebyshev distance in window units). Where one CRS holds windows of
+    several sizes, the largest of them sets the distance for all, which keeps at least a
+    window (often more) between any two.
     """
     near = np.zeros(len(bounds), dtype=bool)
     crs = crs.astype(str)

@@ -1,7 +1,7 @@
 """A lattice of fixed-size windows over rasters of any size, described once and cached.
 
 A training sample is a window of ``size`` x ``size`` cells of one raster file: a 48 x 48 tile
-is a raster that holds one window, a 10,000 x 10,000 lidar tile holds 43,000. The index is
+is a raster that holds one window, a 10,000 x 10,000 lidar tile holds 43,264. The index is
 what a dataset needs to know before the first batch (where each window is, whether it is
 usable, its terrain) without holding any pixel: building it reads each file once, a strip of
 ``size`` rows at a time, so memory stays flat in the raster's size; afterwards a dataset reads
@@ -12,17 +12,19 @@ different CRSs mix freely (each window keeps its file's cell size). The lattice 
 at each file's first cell and never overlaps; the cells past the last whole window are left
 out.
 
-The index is cached under ``<cache_root()>/windows/``, keyed by every file's path, size and
-modification time and by the settings that change it (``key``): a second run over the same
-files reads it back in milliseconds; a touched file or another setting builds a new one.
+The index is cached under ``<cache_root()>/windows/``, keyed by every file's identity
+(``file_identity``) and by the settings that change it (``index_key``): a second run over the
+same files reads it back in milliseconds; a touched file or another setting builds a new one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -43,7 +45,7 @@ INDEX_VERSION = 3
 KEPT_INDEXES = 256
 """Indexes kept in the cache; a few kilobytes each, a few megabytes for a national mosaic."""
 
-S = TypeVar("S")
+Strip = TypeVar("Strip")
 
 
 @attrs.frozen
@@ -114,15 +116,17 @@ class WindowIndex:
         y = t[:, [4]] * rows + t[:, [5]]
         return np.stack([x.min(1), y.min(1), x.max(1), y.max(1)], axis=1)
 
-    def crs_of(self) -> np.ndarray:
+    def window_crs(self) -> np.ndarray:
         """The CRS of every window's file."""
         return np.array([f.crs for f in self.files], dtype=object)[self["file"]]
 
 
-def file_identity(path: Path) -> list:
-    """What says a file is unchanged: its resolved path, size and modification time."""
+def file_identity(path: Path) -> list[str | int]:
+    """What says a file is unchanged: its resolved path, inode, size, and modification and
+    status-change times (a file rewritten in place within the clock's resolution still gets
+    a new status-change time or inode)."""
     stat = path.stat()
-    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+    return [str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
 
 
 def index_key(paths: Sequence[Path], settings: Mapping[str, Any]) -> str:
@@ -138,8 +142,8 @@ def index_key(paths: Sequence[Path], settings: Mapping[str, Any]) -> str:
 def build_index(
     files: Sequence[GridFile],
     size: int,
-    read_strip: Callable[[int, int], S],
-    describe: Callable[[int, int, int, S], Mapping[str, Any] | str],
+    read_strip: Callable[[int, int], Strip],
+    describe: Callable[[int, int, int, Strip], Mapping[str, Any] | str],
     *,
     quiet: bool = False,
     desc: str = "indexing windows",
@@ -230,21 +234,34 @@ def cached_index(key: str, build: Callable[[], WindowIndex]) -> WindowIndex:
     Stored as one ``.npz`` (no pickles: read back with ``allow_pickle=False``) written to a
     temporary name and renamed, so concurrent processes never read half an index.
     """
-    path = cache_root() / "windows" / f"{key}.npz"
+    path = index_folder() / f"{key}.npz"
     if path.is_file():
         try:
             index = _load(path)
-            os.utime(path)  # recently used: pruned last
-            return index
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             pass  # damaged or from another layout: build it again
+        else:
+            with contextlib.suppress(OSError):  # a read-only cache is still read
+                os.utime(path)  # recently used: pruned last
+            return index
     index = build()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as staged:
-        np.savez(staged, **_stored(index))
-    os.replace(staged.name, path)
+    descriptor, name = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(descriptor)
+    staged = Path(name)
+    try:
+        with staged.open("wb") as stream:
+            np.savez(stream, **_stored(index))
+        os.replace(staged, path)
+    finally:
+        staged.unlink(missing_ok=True)
     _prune(path.parent)
     return index
+
+
+def index_folder() -> Path:
+    """Where indexes are kept: ``<cache_root()>/windows``."""
+    return cache_root() / "windows"
 
 
 def _prune(folder: Path) -> None:

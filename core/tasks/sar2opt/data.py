@@ -389,7 +389,7 @@ class PairDataset(Dataset):
         return index.bounds()[views.window] + np.stack([dx, dy, dx, dy], axis=1)
 
     def crs(self) -> np.ndarray:
-        return self._pairs.index.crs_of()[self._views.window]
+        return self._pairs.index.window_crs()[self._views.window]
 
     def fingerprint(self, modality: str) -> str:
         """A hash of what this dataset's ``"sar"`` or ``"optical"`` samples are made of, in

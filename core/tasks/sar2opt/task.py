@@ -102,12 +102,13 @@ class SarToOptical:
             raise UsageError(NO_GENERATOR)
         data = config.data
         if data.dir:
-            self.train_dataset, self.val_dataset = load_pairs(
-                Path(data.dir),
-                data,
-                config.task_sections["pairs"],
-                quiet=not ctx.accelerator.is_main_process,
-            )
+            with ctx.accelerator.main_process_first():  # one process builds the window index
+                self.train_dataset, self.val_dataset = load_pairs(
+                    Path(data.dir),
+                    data,
+                    config.task_sections["pairs"],
+                    quiet=not ctx.accelerator.is_main_process,
+                )
             self.skipped = self.train_dataset.skipped
         else:
             self.train_dataset, self.val_dataset = self.default_datasets(config, ctx)

@@ -12,6 +12,7 @@ batch. A bad file is reported when the index is built, not in a worker mid-epoch
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from torch.utils.data import Dataset
 from core.config import DataSection
 from core.data.datasets import SkippedFiles
 from core.data.geotiff import (
+    ELEVATION_RANGE_M,
     GEOTIFF_ONLY,
     cell_size_m,
     gdal_cache,
@@ -47,17 +49,19 @@ from core.data.window_index import (
     index_key,
 )
 from core.errors import DataError
-from core.tasks.dem_sr.data.labels import explain_label, label_from_tile_id, terrain_stats
+from core.tasks.dem_sr.data import labels
+from core.tasks.dem_sr.data.labels import explain_label, name_in_tile_id, terrain_stats
 from core.tasks.dem_sr.data.regions import COLORADO_REGIONS, GLOBE_REGIONS, SRTM_REGIONS, Region
-from core.tasks.dem_sr.terrain import terrain_index
+from core.tasks.dem_sr.terrain import TERRAINS, terrain_index
 
 MIN_STD_M = 1.0
 """Floor of the per-window std, so near-flat windows are not blown up into noise."""
 MIN_VALID_FRACTION = 0.5
 """A window needs at least this share of valid HR cells: a window that is mostly sea or void
 teaches the model little and its few cells would weigh as much as a whole window's."""
-LABEL_RULES = "labels-v2"
-"""Part of the index key: change it when the labelling rules change, so indexes are rebuilt."""
+LABELLER_VERSION = 1
+"""Bump when the code that labels a window changes; its settings are in the index key by
+value (``labelling_rules``)."""
 GDAL_CACHE_MB = 64
 NAMED_REGIONS: tuple[Region, ...] = (*SRTM_REGIONS, *GLOBE_REGIONS, *COLORADO_REGIONS)
 
@@ -154,8 +158,7 @@ class TileDataset(Dataset):
             "scale": scale,
             "strict": strict,
             "lr": lr_of,
-            "rules": LABEL_RULES,
-            "min_valid": MIN_VALID_FRACTION,
+            "rules": labelling_rules(),
         }
         paths = [Path(f.path) for f in files] + [Path(p) for p in lr_of if p]
         indexer = _Indexer(files, lr_of, scale, tile_size, strict)
@@ -188,7 +191,7 @@ class TileDataset(Dataset):
         return self.index.bounds()[self._positions]
 
     def crs(self) -> np.ndarray:
-        return self.index.crs_of()[self._positions]
+        return self.index.window_crs()[self._positions]
 
     def __len__(self) -> int:
         return len(self._positions)
@@ -219,15 +222,17 @@ class TileDataset(Dataset):
         file_no = int(self.index["file"][position])
         window = self.index.window(position)
         with gdal_cache(GDAL_CACHE_MB):
-            hr = read_elevation(self._rasters.get(self.index.files[file_no].path), window)
+            hr = _plausible(
+                read_elevation(self._rasters.get(self.index.files[file_no].path), window)
+            )
             lr_path = self._lr_paths[file_no]
             lr = (
                 block_mean(hr, self.scale)
                 if lr_path is None
-                else read_elevation(self._rasters.get(lr_path), _scaled(window, self.scale))
+                else _plausible(
+                    read_elevation(self._rasters.get(lr_path), _scaled(window, self.scale))
+                )
             )
-        for values in (hr, lr):
-            values[implausible(values)] = np.nan  # reported when the index was built
         return hr, lr
 
 
@@ -286,8 +291,14 @@ class _Indexer:
         transform = grid.affine @ Affine.translation(col, row)
         cell_size = cell_size_m(transform, grid.crs, (size, size))
         window_id = tile_id(grid, size, row, col)
-        region = None if label_from_tile_id(window_id) else self._region(file_no, transform)
-        name = window_id if region is None else f"{region.name}_{window_id}"
+        named = name_in_tile_id(window_id)
+        tile = window_id == Path(grid.path).stem
+        region = None
+        if named in TERRAINS or (tile and named):  # the user's word, or a tile's region
+            name = window_id
+        else:  # a raster of many windows is no one region: a box holding the window, if any
+            region = self._region(file_no, transform)
+            name = region.name if region else ""
         stats = terrain_stats(hr, cell_size)
         label = explain_label(name, hr, cell_size, stats)
         return {
@@ -351,6 +362,32 @@ def tile_id(grid: GridFile, size: int, row: int, col: int) -> str:
     return stem if grid.height < 2 * size and grid.width < 2 * size else f"{stem}_r{row}_c{col}"
 
 
+def labelling_rules() -> str:
+    """A digest of everything that decides a window's label: the thresholds, the margin, the
+    canyon shape, the region names and boxes, the plausible elevations. Part of the index
+    key, so changing any of them rebuilds the indexes."""
+    rules = (
+        LABELLER_VERSION,
+        labels.REGIONS,
+        labels.DEM_THRESHOLDS,
+        labels.HINT_SPANS,
+        labels.OVERRULE_FACTOR,
+        labels.CANYON_TOP_QUARTER_AREA,
+        labels.CANYON_SKEWNESS,
+        NAMED_REGIONS,
+        ELEVATION_RANGE_M,
+        MIN_VALID_FRACTION,
+    )
+    return hashlib.sha256(repr(rules).encode()).hexdigest()[:16]
+
+
+def _plausible(elevation: np.ndarray) -> np.ndarray:
+    """Values no terrain has as voids, in place, before any block mean sees them (the index
+    reported them when it was built)."""
+    elevation[implausible(elevation)] = np.nan
+    return elevation
+
+
 def _scaled(window: Window, scale: int) -> Window:
     return Window(
         window.col_off // scale, window.row_off // scale, window.width // scale,
@@ -366,6 +403,11 @@ def _grid(path: Path, lr_path: Path | None, scale: int, size: int) -> GridFile:
         name = tags.get("landscape") or tags.get("region") or path.stem
         grid = GridFile(
             str(path), ds.height, ds.width, tuple(ds.transform)[:6], ds.crs.to_string(), name
+        )
+    if grid.affine.b or grid.affine.d:
+        raise DataError(
+            f"{path}: a rotated or sheared grid; windows need north-up cells (warp it first, "
+            "e.g. gdalwarp)"
         )
     if grid.height < size or grid.width < size:
         raise DataError(

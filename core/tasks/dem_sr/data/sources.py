@@ -79,6 +79,11 @@ and validated on held-out landscapes, not cut into tiles."""
 
 def source_named(name: str) -> RasterSource:
     """The source ``data.source`` names; an unknown name is a ``ConfigError`` listing them."""
+    if name == WORLD:
+        raise ConfigError(
+            f"data.source {WORLD!r} is read as windows of its rasters, not cut into tiles: "
+            "ensure_source(data) gives its folder and split"
+        )
     try:
         return SOURCES[name]
     except KeyError:
