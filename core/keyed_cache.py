@@ -82,7 +82,7 @@ def cached_rows(
     key = json.loads(json.dumps(key, sort_keys=True, default=str))  # as it reads back
     accelerator.wait_for_everyone()  # nobody is writing while the key is compared
     if _stored_key(path) == key and path.exists():
-        return np.load(path, mmap_mode="r")
+        return np.load(path, mmap_mode="r", allow_pickle=False)
     rank, world = accelerator.process_index, accelerator.num_processes
     share = np.array_split(np.arange(rows), world)[rank]
     part_path = path.with_name(f"{path.name}.part{rank}.npy")
@@ -95,14 +95,14 @@ def cached_rows(
         parts = [path.with_name(f"{path.name}.part{r}.npy") for r in range(world)]
         _join_parts(path, key, [part for part in parts if part.exists()])
     accelerator.wait_for_everyone()
-    return np.load(path, mmap_mode="r")
+    return np.load(path, mmap_mode="r", allow_pickle=False)
 
 
 def _join_parts(path: Path, key: dict[str, Any], parts: list[Path]) -> None:
     """Concatenate the processes' shares into ``path`` one at a time, then write the key."""
     key_path = path.with_name(path.name + KEY_SUFFIX)
     key_path.unlink(missing_ok=True)
-    shares = [np.load(part, mmap_mode="r") for part in parts]
+    shares = [np.load(part, mmap_mode="r", allow_pickle=False) for part in parts]
     first = shares[0]
     with replaced_when_done(path) as tmp:
         joined = np.lib.format.open_memmap(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 
 import numpy as np
@@ -229,7 +230,7 @@ def test_mostly_void_windows_are_left_out(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("data", ["one raster", "two CRSs"])
-def test_core_run_trains_without_cutting(tmp_path: Path, data: str) -> None:
+def test_core_run_trains_without_cutting(tmp_path: Path, data: str, capsys) -> None:
     if data == "one raster":
         path = utm_raster(tmp_path / "dem.tif", (480, 480))
     else:
@@ -240,6 +241,11 @@ def test_core_run_trains_without_cutting(tmp_path: Path, data: str) -> None:
     assert main(args) == 0
     row = read_metrics(tmp_path / "run")[-1]
     assert np.isfinite(row["val_rmse_m"]) and row["steps"] > 0
+    assert re.search(
+        r"spatial split: \d+ training and \d+ validation windows; \d+ training "
+        r"windows within one window of validation left out",
+        capsys.readouterr().out,
+    )
 
 
 def test_paired_lr_windows_are_the_matching_part_of_the_lr_raster(tmp_path: Path) -> None:

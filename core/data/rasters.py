@@ -15,6 +15,9 @@ from rasterio.io import DatasetReader
 
 from core.data.geotiff import GEOTIFF_ONLY
 
+GDAL_CACHE_MB = 64
+"""GDAL's block cache while windows are read: enough for the blocks a batch touches, and a
+cap on what a large raster would otherwise fill (5 % of RAM by default)."""
 OPEN_FILES = 64
 """Rasters a process keeps open; a folder of ten thousand tiles must not exhaust the
 operating system's file handles."""

@@ -121,6 +121,14 @@ class WindowIndex:
         return np.array([f.crs for f in self.files], dtype=object)[self["file"]]
 
 
+def window_name(grid: GridFile, size: int, row: int, col: int) -> str:
+    """A window's name: its file's stem for the one window of a tile, else
+    ``<stem>_r<row>_c<col>``."""
+    stem = Path(grid.path).stem
+    tile = grid.height < 2 * size and grid.width < 2 * size and row == 0 and col == 0
+    return stem if tile else f"{stem}_r{row}_c{col}"
+
+
 def file_identity(path: Path) -> list[str | int]:
     """What says a file is unchanged: its resolved path, inode, size, and modification and
     status-change times (a file rewritten in place within the clock's resolution still gets

@@ -45,7 +45,7 @@ from core.data.cache import build_once, cache_root, read_manifest
 from core.data.datasets import SkippedFiles
 from core.data.geotiff import gdal_cache, geotiff_profile, open_geotiff, require_file
 from core.data.noise import power_law_noise
-from core.data.rasters import OpenRasters
+from core.data.rasters import GDAL_CACHE_MB, OpenRasters
 from core.data.spatial_split import split_windows
 from core.data.window_index import (
     GridFile,
@@ -54,6 +54,7 @@ from core.data.window_index import (
     cached_index,
     file_identity,
     index_key,
+    window_name,
 )
 from core.errors import DataError
 from core.tasks.sar2opt.config import PairsSection
@@ -166,7 +167,6 @@ OFFSET_LOOK = 0.01
 """A product whose valid optical values lie below ``DARK_DN`` less often than this looks
 offset: without the offset, water, shadow and the blue bands of vegetation (a few hundred
 DN) put far more of a scene there."""
-GDAL_CACHE_MB = 64
 INDEX_RULES = "pairs-v1"
 """Part of the index key: change it when what the index records about a window changes."""
 
@@ -500,10 +500,7 @@ def _lattice(index: WindowIndex) -> _Views:
 def _view_name(index: WindowIndex, file_no: int, row: int, col: int, flip: bool) -> str:
     """The pair's name for a file of one window, else ``<name>_r<row>_c<col>``; a flipped
     crop ends in ``_flipped``."""
-    grid, size = index.files[file_no], index.size
-    stem = Path(grid.path).stem
-    single = grid.height < 2 * size and grid.width < 2 * size and row == 0 and col == 0
-    name = stem if single else f"{stem}_r{row}_c{col}"
+    name = window_name(index.files[file_no], index.size, row, col)
     return f"{name}_flipped" if flip else name
 
 

@@ -39,7 +39,7 @@ from core.data.geotiff import (
     open_dem,
     read_elevation,
 )
-from core.data.rasters import OpenRasters
+from core.data.rasters import GDAL_CACHE_MB, OpenRasters
 from core.data.spatial_split import split_windows
 from core.data.window_index import (
     GridFile,
@@ -47,6 +47,7 @@ from core.data.window_index import (
     build_index,
     cached_index,
     index_key,
+    window_name,
 )
 from core.errors import DataError
 from core.tasks.dem_sr.data import labels
@@ -62,7 +63,6 @@ teaches the model little and its few cells would weigh as much as a whole window
 LABELLER_VERSION = 1
 """Bump when the code that labels a window changes; its settings are in the index key by
 value (``labelling_rules``)."""
-GDAL_CACHE_MB = 64
 NAMED_REGIONS: tuple[Region, ...] = (*SRTM_REGIONS, *GLOBE_REGIONS, *COLORADO_REGIONS)
 
 
@@ -112,7 +112,7 @@ class TileDataset(Dataset):
     def _tile_id(self, position: int) -> str:
         """The file's stem, with the window's row and column where the file holds several."""
         grid = self.index.files[self.index["file"][position]]
-        return tile_id(
+        return window_name(
             grid, self.index.size, self.index["row"][position], self.index["col"][position]
         )
 
@@ -290,7 +290,7 @@ class _Indexer:
             return "no LR cell is valid (every block touches nodata)"
         transform = grid.affine @ Affine.translation(col, row)
         cell_size = cell_size_m(transform, grid.crs, (size, size))
-        window_id = tile_id(grid, size, row, col)
+        window_id = window_name(grid, size, row, col)
         named = name_in_tile_id(window_id)
         tile = window_id == Path(grid.path).stem
         region = None
@@ -353,13 +353,6 @@ def _one_torch_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def tile_id(grid: GridFile, size: int, row: int, col: int) -> str:
-    """A window's name: its file's stem, with ``_r<row>_c<col>`` where the file holds more
-    than one window."""
-    stem = Path(grid.path).stem
-    return stem if grid.height < 2 * size and grid.width < 2 * size else f"{stem}_r{row}_c{col}"
 
 
 def labelling_rules() -> str:
@@ -491,6 +484,13 @@ def load_split(
         data_path, data.scale, tile_size=size, strict=data.strict, quiet=quiet
     )
     split = split_windows(dataset, data, seed)
+    if not quiet:
+        print(
+            f"spatial split: {len(split.train)} training and {len(split.val)} validation "
+            f"windows; {len(split.buffer)} training windows within one window of validation "
+            "left out",
+            flush=True,
+        )
     return dataset.subset(split.train), dataset.subset(split.val)
 
 

@@ -73,7 +73,7 @@ REASONS = ("sea", "smooth", "seam")
 def load_globe_grid(path: Path | None = None) -> np.ndarray:
     """GLOBE tile G as int16 metres, checked against the layout the tile cutter assumes."""
     path = path or fetch(GLOBE_TILE_G)
-    with np.load(path) as npz:
+    with np.load(path, allow_pickle=False) as npz:
         if len(npz.files) != 1:
             raise DataError(f"{path}: expected one array, found {npz.files}")
         grid = npz[npz.files[0]]

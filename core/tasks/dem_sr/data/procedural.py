@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 from affine import Affine
 
+from core.config import DataSection
 from core.data.geotiff import write_dem
 from core.data.noise import power_law_noise
 from core.tasks.dem_sr.terrain import TERRAINS, terrain_index
 
 CRS = "EPSG:32613"
 """UTM zone 13N (Colorado), a projected CRS in metres."""
-SPACING = 8
+SPACING = DataSection().val_block
 """Tiles lie this many tile widths apart (the default ``data.val_block``): they are
 independent surfaces, not neighbours, so each is a validation block of its own and none is
 lost to the buffer of the spatial split."""
