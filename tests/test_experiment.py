@@ -4,6 +4,7 @@ are recomputed here from each run's metrics.jsonl, restarts that skip or resume 
 from __future__ import annotations
 
 import csv
+import gzip
 import itertools
 import json
 import math
@@ -102,7 +103,25 @@ def recomputed(run_dir: Path, goal: float) -> dict[str, float | None]:
     for terrain in TERRAINS:
         values[f"val_rmse_m_{terrain}"] = final["val_rmse_m_by_terrain"][terrain]
         values[f"val_slope_rmse_deg_{terrain}"] = final["val_slope_rmse_deg_by_terrain"][terrain]
+    values["region_gain_spread"] = statistics.stdev(region_gains(run_dir))
     return values
+
+
+def region_gains(run_dir: Path) -> list[float]:
+    """Each validation region's gain over bicubic in %, from val_tiles.csv.gz: the RMSE and
+    bicubic's, each pooled over the region's pixels (procedural tiles: a region per file)."""
+    with gzip.open(run_dir / "val_tiles.csv.gz", "rt", newline="") as handle:
+        tiles = [row for row in csv.DictReader(handle) if float(row["pixels"]) > 0]
+    gains = []
+    for region in {row["region"] for row in tiles}:
+        inside = [row for row in tiles if row["region"] == region]
+        pixels = sum(float(row["pixels"]) for row in inside)
+        model = math.sqrt(sum(float(row["sq_err_m2"]) for row in inside) / pixels)
+        squares = (float(row["bicubic_rmse_m"]) ** 2 * float(row["pixels"]) for row in inside)
+        bicubic = math.sqrt(sum(squares) / pixels)
+        gains.append(100 * (bicubic - model) / bicubic)
+    assert len(gains) > 1
+    return gains
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from core.experiment.stats import (
     sign_test_p,
     smallest_p,
 )
-from core.experiment.summary import domain_shares
+from core.experiment.summary import REGION_SPREAD, column_names, domain_shares, region_gains
 from core.tasks import TileMetric, get_task
 from tests.test_experiment import synthetic_rows
 
@@ -197,3 +197,53 @@ def test_a_censored_median_counts_never_as_the_latest():
     assert censored_median([30, None, 10]) == 30  # one of three never got there
     assert censored_median([10, None]) == math.inf  # half never did: the median is never
     assert censored_median([10, 20, 30, 40]) == 25
+
+
+def with_bicubic(effect: np.ndarray, bicubic: np.ndarray, regions: list[str]) -> dict:
+    """:func:`tiles` with bicubic's RMSE per tile, as dem_sr writes it."""
+    return {**tiles(effect, regions), "bicubic_rmse_m": bicubic}
+
+
+def test_the_spread_of_the_regions_gain_over_bicubic(tmp_path: Path):
+    """Per region, the RMSE and bicubic's each pooled over its tiles' pixels, the gain in % of
+    bicubic's; the spread is the sample standard deviation of the regions' gains."""
+    rmse = np.array([1.0, 3.0, 2.0, 2.0, 5.0, 0.0])
+    columns = with_bicubic(
+        rmse,
+        np.array([2.0, 4.0, 2.0, 4.0, 5.0, np.nan]),  # the last tile had no valid pixel
+        ["a", "a", "b", "c", "c", "d"],
+    )
+    columns["pixels"] = np.array([100.0, 100.0, 100.0, 300.0, 100.0, 0.0])
+    columns["sq_err_m2"] = np.square(rmse) * columns["pixels"]
+    gains = region_gains(columns, DEM.report_metrics[0])
+    pooled_c = math.sqrt((300 * 4 + 100 * 25) / 400) / math.sqrt((300 * 16 + 100 * 25) / 400)
+    expected = {
+        "a": 100 * (1 - math.sqrt(5 / 10)),
+        "b": 0.0,
+        "c": 100 * (1 - pooled_c),
+    }  # region d: no valid pixel, no gain
+    assert gains == pytest.approx(expected)
+    # in the report: a headline column, a possible primary endpoint, tested over seeds
+    assert REGION_SPREAD in column_names(DEM.report_metrics, DEM.terrains)
+    path = tmp_path / "spec.toml"
+    path.write_text("seeds = [0, 1, 2]\n[[arms]]\nname = 'baseline'\n[[arms]]\nname = 'a'\n")
+    experiment = build_experiment(build_parser().parse_args(["--config", str(path), "--out", "x"]))
+    runs = {arm: {s: synthetic_rows(10.0) for s in range(3)} for arm in ("baseline", "a")}
+    even = with_bicubic(np.full(4, 1.0), np.full(4, 2.0), ["a", "b", "a", "b"])
+    per_run = {"baseline": {s: columns for s in range(3)}, "a": {s: even for s in range(3)}}
+    summary = summarise(experiment, runs, DEM.report_metrics, DEM.terrains, "bicubic", per_run)
+    spread = summary.per_seed["baseline"][0][REGION_SPREAD]
+    assert spread == pytest.approx(np.std(list(expected.values()), ddof=1))
+    assert summary.per_seed["a"][1][REGION_SPREAD] == 0.0  # both regions gain 50 %
+    assert summary.stats["a"]["paired_diff_mean"][REGION_SPREAD] == pytest.approx(-spread)
+    assert summary.per_seed["bicubic"][0].get(REGION_SPREAD) is None  # the reference's own
+    one_region = with_bicubic(np.full(4, 1.0), np.full(4, 2.0), ["a"] * 4)
+    alone = summarise(
+        experiment, runs, DEM.report_metrics, DEM.terrains, "bicubic",
+        {"a": {0: one_region}},
+    )  # fmt: skip
+    assert alone.per_seed["a"][0][REGION_SPREAD] is None  # one region has no spread
+    assert alone.per_seed["a"][1][REGION_SPREAD] is None  # no val_tiles.csv.gz
+    assert "spread of the regions' gain (pp)" in markdown(
+        experiment, summary, primary_column(DEM.report_metrics)
+    )

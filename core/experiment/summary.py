@@ -37,6 +37,9 @@ EQUAL_STEPS = "@equal_steps"
 """Suffix of the columns read at the epoch where every arm has had the same steps."""
 FRACTIONS = (50, 80, 95)
 """The fractions of the baseline's gain over the reference whose steps the report gives."""
+REGION_SPREAD = "region_gain_spread"
+"""The column of the spread over the validation regions of each region's gain over the
+reference (:func:`region_gain_spread`)."""
 STAT_ROWS = (
     "mean", "std", "count", "delta_pct", "paired_diff_mean", "paired_diff_std",
     "ci_low", "ci_high", "boot_low", "boot_high", "paired_p", "adjusted_p", "detectable_80",
@@ -73,6 +76,11 @@ def curve_metric(metrics: Sequence[ReportMetric]) -> ReportMetric:
     return metrics[0] if metrics else ReportMetric("val_loss", "val_loss")
 
 
+def has_region_gains(metric: ReportMetric) -> bool:
+    """Whether the per-tile errors give ``metric``'s reference per tile, hence per region."""
+    return metric.tiles is not None and metric.tiles.reference is not None
+
+
 def tables_for(metrics: Sequence[ReportMetric], domains: Sequence[str]) -> list[Table]:
     """The headline (trainer and task columns), the view at equal steps, one per domain."""
     curve = curve_metric(metrics)
@@ -81,6 +89,8 @@ def tables_for(metrics: Sequence[ReportMetric], domains: Sequence[str]) -> list[
         Column(f"steps_to_{f}pct", f"steps to {f} % of the gain", censored=True)
         for f in (FRACTIONS if curve.reference else ())
     ]
+    label = f"{curve.label}: spread of the regions' gain (pp)"
+    spread = [Column(REGION_SPREAD, label)] if has_region_gains(curve) else []
     headline = [
         Column("batch_loss_outliers_per_1000_steps", "batch-loss outliers / 1000 steps"),
         Column("model_spikes_per_1000_steps", "model spikes / 1000 steps"),
@@ -90,6 +100,7 @@ def tables_for(metrics: Sequence[ReportMetric], domains: Sequence[str]) -> list[
         Column("val_auc", f"{curve.label}, mean over the curve", better),
         Column("final_val_loss", "final val_loss"),
         *(Column(m.key, m.label, m.higher_is_better) for m in metrics),
+        *spread,
     ]
     equal = [
         Column(f"epoch{EQUAL_STEPS}", "epoch", tested=False),
@@ -191,6 +202,35 @@ def steps_to_fraction(
     return None
 
 
+def region_gains(tiles: Tiles, metric: ReportMetric) -> dict[str, float]:
+    """Per validation region (the tiles' ``region`` column: a held-out landscape or named
+    region, else a tile's own file), how much better than the reference the run is there, in %
+    of the reference: ``100 (reference - metric) / reference`` (dem_sr: bicubic's RMSE against
+    the model's), both pooled over the region's tiles. A region without a valid pixel is left
+    out."""
+    how = metric.tiles
+    assert how is not None and how.reference is not None
+    numerator, denominator = tiles[how.numerator], tiles[how.denominator]
+    reference = how.numerator_of(tiles[how.reference], denominator)
+    gains = {}
+    for region in np.unique(tiles["region"]):
+        inside = (tiles["region"] == region) & np.isfinite(reference) & (denominator > 0)
+        if inside.any():
+            value = how.over(numerator[inside].sum(), denominator[inside].sum())
+            base = how.over(reference[inside].sum(), denominator[inside].sum())
+            gains[str(region)] = 100 * gain(value, base, metric.higher_is_better) / base
+    return gains
+
+
+def region_gain_spread(tiles: Tiles | None, metric: ReportMetric) -> float | None:
+    """The sample standard deviation over the validation regions of :func:`region_gains`, in
+    percentage points: 0 when every held-out landscape gains alike over the reference (the
+    seed's "consistent" cross-terrain generalisation). None without the run's per-tile errors
+    or with fewer than two regions."""
+    gains = [] if tiles is None else list(region_gains(tiles, metric).values())
+    return float(np.std(gains, ddof=1)) if len(gains) > 1 else None
+
+
 def row_at_steps(rows: Sequence[Mapping[str, Any]], budget: int) -> Mapping[str, Any]:
     """The last epoch's row whose cumulative optimizer steps stay within ``budget`` (the
     first epoch when even that one exceeds it)."""
@@ -214,8 +254,10 @@ def run_metrics(
     metrics: Sequence[ReportMetric],
     domains: Sequence[str],
     baseline_gain: float | None,
+    tiles: Tiles | None = None,
 ) -> dict[str, Any]:
-    """One run's numbers (None where a value does not exist, e.g. a fraction not reached)."""
+    """One run's numbers (None where a value does not exist, e.g. a fraction not reached);
+    ``tiles``: its ``val_tiles.csv.gz`` columns, if it has them."""
     final, equal = rows[-1], row_at_steps(rows, budget)
     curve = curve_metric(metrics)
     points = validation_curve(rows, curve.key)
@@ -238,6 +280,8 @@ def run_metrics(
             goal = fraction / 100 * baseline_gain
             reached = steps_to_fraction(points, reference, goal, curve)
         values[f"steps_to_{fraction}pct"] = reached
+    if has_region_gains(curve):
+        values[REGION_SPREAD] = region_gain_spread(tiles, curve)
     for metric in metrics:
         values.update(task_values(final, metric, metric.key, domains))
         values[f"{metric.key}{EQUAL_STEPS}"] = equal.get(metric.key)
@@ -393,7 +437,9 @@ def summarise(
     budgets, goal = step_budgets(runs), baseline_gain(experiment, runs, metrics)
     per_seed = {
         arm: {
-            seed: run_metrics(rows, budgets[seed], metrics, domains, goal)
+            seed: run_metrics(
+                rows, budgets[seed], metrics, domains, goal, tiles.get(arm, {}).get(seed)
+            )
             for seed, rows in sorted(seeds.items())
         }
         for arm, seeds in runs.items()

@@ -59,11 +59,19 @@ class TileMetric:
     numerator: str
     denominator: str
     root: bool = False
+    reference: str | None = None
+    """The per-tile column of the task's reference on that tile, in the metric's own units
+    (dem_sr: ``bicubic_rmse_m``): it pools over tiles with the same denominators, which gives
+    the report each region's gain over the reference."""
 
     def over(self, numerator: Any, denominator: Any) -> Any:
         """The metric from the sums (numbers or arrays of them)."""
         ratio = numerator / denominator
         return ratio**0.5 if self.root else ratio
+
+    def numerator_of(self, value: Any, denominator: Any) -> Any:
+        """The numerator a tile's ``value`` of the metric stands for (``over``'s inverse)."""
+        return (value**2 if self.root else value) * denominator
 
 
 @attrs.frozen

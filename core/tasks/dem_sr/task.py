@@ -54,7 +54,7 @@ class DemSuperResolution:
             "val RMSE (m)",
             by_domain=True,
             reference="val_rmse_m_bicubic",
-            tiles=TileMetric("sq_err_m2", "pixels", root=True),
+            tiles=TileMetric("sq_err_m2", "pixels", root=True, reference="bicubic_rmse_m"),
         ),
         ReportMetric(
             "val_slope_rmse_deg",
