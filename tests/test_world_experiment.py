@@ -121,7 +121,7 @@ def test_the_tuning_scores_follow_from_the_kept_tiles_of_the_tuning_landscapes()
         scores = list(csv.DictReader(handle))
     assert {row["arm"] for row in scores} == {"baseline", "gamma0.25", "gamma0.5", "gamma1"}
     for row in scores:
-        path = TUNING / "runs" / row["arm"] / f"seed{row['seed']}" / "tuning_tiles.csv.gz"
+        path = TUNING / "per-run" / row["arm"] / f"seed{row['seed']}" / "tuning_tiles.csv.gz"
         with gzip.open(path, "rt", newline="") as handle:
             tiles = list(csv.DictReader(handle))
         assert {tile["region"] for tile in tiles} == set(TUNING_REGIONS)  # nothing else kept
