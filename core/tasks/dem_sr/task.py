@@ -79,8 +79,6 @@ class DemSuperResolution:
         validation measures them once."""
         self.bicubic_tiles: dict[str, float] = {}
         """Bicubic's RMSE per validation tile, measured with ``bicubic``."""
-        self.val_regions: list[str] = []
-        """The region of each validation window, for its row of ``val_tiles.csv.gz``."""
 
     def build_datasets(self, config: Config, ctx: RunContext) -> tuple[TileDataset, TileDataset]:
         data = config.data
@@ -89,7 +87,6 @@ class DemSuperResolution:
             folder, data = (Path(data.dir), data) if data.dir else ensure_source(data, quiet=quiet)
             train, val = load_split(folder, data, data.split_seed, quiet=quiet)
         self.skipped = train.skipped
-        self.val_regions = val.regions
         return train, val
 
     def build_model(self, config: Config) -> nn.Module:
@@ -132,8 +129,7 @@ class DemSuperResolution:
                 ):
                     self.bicubic_tiles[str(name)] = math.sqrt(sq / pixels) if pixels else math.nan
             bicubic_rmse = [self.bicubic_tiles[str(name)] for name in batch["tile_id"]]
-            regions = [self.val_regions[i] for i in batch["idx"].tolist()]
-            records += tile_records(batch, sums, bicubic_rmse, regions)
+            records += tile_records(batch, sums, bicubic_rmse, batch["region"])
         model_errors.reduce(lambda t: ctx.accelerator.reduce(t, "sum"))
         records = sorted(gather_object(records), key=lambda record: record["tile"])
         if bicubic_errors is not None:  # the validation tiles never change: measure it once

@@ -208,6 +208,7 @@ class TileDataset(Dataset):
             "mask": torch.from_numpy(mask[None]),
             "terrain": torch.tensor(self.terrains[idx], dtype=torch.int64),
             "tile_id": self._tile_id(position),
+            "region": self.index.categories["region"][self.index["region"][position]],
             "idx": int(idx),
             "mean": torch.tensor(mean, dtype=torch.float32),
             "std": torch.tensor(std, dtype=torch.float32),
