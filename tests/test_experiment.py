@@ -236,6 +236,17 @@ def test_bad_arms_exit_2_before_any_run(arms: str, message: str, tmp_path: Path,
     assert not (tmp_path / "exp").exists()
 
 
+def test_check_runs_nothing_and_report_only_needs_a_finished_run(tmp_path: Path, capsys):
+    out = tmp_path / "exp"
+    assert (
+        main(["--arms", "baseline;stratified", "--seeds", "0,1", "--out", str(out), "--check"]) == 0
+    )
+    assert "2 arms x 2 seeds" in capsys.readouterr().out
+    assert not any(out.rglob("metrics.jsonl"))
+    assert main(["--arms", "baseline", "--out", str(out), "--report-only"]) == 2
+    assert f"--report-only: no finished run in {out}" in capsys.readouterr().err
+
+
 def test_toml_arms_carry_their_own_overrides(tmp_path: Path):
     """TOML arms carry their own overrides and nothing else: ``domain_bn`` states its own
     needs (it stops a run whose model has no BatchNorm)."""

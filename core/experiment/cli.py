@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--report-only", action="store_true", help="write the report from finished runs only"
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check the arms, settings and folder, print the plan, and run nothing",
+    )
     return parser
 
 
@@ -98,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         task = get_task(experiment.task)
         check_primaries(experiment, task.report_metrics, task.terrains)
         finished, pending = plan_jobs(experiment, args.out)
+        if args.report_only and not finished:
+            raise UsageError(f"--report-only: no finished run in {args.out} to report on")
     except UsageError as error:
         return report_error(error)
     report_dir = args.report_dir or args.out
@@ -110,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             f"already finished, {len(pending)} to run, {args.jobs} at a time",
             flush=True,
         )
+        if args.check:
+            return EXIT_OK
         done_epochs = sum(count_rows(job.run_dir) for job in pending)
         runner = Runner(
             pending, len(pending) * experiment.epochs - done_epochs, args.jobs, args.threads
