@@ -6,10 +6,13 @@ One short ``teacher_forcing`` run (TerraMind tiny, random weights) is shared by 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import resource
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from rasterio.windows import Window
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
+from core.config import load_config
 from core.context import RunContext
 from core.errors import UsageError
 from core.plugins import PluginManager
@@ -32,6 +36,8 @@ from core.tasks.sar2opt.adapters import ADAPTERS, load_merged, load_run_terramin
 from core.tasks.sar2opt.data import OPTICAL_BANDS
 from core.tasks.sar2opt.predict import SarToOpticalPredictor, SceneNoise
 from core.tasks.sar2opt.task import SarToOptical
+from core.tasks.sar2opt.terramind import build_terramind
+from core.tasks.sar2opt.terratorch_import import import_terratorch
 from terraplug.testing import reset_accelerate_state
 from tests.conftest import read_metrics
 from tests.test_safety import Payload, digest, limit_file_size
@@ -50,6 +56,95 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     assert main([*args, "--epochs", "1", *(f"--set={s}" for s in settings)]) == 0
     reset_accelerate_state()
     return out
+
+
+EPILOGUE = """
+import json
+from core.tasks.sar2opt import metrics
+from core.tasks.sar2opt.bigearthnet import TILE_SIZE, ensure_bigearthnet_pairs
+from core.tasks.sar2opt.data import TERRAMIND_V1, PairDataset
+from core.data.geotiff import open_geotiff
+
+folder = ensure_bigearthnet_pairs(quiet=True).folder
+val = PairDataset.from_folder(folder, TERRAMIND_V1, size=TILE_SIZE, strict=True)
+errors = []
+for i, path in enumerate(sorted((folder / "S1GRD").glob("*.tif"))):  # the validation order
+    with open_geotiff(path) as src:
+        sar_db = torch.from_numpy(src.read()).float()[None]
+    tile = val[i]
+    target = (val.destandardise_optical(tile["optical"][None]) / 10_000).clamp(0, 1)
+    generated = (translate(sar_db, SPLIT_SEED + i) / 10_000).clamp(0, 1)
+    errors.append(float(metrics.masked_mean((generated - target).abs(), tile["mask"][None])))
+print(json.dumps(sum(errors) / len(errors)))
+"""
+
+
+def fake_hub_cache(cache: Path) -> None:
+    """TerraMind tiny's and the S2 L2A tokenizer's files where ``pretrained=True`` reads them
+    (the Hugging Face cache layout), holding random weights: the real ones are not here.
+    Stored in bfloat16 to halve the 1.2 GB; both sides load the same rounded values."""
+    import_terratorch()  # torchvision's ops first, as the task imports terratorch
+    from terratorch.models.backbones.terramind.model.terramind_register import (
+        pretrained_weights as model_weights,
+    )
+    from terratorch.models.backbones.terramind.tokenizer.tokenizer_register import (
+        pretrained_weights as tokenizer_weights,
+    )
+
+    torch.manual_seed(0)
+    model = build_terramind("tiny", pretrained=False, lora_rank=0, lora_alpha=1.0,
+                            lora_targets="")  # fmt: skip
+    for entry, module in (
+        (model_weights["terramind_v1_tiny"], model.terramind),
+        (tokenizer_weights["terramind_v1_tokenizer_s2l2a"], model.tokenizer),
+    ):
+        repo = cache / f"models--{entry['hf_hub_id'].replace('/', '--')}"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text("0" * 40)
+        snapshot = repo / "snapshots" / ("0" * 40)
+        snapshot.mkdir(parents=True)
+        state = {key: value.bfloat16() if value.is_floating_point() else value
+                 for key, value in module.state_dict().items()}  # fmt: skip
+        torch.save(state, snapshot / entry["hf_hub_filename"])
+
+
+def test_the_documented_adapter_snippet_reproduces_the_runs_metrics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The snippet of docs/terramind.md, "Using a trained model", as printed, in a fresh
+    process: TerraTorch's model with pretrained weights from the local Hugging Face cache,
+    the run's adapters through peft, the generation settings it prints and the validation
+    seed it names give the run's own val_l1 on the six validation tiles."""
+    import huggingface_hub.constants
+
+    from core.run import main
+
+    cache = tmp_path / "hub"
+    fake_hub_cache(cache)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    run = tmp_path / "RUN_DIR"  # the snippet's own name for the run folder
+    settings = ["model.pretrained=true", "train.progress='never'", "data.val_fraction=0.1",
+                "train.max_steps_per_epoch=2", "optim.lr=1e-2"]  # fmt: skip
+    args = ["--task", "sar2opt", "--plugins", "teacher_forcing", "--out", str(run)]
+    assert main([*args, "--epochs", "1", *(f"--set={s}" for s in settings)]) == 0
+    reset_accelerate_state()
+    recorded = read_metrics(run)[-1]
+    config = load_config(run / "config.toml")
+    assert config.model.diffusion_steps == 2 and not config.model.final_diffusion_steps
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "terramind.md").read_text()
+    (snippet,) = [block for block in re.findall(r"```python\n(.*?)```", text, re.DOTALL)
+                  if "PeftModel.from_pretrained" in block]  # fmt: skip
+    script = tmp_path / "snippet.py"
+    script.write_text(snippet + f"SPLIT_SEED = {config.data.split_seed}\n" + EPILOGUE)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}  # fmt: skip
+    done = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    # TerraTorch standardises the dB itself, terraplug's reader did it in its own float
+    # steps: inputs a float32 ulp apart, which move an L1 of ~0.1 by far less than 1e-5
+    assert json.loads(done.stdout.splitlines()[-1]) == pytest.approx(recorded["val_l1"], abs=1e-5)
 
 
 def test_adapters_are_peft_files_that_reproduce_the_validation_metrics(run_dir: Path) -> None:
@@ -203,7 +298,7 @@ def test_predict_batches_skips_void_windows_and_records_its_settings(
     overrides = ["--diffusion-steps", "2", "--top-p", "0.5", "--temperature", "0.7"]
     command = ["--checkpoint", str(run_dir), str(source), str(output), "--batch-size", "4"]
     assert main([*command, *overrides]) == 0
-    assert "s1.tif: 8/8 windows" in capsys.readouterr().out  # pytest's stderr: no terminal
+    assert capsys.readouterr().out.count("s1.tif: 8/8 windows") == 1  # stderr: no terminal
     with rasterio.open(output) as out:
         tags = out.tags()
     assert {key: tags[key] for key in ("diffusion_steps", "top_p", "temperature", "seed")} == {

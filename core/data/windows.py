@@ -44,9 +44,11 @@ def window_progress(
     ``LINE_SECONDS`` and once at the end (``lines``: a log file or a pipe, where a bar would
     only show at the end), else nowhere."""
     started = last = time.monotonic()
-    done = 0
+    done = shown = 0
 
     def line() -> None:
+        nonlocal shown
+        shown = done
         seconds = time.monotonic() - started
         rate = f"{done / seconds:.2f}" if seconds > 0 else "-"
         print(f"{name}: {done}/{total} windows, {seconds:.0f} s, {rate} windows/s", flush=True)
@@ -62,5 +64,5 @@ def window_progress(
                 line()
 
         yield advance
-    if lines and not bar:
+    if lines and not bar and shown != done:
         line()

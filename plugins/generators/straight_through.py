@@ -1,16 +1,19 @@
 """``straight_through``: the token choice made differentiable, scored in the tokenizer's code space.
 
 Nothing is decoded: the loss compares FSQ codes (the latent the diffusion decoder reads),
-not images. Two estimators of the same objective, the expected code-space error of the
-token distribution ``p = softmax(logits / tau)``, ``E_p ||c_j - c_t||^2`` per position:
+not images, ``||c_j - c_t||^2`` per position for the token ``j`` chosen against the target's
+``t``. Two estimators, which agree only at temperature 1:
 
-- ``gumbel`` (default): a hard Gumbel-softmax sample. The forward pass picks one token per
-  position as generation does (the Gumbel-max pick does not depend on the temperature);
-  the backward pass uses the softmax relaxation's gradient, whose sharpness the temperature
-  sets. A biased, noisy estimate of the expected loss's gradient.
-- ``expected``: the expectation itself, ``sum_j p_j ||c_j - c_t||^2``, computed exactly.
-  Each position's loss depends on its own token only, so it costs one ``[B, N, V] x [V, d]``
-  product: differentiable, no sampling, no variance.
+- ``expected`` (default): the expected error under ``p = softmax(logits / tau)``,
+  ``sum_j p_j ||c_j - c_t||^2``, computed exactly. Each position's loss depends on its own
+  token only, so it costs one ``[B, N, V] x [V, d]`` product: differentiable, no sampling, no
+  variance. Below temperature 1 it scores an ever sharper choice.
+- ``gumbel``: a hard Gumbel-softmax sample. The forward pass picks one token per position as
+  generation does; the Gumbel-max pick is distributed as ``softmax(logits)`` whatever the
+  temperature, so its value is a sample of the expected error at temperature 1 at every
+  temperature. The backward pass uses the softmax relaxation's gradient, whose sharpness the
+  temperature sets: a biased, noisy estimate of the gradient, of an objective that differs
+  from ``expected``'s below temperature 1 (see docs/terramind.md for the measurement).
 
 The temperature is annealed per optimizer step over the run.
 """
@@ -48,9 +51,9 @@ class StraightThroughConfig:
         validator=attrs.validators.in_(("constant", "linear", "exponential")),
     )
     estimator: str = attrs.field(
-        default="gumbel", validator=attrs.validators.in_(("gumbel", "expected"))
+        default="expected", validator=attrs.validators.in_(("gumbel", "expected"))
     )
-    """``gumbel``: a hard Gumbel-softmax sample; ``expected``: the exact expected error."""
+    """``expected``: the exact expected error; ``gumbel``: a hard Gumbel-softmax sample."""
 
 
 def temperature_at(config: StraightThroughConfig, progress: float) -> float:

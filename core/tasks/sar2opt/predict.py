@@ -158,8 +158,9 @@ class SarToOpticalPredictor:
         self.sar_mean, self.sar_std = stats.sar_mean[:, None, None], stats.sar_std[:, None, None]
         self.optical_mean = stats.optical_mean[:, None, None]
         self.optical_std = stats.optical_std[:, None, None]
-        self.skipped = 0
-        """All-nodata windows of the last scene, left out of the generation."""
+        self.windows = self.skipped = 0
+        """The windows of the last scene, and those of them without a valid pixel, which
+        were not generated."""
 
     @torch.no_grad()
     def generate(self, windows: list[np.ndarray], origins: list[tuple[int, int]]) -> np.ndarray:
@@ -228,9 +229,9 @@ class SarToOpticalPredictor:
         cols = window_starts(-(-width // patch) * patch, size, stride)
         total = np.zeros((len(OPTICAL_BANDS), size, width), dtype=np.float64)
         weights = np.zeros((size, width), dtype=np.float64)
-        self.skipped = 0
+        self.windows, self.skipped = len(rows) * len(cols), 0
         name = Path(src.name).name
-        with window_progress(len(rows) * len(cols), name, progress, lines) as advance:
+        with window_progress(self.windows, name, progress, lines) as advance:
             for i, row in enumerate(rows):
                 band = self._read(src, row, min(size, height - row))
                 wanted = [col for col in cols if not self._void(band[:, :, col : col + size])]

@@ -476,6 +476,7 @@ def require_cached_weights(size: str) -> None:
         raise ConfigError(
             "model.pretrained=true but these weights are not in the local Hugging Face cache: "
             + ", ".join(missing)
-            + ". Download them on a connected machine (huggingface-cli download <repo> <file>) "
-            "and copy the cache (HF_HOME), or train with model.pretrained=false (random weights)."
+            + ". Download them on a connected machine (hf download <repo> <file>, or "
+            "huggingface-cli download <repo> <file> with an older huggingface_hub) and copy "
+            "the cache (HF_HOME), or train with model.pretrained=false (random weights)."
         )
