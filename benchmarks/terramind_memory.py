@@ -7,7 +7,10 @@ default targets), then one forward and backward of the token cross-entropy at ba
 224 x 224, TerraMind's native size. Reported: the bytes of the weights (parameters and
 buffers), resident memory after the build, and the peak resident memory of the step
 (``VmHWM``, reset after the build: the weights are built in float32 before a cast to
-bfloat16, and the build's own peak would hide what bf16 saves), on the CPU. Memory freed
+bfloat16, and the build's own peak would hide what bf16 saves), on the CPU, and the peak
+of the tensors the same step allocates, counted by the profiler (``peak_tensor_bytes``):
+the resident figure also holds what the allocator keeps and the kernels' scratch memory,
+which vary between runs and machines; the tensors' bytes do not. Memory freed
 by the cast stays with the allocator, so on the CPU the step reuses it and the resident
 figures understate the saving that the weight bytes show. On a GPU the
 weights and the step's tensors take about the same room, but the CUDA context, about
@@ -25,7 +28,7 @@ import os
 import subprocess
 import sys
 
-from benchlib import add_common_arguments, finish, ratio_line, start
+from benchlib import add_common_arguments, finish, peak_tensor_bytes, ratio_line, start
 
 
 def resident_bytes() -> int:
@@ -76,10 +79,15 @@ def measure(size: str, pixels: int, variant: str) -> dict:
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")  # resets VmHWM to the current resident memory
     sar = torch.randn(1, 2, pixels, pixels)
-    logits = model(sar)
-    targets = torch.randint(0, logits.shape[-1], logits.shape[:2])
-    F.cross_entropy(logits.transpose(1, 2), targets).backward()
-    return {"weight_bytes": weight_bytes, "weights": weights, "peak": peak_resident_bytes()}
+    targets = torch.randint(0, len(model.codebook), (1, model.num_tokens(sar)))
+
+    def step() -> None:
+        F.cross_entropy(model(sar).transpose(1, 2), targets).backward()
+
+    step()
+    peak = peak_resident_bytes()
+    tensors = peak_tensor_bytes(step, torch.device("cpu"))  # the same step, gradients kept
+    return {"weight_bytes": weight_bytes, "weights": weights, "peak": peak, "tensors": tensors}
 
 
 def main() -> None:
@@ -107,7 +115,8 @@ def main() -> None:
             gib = {key: value / 2**30 for key, value in figures[variant].items()}
             print(
                 f"{size}, {variant}: weights {gib['weight_bytes']:.2f} GiB, resident after "
-                f"build {gib['weights']:.2f} GiB, peak of the step {gib['peak']:.2f} GiB",
+                f"build {gib['weights']:.2f} GiB, peak of the step {gib['peak']:.2f} GiB, "
+                f"peak of the step's tensors {gib['tensors']:.3f} GiB",
                 flush=True,
             )
         if {"plain", "checkpointing"} <= figures.keys():
@@ -115,6 +124,12 @@ def main() -> None:
             ratio_line(
                 f"checkpointing_step_memory_vs_plain_{size}",
                 [step["checkpointing"] / step["plain"]],
+                "none (a measurement)",
+                None,
+            )
+            ratio_line(
+                f"checkpointing_step_tensors_vs_plain_{size}",
+                [figures["checkpointing"]["tensors"] / figures["plain"]["tensors"]],
                 "none (a measurement)",
                 None,
             )

@@ -52,6 +52,11 @@ RATIO = re.compile(
         ("data_loading.py", [], {"loader_vs_small_model", "geotiff_vs_small_model"}),
         ("gpu_throughput.py", ["--device", "cpu", "--no-others"], {"bf16_vs_fp32_small"}),
         (
+            "gpu_terramind.py",
+            ["--device", "cpu"],
+            {"step_peak_vs_6gb", "validation_peak_vs_6gb", "predict_peak_vs_6gb"},
+        ),
+        (
             "predict_memory.py",
             [],
             {
@@ -74,8 +79,24 @@ RATIO = re.compile(
             [],
             {
                 "checkpointing_step_memory_vs_plain_tiny",
+                "checkpointing_step_tensors_vs_plain_tiny",
                 "bf16_weight_bytes_vs_fp32_tiny",
                 "bf16_peak_vs_fp32_tiny",
+            },
+        ),
+        (
+            "terramind_predict.py",
+            [],
+            {
+                "overlap_difference_scene_vs_window_noise",
+                "overlap_difference_deterministic_vs_window_noise",
+                *(
+                    f"{what}_{part}"
+                    for what in ("variance", "edges")
+                    for part in ("window_noise", "scene_noise", "excess_scene_vs_window_noise")
+                ),
+                "predict_vs_generate_windows_per_s",
+                "predict_rss_rise_1024_vs_256_rows",
             },
         ),
         (
