@@ -245,6 +245,8 @@ def test_check_runs_nothing_and_report_only_needs_a_finished_run(tmp_path: Path,
     assert not any(out.rglob("metrics.jsonl"))
     assert main(["--arms", "baseline", "--out", str(out), "--report-only"]) == 2
     assert f"--report-only: no finished run in {out}" in capsys.readouterr().err
+    assert main(["--arms", "baseline", "--out", str(out), "--report-only", "--check"]) == 0
+    assert not (out / "results.md").exists()  # --check writes nothing, not even a report
 
 
 def test_toml_arms_carry_their_own_overrides(tmp_path: Path):

@@ -103,14 +103,14 @@ def main(argv: list[str] | None = None) -> int:
         task = get_task(experiment.task)
         check_primaries(experiment, task.report_metrics, task.terrains)
         finished, pending = plan_jobs(experiment, args.out)
-        if args.report_only and not finished:
+        if args.report_only and not finished and not args.check:
             raise UsageError(f"--report-only: no finished run in {args.out} to report on")
     except UsageError as error:
         return report_error(error)
     report_dir = args.report_dir or args.out
     total = len(finished) + len(pending)
     status = 0
-    if not args.report_only:
+    if args.check or not args.report_only:
         print(
             f"experiment: {len(experiment.arms)} arms x {len(experiment.seeds)} seeds x "
             f"{experiment.epochs} epochs in {args.out}; {len(finished)} of {total} runs "
