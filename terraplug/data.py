@@ -10,8 +10,9 @@ from core.tasks.dem_sr.data.sources import SOURCES, ensure_source_tiles
 from core.tasks.dem_sr.terrain import TERRAINS
 
 DEM_SOURCES: tuple[str, ...] = tuple(SOURCES)
-"""The built-in DEM sources ``data.source`` names (``srtm90``, the default, ``globe``,
-``colorado10m``), each cut into tiles by :func:`ensure_source_tiles` on first use."""
+"""The built-in DEM sources ``data.source`` names that are cut into tiles (``srtm90``, the
+default, ``globe``, ``colorado10m``, ``tianshan``), each by :func:`ensure_source_tiles` on
+first use; ``world`` is read as windows of its rasters instead."""
 
 __all__ = [
     "DEM_SOURCES",
