@@ -167,8 +167,10 @@ def _near(bounds: np.ndarray, val: np.ndarray, candidates: np.ndarray) -> np.nda
     centre = (bounds[:, :2] + bounds[:, 2:]) / 2 / unit
     tree = cKDTree(centre[val])
     # just under 2: windows exactly one window apart are far enough
-    hits = tree.query_ball_point(centre[candidates], r=2 * (1 - 1e-9), p=np.inf)
-    near[np.flatnonzero(candidates)] = np.array([bool(h) for h in hits])
+    counts = tree.query_ball_point(
+        centre[candidates], r=2 * (1 - 1e-9), p=np.inf, return_length=True
+    )
+    near[np.flatnonzero(candidates)] = counts > 0
     return near
 
 
