@@ -64,7 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
         "model.diffusion_steps)",
     )
     parser.add_argument("--top-p", type=float, help="sar2opt: token sampling's top-p")
-    parser.add_argument("--temperature", type=float, help="sar2opt: token sampling's temperature")
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        help="sar2opt: token sampling's temperature (0: greedy, the most likely token)",
+    )
     parser.add_argument(
         "--quiet",
         action="store_true",

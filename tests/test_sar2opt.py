@@ -72,13 +72,26 @@ class GradientProbe:
         )
 
 
-def make_trainer(out: Path, plugin: str, *overrides: str) -> tuple[Trainer, GradientProbe]:
+class TrainsANorm:
+    """Marks a norm of TerraMind's first encoder block trainable, as a plugin that trains
+    weights of TerraMind's own (not adapters) would."""
+
+    name = "trains_a_norm"
+
+    @hookimpl
+    def configure_model(self, model: nn.Module, ctx: Any) -> None:
+        model.terramind.encoder[0].norm1.weight.requires_grad_(True)
+
+
+def make_trainer(
+    out: Path, plugin: str, *overrides: str, extra: tuple[Any, ...] = ()
+) -> tuple[Trainer, GradientProbe]:
+    """A trainer of ``plugin``, then ``extra`` test plugins, then a :class:`GradientProbe`."""
     config = load_config(None, [*FAST, f"run.out='{out}'", f"run.plugins=['{plugin}']", *overrides])
     probe = GradientProbe()
     plugins = PluginManager.from_names(config.run.plugins, config.plugins)
-    trainer = Trainer(
-        config, PluginManager([*plugins.active, ActivePlugin(probe.name, "test", probe, None)])
-    )
+    tests = [ActivePlugin(added.name, "test", added, None) for added in (*extra, probe)]
+    trainer = Trainer(config, PluginManager([*plugins.active, *tests]))
     return trainer, probe
 
 
@@ -385,16 +398,15 @@ def test_refiner_caches_generations_and_freezes_terramind(tmp_path: Path) -> Non
     )
 
 
-def test_encoder_only_caches_its_targets_keyed_by_the_weights_without_adapters(
-    tmp_path: Path,
-) -> None:
+def test_encoder_only_caches_its_targets_keyed_by_the_frozen_weights(tmp_path: Path) -> None:
     """The un-adapted encodings of the targets are computed once into the run folder: a
-    set-up after the adapters trained reads them back, one after a frozen weight changed
+    set-up after the adapters trained reads them back, and so does one after another
+    plugin trained a weight of TerraMind's own (a norm); one after a frozen weight changed
     computes them again."""
     from plugins.generators.encoder_only import adapters_disabled
 
     out = tmp_path / "enc"
-    trainer, _ = make_trainer(out, "encoder_only", "data.tile_size=32")
+    trainer, _ = make_trainer(out, "encoder_only", "data.tile_size=32", extra=(TrainsANorm(),))
     trainer.setup()
     plugin = next(p.obj for p in trainer.ctx.plugins.active if p.name == "encoder_only")
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -414,6 +426,13 @@ def test_encoder_only_caches_its_targets_keyed_by_the_weights_without_adapters(
             if "lora_B" in name and parameter.requires_grad:
                 parameter.add_(0.1)  # what training does to the adapters
     plugin.setup(trainer.ctx)
+    assert (path.stat().st_ino, path.stat().st_mtime_ns) == (stored.st_ino, stored.st_mtime_ns)
+
+    key = stored_key(out, "encoder_targets")
+    with torch.no_grad():
+        model.terramind.encoder[0].norm1.weight.mul_(1.5)  # TrainsANorm's training, resumed
+    plugin.setup(trainer.ctx)
+    assert stored_key(out, "encoder_targets") == key
     assert (path.stat().st_ino, path.stat().st_mtime_ns) == (stored.st_ino, stored.st_mtime_ns)
 
     with torch.no_grad():
@@ -553,6 +572,30 @@ def test_sample_tokens_draws_as_terratorchs_sampler(terramind: nn.Module) -> Non
         assert (terramind.sample_tokens(logits, gumbel) == 0).all()
     finally:
         terramind.configure_generation(top_p=0.8, temperature=1.0, thresholding=False, clip=3.0)
+
+
+def test_temperature_zero_is_greedy_whatever_the_seed(terramind: nn.Module) -> None:
+    """``model.temperature = 0`` (and predict's ``--temperature 0``) picks the most likely
+    token at every position: the tokens drawn with two seeds' noise are the logits' argmax;
+    a negative temperature is refused naming the key."""
+    from core.tasks.sar2opt.predict import SceneNoise
+
+    assert load_config(None, [*FAST, "model.temperature=0"]).model.temperature == 0
+    with pytest.raises(ConfigError, match="temperature"):
+        load_config(None, [*FAST, "model.temperature=-1"])
+    torch.manual_seed(0)
+    logits = terramind(torch.randn(1, 2, 64, 64), output="logits")
+    vocabulary = logits.shape[-1]
+    drawn = [SceneNoise(seed, 16, 12, vocabulary).window(0, 0, 64)[0][None] for seed in (0, 1)]
+    try:
+        terramind.configure_generation(top_p=0.8, temperature=0.0, thresholding=False, clip=3.0)
+        greedy = [terramind.sample_tokens(logits, gumbel) for gumbel in drawn]
+        terramind.configure_generation(top_p=0.8, temperature=1.0, thresholding=False, clip=3.0)
+        sampled = [terramind.sample_tokens(logits, gumbel) for gumbel in drawn]
+    finally:
+        terramind.configure_generation(top_p=0.8, temperature=1.0, thresholding=False, clip=3.0)
+    assert torch.equal(greedy[0], logits.argmax(-1)) and torch.equal(greedy[1], greedy[0])
+    assert not torch.equal(sampled[0], sampled[1])  # the seed matters when sampling
 
 
 def test_the_docs_state_the_thresholding_bounds_in_reflectance() -> None:

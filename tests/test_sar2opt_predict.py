@@ -295,14 +295,14 @@ def test_predict_batches_skips_void_windows_and_records_its_settings(
         SarToOpticalPredictor(terramind, 1, 0, 64, 12)
 
     output = tmp_path / "s2.tif"
-    overrides = ["--diffusion-steps", "2", "--top-p", "0.5", "--temperature", "0.7"]
+    overrides = ["--diffusion-steps", "2", "--top-p", "0.5", "--temperature", "0"]  # 0: greedy
     command = ["--checkpoint", str(run_dir), str(source), str(output), "--batch-size", "4"]
     assert main([*command, *overrides]) == 0
     assert capsys.readouterr().out.count("s1.tif: 8/8 windows") == 1  # stderr: no terminal
     with rasterio.open(output) as out:
         tags = out.tags()
     assert {key: tags[key] for key in ("diffusion_steps", "top_p", "temperature", "seed")} == {
-        "diffusion_steps": "2", "top_p": "0.5", "temperature": "0.7", "seed": "0"
+        "diffusion_steps": "2", "top_p": "0.5", "temperature": "0.0", "seed": "0"
     }  # fmt: skip
     assert (tags["decoder_thresholding"], tags["decoder_clip"]) == ("False", "3.0")
     assert (tags["window"], tags["overlap"]) == ("64", "16")
@@ -321,7 +321,7 @@ def test_predict_refuses_sampling_settings_it_cannot_use(
         ("--batch-size", "0", "--batch-size 0 must be at least 1"),
         ("--diffusion-steps", "0", "--diffusion-steps 0 must be at least 1"),
         ("--top-p", "1.5", "--top-p 1.5 must lie in [0, 1]"),
-        ("--temperature", "0", "--temperature 0.0 must be above 0"),
+        ("--temperature", "-1", "--temperature -1.0 must be at least 0"),
     ):
         assert main(["--checkpoint", str(run_dir), str(source), str(output), option, value]) == 2
         assert message in capsys.readouterr().err

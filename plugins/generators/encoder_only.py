@@ -3,7 +3,7 @@
 Decoder and sampling stay frozen and unused in training. The target is the encoding of the
 target optical image by TerraMind's own encoder *without* adapters, computed once per tile
 and cached in the run folder (``cache/encoder_targets.npy``, memory-mapped, keyed by
-TerraMind's weights without the adapters and by the tiles); the loss pulls the adapted
+TerraMind's frozen weights and by the tiles); the loss pulls the adapted
 encoding of the SAR image towards it, token by token (MSE). An encoder that makes SAR look
 like optical to the frozen decoder lets generation from SAR behave like generation from
 optical. Only approximately: the decoder reads the encoder's output plus each context
@@ -26,7 +26,12 @@ from torch import nn
 from core.errors import PluginError
 from core.hookspecs import Batch, hookimpl
 from core.plugins import Plugin
-from core.tasks.sar2opt.terramind import OPTICAL_RAW, TerraMindSarToOptical, lora_parameters
+from core.tasks.sar2opt.terramind import (
+    OPTICAL_RAW,
+    TerraMindSarToOptical,
+    frozen_tensors,
+    lora_parameters,
+)
 from plugins.generators import sar2opt_task, terramind_of
 
 if TYPE_CHECKING:
@@ -88,9 +93,11 @@ class EncoderOnly(Plugin):
         computed once per run folder and read back memory-mapped (10,000 tiles of 224 at
         ``base`` are 23 GB of float32: page cache, not each process's memory).
 
-        With adapters switched off the encoder is exactly the base model, also on a resumed
-        run whose adapters have already trained; so the key holds the transformer's weights
-        without the adapters, which training changes and the encodings never see.
+        With adapters switched off the encoder is the base model as built or loaded, also on
+        a resumed run whose adapters have already trained. So the key holds the transformer's
+        frozen weights only: neither the adapters, which the encodings never see, nor any
+        weight another plugin trains (a norm, a bias), which a resumed run loads trained and
+        whose change must not throw away the targets computed before training.
         """
         dataset, device = ctx.train_dataset, ctx.device
 
@@ -108,12 +115,12 @@ class EncoderOnly(Plugin):
                 )
 
         task = sar2opt_task(ctx, self.name)
-        base = {
+        frozen = {
             name: tensor
-            for name, tensor in terramind.terramind.state_dict().items()
+            for name, tensor in frozen_tensors(terramind.terramind)
             if "lora_" not in name
         }
-        key = task.cache_key(ENCODER_TARGETS, base, "optical", ctx.config)
+        key = task.cache_key(ENCODER_TARGETS, frozen, "optical", ctx.config)
         return task.cached_per_tile(ENCODER_TARGETS, key, encode, ctx)
 
     @hookimpl

@@ -34,8 +34,9 @@ class TerraMindSection:
     """Diffusion steps of the last epoch's validation and of ``core.predict``; 0: as above."""
     top_p: float = attrs.field(default=0.8, validator=check.fraction)
     """Generation's nucleus (top-p) token sampling; 0 samples from all tokens."""
-    temperature: float = attrs.field(default=1.0, validator=check.positive)
-    """Generation's token sampling temperature."""
+    temperature: float = attrs.field(default=1.0, validator=check.non_negative)
+    """Generation's token sampling temperature; 0 is greedy: the most likely token at every
+    position (TerraTorch's argmax), whatever the seed."""
     decoder_thresholding: bool = False
     """TerraTorch's default (true): dynamic thresholding with ``sample_max_value`` 1, which
     bounds every generated image to +-1 standard deviation of the pretraining data, so no

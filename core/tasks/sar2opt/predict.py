@@ -315,5 +315,7 @@ def check_generation_options(options: PredictOptions) -> None:
         raise UsageError(f"--diffusion-steps {options.diffusion_steps} must be at least 1")
     if options.top_p is not None and not 0 <= options.top_p <= 1:
         raise UsageError(f"--top-p {options.top_p} must lie in [0, 1] (0: every token)")
-    if options.temperature is not None and not options.temperature > 0:
-        raise UsageError(f"--temperature {options.temperature} must be above 0")
+    if options.temperature is not None and not options.temperature >= 0:
+        raise UsageError(
+            f"--temperature {options.temperature} must be at least 0 (0: the most likely token)"
+        )

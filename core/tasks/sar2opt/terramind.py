@@ -352,6 +352,15 @@ FINGERPRINT_SAMPLES = 4096
 FINGERPRINT_TOLERANCE = 1e-5
 
 
+def frozen_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, tensor)`` of every tensor training leaves alone: the parameters without
+    gradient, as the model was built or loaded, and the buffers (a tied tensor under each
+    of its names)."""
+    tensors = [*model.named_parameters(remove_duplicate=False),
+               *model.named_buffers(remove_duplicate=False)]  # fmt: skip
+    return ((name, tensor) for name, tensor in tensors if not tensor.requires_grad)
+
+
 def frozen_fingerprint(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Shape, and float64 sum and absolute sum of a fixed strided sample of at most
     ``FINGERPRINT_SAMPLES`` elements, of every frozen tensor (parameters without gradient,
@@ -365,12 +374,8 @@ def frozen_fingerprint(model: nn.Module) -> dict[str, dict[str, Any]]:
     (``1e-5``); the same weights rebuilt on another machine differ at most in their last
     float32 bits (vectorised initialisers), some ``1e-7`` of it.
     """
-    tensors = [*model.named_parameters(remove_duplicate=False),
-               *model.named_buffers(remove_duplicate=False)]  # fmt: skip
     fingerprint = {}
-    for name, tensor in tensors:
-        if tensor.requires_grad:
-            continue
+    for name, tensor in frozen_tensors(model):
         flat = tensor.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // FINGERPRINT_SAMPLES)]
         fingerprint[name.replace(".base_layer.", ".")] = {
