@@ -28,7 +28,7 @@ from core.config import (
     unstructure,
 )
 from core.errors import CheckpointError, ConfigError, DataError
-from core.run_folder import CHECKPOINT, CONFIG
+from core.run_folder import CHECKPOINT, CHECKPOINT_FORMAT, CONFIG
 from core.safe_io import load_checkpoint
 
 MAY_GROW = frozenset({"run.epochs"})
@@ -79,6 +79,11 @@ def trained_run(run_dir: Path) -> tuple[Config, dict[str, Any]]:
         raise CheckpointError(
             f"{path}: it does not record the config and data it was trained with (an earlier "
             "terraplug wrote it), so a resume cannot check them; start the run again"
+        )
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path}: checkpoint format {state.get('format', 1)}, this terraplug resumes format "
+            f"{CHECKPOINT_FORMAT} only (an earlier terraplug wrote it); start the run again"
         )
     return config_from_plain(state["config"], path), state
 

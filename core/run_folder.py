@@ -22,3 +22,7 @@ INTERRUPTED = "interrupted.json"
 LOCK_FILE = "run.lock"
 CACHE = "cache"
 LOSS_CURVES = "loss_curves.png"
+
+CHECKPOINT_FORMAT = 2
+"""The layout of ``checkpoint.pt``'s state; a resume refuses any other. Format 2 added the
+probe loss and the within-epoch validation curve to each process's state."""

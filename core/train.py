@@ -46,7 +46,15 @@ from core.errors import UsageError
 from core.plots import plot_loss_curves
 from core.plugins import PluginManager
 from core.resume import data_identity
-from core.run_folder import CHECKPOINT, CONFIG, INTERRUPTED, LOSS_CURVES, METRICS, SUMMARY
+from core.run_folder import (
+    CHECKPOINT,
+    CHECKPOINT_FORMAT,
+    CONFIG,
+    INTERRUPTED,
+    LOSS_CURVES,
+    METRICS,
+    SUMMARY,
+)
 from core.runlock import RunLock, claim_run_dir
 from core.safe_io import nonfinite_tensors, save_tensors
 from core.spikes import batch_loss_outliers, probe_indices, probe_jumps, probe_loss
@@ -316,8 +324,10 @@ class Trainer:
         )
         self.rows: list[dict[str, Any]] = []
         self.step_losses: list[float] = []
-        self.probe_batch: Batch | None = None
-        """The probe set (``train.probe_tiles`` training windows), None without probes."""
+        self.probe_batches: list[Batch] = []
+        """The probe set (``train.probe_tiles`` training windows) in batches of at most
+        ``data.batch_size``, so that scoring it needs no more memory than a training step;
+        empty without probes."""
         self.probe_last: float | None = None
         """The probe set's last loss, which the next one is compared with."""
         self.nonfinite_in_a_row = 0
@@ -390,8 +400,10 @@ class Trainer:
         )
         if config.train.probe_every:
             chosen = probe_indices(train.terrains, config.train.probe_tiles, config.data.split_seed)
-            batch = default_collate([train[int(i)] for i in chosen])
-            self.probe_batch = to_device(batch, accelerator.device)
+            self.probe_batches = [
+                to_device(default_collate([train[int(i)] for i in part]), accelerator.device)
+                for part in chunks(chosen.tolist(), config.data.batch_size)
+            ]
         start_epoch = 1
         plugin_states: dict[str, dict[str, Any]] = {}
         if self.resume:
@@ -509,7 +521,7 @@ class Trainer:
             epoch_losses: list[float] = []
             probes: list[list[Any]] = []  # [step, probe loss, a model spike?]
             curve: list[dict[str, Any]] = []  # the validation points within the epoch
-            if self.probe_batch is not None and self.probe_last is None:  # before step 1
+            if self.probe_batches and self.probe_last is None:  # before step 1
                 self.record_probe(probes)
         else:  # the steps an interruption finished count as if never interrupted
             sums, epoch_losses = partial["sums"], partial["losses"]
@@ -720,7 +732,7 @@ class Trainer:
         point every ``train.validate_every_steps`` (but the epoch's ``last`` step: the epoch's
         own validation is that point). Neither changes the run (:func:`aside`)."""
         step, train = self.ctx.global_step, self.config.train
-        if self.probe_batch is not None and step % train.probe_every == 0:
+        if self.probe_batches and step % train.probe_every == 0:
             self.record_probe(probes)
         if train.validate_every_steps and step % train.validate_every_steps == 0 and not last:
             model = self.accelerator.unwrap_model(self.model)
@@ -740,16 +752,19 @@ class Trainer:
         ``[loss]`` base weights, through the loss the run trains with (a plugin's
         ``training_forward``, else the task's), before any plugin reweights it."""
         ctx, model = self.ctx, self.accelerator.unwrap_model(self.model)
-        batch = dict(self.probe_batch)
+        window_losses: list[float] = []
         with aside(model, ctx, self.config.data.split_seed):
-            ctx.plugins.call("route_batch", model=model, batch=batch, ctx=ctx)
-            with self.accelerator.autocast():
-                losses = ctx.plugins.exclusive(
-                    "training_forward", model=model, batch=batch, ctx=ctx
-                )
-                if losses is None:
-                    losses = ctx.task.forward_losses(model, batch)
-        value = probe_loss((losses.float() @ self.base_weights).tolist())
+            for probe_batch in self.probe_batches:
+                batch = dict(probe_batch)
+                ctx.plugins.call("route_batch", model=model, batch=batch, ctx=ctx)
+                with self.accelerator.autocast():
+                    losses = ctx.plugins.exclusive(
+                        "training_forward", model=model, batch=batch, ctx=ctx
+                    )
+                    if losses is None:
+                        losses = ctx.task.forward_losses(model, batch)
+                window_losses += (losses.float() @ self.base_weights).tolist()
+        value = probe_loss(window_losses)
         jump = probe_jumps([self.probe_last, value])[1]
         spike = jump is not None and jump > self.config.train.model_spike_jump
         probes.append([ctx.global_step, value, spike])
@@ -851,6 +866,7 @@ class Trainer:
         processes = gather_object([self.process_state()])
         if self.accelerator.is_main_process:
             state = {
+                "format": CHECKPOINT_FORMAT,
                 "epoch": completed_epoch,
                 "task": self.ctx.task.checkpoint_meta(self.ctx.train_dataset, self.val_dataset),
                 "config": unstructure(self.config),  # what a resume holds config.toml to
@@ -975,8 +991,7 @@ class Trainer:
             "model_spikes_total": sum(row["model_spikes"] for row in self.rows),
             "nonfinite_steps": self.nonfinite_total,
             "skipped_tiles": [
-                {"path": path, "reason": reason}
-                for path, reason in self.ctx.task.skipped
+                {"path": path, "reason": reason} for path, reason in self.ctx.task.skipped
             ],
         }
         (self.run_dir / SUMMARY).write_text(json.dumps(summary, indent=2))

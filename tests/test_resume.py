@@ -162,10 +162,22 @@ def test_edits_to_config_toml_before_a_resume_follow_the_resume_rules(
     # a checkpoint that does not record its config cannot be checked: refused, naming it
     checkpoint = out / "checkpoint.pt"
     state = load_checkpoint(checkpoint)
-    del state["config"]
+    saved_config = state.pop("config")
     torch.save(state, checkpoint)
     assert main(["--resume", str(out), "--epochs", "3"]) == 2
     assert f"{checkpoint}: it does not record the config" in capsys.readouterr().err
+
+    # one of an earlier layout (format 1 had no probe loss in its process states) would fail
+    # with a KeyError deep in the restore: refused up front, naming it
+    state = load_checkpoint(checkpoint) | {"config": saved_config}
+    del state["format"]
+    for process in state["processes"]:
+        del process["probe_last"]
+    torch.save(state, checkpoint)
+    assert main(["--resume", str(out), "--epochs", "3"]) == 2
+    assert f"{checkpoint}: checkpoint format 1, this terraplug resumes format" in (
+        capsys.readouterr().err
+    )
 
 
 def test_a_resume_blames_the_command_for_its_own_mistakes(

@@ -56,6 +56,33 @@ def test_the_probe_goes_through_a_plugins_forward_and_changes_nothing(train_run)
     assert len({v for row in probed for v in row["probe_loss"]}) > 1
 
 
+class ProbeSizes:
+    """Test probe: records the size of every batch the model sees in eval mode through the
+    training forward (the probe set's; validation does not go through it)."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+
+    @hookimpl
+    def training_forward(self, model, batch, ctx):
+        if not model.training:
+            self.sizes.append(len(batch["lr"]))
+        return ctx.task.forward_losses(model, batch)
+
+
+def test_the_probe_set_is_scored_in_batches_no_larger_than_training_ones(train_run):
+    """Scoring the probe set needs no more memory than a training step, and its loss does
+    not depend on how it is cut: the probe before step 1 (the same initial weights whatever
+    the batch size) reads the same with batches of 4 as in one batch of 16."""
+    small, whole = ProbeSizes(), ProbeSizes()
+    rows = train_run(small, out="small", overrides=("train.probe_every=4", "data.batch_size=4"))
+    one = train_run(whole, out="whole", overrides=("train.probe_every=4", "data.batch_size=16"))
+    assert small.sizes[:4] == [4, 4, 4, 4] and max(small.sizes) == 4
+    assert whole.sizes[0] == 16
+    # float32 convolutions summed in another order for another batch size: 1e-5 relative
+    assert rows[0]["probe_loss"][0] == pytest.approx(one[0]["probe_loss"][0], rel=1e-5)
+
+
 def test_the_validation_curve_and_the_probe_follow_the_optimizer_steps(train_run):
     every3 = ("train.probe_every=1", "train.validate_every_steps=3", "data.batch_size=4")
     rows = train_run(overrides=every3)  # 30 training tiles: 8 steps per epoch
