@@ -74,6 +74,14 @@ class DataSection:
     num_workers: int = attrs.field(default=0, validator=check.non_negative_int)
     strict: bool = False
     """Stop at the first bad tile instead of skipping it with a warning."""
+    normalisation: str = attrs.field(
+        default="per_tile", validator=attrs.validators.in_(("per_tile", "global"))
+    )
+    """dem_sr: a window's elevations minus its LR mean, divided by its LR std (``per_tile``:
+    every window weighs alike, so flat ones dominate the loss) or by ``global_scale_m``
+    (``global``: a window weighs by its relief, as RMSE in metres does)."""
+    global_scale_m: float = attrs.field(default=100.0, validator=check.positive)
+    """The one scale of ``normalisation = "global"``, in metres."""
 
 
 @attrs.define

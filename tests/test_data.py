@@ -107,6 +107,35 @@ def test_nodata_is_masked_and_never_leaks_into_normalisation(tmp_path: Path, nod
     np.testing.assert_allclose(hr_m.numpy()[~void], stored[~void], atol=1e-3)
 
 
+def test_global_normalisation_divides_every_window_by_one_scale(tmp_path: Path) -> None:
+    """``data.normalisation = "global"``: each window keeps its own LR mean but every one is
+    divided by ``global_scale_m``, so a rugged window's normalised values spread wider than a
+    gentle one's by the ratio of their reliefs, where per-window scales make both spread
+    alike; metres come back either way."""
+    gentle = 800 + 0.1 * rough_surface(seed=1)  # about 4 m of relief
+    rugged = rough_surface(seed=2)  # about 40 m
+    for name, z in (("gentle", gentle), ("rugged", rugged)):
+        write_dem(tmp_path / f"{name}.tif", z, utm(), UTM)
+    per_tile = TileDataset.from_folder(tmp_path, 3)
+    shared = TileDataset.from_folder(tmp_path, 3, global_scale_m=25.0)
+    assert [Path(p).stem for p in shared.paths] == ["gentle", "rugged"]
+    spreads = {}
+    for kind, dataset in (("per_tile", per_tile), ("global", shared)):
+        samples = [dataset[i] for i in range(2)]
+        spreads[kind] = [sample["hr"].std().item() for sample in samples]
+        for sample, z in zip(samples, (gentle, rugged), strict=True):
+            # de-normalised in float32 around 1000 m: a few ulps of 6e-5 m
+            hr_m = (sample["hr"][0] * sample["std"] + sample["mean"]).numpy()
+            np.testing.assert_allclose(hr_m, z, atol=1e-3)
+            assert sample["mean"].item() == pytest.approx(block_mean(z, 3).mean(), rel=1e-6)
+    assert [shared[i]["std"].item() for i in range(2)] == [25.0, 25.0]
+    assert shared.subset([1])[0]["std"].item() == 25.0  # a view keeps the scale
+    # per window both spread about 1 (the HR's std against its LR's, which block means smooth)
+    assert spreads["per_tile"] == pytest.approx([1.0, 1.0], rel=0.2)
+    ratio = spreads["global"][1] / spreads["global"][0]
+    assert ratio == pytest.approx(rugged.std() / gentle.std(), rel=1e-3)  # float32 sums
+
+
 def test_block_mean_lr_and_crop_to_a_multiple_of_scale(tmp_path: Path) -> None:
     z = np.arange(50 * 50, dtype=np.float64).reshape(50, 50)
     write_dem(tmp_path / "t.tif", z, utm(), UTM)

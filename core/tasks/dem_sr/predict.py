@@ -24,16 +24,19 @@ from core.data.windows import taper, window_progress, window_starts
 from core.errors import DataError, UsageError
 from core.inference import TrainedRun
 from core.tasks import PredictOptions
-from core.tasks.dem_sr.data.dataset import normalisation
+from core.tasks.dem_sr.data.dataset import global_scale, normalisation
 from core.tasks.dem_sr.terrain import TERRAINS, terrain_index
 
 DEFAULT_BATCH_SIZE = 16
 """Windows per forward pass when ``--batch-size`` is not given."""
 
 
-def normalise(window: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """As in training: fill voids with the mean, scale by the std (floored at 1 m)."""
-    mean, std = normalisation(window)
+def normalise(
+    window: np.ndarray, global_scale_m: float | None = None
+) -> tuple[np.ndarray, float, float]:
+    """As in training: fill voids with the mean, divide by the std (floored at 1 m) or by
+    the run's ``global_scale_m``."""
+    mean, std = normalisation(window, global_scale_m)
     filled = np.where(np.isfinite(window), window, mean)
     return ((filled - mean) / std).astype(np.float32), mean, std
 
@@ -89,7 +92,8 @@ class Predictor:
     @torch.no_grad()
     def predict_windows(self, windows: list[np.ndarray]) -> list[np.ndarray]:
         """Super-resolve equally sized LR windows (metres, NaN voids) in one batch."""
-        chunk = [normalise(w) for w in windows]
+        scale_m = global_scale(self.trained.config.data)
+        chunk = [normalise(w, scale_m) for w in windows]
         device = self.trained.ctx.device
         lr = torch.from_numpy(np.stack([c[0] for c in chunk]))[:, None].to(device)
         batch = {"lr": lr, "terrain": torch.full((len(chunk),), self.terrain, device=device)}

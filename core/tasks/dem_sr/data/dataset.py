@@ -67,7 +67,8 @@ NAMED_REGIONS: tuple[Region, ...] = (*SRTM_REGIONS, *GLOBE_REGIONS, *COLORADO_RE
 
 
 class TileDataset(Dataset):
-    """HR windows and their LR counterparts, normalised per window by the LR mean and std.
+    """HR windows and their LR counterparts, normalised by the window's LR mean and its LR
+    std or one ``global_scale_m`` (``normalisation``).
 
     Build with ``from_folder``. ``terrains`` (an array), ``tile_ids``, ``regions``,
     ``landscapes`` and ``paths`` (lists, made when asked for) are aligned with the sample
@@ -82,8 +83,10 @@ class TileDataset(Dataset):
         scale: int,
         skipped: list[tuple[str, str]],
         lr_paths: tuple[str | None, ...],
+        global_scale_m: float | None = None,
     ) -> None:
         self.index = index
+        self.global_scale_m = global_scale_m
         self._positions = np.asarray(positions, dtype=np.int64)
         self.scale = scale
         self.skipped = skipped
@@ -125,6 +128,7 @@ class TileDataset(Dataset):
         tile_size: int = 48,
         strict: bool = False,
         quiet: bool = True,
+        global_scale_m: float | None = None,
     ) -> TileDataset:
         """Every ``tile_size`` window of a GeoTIFF, of every ``*.tif``/``*.tiff`` under a
         folder (recursive, sorted), or of a list of either.
@@ -132,6 +136,7 @@ class TileDataset(Dataset):
         LR windows are ``scale`` x ``scale`` block means of HR, unless a folder has ``hr/``
         and ``lr/`` subfolders with the same file names, which are then read as pairs. A bad
         file is skipped with a warning, or raises ``DataError`` when ``strict``.
+        ``global_scale_m``: normalise every window by this scale instead of its own std.
         """
         if scale < 1:
             raise DataError(f"scale must be a positive integer, got {scale}")
@@ -179,12 +184,14 @@ class TileDataset(Dataset):
         skipped = _report(problems, hr_paths, strict)
         if not len(index):
             raise DataError(f"{_named(data)}: none of the {len(hr_paths)} GeoTIFF files is usable")
-        return cls(index, np.arange(len(index)), scale, skipped, tuple(lr_of))
+        return cls(index, np.arange(len(index)), scale, skipped, tuple(lr_of), global_scale_m)
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> TileDataset:
         """A view on some samples (positions in this dataset), renumbered from 0."""
         chosen = self._positions[np.asarray(indices, dtype=np.int64)]
-        return TileDataset(self.index, chosen, self.scale, self.skipped, self._lr_paths)
+        return TileDataset(
+            self.index, chosen, self.scale, self.skipped, self._lr_paths, self.global_scale_m
+        )
 
     def bounds(self) -> np.ndarray:
         """``[N, 4]`` (left, bottom, right, top) of every sample's window, in its CRS."""
@@ -200,7 +207,7 @@ class TileDataset(Dataset):
         position = int(self._positions[idx])
         hr, lr = self._read(position)
         lr_valid = np.isfinite(lr)
-        mean, std = normalisation(lr)
+        mean, std = normalisation(lr, self.global_scale_m)
         mask = np.isfinite(hr)
         return {
             "lr": torch.from_numpy(((np.where(lr_valid, lr, mean) - mean) / std)[None]).float(),
@@ -448,16 +455,25 @@ def _named(data: Path | Sequence[Path]) -> str:
     return str(data) if isinstance(data, str | Path) else ", ".join(map(str, data))
 
 
-def normalisation(lr: np.ndarray) -> tuple[float, float]:
-    """Mean and std (floored at ``MIN_STD_M``) of a window's valid LR cells, in metres.
+def normalisation(lr: np.ndarray, global_scale_m: float | None = None) -> tuple[float, float]:
+    """Mean and scale of a window's valid LR cells, in metres: the std (floored at
+    ``MIN_STD_M``), or ``global_scale_m`` for every window (``data.normalisation``).
 
     Only the LR is known at inference, so LR and HR are both normalised with these; a window
-    without a valid cell gets (0, ``MIN_STD_M``).
+    without a valid cell gets (0, ``MIN_STD_M``). The mean stays per window either way: a
+    window's height above the sea says nothing of its shape.
     """
     valid = np.isfinite(lr)
     if not valid.any():
-        return 0.0, MIN_STD_M
+        return 0.0, global_scale_m or MIN_STD_M
+    if global_scale_m is not None:
+        return float(lr[valid].mean()), global_scale_m
     return float(lr[valid].mean()), max(float(lr[valid].std()), MIN_STD_M)
+
+
+def global_scale(data: DataSection) -> float | None:
+    """The one scale every window is divided by, or None for per-window scales."""
+    return data.global_scale_m if data.normalisation == "global" else None
 
 
 def load_split(
@@ -470,20 +486,21 @@ def load_split(
     (``core.data.spatial_split``): by ``data.val_regions`` when given, else by seeded blocks
     of ``data.val_block`` windows, with a one-window buffer either way.
     """
-    size = data.tile_size or 48
+    settings: dict[str, Any] = {
+        "tile_size": data.tile_size or 48,
+        "strict": data.strict,
+        "quiet": quiet,
+        "global_scale_m": global_scale(data),
+    }
     train_dir, val_dir = Path(data_path) / "train", Path(data_path) / "val"
     if train_dir.is_dir() and val_dir.is_dir():
-        train = TileDataset.from_folder(
-            train_dir, data.scale, tile_size=size, strict=data.strict, quiet=quiet
-        )
-        val = TileDataset.from_folder(
-            val_dir, data.scale, tile_size=size, strict=data.strict, quiet=quiet
+        train, val = (
+            TileDataset.from_folder(folder, data.scale, **settings)
+            for folder in (train_dir, val_dir)
         )
         train.skipped.extend(val.skipped)
         return train, val
-    dataset = TileDataset.from_folder(
-        data_path, data.scale, tile_size=size, strict=data.strict, quiet=quiet
-    )
+    dataset = TileDataset.from_folder(data_path, data.scale, **settings)
     split = split_windows(dataset, data, seed)
     if not quiet:
         print(
