@@ -67,6 +67,9 @@ class DataSection:
     val_regions: list[str] = attrs.field(factory=list)
     """Validate on these regions (a raster's ``landscape`` or ``region`` tag, a named box,
     or its file name) instead of seeded blocks: landscapes training never sees."""
+    exclude_regions: list[str] = attrs.field(factory=list)
+    """Regions (named as in ``val_regions``) the run neither trains nor validates on: a
+    tuned arm's search leaves the experiment's reported validation regions unread."""
     split_seed: int = attrs.field(default=0, validator=check.seed)
     """Seed of the train/validation split, apart from ``run.seed``: runs with other seeds
     validate on the same tiles and differ in initial weights and batch order only."""

@@ -79,8 +79,8 @@ def split_windows(dataset: Any, data: DataSection, seed: int) -> SpatialSplit:
     ``dataset`` has ``bounds()``, ``crs()``, ``regions``, ``landscapes``, ``terrains`` and a
     length."""
     bounds, crs = dataset.bounds(), dataset.crs()
+    names = np.array([dataset.regions, dataset.landscapes])
     if data.val_regions:
-        names = np.array([dataset.regions, dataset.landscapes])
         split = split_by_region(bounds, crs, names, tuple(data.val_regions))
     else:
         split = spatial_split(
@@ -91,6 +91,8 @@ def split_windows(dataset: Any, data: DataSection, seed: int) -> SpatialSplit:
             seed=seed,
             block=data.val_block,
         )
+    if data.exclude_regions:
+        split = without_regions(split, names, tuple(data.exclude_regions))
     if not len(split.val) or not len(split.train):
         missing = "validation" if not len(split.val) else "training"
         raise DataError(
@@ -121,6 +123,22 @@ def split_by_region(
         train=np.flatnonzero(~is_val & ~near),
         val=np.flatnonzero(is_val),
         buffer=np.flatnonzero(near),
+    )
+
+
+def without_regions(
+    split: SpatialSplit, names: np.ndarray, regions: tuple[str, ...]
+) -> SpatialSplit:
+    """``split`` without the windows of ``regions`` (``data.exclude_regions``), which then
+    neither train nor validate; ``names`` as in :func:`split_by_region`."""
+    unknown = sorted(set(regions) - set(np.unique(names).tolist()))
+    if unknown:
+        raise DataError(f"data.exclude_regions: no window lies in {', '.join(unknown)}")
+    inside = np.flatnonzero(np.isin(names, list(regions)).any(axis=0))
+    return SpatialSplit(
+        train=np.setdiff1d(split.train, inside),
+        val=np.setdiff1d(split.val, inside),
+        buffer=split.buffer,
     )
 
 

@@ -9,8 +9,9 @@ left a checkpoint. The report (``results.md``, ``results.csv``, ``loss_curves_by
 complete, so an interrupted or partly failed experiment still yields a partial table.
 
 Modules by concern: ``spec`` (arms, seeds, controls; the experiment file), ``schedule`` (the
-run processes, restarts), ``summary`` (numbers per run and arm), ``stats`` (paired tests,
-intervals, corrections), ``report`` (tables, verdict, CSV, plots), ``cli``.
+run processes, restarts), ``ray_backend`` (the same runs as tasks on a Ray cluster, ``--backend
+ray``), ``tune`` (tuned arms' search), ``summary`` (numbers per run and arm), ``stats`` (paired
+tests, intervals, corrections), ``report`` (tables, verdict, CSV, plots), ``cli``.
 
 Exit status: 0 every run finished, 1 a run failed (the report covers the others), 2 a usage
 error (the message names the arm, key or plugin), 130 interrupted.

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from core.config import load_config
 from core.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError, report_error
 from core.experiment.report import write_report
-from core.experiment.schedule import Runner, clock, count_rows, plan_jobs
+from core.experiment.schedule import Job, Runner, clock, collect, count_rows, plan_jobs
 from core.experiment.spec import (
     BASELINE,
     DEFAULT_SEEDS,
@@ -21,6 +23,7 @@ from core.experiment.spec import (
     read_spec,
 )
 from core.experiment.summary import check_primaries
+from core.experiment.tune import RunJobs, check_searches, resolve_searches, run_search
 from core.tasks import get_task
 
 
@@ -50,8 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="experiment folder")
     parser.add_argument("--report-dir", type=Path, help="where the report goes (default --out)")
     parser.add_argument("--baseline", help="the arm Δ is measured against (default: baseline)")
-    parser.add_argument("--jobs", type=int, default=1, help="runs side by side (default 1)")
+    parser.add_argument(
+        "--jobs", type=int, help="runs side by side (default 1; --backend ray: all it can)"
+    )
     parser.add_argument("--threads", type=int, default=0, help="threads per run (0: auto)")
+    parser.add_argument(
+        "--backend",
+        choices=("local", "ray"),
+        default="local",
+        help="where runs execute: processes here, or tasks on a Ray cluster (pip install "
+        "'terraplug[ray]')",
+    )
+    parser.add_argument(
+        "--address", help="--backend ray: the cluster's HOST:PORT (default: start Ray here)"
+    )
     parser.add_argument(
         "--report-only", action="store_true", help="write the report from finished runs only"
     )
@@ -91,6 +106,7 @@ def build_experiment(args: argparse.Namespace) -> Experiment:
         test=spec.test,
         alpha=spec.alpha,
         task=defaults.run.task,
+        resources=spec.resources,
     )
 
 
@@ -102,33 +118,44 @@ def main(argv: list[str] | None = None) -> int:
         check_arms(experiment, args.out)
         task = get_task(experiment.task)
         check_primaries(experiment, task.report_metrics, task.terrains)
-        finished, pending = plan_jobs(experiment, args.out)
+        check_searches(experiment, task)
+        experiment, waiting = resolve_searches(experiment, args.out)
+        finished, pending = plan_jobs(experiment, args.out, later=waiting)
         if args.report_only and not finished and not args.check:
             raise UsageError(f"--report-only: no finished run in {args.out} to report on")
     except UsageError as error:
         return report_error(error)
     report_dir = args.report_dir or args.out
-    total = len(finished) + len(pending)
+    total = len(experiment.arms) * len(experiment.seeds)
     status = 0
     if args.check or not args.report_only:
+        at_a_time = args.jobs or ("as the cluster allows" if args.backend == "ray" else 1)
+        searches = f"; first the search of {', '.join(waiting)}" if waiting else ""
         print(
             f"experiment: {len(experiment.arms)} arms x {len(experiment.seeds)} seeds x "
             f"{experiment.epochs} epochs in {args.out}; {len(finished)} of {total} runs "
-            f"already finished, {len(pending)} to run, {args.jobs} at a time",
+            f"already finished, {len(pending)} to run, {at_a_time} at a time{searches}",
             flush=True,
         )
         if args.check:
             return EXIT_OK
-        done_epochs = sum(count_rows(job.run_dir) for job in pending)
-        runner = Runner(
-            pending, len(pending) * experiment.epochs - done_epochs, args.jobs, args.threads
-        )
         try:
-            runner.run()
-            status = EXIT_FAILED if runner.failed else EXIT_OK
+            with backend(args, experiment) as run_jobs:
+                failed = []
+                for arm in (arm for arm in experiment.arms if arm.name in waiting):
+                    failed += run_search(experiment, arm, args.out, task, run_jobs)
+                experiment, waiting = resolve_searches(experiment, args.out)
+                _, pending = plan_jobs(experiment, args.out, later=waiting)
+                failed += run_jobs(pending, experiment.epochs)
+            status = EXIT_FAILED if failed or waiting else EXIT_OK
         except KeyboardInterrupt:
             print("interrupted: running jobs saved checkpoints; run again to continue")
             status = EXIT_INTERRUPTED
+        except UsageError as error:
+            return report_error(error)
+    if not collect(experiment, args.out):  # stopped before any run finished
+        print(f"report: none yet, no run of {total} has finished", flush=True)
+        return status
     summary = write_report(experiment, args.out, report_dir)
     print(
         f"report: {report_dir / 'results.md'} ({summary.complete_runs} of {total} runs); "
@@ -136,3 +163,35 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     return status
+
+
+@contextlib.contextmanager
+def backend(args: argparse.Namespace, experiment: Experiment) -> Iterator[RunJobs]:
+    """What runs the jobs: processes on this machine, or tasks on a Ray cluster
+    (``--backend ray``) whose nodes all see ``--out``; either returns the failed jobs."""
+
+    def run(runner: Runner) -> list[Job]:
+        runner.run()
+        return runner.failed
+
+    if args.backend == "local":
+        yield lambda jobs, epochs: run(
+            Runner(jobs, epochs_left(jobs, epochs), args.jobs or 1, args.threads)
+        )
+        return
+    from core.experiment.ray_backend import RayRunner, check_shared_storage, connect, disconnect
+
+    connect(args.address)
+    try:
+        check_shared_storage(args.out)
+        yield lambda jobs, epochs: run(
+            RayRunner(
+                jobs, epochs_left(jobs, epochs), args.jobs, args.threads, experiment.resources
+            )
+        )
+    finally:
+        disconnect()
+
+
+def epochs_left(jobs: list[Job], epochs: int) -> int:
+    return len(jobs) * epochs - sum(count_rows(job.run_dir) for job in jobs)

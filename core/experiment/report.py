@@ -20,6 +20,7 @@ from core.experiment.summary import (
     probe_series,
     summarise,
 )
+from core.experiment.tune import tuning_section
 from core.run_folder import CONFIG
 from core.spikes import probe_rise
 from core.tasks import ReportMetric, get_task
@@ -386,7 +387,8 @@ def write_report(experiment: Experiment, out: Path, report_dir: Path) -> Summary
     report_dir.mkdir(parents=True, exist_ok=True)
     primary = primary_column(task.report_metrics)
     spikes = spike_verdict(experiment, runs, *injected_steps(experiment, out))
-    (report_dir / "results.md").write_text(markdown(experiment, summary, primary, spikes))
+    text = markdown(experiment, summary, primary, spikes) + tuning_section(experiment, out)
+    (report_dir / "results.md").write_text(text)
     write_csv(report_dir / "results.csv", experiment, summary)
     baseline = experiment.baseline
     plot_loss_curves_by_arm(runs, report_dir / "loss_curves_by_arm.png", baseline=baseline)

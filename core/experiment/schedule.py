@@ -12,20 +12,32 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 
-from core.config import load_config, unstructure
+from core.config import load_config
 from core.errors import UsageError
 from core.experiment.spec import Arm, Experiment, run_overrides
 from core.plugins import PluginManager
+from core.resume import changed_keys
 from core.run_folder import CHECKPOINT, CONFIG, METRICS, SUMMARY
 from core.val_tiles import read_val_tiles
 
 Runs = dict[str, dict[int, list[dict[str, Any]]]]
 """arm name -> seed -> that run's metrics.jsonl rows (complete runs only)."""
+
+
+class Process(Protocol):
+    """A running ``core.run``: a local subprocess, or a run on a Ray node."""
+
+    def poll(self) -> int | None: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+    def wait(self) -> int: ...
 
 
 @attrs.define
@@ -34,7 +46,8 @@ class Job:
     seed: int
     run_dir: Path
     command: list[str] = attrs.Factory(list)
-    process: subprocess.Popen | None = None
+    """``core.run``'s arguments; empty for a complete run."""
+    process: Process | None = None
     started: float = 0.0
     epochs_seen: int = 0
 
@@ -56,40 +69,41 @@ def check_same_settings(experiment: Experiment, arm: Arm, seed: int, run_dir: Pa
     config = load_config(None, run_overrides(experiment, arm, seed, run_dir))
     manager = PluginManager.from_names(config.run.plugins, config.plugins)
     config.plugins = manager.resolved_sections(config.plugins)  # as the run wrote them
-    expected = unstructure(config)
-    found = unstructure(load_config(saved))
-    for tree in (expected, found):
-        tree["run"].pop("out")
-    if expected != found:
-        keys = [
-            f"{section}.{key}"
-            for section in expected
-            for key in set(expected[section]) | set(found.get(section, {}))
-            if expected[section].get(key) != found.get(section, {}).get(key)
-        ]
+    changes = changed_keys(load_config(saved), config)  # a resume's notes are no setting
+    changes.pop("run.out", None)
+    if changes:
         raise UsageError(
-            f"{run_dir} was run with other settings ({', '.join(sorted(keys))}); "
+            f"{run_dir} was run with other settings ({', '.join(changes)}); "
             "use another --out or the settings it was run with"
         )
 
 
-def plan_jobs(experiment: Experiment, out: Path) -> tuple[list[Job], list[Job]]:
-    """(finished, to run): a half-finished run resumes from its checkpoint."""
+def plan_job(experiment: Experiment, arm: Arm, seed: int, run_dir: Path) -> Job:
+    """One run's job: none to do when complete, a resume when it left a checkpoint."""
+    check_same_settings(experiment, arm, seed, run_dir)
+    job = Job(arm, seed, run_dir)
+    if is_complete(run_dir):
+        return job
+    if (run_dir / CHECKPOINT).is_file():
+        job.command = ["--resume", str(run_dir)]
+    else:
+        overrides = run_overrides(experiment, arm, seed, run_dir)
+        job.command = [arg for s in overrides for arg in ("--set", s)]
+    return job
+
+
+def plan_jobs(
+    experiment: Experiment, out: Path, later: Collection[str] = ()
+) -> tuple[list[Job], list[Job]]:
+    """(finished, to run) of every arm but those named in ``later`` (tuned arms whose search
+    has not ended): a half-finished run resumes from its checkpoint."""
     finished, pending = [], []
     for arm in experiment.arms:
+        if arm.name in later:
+            continue
         for seed in experiment.seeds:
-            run_dir = run_dir_of(out, arm, seed)
-            check_same_settings(experiment, arm, seed, run_dir)
-            job = Job(arm, seed, run_dir)
-            if is_complete(run_dir):
-                finished.append(job)
-                continue
-            if (run_dir / CHECKPOINT).is_file():
-                job.command = ["--resume", str(run_dir)]
-            else:
-                overrides = run_overrides(experiment, arm, seed, run_dir)
-                job.command = [arg for s in overrides for arg in ("--set", s)]
-            pending.append(job)
+            job = plan_job(experiment, arm, seed, run_dir_of(out, arm, seed))
+            (pending if job.command else finished).append(job)
     return finished, pending
 
 
@@ -128,18 +142,21 @@ class Runner:
 
     def start(self, job: Job) -> None:
         job.run_dir.parent.mkdir(parents=True, exist_ok=True)
-        log = open(job.run_dir.parent / f"seed{job.seed}.log", "a")  # noqa: SIM115
         job.epochs_seen = count_rows(job.run_dir)
         job.started = time.monotonic()
-        job.process = subprocess.Popen(
-            [sys.executable, "-m", "core.run", *job.command],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=self.env,
-        )
-        log.close()
+        job.process = self.launch(job)
         how = "resuming" if job.command[0] == "--resume" else "starting"
         print(f"{self.stamp()} {how} {job.arm.name} seed {job.seed} -> {job.run_dir}", flush=True)
+
+    def launch(self, job: Job) -> Process:
+        """``python -m core.run`` on this machine, its output appended to the run's log."""
+        with open(log_of(job), "a") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "core.run", *job.command],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+            )
 
     def stamp(self) -> str:
         return f"[{clock(time.monotonic() - self.started)}]"
@@ -168,9 +185,9 @@ class Runner:
             print(f"{self.stamp()} done {job.arm.name} seed {job.seed} in {took}", flush=True)
             return
         self.failed.append(job)
-        log = job.run_dir.parent / f"seed{job.seed}.log"
         print(
-            f"{self.stamp()} FAILED {job.arm.name} seed {job.seed} (exit {status}); see {log}",
+            f"{self.stamp()} FAILED {job.arm.name} seed {job.seed} (exit {status}); "
+            f"see {log_of(job)}",
             file=sys.stderr,
             flush=True,
         )
@@ -200,6 +217,11 @@ class Runner:
                 if job.process:
                     job.process.wait()
             raise
+
+
+def log_of(job: Job) -> Path:
+    """Where a run's output goes: ``seed<k>.log`` beside its folder."""
+    return job.run_dir.parent / f"seed{job.seed}.log"
 
 
 def count_rows(run_dir: Path) -> int:

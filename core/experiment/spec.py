@@ -52,6 +52,74 @@ def _seed_list(_: object, attribute: attrs.Attribute, value: tuple[int, ...] | N
         raise ValueError(f"'{attribute.name}' must list at least one seed, each once: {value}")
 
 
+def _whole_above_one(_: object, attribute: attrs.Attribute, value: float) -> None:
+    """A share of one GPU packs runs onto it; several GPUs are whole ones, one process each."""
+    if value > 1 and value != int(value):
+        raise ValueError(f"'{attribute.name}' above 1 must be a whole number, got {value}")
+
+
+@attrs.frozen
+class Resources:
+    """What each run asks of a Ray cluster (``--backend ray``); the local backend runs one
+    process per run on this machine and reads none of it."""
+
+    num_cpus: float = attrs.field(default=1.0, validator=check.positive)
+    """Cores reserved per run; its ``OMP_NUM_THREADS`` unless ``--threads`` says otherwise."""
+    num_gpus: float = attrs.field(default=0.0, validator=[check.non_negative, _whole_above_one])
+    """GPUs per run, which it sees alone (``CUDA_VISIBLE_DEVICES``); 2 or more: one process
+    per GPU through ``accelerate launch``."""
+    retries: int = attrs.field(default=3, validator=check.non_negative_int)
+    """How often a run whose node died starts again elsewhere, resuming its checkpoint."""
+
+
+@attrs.frozen
+class Param:
+    """One searched setting: a range ``low`` to ``high`` (log-uniform with ``log``, whole
+    numbers with ``integer``), or ``choices``, each written as ``--set`` takes a value."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    integer: bool = False
+    choices: tuple[str, ...] = ()
+
+    def __attrs_post_init__(self) -> None:
+        ranged = self.low is not None and self.high is not None
+        if bool(self.choices) == ranged or (self.low is None) != (self.high is None):
+            raise ValueError("a parameter takes either low and high, or choices")
+        if ranged and not self.low < self.high:
+            raise ValueError(f"low must be below high, got {self.low} and {self.high}")
+        if ranged and self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low}")
+
+
+@attrs.frozen
+class Search:
+    """A tuned arm's search (``core.experiment.tune``): Optuna's TPE sampler, seeded, over
+    ``params``; each trial trains on the experiment's data and validates on ``regions``, a
+    tuning split apart from the reported validation regions, which the trials never read."""
+
+    params: dict[str, Param] = attrs.field(validator=attrs.validators.min_len(1))
+    """Config key (``section.key``) -> its range or choices."""
+    regions: tuple[str, ...] = attrs.field(validator=attrs.validators.min_len(1))
+    """The tuning split: the trial runs' ``data.val_regions``."""
+    trials: int = attrs.field(default=8, validator=check.positive_int)
+    """The budget: how many settings are trained."""
+    seeds: tuple[int, ...] = attrs.field(default=(1000,), validator=_seed_list)
+    """Each trial's runs; its value is their mean."""
+    epochs: int | None = attrs.field(
+        default=None, validator=attrs.validators.optional(check.positive_int)
+    )
+    """Epochs of a trial run; None: the experiment's."""
+    batch: int = attrs.field(default=1, validator=check.positive_int)
+    """Trials asked of the sampler at a time, which run side by side; part of the search's
+    definition, since the sampler sees the results batch by batch."""
+    sampler_seed: int = attrs.field(default=0, validator=check.seed)
+    metric: str | None = None
+    """The metrics.jsonl key minimised (maximised where the task says higher is better) at a
+    trial's last epoch; None: the task's first report metric."""
+
+
 @attrs.frozen
 class Arm:
     """One plugin combination, with the overrides that only this arm gets."""
@@ -73,6 +141,8 @@ class Arm:
     primary: str | None = None
     """The column this arm's question is decided on (its primary endpoint); None: the
     experiment's ``primary``. Every other column of the arm is exploratory."""
+    tune: Search | None = None
+    """A search that chooses some of this arm's settings before its runs start."""
 
     @property
     def overrides(self) -> tuple[str, ...]:
@@ -103,6 +173,7 @@ class SpecFile:
     """The correction of the primary endpoints' tests, and of each table's exploratory ones."""
     test: str = attrs.field(default="signflip", validator=attrs.validators.in_(TESTS))
     alpha: float = attrs.field(default=0.05, validator=check.open_fraction)
+    resources: Resources = Resources()
 
 
 @attrs.frozen
@@ -123,6 +194,7 @@ class Experiment:
     task: str = attrs.field(kw_only=True)
     """``run.task`` of every arm, as the common settings resolve it (core.config's default
     without one): it supplies the report's columns and its reference row."""
+    resources: Resources = attrs.field(factory=Resources, kw_only=True)
 
     def control(self, kind: str) -> Arm | None:
         return next((arm for arm in self.arms if arm.control == kind), None)

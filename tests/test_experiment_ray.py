@@ -1,0 +1,283 @@
+"""``python -m core.experiment --backend ray`` on real multi-node Ray clusters on this machine
+(``ray.cluster_utils.Cluster``: every node its own raylet and worker processes): the same runs
+as the local backend, runs placed on distinct (fake) GPUs, a killed node's run resumed on
+another node, SIGINT to the driver, and the shared-storage check."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from core.experiment import main
+from core.experiment.ray_backend import placements
+from core.run_folder import CHECKPOINT, INTERRUPTED, SUMMARY
+from tests.conftest import read_metrics
+from tests.test_experiment import tiny_run_args
+from tests.test_run import REPO, without_timing
+
+SEEDS = (0, 1)
+EPOCHS = 4
+"""Long enough that a node killed, or a driver interrupted, after a run's first epoch finds
+the run still going: three epochs are left to it."""
+STORE = 80 * 2**20
+"""Each node's object store: the runs pass nothing through it."""
+DEADLINE = 600
+"""Seconds a test waits for a run to reach its first epoch on a loaded 2-core machine."""
+
+
+def spec(folder: Path, num_gpus: int = 0) -> Path:
+    path = folder / "spec.toml"
+    path.write_text(f'[[arms]]\nname = "baseline"\n[resources]\nnum_gpus = {num_gpus}\n')
+    return path
+
+
+def args(spec_file: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    seeds = ",".join(map(str, SEEDS))
+    extra = ("--config", str(spec_file), "--seeds", seeds, "--epochs", str(EPOCHS), *extra)
+    return tiny_run_args(data, out, *extra, "--set", "train.progress='never'")
+
+
+@pytest.fixture(scope="module")
+def reference(procedural_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The experiment under the local backend."""
+    out = tmp_path_factory.mktemp("local")
+    assert main(args(spec(out), procedural_dir, out / "exp", "--jobs", "2")) == 0
+    return out / "exp"
+
+
+@contextlib.contextmanager
+def cluster(*nodes: dict) -> Iterator[Cluster]:
+    """A head that takes no run (the driver's node, whose loss would end the cluster) and
+    ``nodes``, each started as processes of its own."""
+    head = {"num_cpus": 0, "include_dashboard": False, "object_store_memory": STORE}
+    started = Cluster(initialize_head=True, head_node_args=head)
+    try:
+        for node in nodes:
+            started.add_node(object_store_memory=STORE, **node)
+        started.wait_for_nodes()
+        yield started
+    finally:
+        ray.shutdown()
+        started.shutdown()
+
+
+def run_dirs(out: Path) -> list[Path]:
+    return [out / "baseline" / f"seed{seed}" for seed in SEEDS]
+
+
+def assert_same_runs(out: Path, reference: Path) -> None:
+    """Run for run, the metrics the local backend wrote (timing apart, as in the resume
+    tests)."""
+    for run, local in zip(run_dirs(out), run_dirs(reference), strict=True):
+        assert without_timing(read_metrics(run)) == without_timing(read_metrics(local)), run
+
+
+def wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def freeze_after_first_epoch(*runs: Path) -> list[psutil.Process]:
+    """Each run's ``core.run`` process, stopped (SIGSTOP) as soon as its first checkpoint is
+    written: a tiny run's last epochs take a fraction of a second, and a frozen run is
+    mid-run whatever the machine's load when the test acts on it."""
+    frozen: dict[Path, psutil.Process] = {}
+
+    def freeze_the_ready() -> bool:
+        for run in set(runs) - set(frozen):
+            attempts = placements(run.with_suffix(".log"))
+            children = psutil.Process(attempts[-1]["pid"]).children() if attempts else []
+            if children and (run / CHECKPOINT).is_file():
+                children[0].suspend()
+                frozen[run] = children[0]
+                assert not (run / SUMMARY).exists(), f"{run} ended before it was frozen"
+        return len(frozen) == len(runs)
+
+    wait_for(freeze_the_ready, "the runs' first checkpoints")
+    return [frozen[run] for run in runs]
+
+
+def pending(process: psutil.Process, sig: signal.Signals) -> bool:
+    """Whether ``sig`` waits for a stopped process (Linux's /proc status masks)."""
+    status = Path(f"/proc/{process.pid}/status").read_text().splitlines()
+    masks = [int(line.split()[1], 16) for line in status if line[:6] in ("SigPnd", "ShdPnd")]
+    return any(mask & (1 << (sig - 1)) for mask in masks)
+
+
+@pytest.mark.slow
+def test_two_nodes_give_the_local_backends_runs(
+    reference: Path, procedural_dir: Path, tmp_path: Path
+):
+    with cluster({"num_cpus": 1}, {"num_cpus": 1}) as two:
+        out = tmp_path / "exp"
+        command = args(spec(tmp_path), procedural_dir, out, "--backend", "ray")
+        assert main([*command, "--address", two.address]) == 0
+        workers = {node.node_id for node in two.worker_nodes}
+    assert_same_runs(out, reference)
+    nodes = {p["node"] for run in run_dirs(out) for p in placements(run.with_suffix(".log"))}
+    assert nodes == workers  # a run per one-core node, side by side
+    assert (out / "results.md").is_file()
+    assert not list(out.glob(".storage-probe*"))  # the check leaves nothing behind
+
+
+def node_processes(node) -> list[psutil.Process]:
+    """A node's raylet and everything under it: its workers and the runs they started."""
+    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+    return [raylet, *raylet.children(recursive=True)]
+
+
+@pytest.mark.slow
+def test_a_killed_nodes_run_resumes_on_the_other_node(
+    reference: Path, procedural_dir: Path, tmp_path: Path
+):
+    out = tmp_path / "exp"
+    killed: dict[str, str] = {}
+
+    def kill_a_node_mid_run(nodes) -> None:
+        """Once a run has a checkpoint, SIGKILL every process of the node it runs on."""
+        wait_for(lambda: any((run / CHECKPOINT).is_file() for run in run_dirs(out)), "a run")
+        run = next(run for run in run_dirs(out) if (run / CHECKPOINT).is_file())
+        freeze_after_first_epoch(run)  # so the node dies mid-run
+        node_id = placements(run.with_suffix(".log"))[-1]["node"]
+        node = next(node for node in nodes if node.node_id == node_id)
+        for process in node_processes(node):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.send_signal(signal.SIGKILL)
+        killed.update(run=str(run), node=node_id)
+
+    with cluster({"num_cpus": 1}, {"num_cpus": 1}) as two:
+        killer = threading.Thread(target=kill_a_node_mid_run, args=(list(two.worker_nodes),))
+        killer.start()
+        command = args(spec(tmp_path), procedural_dir, out, "--backend", "ray")
+        status = main([*command, "--address", two.address])
+        killer.join()
+    assert status == 0
+    run = Path(killed["run"])
+    first, *retries = placements(run.with_suffix(".log"))
+    assert first["node"] == killed["node"] and retries
+    assert retries[-1]["node"] != killed["node"]
+    assert retries[-1]["command"] == ["--resume", str(run)]  # from the checkpoint it left
+    assert_same_runs(out, reference)
+
+
+@pytest.mark.slow
+def test_sigint_stops_every_run_and_a_rerun_continues_on_distinct_gpus(
+    reference: Path, procedural_dir: Path, tmp_path: Path
+):
+    """Two runs asking for one GPU each on a node with two (fake ones: Ray hands out their
+    ids all the same) run side by side, each seeing its own device; SIGINT to the driver
+    stops both with their own exit 130 and interrupted.json, and the same command again
+    finishes them with the uninterrupted runs' metrics."""
+    out = tmp_path / "exp"
+    with cluster({"num_cpus": 2, "num_gpus": 2}) as one:
+        command = [*args(spec(tmp_path, num_gpus=1), procedural_dir, out, "--backend", "ray")]
+        command += ["--address", one.address]
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        with open(tmp_path / "driver.log", "w") as log:
+            driver = subprocess.Popen(
+                [sys.executable, "-m", "core.experiment", *command],
+                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        try:
+            frozen = freeze_after_first_epoch(*run_dirs(out))
+            driver.send_signal(signal.SIGINT)
+            wait_for(lambda: all(pending(run, signal.SIGINT) for run in frozen), "SIGINT")
+            for process in frozen:
+                process.resume()
+            assert driver.wait(timeout=DEADLINE) == 130, (tmp_path / "driver.log").read_text()
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+        for run in run_dirs(out):
+            stopped = json.loads((run / INTERRUPTED).read_text())
+            assert stopped["signal"] == "SIGINT"
+            assert not (run / SUMMARY).exists()
+        devices = [placements(run.with_suffix(".log"))[0] for run in run_dirs(out)]
+        assert len({placement["node"] for placement in devices}) == 1
+        assert sorted(placement["devices"] for placement in devices) == ["0", "1"]
+        assert main(command) == 0
+    assert_same_runs(out, reference)
+    for run in run_dirs(out):
+        assert placements(run.with_suffix(".log"))[-1]["command"] == ["--resume", str(run)]
+
+
+@pytest.mark.slow
+def test_a_run_asking_for_two_gpus_starts_a_process_on_each(procedural_dir: Path, tmp_path: Path):
+    """``accelerate launch`` inside the run's allocation: two processes (on the CPU over
+    gloo here, as on a machine without GPUs), seeing the run's two devices."""
+    out = tmp_path / "exp"
+    with cluster({"num_cpus": 2, "num_gpus": 2}) as one:
+        command = args(spec(tmp_path, num_gpus=2), procedural_dir, out, "--seeds", "0")
+        command += ["--epochs", "1", "--backend", "ray", "--address", one.address]
+        assert main(command) == 0
+    log = out / "baseline" / "seed0.log"
+    [placement] = placements(log)
+    assert placement["devices"] == "0,1"
+    assert "2 process(es) on cpu" in log.read_text()
+    assert len(read_metrics(out / "baseline" / "seed0")) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="a node with a file system of its own needs root and unshare (mount namespaces)",
+)
+def test_a_folder_one_node_cannot_see_is_refused(procedural_dir: Path, tmp_path: Path, capsys):
+    """A node whose raylet lives in a mount namespace of its own, with an empty file system
+    over the experiment's folder, like a machine whose local disk holds that path."""
+    with cluster() as head:
+        own_disk = (
+            f"mount -t tmpfs tmpfs {tmp_path} && exec {shutil.which('ray')} start --block "
+            f"--address {head.address} --num-cpus 1 --object-store-memory {STORE}"
+        )
+        node = subprocess.Popen(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c", own_disk],
+            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            wait_for(lambda: len(ray_nodes(head.address)) == 2, "the second node")
+            out = tmp_path / "exp"
+            command = args(spec(tmp_path), procedural_dir, out, "--backend", "ray")
+            assert main([*command, "--address", head.address]) == 2
+        finally:
+            os.killpg(node.pid, signal.SIGKILL)
+            node.wait()
+    err = capsys.readouterr().err
+    assert f"--out {out}: node(s)" in err and "storage every node shares" in err
+    assert not list(out.rglob("metrics.jsonl"))
+
+
+def ray_nodes(address: str) -> list[dict]:
+    """The cluster's live nodes, from a connection closed again for the driver's own."""
+    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    try:
+        return [node for node in ray.nodes() if node["Alive"]]
+    finally:
+        ray.shutdown()
+
+
+def test_without_ray_the_backend_exits_2_with_the_install_command(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys
+):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what an environment without Ray imports
+    command = ["--arms", "baseline", "--epochs", "1", "--out", str(tmp_path / "exp")]
+    assert main([*command, "--backend", "ray"]) == 2
+    assert 'pip install "terraplug[ray]" -c constraints.txt' in capsys.readouterr().err
+    assert not (tmp_path / "exp").exists()
