@@ -11,6 +11,7 @@ import math
 import re
 import statistics
 import sys
+import tomllib
 from pathlib import Path
 
 import attrs
@@ -209,6 +210,10 @@ def test_restart_skips_finished_runs_and_resumes_the_rest(
             assert path.stat().st_mtime_ns == mtime, f"{path} was touched again"
     assert json.loads((runs[-1] / "summary.json").read_text())["epochs"] == 2
     assert read_metrics(runs[-1]) == metrics
+    # the resume left its note in the run's config.toml, a history and no setting: the
+    # folder is still this experiment's
+    assert tomllib.loads((runs[-1] / "config.toml").read_text())["resumed"]
+    assert main(experiment_args(procedural_dir, experiment, "--report-only")) == 0
 
 
 @pytest.mark.slow
