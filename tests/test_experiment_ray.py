@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -28,6 +29,8 @@ from core.run_folder import CHECKPOINT, INTERRUPTED, SUMMARY
 from tests.conftest import read_metrics
 from tests.test_experiment import tiny_run_args
 from tests.test_run import REPO, without_timing
+from tests.test_tuned_arms import TRIALS
+from tests.test_tuned_arms import command as tuned_arm_command
 
 SEEDS = (0, 1)
 EPOCHS = 4
@@ -235,9 +238,36 @@ def test_a_run_asking_for_two_gpus_starts_a_process_on_each(procedural_dir: Path
 
 
 @pytest.mark.slow
+def test_a_tuned_arms_search_runs_its_trials_on_the_cluster(
+    procedural_dir: Path, tmp_path: Path, capsys
+):
+    out = tmp_path / "exp"
+    with cluster({"num_cpus": 1}, {"num_cpus": 1}) as two:
+        tuned = tuned_arm_command(procedural_dir, out)
+        assert main([*tuned, "--backend", "ray", "--address", two.address]) == 0
+    search = json.loads((out / "tuned" / "tuning" / "search.json").read_text())
+    assert len(search["trials"]) == TRIALS and search["chosen"]
+    assert f"search tuned: trial {TRIALS - 1} val_rmse_m" in capsys.readouterr().out
+    for trial in range(TRIALS):
+        assert placements(out / "tuned" / "tuning" / f"trial{trial}" / "seed1000.log")
+    assert placements(out / "tuned" / "seed0.log")
+
+
+def can_mount_privately() -> bool:
+    """Whether this process may mount a file system in a mount namespace of its own (root
+    with unshare, and a container that allows mounts)."""
+    if shutil.which("unshare") is None:
+        return False
+    with tempfile.TemporaryDirectory() as folder:
+        command = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                   f"mount -t tmpfs tmpfs {folder}"]  # fmt: skip
+        return subprocess.run(command, capture_output=True, check=False).returncode == 0
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("unshare") is None,
-    reason="a node with a file system of its own needs root and unshare (mount namespaces)",
+    not can_mount_privately(),
+    reason="a node with a file system of its own needs a mount namespace (root and unshare)",
 )
 def test_a_folder_one_node_cannot_see_is_refused(procedural_dir: Path, tmp_path: Path, capsys):
     """A node whose raylet lives in a mount namespace of its own, with an empty file system

@@ -114,6 +114,7 @@ def run_on_node(command: list[str], run_dir: str, log: str, stop: str, threads: 
             process.send_signal(signal.SIGINT)
             stopped = True
         time.sleep(POLL_SECONDS)
+    Path(stop).unlink(missing_ok=True)
     return process.returncode
 
 

@@ -173,6 +173,12 @@ def run_search(
             else:
                 study.tell(trial, record["value"])
             trials.append(record)
+            value = "failed" if record["value"] is None else f"{record['value']:.4g}"
+            print(
+                f"search {arm.name}: trial {trial.number} {metric} {value} "
+                f"({len(trials)} of {search.trials} trials)",
+                flush=True,
+            )
         write_search(out, arm, metric, higher, trials)
     return failed
 
