@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -180,6 +181,8 @@ def run_search(
                 flush=True,
             )
         write_search(out, arm, metric, higher, trials)
+    if all(trial["value"] is None for trial in trials):
+        print(f"search {arm.name}: no trial finished, so the arm cannot run", file=sys.stderr)
     return failed
 
 
