@@ -311,3 +311,20 @@ def test_without_ray_the_backend_exits_2_with_the_install_command(
     assert main([*command, "--backend", "ray"]) == 2
     assert 'pip install "terraplug[ray]" -c constraints.txt' in capsys.readouterr().err
     assert not (tmp_path / "exp").exists()
+
+
+def test_the_local_backend_needs_neither_ray_nor_optuna(
+    monkeypatch: pytest.MonkeyPatch, procedural_dir: Path, tmp_path: Path, capsys
+):
+    """Without either installed the local backend plans as before, and a tuned arm's search
+    stops with the install command before any run."""
+    for name in ("ray", "optuna"):
+        monkeypatch.setitem(sys.modules, name, None)
+    out = tmp_path / "exp"
+    plain = args(spec(tmp_path), procedural_dir, out)
+    assert main([*plain, "--check"]) == 0
+    assert "0 of 2 runs already finished, 2 to run, 1 at a time" in capsys.readouterr().out
+    assert main(tuned_arm_command(procedural_dir, out)) == 2
+    err = capsys.readouterr().err
+    assert "arm 'tuned' declares a search, which needs Optuna: pip install" in err
+    assert not list(out.rglob("metrics.jsonl"))
