@@ -118,6 +118,19 @@ def training_forward(model: nn.Module, batch: Batch, ctx: RunContext) -> torch.T
     """
 
 
+@hookspec(firstresult=True)
+def probe_losses(model: nn.Module, batch: Batch, ctx: RunContext) -> torch.Tensor | None:
+    """Score the probe set's windows when ``training_forward`` trains a surrogate.
+
+    Exclusive. Returns ``[B]`` positive losses of the model's quality, each window's on its
+    own scale, which the probe's geometric mean and its model spikes read. The trainer calls
+    it in eval mode, without gradients, with the generators seeded and restored. Default:
+    the training forward's losses at the ``[loss]`` base weights. A plugin whose training
+    objective is no level of the model's error (``reinforce``'s policy-gradient surrogate
+    is negative as often as not) provides one.
+    """
+
+
 @hookspec
 def loss_weights(weights: torch.Tensor, batch: Batch, ctx: RunContext) -> torch.Tensor | None:
     """Weight each sample's loss components.

@@ -748,9 +748,8 @@ class Trainer:
 
     @torch.no_grad()
     def record_probe(self, probes: list[list[Any]]) -> None:
-        """Append ``[step, probe loss, a model spike?]``: the probe set's loss with the
-        ``[loss]`` base weights, through the loss the run trains with (a plugin's
-        ``training_forward``, else the task's), before any plugin reweights it."""
+        """Append ``[step, probe loss, a model spike?]``: the probe set's loss
+        (:meth:`probe_window_losses`), before any plugin reweights it."""
         ctx, model = self.ctx, self.accelerator.unwrap_model(self.model)
         window_losses: list[float] = []
         with aside(model, ctx, self.config.data.split_seed):
@@ -758,17 +757,24 @@ class Trainer:
                 batch = dict(probe_batch)
                 ctx.plugins.call("route_batch", model=model, batch=batch, ctx=ctx)
                 with self.accelerator.autocast():
-                    losses = ctx.plugins.exclusive(
-                        "training_forward", model=model, batch=batch, ctx=ctx
-                    )
-                    if losses is None:
-                        losses = ctx.task.forward_losses(model, batch)
-                window_losses += (losses.float() @ self.base_weights).tolist()
+                    window_losses += self.probe_window_losses(model, batch).float().tolist()
         value = probe_loss(window_losses)
         jump = probe_jumps([self.probe_last, value])[1]
         spike = jump is not None and jump > self.config.train.model_spike_jump
         probes.append([ctx.global_step, value, spike])
         self.probe_last = value
+
+    def probe_window_losses(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """``[B]``: a plugin's ``probe_losses``, else the training forward's losses (a
+        plugin's ``training_forward`` or the task's) at the ``[loss]`` base weights."""
+        ctx = self.ctx
+        losses = ctx.plugins.exclusive("probe_losses", model=model, batch=batch, ctx=ctx)
+        if losses is not None:
+            return losses
+        losses = ctx.plugins.exclusive("training_forward", model=model, batch=batch, ctx=ctx)
+        if losses is None:
+            losses = ctx.task.forward_losses(model, batch)
+        return losses.float() @ self.base_weights
 
     def validate(self) -> dict[str, Any]:
         model = self.accelerator.unwrap_model(self.model)

@@ -146,6 +146,29 @@ def test_hook_training_forward(train_run):
     assert rows[-1]["train_loss_edge"] == pytest.approx(2.0)
 
 
+def test_hook_probe_losses(train_run):
+    """The probe set is scored by the plugin's losses, in eval mode and without gradients,
+    while training still goes through the task's forward."""
+
+    class WindowIndexLoss:
+        modes: list = []
+
+        @hookimpl
+        def probe_losses(self, model, batch, ctx):
+            self.modes.append((model.training, torch.is_grad_enabled()))
+            return batch["idx"].float() + 1.0
+
+    probe = WindowIndexLoss()
+    plain = train_run(out="plain", overrides=("train.probe_every=2",))
+    rows = train_run(probe, out="probed", overrides=("train.probe_every=2",))
+    assert set(probe.modes) == {(False, False)}
+    # the probe set's windows are fixed, so their positions give the same value every time
+    first = rows[0]["probe_loss"][0]
+    assert all(value == first for row in rows for value in row["probe_loss"])
+    assert first != plain[0]["probe_loss"][0]
+    assert [row["train_loss"] for row in rows] == [row["train_loss"] for row in plain]
+
+
 def test_hook_loss_weights(train_run):
     class ElevationOnly:
         @hookimpl

@@ -228,6 +228,26 @@ def test_plain_generation_loss_has_no_gradient_and_plugins_avoid_it(tmp_path: Pa
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
 
 
+def test_reinforce_probes_the_decoded_error_its_reward_is_made_of(tmp_path: Path) -> None:
+    """The surrogate the policy gradient trains is no level of the model's error (negative
+    as often as not), so the probe set reads the decoded error: positive, and minus the
+    reward the training forward draws from the same generators."""
+    trainer, _ = make_trainer(tmp_path / "reinforce", "reinforce", "data.tile_size=32")
+    trainer.setup()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    batch = default_collate([trainer.ctx.train_dataset[i] for i in range(2)])
+    plugin = PluginManager.from_names(["reinforce"]).active[0].obj
+    with torch.no_grad():
+        torch.manual_seed(3)
+        errors = plugin.probe_losses(model=model, batch=batch, ctx=trainer.ctx)
+        torch.manual_seed(3)
+        plugin.training_forward(model=model, batch=batch, ctx=trainer.ctx)
+    assert errors.shape == (2,) and bool((errors > 0).all())
+    [reward] = trainer.ctx.logged_values()["reinforce_reward_mean"]
+    # the same float32 errors averaged in another order: a few ulps of ~1
+    assert reward == pytest.approx(-errors.mean().item(), rel=1e-6)
+
+
 @pytest.fixture(scope="module")
 def terramind() -> nn.Module:
     """TerraMind tiny with the default LoRA adapters (random weights)."""
@@ -586,7 +606,8 @@ def test_temperature_zero_is_greedy_whatever_the_seed(terramind: nn.Module) -> N
     torch.manual_seed(0)
     logits = terramind(torch.randn(1, 2, 64, 64), output="logits")
     vocabulary = logits.shape[-1]
-    drawn = [SceneNoise(seed, 16, 12, vocabulary).window(0, 0, 64)[0][None] for seed in (0, 1)]
+    drawn = [torch.from_numpy(SceneNoise(seed, 16, 12, vocabulary).row(0, 16)[0])[None]
+             for seed in (0, 1)]  # fmt: skip
     try:
         terramind.configure_generation(top_p=0.8, temperature=0.0, thresholding=False, clip=3.0)
         greedy = [terramind.sample_tokens(logits, gumbel) for gumbel in drawn]

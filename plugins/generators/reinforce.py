@@ -59,8 +59,11 @@ class Reinforce(Plugin):
     name = "reinforce"
     Config = ReinforceConfig
 
-    @hookimpl
-    def training_forward(self, model: nn.Module, batch: Batch, ctx: RunContext) -> torch.Tensor:
+    def sample(
+        self, model: nn.Module, batch: Batch, ctx: RunContext
+    ) -> tuple[Categorical, torch.Tensor, torch.Tensor]:
+        """The policy, the log-probability of each of ``samples`` token maps per input and
+        their decoded errors, both ``[k, B]``."""
         terramind = terramind_of(model, ctx, self.name)
         k = self.config.samples
         logits = model(batch["sar"], output="logits").float()  # [B, N, V]
@@ -78,14 +81,27 @@ class Reinforce(Plugin):
             )
             target = batch["optical"].repeat(k, 1, 1, 1)
             error = masked_mean((decoded - target).abs(), batch["mask"].repeat(k, 1, 1, 1))
-            reward = -error.reshape(k, -1)  # [k, B]
+        return policy, log_prob, error.reshape(k, -1)
+
+    @hookimpl
+    def probe_losses(self, model: nn.Module, batch: Batch, ctx: RunContext) -> torch.Tensor:
+        """The decoded error the reward is made of, per input over its samples: the
+        surrogate's level says nothing of the model (it is about as often negative)."""
+        return self.sample(model, batch, ctx)[2].mean(0)
+
+    @hookimpl
+    def training_forward(self, model: nn.Module, batch: Batch, ctx: RunContext) -> torch.Tensor:
+        k = self.config.samples
+        policy, log_prob, error = self.sample(model, batch, ctx)
+        with torch.no_grad():
+            reward = -error  # [k, B]
             baseline = (reward.sum(0, keepdim=True) - reward) / (k - 1)
         ctx.log("reinforce_reward_mean", reward.mean().item())
         ctx.log("reinforce_reward_var", reward.var().item())
         # scaled by the spread of each input's rewards, so the step size does not depend on
         # the reward's units and the entropy bonus keeps a fixed relative weight
         advantage = (reward - baseline) / (reward.std(0, keepdim=True) + 1e-8)
-        surrogate = -(advantage * log_prob).mean(0) / tokens.shape[-1]
+        surrogate = -(advantage * log_prob).mean(0) / policy.batch_shape[-1]  # per position
         entropy = policy.entropy().mean(-1)  # [B], per position
         ctx.log("reinforce_entropy", entropy.mean().item())
         return (surrogate - self.config.entropy_weight * entropy).unsqueeze(1)
