@@ -31,8 +31,10 @@ TINY = ("model.n_resgroups=1", "model.n_resblocks=1", "model.n_feats=8", "data.b
 STORE = 80 * 2**20
 
 
-def experiment(data: Path, out: Path, seeds: str, epochs: int, threads: int) -> list[str]:
-    args = ["--arms", "baseline;stratified", "--seeds", seeds, "--epochs", str(epochs)]
+def experiment(
+    data: Path, out: Path, arms: str, seeds: str, epochs: int, threads: int
+) -> list[str]:
+    args = ["--arms", arms, "--seeds", seeds, "--epochs", str(epochs)]
     args += ["--data", str(data), "--out", str(out), "--threads", str(threads)]
     for assignment in (*TINY, "train.progress='never'"):
         args += ["--set", assignment]
@@ -59,7 +61,7 @@ def main_() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     add_common_arguments(parser)
     args = parser.parse_args()
-    seeds, epochs = ("0", 1) if args.quick else ("0,1", 2)
+    arms, seeds, epochs = ("baseline", "0", 1) if args.quick else ("baseline;stratified", "0,1", 2)
     repeats = args.repeats or (1 if args.quick else 3)
     clock = start("core.experiment: the Ray backend against the local one", args.threads)
     with tempfile.TemporaryDirectory() as folder:
@@ -77,7 +79,8 @@ def main_() -> int:
             out = root / f"{name}{len(latency[name])}"
             began = time.time()
             with contextlib.redirect_stdout(io.StringIO()):  # the progress lines
-                status = main(experiment(data, out, seeds, epochs, args.threads) + list(backend))
+                command = experiment(data, out, arms, seeds, epochs, args.threads)
+                status = main([*command, *backend])
             wall = time.time() - began
             assert status == 0, f"{name}: exit {status}"
             first_wave = started(out, began)[:2]
@@ -98,8 +101,8 @@ def main_() -> int:
             ray.shutdown()
             cluster.shutdown()
         same = metrics(outs["local"]) == metrics(outs["ray"])
-    runs = len(seeds.split(",")) * 2
-    print(f"# {runs} runs of {epochs} epoch(s), two side by side; {repeats} repeats")
+    runs = len(seeds.split(",")) * len(arms.split(";"))
+    print(f"# {runs} run(s) of {epochs} epoch(s), two side by side; {repeats} repeats")
     for name in ("local", "ray"):
         print(f"# {name}: wall {spread(walls[name], ' s')}")
         print(f"# {name}: first wave's start latency {spread(latency[name][-repeats:], ' s')}")

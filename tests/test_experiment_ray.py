@@ -147,6 +147,17 @@ def node_processes(node) -> list[psutil.Process]:
 
 
 @pytest.mark.slow
+def test_without_an_address_ray_starts_on_this_machine(
+    reference: Path, procedural_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # else ray.init joins that cluster
+    out = tmp_path / "exp"
+    assert main(args(spec(tmp_path), procedural_dir, out, "--backend", "ray")) == 0
+    assert not ray.is_initialized()  # and leaves again
+    assert_same_runs(out, reference)
+
+
+@pytest.mark.slow
 def test_a_killed_nodes_run_resumes_on_the_other_node(
     reference: Path, procedural_dir: Path, tmp_path: Path
 ):
