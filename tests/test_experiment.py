@@ -33,6 +33,8 @@ from core.experiment.plots import (
     plot_domain_metrics_by_arm,
     plot_loss_curves_by_arm,
     plot_step_losses_by_arm,
+    questions_figure,
+    region_gains_figure,
     step_loss_figure,
 )
 from core.experiment.report import primary_column
@@ -129,8 +131,9 @@ def region_gains(run_dir: Path) -> list[float]:
 def test_report_matches_the_runs(experiment: Path):
     for name in ("results.md", "results.csv", "loss_curves_by_arm.png", "terrain_rmse_by_arm.png"):
         assert (experiment / name).stat().st_size > 0, name
-    for name in ("step_losses_by_arm.png", "probe_losses_by_arm.png"):
-        assert (experiment / name).stat().st_size > 0
+    for name in ("step_losses_by_arm.png", "probe_losses_by_arm.png", "questions.png"):
+        assert (experiment / name).stat().st_size > 0, name
+    assert (experiment / "region_gains_by_arm.png").stat().st_size > 0
     for slug in SLUGS:  # the per-step losses the plot marks are the ones the trainer counted
         for seed in SEEDS:
             metrics = read_metrics(experiment / slug / f"seed{seed}")
@@ -550,6 +553,42 @@ def test_the_controls_verdict_follows_the_tests():
     # a harmful arm significantly *better* is no evidence of power either
     experiment, summary = controlled(sham_shift=0.0, harmful_shift=-4.0)
     assert "no power" in " ".join(control_verdict(experiment, summary, primary))
+
+
+def test_the_questions_plot_shows_each_seeds_pair_and_what_survives():
+    """stratified is 0.5 m better than the baseline on every seed (a question that survives
+    the correction): its seven paired differences are drawn, in % of the baseline's mean,
+    around a filled marker at their mean; the controls ask no question and get no row."""
+    experiment, summary = controlled(sham_shift=0.0, harmful_shift=4.0)
+    figure = questions_figure(summary, "baseline", experiment.alpha, {"stratified": "C1"})
+    [ax] = figure.axes
+    assert [tick.get_text() for tick in ax.get_yticklabels()] == [
+        "stratified: val RMSE (m) (lower is better)"
+    ]
+    dots, mean = ax.collections
+    base_mean = summary.stats["baseline"]["mean"]["val_rmse_m"]
+    arm, base = (summary.per_seed[name] for name in ("stratified", "baseline"))
+    expected = [(arm[s]["val_rmse_m"] - base[s]["val_rmse_m"]) * 100 / base_mean for s in range(7)]
+    # the same float64 differences scaled once: a few ulps
+    assert list(dots.get_offsets()[:, 0]) == pytest.approx(expected, rel=1e-12)
+    assert mean.get_offsets()[0, 0] == pytest.approx(statistics.fmean(expected), rel=1e-12)
+    assert tuple(mean.get_facecolor()[0]) != (1.0, 1.0, 1.0, 1.0)  # filled: it survives
+
+
+def test_the_region_gains_plot_draws_each_regions_mean_over_seeds():
+    """Per region, each arm's marker is its mean gain over the seeds, with their std."""
+    gains = {
+        "baseline": {0: {"alps": -9.0, "sierra": 20.0}, 1: {"alps": -11.0, "sierra": 22.0}},
+        "global_scale": {0: {"alps": 4.0, "sierra": 18.0}, 1: {"alps": 6.0, "sierra": 16.0}},
+    }
+    figure = region_gains_figure(gains, {}, "bicubic", "val RMSE (m)")
+    [ax] = figure.axes
+    assert [tick.get_text() for tick in ax.get_xticklabels()] == ["alps", "sierra"]
+    markers = [list(bars.lines[0].get_ydata()) for bars in ax.containers]
+    assert markers == [[-10.0, 21.0], [5.0, 17.0]]  # means of two exact binary fractions
+    spans = [top - bottom for bars in ax.containers for (_, bottom), (_, top) in
+             bars.lines[2][0].get_segments()]  # fmt: skip
+    assert spans == pytest.approx([2 * math.sqrt(2)] * 4, rel=1e-12)  # ± sqrt(2), 2 seeds 2 apart
 
 
 def test_the_correction_marks_what_survives():

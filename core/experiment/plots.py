@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from core.experiment.summary import probe_series
+from core.experiment.summary import STAT_ROWS, Summary, probe_series
 from core.plots import domain_order, log_if_positive, run_step_losses, save
 from core.spikes import batch_loss_outliers
 from core.tasks import ReportMetric
@@ -266,3 +266,130 @@ def plot_step_losses_by_arm(runs: ArmRuns, path: str | PathLike[str]) -> None:
 def plot_probe_losses_by_arm(runs: ArmRuns, path: str | PathLike[str]) -> None:
     """Each seed's probe-set loss over the optimizer steps, its model spikes marked."""
     save(marked_series_figure(runs, probe_marked, "probe loss", "model spikes"), path)
+
+
+def questions_figure(
+    summary: Summary, baseline: str, alpha: float, colours: Mapping[str, Any]
+) -> Figure:
+    """Each question's primary endpoint against the baseline, in % of the baseline's mean:
+    one dot per seed (the paired difference with the same seed), the mean difference with
+    its 95 % interval over seeds (thick) and over seeds and tiles (thin), a filled marker
+    where it survives the family's correction. The endpoints differ in units, hence %."""
+    columns = {c.name: c for table in summary.tables for c in table.columns}
+    rows = []
+    for arm, name in summary.questions.items():
+        stats = {row: summary.stats[arm][row].get(name) for row in STAT_ROWS}
+        base_mean = summary.stats.get(baseline, {}).get("mean", {}).get(name)
+        if stats["paired_diff_mean"] is None or not base_mean:
+            continue  # a censored endpoint, or no baseline: no paired difference to draw
+        scale = 100 / abs(base_mean)
+        base = summary.per_seed[baseline]
+        dots = [
+            (value - base[seed][name]) * scale
+            for seed, run in summary.per_seed[arm].items()
+            if (value := run.get(name)) is not None
+            and seed in base
+            and base[seed].get(name) is not None
+        ]
+        rows.append((arm, columns[name], stats, scale, dots))
+    fig = Figure(figsize=(9, 1.4 + 0.55 * max(1, len(rows))), layout="constrained")
+    ax = fig.subplots()
+    rng = np.random.default_rng(0)  # the dots' vertical jitter only
+    for y, (arm, _, stats, scale, dots) in enumerate(rows):
+        colour = colours.get(arm, "C0")
+        ax.scatter(dots, y + rng.uniform(-0.18, 0.18, len(dots)), s=10, color=colour, alpha=0.5)
+        for low, high, width in (("boot_low", "boot_high", 1.0), ("ci_low", "ci_high", 4.0)):
+            if stats[low] is not None and stats[high] is not None:
+                ax.plot([stats[low] * scale, stats[high] * scale], [y, y], color=colour, lw=width)
+        survives = stats["adjusted_p"] is not None and stats["adjusted_p"] < alpha
+        ax.scatter(
+            [stats["paired_diff_mean"] * scale],
+            [y],
+            marker="D",
+            s=50,
+            zorder=3,
+            edgecolor="k",
+            color=colour if survives else "white",
+        )
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(
+        range(len(rows)),
+        [
+            f"{arm}: {column.label} ({'higher' if column.higher_is_better else 'lower'} is better)"
+            for arm, column, *_ in rows
+        ],
+        fontsize=8,
+    )
+    ax.invert_yaxis()
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_xlabel(f"paired change vs {baseline} with the same seed, % of {baseline}'s mean")
+    ax.set_title(
+        "primary endpoints: dots = seeds, thick = 95 % CI over seeds, thin = over seeds and "
+        f"tiles; ◆ filled = survives the correction (α = {alpha})",
+        fontsize=9,
+    )
+    return fig
+
+
+def plot_questions(
+    summary: Summary,
+    baseline: str,
+    alpha: float,
+    colours: Mapping[str, Any],
+    path: str | PathLike[str],
+) -> None:
+    """:func:`questions_figure` written to ``path``."""
+    save(questions_figure(summary, baseline, alpha, colours), path)
+
+
+def region_gains_figure(
+    gains: Mapping[str, Mapping[int, Mapping[str, float]]],
+    colours: Mapping[str, Any],
+    reference_name: str,
+    label: str,
+) -> Figure:
+    """Per validation region (a held-out landscape), each arm's gain over the reference in
+    ``label`` (%), mean ± std over seeds: the spread across regions is §7.2's cross-terrain
+    generalisation, and an arm that makes it consistent brings its markers level."""
+    regions = sorted(
+        {region for seeds in gains.values() for run in seeds.values() for region in run}
+    )
+    arms = [arm for arm, seeds in gains.items() if seeds]
+    fig = Figure(figsize=(max(8, 0.8 * len(regions) + 3), 5), layout="constrained")
+    ax = fig.subplots()
+    x = np.arange(len(regions))
+    width = 0.8 / max(1, len(arms))
+    for i, arm in enumerate(arms):
+        table = np.array(
+            [[run.get(region, math.nan) for region in regions] for run in gains[arm].values()]
+        )
+        mean = np.nanmean(table, axis=0)
+        std = np.nanstd(table, axis=0, ddof=1) if len(table) > 1 else np.zeros_like(mean)
+        offset = (i - (len(arms) - 1) / 2) * width
+        colour = colours.get(arm, f"C{i}")
+        legend = f"{arm} ({len(table)})"
+        ax.errorbar(
+            x + offset, mean, std, fmt="o", ms=4, capsize=2, lw=0.8, color=colour, label=legend
+        )
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set_xticks(x, regions, rotation=30, ha="right", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_ylabel(f"gain over {reference_name} in {label} (%)")
+    ax.set_title(
+        f"each validation region's gain over {reference_name}, mean ± std over seeds "
+        "(above 0: better than the reference)",
+        fontsize=9,
+    )
+    fig.legend(loc="outside right upper", fontsize=7, title="arm (seeds)", title_fontsize=7)
+    return fig
+
+
+def plot_region_gains(
+    gains: Mapping[str, Mapping[int, Mapping[str, float]]],
+    colours: Mapping[str, Any],
+    reference_name: str,
+    label: str,
+    path: str | PathLike[str],
+) -> None:
+    """:func:`region_gains_figure` written to ``path``."""
+    save(region_gains_figure(gains, colours, reference_name, label), path)

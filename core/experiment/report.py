@@ -16,8 +16,11 @@ from core.experiment.summary import (
     STAT_ROWS,
     Column,
     Summary,
+    curve_metric,
+    has_region_gains,
     per_1000_steps,
     probe_series,
+    region_gains,
     summarise,
 )
 from core.experiment.tune import tuning_section
@@ -25,6 +28,10 @@ from core.run_folder import CONFIG
 from core.spikes import probe_rise
 from core.tasks import ReportMetric, get_task
 
+QUESTIONS_PNG = "questions.png"
+"""Each question's primary endpoint: the seeds' paired differences and both intervals."""
+REGION_GAINS_PNG = "region_gains_by_arm.png"
+"""Each validation region's gain over the reference, per arm: the cross-terrain row."""
 CORRECTED = {"holm": "Holm", "bh": "Benjamini-Hochberg", "none": "no"}
 TEST_NAMES = {
     "signflip": "exact paired sign-flip test",
@@ -372,9 +379,12 @@ def injected_steps(experiment: Experiment, out: Path) -> tuple[tuple[int, ...], 
 def write_report(experiment: Experiment, out: Path, report_dir: Path) -> Summary:
     """Tables, CSV and plots from the complete runs under ``out``."""
     from core.experiment.plots import (
+        arm_colours,
         plot_domain_metrics_by_arm,
         plot_loss_curves_by_arm,
         plot_probe_losses_by_arm,
+        plot_questions,
+        plot_region_gains,
         plot_step_losses_by_arm,
     )
 
@@ -394,6 +404,18 @@ def write_report(experiment: Experiment, out: Path, report_dir: Path) -> Summary
     plot_loss_curves_by_arm(runs, report_dir / "loss_curves_by_arm.png", baseline=baseline)
     plot_step_losses_by_arm(runs, report_dir / "step_losses_by_arm.png")
     plot_probe_losses_by_arm(runs, report_dir / "probe_losses_by_arm.png")
+    colours = dict(zip(runs, arm_colours(len(runs) + 1), strict=False))
+    if summary.questions and baseline in summary.per_seed:
+        plot_questions(summary, baseline, experiment.alpha, colours, report_dir / QUESTIONS_PNG)
+    curve = curve_metric(task.report_metrics)
+    if tiles and has_region_gains(curve):
+        gains = {
+            arm: {seed: region_gains(columns, curve) for seed, columns in seeds.items()}
+            for arm, seeds in tiles.items()
+        }
+        plot_region_gains(
+            gains, colours, task.reference_name, curve.label, report_dir / REGION_GAINS_PNG
+        )
     if any(metric.by_domain for metric in task.report_metrics):
         plot_domain_metrics_by_arm(
             runs,
