@@ -220,6 +220,33 @@ def test_restart_skips_finished_runs_and_resumes_the_rest(
 
 
 @pytest.mark.slow
+def test_an_archive_holds_what_the_report_is_made_of(
+    experiment: Path, procedural_dir: Path, tmp_path: Path, capsys
+):
+    """--archive copies each finished run's records, its metrics gzipped and no checkpoint;
+    the report written from the archive alone is the report of the runs."""
+    archive = tmp_path / "archive"
+    args = experiment_args(procedural_dir, experiment, "--report-only")
+    assert main([*args, "--report-dir", str(tmp_path / "first"), "--archive", str(archive)]) == 0
+    assert f"archive: 4 runs in {archive}" in capsys.readouterr().out
+    for slug in SLUGS:
+        for seed in SEEDS:
+            kept = archive / slug / f"seed{seed}"
+            assert sorted(p.name for p in kept.iterdir()) == [
+                "config.toml", "metrics.jsonl.gz", "summary.json", "val_tiles.csv.gz"
+            ]  # fmt: skip
+            original = (experiment / slug / f"seed{seed}" / "metrics.jsonl").read_bytes()
+            assert gzip.decompress((kept / "metrics.jsonl.gz").read_bytes()) == original
+    again = experiment_args(procedural_dir, archive, "--report-only")
+    assert main([*again, "--report-dir", str(tmp_path / "again")]) == 0
+    for name in ("results.csv", "results.md"):
+        assert (tmp_path / "again" / name).read_text() == (tmp_path / "first" / name).read_text()
+    # the experiment folder is no archive of itself
+    assert main([*args, "--report-dir", str(tmp_path / "x"), "--archive", str(experiment)]) == 2
+    assert "is the experiment folder itself" in capsys.readouterr().err
+
+
+@pytest.mark.slow
 def test_other_settings_in_an_existing_folder_are_refused(
     experiment: Path, procedural_dir: Path, capsys
 ):

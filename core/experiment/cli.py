@@ -11,7 +11,15 @@ from pathlib import Path
 from core.config import load_config
 from core.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, UsageError, report_error
 from core.experiment.report import write_report
-from core.experiment.schedule import Job, Runner, clock, collect, count_rows, plan_jobs
+from core.experiment.schedule import (
+    Job,
+    Runner,
+    archive_runs,
+    clock,
+    collect,
+    count_rows,
+    plan_jobs,
+)
 from core.experiment.spec import (
     BASELINE,
     DEFAULT_SEEDS,
@@ -69,6 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--report-only", action="store_true", help="write the report from finished runs only"
+    )
+    parser.add_argument(
+        "--archive",
+        type=Path,
+        metavar="DIR",
+        help="also copy every finished run's config.toml, summary.json, val_tiles.csv.gz and "
+        "gzipped metrics.jsonl to DIR, which --report-only --out DIR reads back",
     )
     parser.add_argument(
         "--check",
@@ -162,6 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         f"elapsed {clock(time.monotonic() - started)}",
         flush=True,
     )
+    if args.archive is not None:
+        try:
+            archived = archive_runs(experiment, args.out, args.archive)
+        except UsageError as error:
+            return report_error(error)
+        print(f"archive: {archived} runs in {args.archive}", flush=True)
     return status
 
 

@@ -6,6 +6,7 @@ left a checkpoint; a run folder written with other settings is refused.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -23,7 +24,8 @@ from core.errors import UsageError
 from core.experiment.spec import Arm, Experiment, run_overrides
 from core.plugins import PluginManager
 from core.resume import changed_keys
-from core.run_folder import CHECKPOINT, CONFIG, METRICS, SUMMARY
+from core.run_folder import CHECKPOINT, CONFIG, METRICS, SUMMARY, VAL_TILES_CSV
+from core.safe_io import atomic_write
 from core.val_tiles import read_val_tiles
 
 Runs = dict[str, dict[int, list[dict[str, Any]]]]
@@ -228,13 +230,22 @@ def count_rows(run_dir: Path) -> int:
     return len(read_rows(run_dir))
 
 
+ARCHIVED_METRICS = f"{METRICS}.gz"
+"""An archived run's ``metrics.jsonl``, gzipped (:func:`archive_runs`)."""
+
+
 def read_rows(run_dir: Path) -> list[dict[str, Any]]:
-    """The run's ``metrics.jsonl`` rows; a line still being written is left for later."""
-    path = run_dir / METRICS
-    if not path.is_file():
+    """The run's ``metrics.jsonl`` rows (or an archived run's, gzipped); a line still being
+    written is left for later."""
+    path, archived = run_dir / METRICS, run_dir / ARCHIVED_METRICS
+    if path.is_file():
+        text = path.read_text()
+    elif archived.is_file():
+        text = gzip.decompress(archived.read_bytes()).decode()
+    else:
         return []
     rows = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
@@ -251,6 +262,34 @@ def collect(experiment: Experiment, out: Path) -> Runs:
             if is_complete(run_dir):
                 runs.setdefault(arm.name, {})[seed] = read_rows(run_dir)
     return runs
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda handle: handle.write(data))
+
+
+def archive_runs(experiment: Experiment, out: Path, archive: Path) -> int:
+    """Copy what the report is made of, for every complete run under ``out``, to the same
+    layout under ``archive``: ``config.toml``, ``summary.json``, ``val_tiles.csv.gz`` and
+    ``metrics.jsonl`` gzipped (no checkpoint, no plots), a folder small enough to commit
+    that ``--report-only --out ARCHIVE`` reads back into the same report. Returns the runs
+    archived."""
+    if archive.resolve() == out.resolve():
+        raise UsageError(f"--archive {archive} is the experiment folder itself; name another")
+    count = 0
+    for arm in experiment.arms:
+        for seed in experiment.seeds:
+            run_dir, target = run_dir_of(out, arm, seed), run_dir_of(archive, arm, seed)
+            if not is_complete(run_dir):
+                continue
+            target.mkdir(parents=True, exist_ok=True)
+            for name in (CONFIG, SUMMARY, VAL_TILES_CSV):
+                if (run_dir / name).is_file():
+                    write_bytes(target / name, (run_dir / name).read_bytes())
+            metrics = (run_dir / METRICS).read_bytes()
+            write_bytes(target / ARCHIVED_METRICS, gzip.compress(metrics, mtime=0))  # reproducible
+            count += 1
+    return count
 
 
 def collect_tiles(experiment: Experiment, out: Path) -> dict[str, dict[int, Any]]:
