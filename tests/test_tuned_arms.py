@@ -150,3 +150,18 @@ def test_excluded_regions_neither_train_nor_validate(procedural_dir: Path):
     assert set(val.regions) == set(TUNING) and not set(train.regions) & set(REPORTED)
     with pytest.raises(DataError, match=r"data\.exclude_regions: no window lies in atlantis"):
         load_split(procedural_dir, DataSection(exclude_regions=["atlantis"]), 0)
+
+
+def test_a_folder_split_into_train_and_val_refuses_regions(tmp_path: Path, capsys):
+    """Such a folder would validate every trial on val/, the set the report scores."""
+    presplit = tmp_path / "tiles"
+    for part in ("train", "val"):
+        (presplit / part).mkdir(parents=True)
+    for data in (DataSection(val_regions=TUNING), DataSection(exclude_regions=REPORTED)):
+        with pytest.raises(DataError, match=r"split into train/ and val/ already"):
+            load_split(presplit, data, 0)
+    out = tmp_path / "exp"
+    assert main(["--config", str(spec(tmp_path)), "--data", str(presplit), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "arm 'tuned': " in err and "data.val_regions and data.exclude_regions" in err
+    assert not out.exists()

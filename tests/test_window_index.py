@@ -199,6 +199,18 @@ def test_named_regions_validate_whole_landscapes(tmp_path: Path) -> None:
         load_split(folder, DataSection(val_regions=["atlantis"]), seed=0)
 
 
+def test_excluded_regions_keep_a_window_from_training(tmp_path: Path) -> None:
+    """utm_b borders utm_a: left out (data.exclude_regions), no utm_a window next to it
+    trains either, as none would next to a validation region."""
+    folder = mixed_crs_folder(tmp_path)
+    excluded = load_split(folder, DataSection(val_regions=["utm_b"]), seed=0)[1].bounds()
+    data = DataSection(val_regions=["geographic"], exclude_regions=["utm_b"])
+    train, val = load_split(folder, data, seed=0)
+    assert "utm_a" in set(train.regions) and "utm_b" not in {*train.regions, *val.regions}
+    gap = np.full(2, 48 * CELL) - 1e-6  # one window between them, as around validation
+    assert touching_pairs(excluded, train.bounds()[train.crs() == UTM], gap) == 0
+
+
 def test_one_block_cannot_be_split_and_says_what_to_do(tmp_path: Path) -> None:
     utm_raster(tmp_path / "small.tif", (96, 96))
     with pytest.raises(DataError, match=r"left no validation window.*data\.val_block"):

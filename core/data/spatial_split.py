@@ -14,6 +14,7 @@ windows overlap at all.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -72,6 +73,24 @@ def spatial_split(
     )
 
 
+def split_folders(folder: Path, data: DataSection) -> tuple[Path, Path] | None:
+    """``folder``'s ``train/`` and ``val/`` when it holds both (split already), else None.
+
+    Such a folder splits by its subfolders alone, so ``data.val_regions`` and
+    ``data.exclude_regions`` could not apply: either is a ``DataError`` naming the folder,
+    never a run that validates on ``val/`` while the settings say otherwise."""
+    train, val = folder / "train", folder / "val"
+    if not (train.is_dir() and val.is_dir()):
+        return None
+    if keys := [key for key in ("val_regions", "exclude_regions") if getattr(data, key)]:
+        raise DataError(
+            f"{folder} is split into train/ and val/ already, which "
+            f"{' and '.join(f'data.{key}' for key in keys)} cannot change; give a folder "
+            "of rasters without those subfolders"
+        )
+    return train, val
+
+
 def split_windows(dataset: Any, data: DataSection, seed: int) -> SpatialSplit:
     """A windowed dataset's split as ``data`` asks: by ``data.val_regions`` when given (the
     dataset's ``regions`` or ``landscapes``), else by seeded blocks per domain (its
@@ -92,7 +111,7 @@ def split_windows(dataset: Any, data: DataSection, seed: int) -> SpatialSplit:
             block=data.val_block,
         )
     if data.exclude_regions:
-        split = without_regions(split, names, tuple(data.exclude_regions))
+        split = without_regions(split, bounds, crs, names, tuple(data.exclude_regions))
     if not len(split.val) or not len(split.train):
         missing = "validation" if not len(split.val) else "training"
         raise DataError(
@@ -127,18 +146,25 @@ def split_by_region(
 
 
 def without_regions(
-    split: SpatialSplit, names: np.ndarray, regions: tuple[str, ...]
+    split: SpatialSplit,
+    bounds: np.ndarray,
+    crs: np.ndarray,
+    names: np.ndarray,
+    regions: tuple[str, ...],
 ) -> SpatialSplit:
     """``split`` without the windows of ``regions`` (``data.exclude_regions``), which then
-    neither train nor validate; ``names`` as in :func:`split_by_region`."""
+    neither train nor validate, nor does any window within one window of them: a region
+    named inside one raster borders windows that would otherwise train. ``names`` as in
+    :func:`split_by_region`."""
     unknown = sorted(set(regions) - set(np.unique(names).tolist()))
     if unknown:
         raise DataError(f"data.exclude_regions: no window lies in {', '.join(unknown)}")
-    inside = np.flatnonzero(np.isin(names, list(regions)).any(axis=0))
+    inside = np.isin(names, list(regions)).any(axis=0)
+    dropped = np.flatnonzero(inside | near_validation(bounds, crs, inside))
     return SpatialSplit(
-        train=np.setdiff1d(split.train, inside),
-        val=np.setdiff1d(split.val, inside),
-        buffer=split.buffer,
+        train=np.setdiff1d(split.train, dropped),
+        val=np.setdiff1d(split.val, dropped),
+        buffer=np.union1d(split.buffer, np.setdiff1d(dropped, np.flatnonzero(inside))),
     )
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import attrs
 
 from core.config import load_config, unstructure
+from core.data.spatial_split import split_folders
 from core.errors import UsageError
 from core.experiment.ray_backend import INSTALL
 from core.experiment.schedule import Job, is_complete, plan_job, read_rows
@@ -115,8 +116,10 @@ def check_searches(experiment: Experiment, task: Task) -> None:
                 )
             params = {key: sample(param) for key, param in arm.tune.params.items()}
             trial_experiment, trial = trial_runs(experiment, arm, 0, params)
-            config = load_config(None, run_overrides(trial_experiment, trial, 0, Path("x")))
+            config = load_config(None, run_overrides(trial_experiment, trial, 0, Path("unused")))
             PluginManager.from_names(config.run.plugins, config.plugins)
+            if config.data.dir:  # a folder split into train/ and val/ cannot split by region
+                split_folders(Path(config.data.dir), config.data)
         except UsageError as error:
             raise UsageError(f"arm {arm.name!r}: {error}") from None
 

@@ -46,7 +46,7 @@ from core.data.datasets import SkippedFiles
 from core.data.geotiff import gdal_cache, geotiff_profile, open_geotiff, require_file
 from core.data.noise import power_law_noise
 from core.data.rasters import GDAL_CACHE_MB, OpenRasters
-from core.data.spatial_split import split_windows
+from core.data.spatial_split import split_folders, split_windows
 from core.data.window_index import (
     GridFile,
     WindowIndex,
@@ -472,9 +472,8 @@ def load_pairs(
             quiet=quiet,
         )
 
-    train_dir, val_dir = Path(folder) / "train", Path(folder) / "val"
-    if train_dir.is_dir() and val_dir.is_dir():
-        train, val = read(train_dir), read(val_dir)
+    if folders := split_folders(Path(folder), data):
+        train, val = read(folders[0]), read(folders[1])
         train.skipped.extend(val.skipped)
     else:
         dataset = read(Path(folder))

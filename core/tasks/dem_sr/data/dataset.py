@@ -40,7 +40,7 @@ from core.data.geotiff import (
     read_elevation,
 )
 from core.data.rasters import GDAL_CACHE_MB, OpenRasters
-from core.data.spatial_split import split_windows
+from core.data.spatial_split import split_folders, split_windows
 from core.data.window_index import (
     GridFile,
     WindowIndex,
@@ -492,12 +492,8 @@ def load_split(
         "quiet": quiet,
         "global_scale_m": global_scale(data),
     }
-    train_dir, val_dir = Path(data_path) / "train", Path(data_path) / "val"
-    if train_dir.is_dir() and val_dir.is_dir():
-        train, val = (
-            TileDataset.from_folder(folder, data.scale, **settings)
-            for folder in (train_dir, val_dir)
-        )
+    if folders := split_folders(Path(data_path), data):
+        train, val = (TileDataset.from_folder(folder, data.scale, **settings) for folder in folders)
         train.skipped.extend(val.skipped)
         return train, val
     dataset = TileDataset.from_folder(data_path, data.scale, **settings)
