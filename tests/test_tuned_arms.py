@@ -120,6 +120,23 @@ def test_a_rerun_replays_the_search_and_runs_nothing(tuned: Path, procedural_dir
     assert (tuned / "tuned" / "tuning" / "search.json").read_text() == before
 
 
+@pytest.mark.slow
+def test_a_search_that_left_other_regions_out_is_refused(
+    tuned: Path, procedural_dir: Path, tmp_path: Path, capsys
+):
+    """Its trials trained on a region that the experiment now reports on."""
+    out = tmp_path / "exp"
+    (out / "tuned" / "tuning").mkdir(parents=True)
+    search = tuned / "tuned" / "tuning" / "search.json"
+    (out / "tuned" / "tuning" / "search.json").write_bytes(search.read_bytes())
+    assert main([*command(procedural_dir, out), "--check"]) == 0  # the same regions: reused
+    assert "2 to run, 2 at a time\n" in capsys.readouterr().out  # no search first
+    regions = f"data.val_regions={json.dumps([*REPORTED[:-1], 'extreme_tile_2'])}"
+    assert main([*command(procedural_dir, out), "--set", regions, "--check"]) == 2
+    err = capsys.readouterr().err
+    assert "search.json was searched leaving" in err and "extreme_tile_2" in err
+
+
 @pytest.mark.parametrize(
     ("tune", "common", "message"),
     [

@@ -183,7 +183,7 @@ def run_search(
                 f"({len(trials)} of {search.trials} trials)",
                 flush=True,
             )
-        write_search(out, arm, metric, higher, trials)
+        write_search(experiment, arm, out, metric, higher, trials)
     if all(trial["value"] is None for trial in trials):
         print(f"search {arm.name}: no trial finished, so the arm cannot run", file=sys.stderr)
     return failed
@@ -216,13 +216,16 @@ def score(number: int, params: dict[str, Any], jobs: list[Job], metric: str) -> 
     }
 
 
-def write_search(out: Path, arm: Arm, metric: str, higher: bool, trials: list[dict]) -> None:
+def write_search(
+    experiment: Experiment, arm: Arm, out: Path, metric: str, higher: bool, trials: list[dict]
+) -> None:
     scored = [trial for trial in trials if trial["value"] is not None]
     best = max if higher else min
     chosen = best(scored, key=lambda trial: trial["value"]) if scored else None
     record = {
         "arm": arm.name,
         "search": unstructure(arm.tune),
+        "reported_regions": reported_regions(experiment, arm),
         "metric": metric,
         "direction": "maximize" if higher else "minimize",
         "trials": trials,
@@ -231,9 +234,10 @@ def write_search(out: Path, arm: Arm, metric: str, higher: bool, trials: list[di
     (tuning_dir(out, arm) / SEARCH).write_text(json.dumps(record, indent=1) + "\n")
 
 
-def read_search(out: Path, arm: Arm) -> dict[str, Any] | None:
+def read_search(experiment: Experiment, arm: Arm, out: Path) -> dict[str, Any] | None:
     """``search.json`` of ``arm``, None before its first batch; a search run with other
-    settings is refused (exit 2), as a run folder is."""
+    settings, or one whose trials left other reported regions out (they may have trained on
+    today's), is refused (exit 2), as a run folder is."""
     path = tuning_dir(out, arm) / SEARCH
     if not path.is_file():
         return None
@@ -243,6 +247,11 @@ def read_search(out: Path, arm: Arm) -> dict[str, Any] | None:
             f"{path} was searched with other settings; use another --out or the search's "
             "settings it was run with"
         )
+    if record.get("reported_regions") != (reported := reported_regions(experiment, arm)):
+        raise UsageError(
+            f"{path} was searched leaving {record.get('reported_regions')} out, not the "
+            f"reported validation regions {reported}; use another --out"
+        )
     return record
 
 
@@ -251,7 +260,7 @@ def resolve_searches(experiment: Experiment, out: Path) -> tuple[Experiment, lis
     the names of the tuned arms still waiting for theirs."""
     arms, waiting = [], []
     for arm in experiment.arms:
-        record = read_search(out, arm) if arm.tune is not None else None
+        record = read_search(experiment, arm, out) if arm.tune is not None else None
         if arm.tune is not None and not finished(record, arm.tune):
             waiting.append(arm.name)
         elif record is not None:
@@ -270,7 +279,7 @@ def tuning_section(experiment: Experiment, out: Path) -> str:
     trial's value and the budget the search spent."""
     lines = []
     for arm in experiment.arms:
-        record = read_search(out, arm) if arm.tune is not None else None
+        record = read_search(experiment, arm, out) if arm.tune is not None else None
         if arm.tune is None or record is None:
             continue
         search, trials = arm.tune, record["trials"]
