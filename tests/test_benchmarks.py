@@ -93,15 +93,13 @@ RATIO = re.compile(
             "terramind_predict.py",
             [],
             {
-                "overlap_difference_scene_vs_window_noise",
-                "overlap_difference_deterministic_vs_window_noise",
-                *(
-                    f"{what}_{part}"
-                    for what in ("variance", "edges")
-                    for part in ("window_noise", "scene_noise", "excess_scene_vs_window_noise")
-                ),
+                "overlap_read_difference",
+                "overlap_own_step_difference",
+                "variance_by_stride_position",
+                "edges_vs_elsewhere",
                 "predict_vs_generate_windows_per_s",
                 "predict_rss_rise_1024_vs_256_rows",
+                "predict_traced_peak_1024_vs_256_rows",
             },
         ),
         (

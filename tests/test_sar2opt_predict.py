@@ -5,6 +5,7 @@ One short ``teacher_forcing`` run (TerraMind tiny, random weights) is shared by 
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pickle
@@ -33,7 +34,7 @@ from core.errors import UsageError
 from core.plugins import PluginManager
 from core.tasks import PredictOptions
 from core.tasks.sar2opt.adapters import ADAPTERS, load_merged, load_run_terramind
-from core.tasks.sar2opt.data import OPTICAL_BANDS
+from core.tasks.sar2opt.data import OPTICAL_BANDS, TERRAMIND_V1
 from core.tasks.sar2opt.predict import SarToOpticalPredictor, SceneNoise
 from core.tasks.sar2opt.task import SarToOptical
 from core.tasks.sar2opt.terramind import build_terramind
@@ -251,18 +252,95 @@ def test_predict_turns_a_sentinel1_scene_into_a_georeferenced_sentinel2_geotiff(
     assert not list(tmp_path.glob("*.partial"))
 
 
-def test_overlapping_windows_draw_the_same_noise_where_they_overlap() -> None:
-    """The scene's noise: a window reads the blocks it covers, so two windows 32 px apart
-    share the tokens' Gumbel noise and the diffusion's starting noise over their overlap,
-    and another seed draws other noise."""
+def test_the_scenes_noise_is_drawn_per_token_patch() -> None:
+    """Each 16-px patch's noise follows from the seed and the patch's place alone: a row of
+    blocks is its blocks side by side, whatever the scene's width, and another seed draws
+    other noise."""
     noise = SceneNoise(0, 16, 12, 50)
-    gumbel, pixels = noise.window(32, 0, 64)
-    right_gumbel, right_pixels = noise.window(32, 32, 64)
-    grid, right_grid = gumbel.reshape(4, 4, 50), right_gumbel.reshape(4, 4, 50)
-    assert torch.equal(grid[:, 2:], right_grid[:, :2])
-    assert torch.equal(pixels[:, :, 32:], right_pixels[:, :, :32])
-    assert not torch.equal(grid[:, :2], right_grid[:, :2])
-    assert not torch.equal(SceneNoise(1, 16, 12, 50).window(32, 0, 64)[1], pixels)
+    gumbel, pixels = noise.row(2, 4)
+    assert (gumbel.shape, pixels.shape) == ((4, 50), (12, 16, 64))
+    block_gumbel, block_pixels = noise.block(2, 3)
+    assert np.array_equal(gumbel[3], block_gumbel)
+    assert np.array_equal(pixels[:, :, 48:], block_pixels)
+    narrow = noise.row(2, 2)
+    assert np.array_equal(narrow[0], gumbel[:2]) and np.array_equal(narrow[1], pixels[:, :, :32])
+    assert not np.array_equal(noise.row(3, 4)[1], pixels)
+    assert not np.array_equal(SceneNoise(1, 16, 12, 50).row(2, 4)[1], pixels)
+
+
+class Watching(SarToOpticalPredictor):
+    """The predictor, keeping what every window read and made at every diffusion step:
+    ``(t, row, col, state, conditioning, stepped)``."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.seen: list[tuple[int, int, int, torch.Tensor, torch.Tensor, np.ndarray]] = []
+
+    def step_windows(
+        self, images: torch.Tensor, t: torch.Tensor, quant: torch.Tensor, row: int,
+        cols: list[int],
+    ) -> np.ndarray:  # fmt: skip
+        stepped = super().step_windows(images, t, quant, row, cols)
+        for col, image, condition, out in zip(cols, images, quant, stepped, strict=True):
+            self.seen.append((int(t), row, col, image, condition, out))
+        return stepped
+
+
+def test_a_lone_window_is_terratorchs_generation_with_the_scenes_noise(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    """A scene of one window: the tokens drawn from its logits with the scene's Gumbel
+    noise, decoded by TerraTorch's pipeline from the scene's starting noise (decode_noise,
+    which tests/test_sar2opt.py checks against TerraTorch's own), bit for bit; fusing
+    leaves it as it is."""
+    source, output = tmp_path / "s1.tif", tmp_path / "s2.tif"
+    write_s1_scene(source, 64, 64)
+    terramind, config, _ = load_run_terramind(run_dir)
+    predictor = Watching(terramind, 2, config.run.seed, 64, 16)
+    predictor.run(source, output, progress=False)
+    drawn = [predictor.noise.row(block, 4) for block in range(4)]
+    gumbel = torch.from_numpy(np.concatenate([g for g, _ in drawn]))[None]
+    noise = torch.from_numpy(np.concatenate([p for _, p in drawn], axis=1))[None]
+    with rasterio.open(source) as src:
+        image = predictor.standardised([src.read(masked=True).filled(np.nan)])
+    expected = terramind.generate_noise(image, 2, gumbel, noise)[0].numpy()
+    assert [seen[:3] for seen in predictor.seen] == [(999, 0, 0), (499, 0, 0)]
+    assert np.array_equal(predictor.seen[-1][5], expected)
+    optical = (
+        expected * TERRAMIND_V1.optical_std[:, None, None]
+        + TERRAMIND_V1.optical_mean[:, None, None]
+    )
+    dn = np.clip(np.rint(optical), 1, 65535).astype(np.uint16)
+    dn[:, :5, :7] = 0
+    with rasterio.open(output) as out:
+        assert np.array_equal(out.read(), dn)
+
+
+def test_overlapping_windows_read_one_canvas_at_every_step(run_dir: Path, tmp_path: Path) -> None:
+    """MultiDiffusion: two windows that overlap are conditioned on the same tokens there and
+    read the same state there at every diffusion step (the canvas fused after the step
+    before), though their own steps differ there before they are fused."""
+    source = tmp_path / "s1.tif"
+    write_s1_scene(source, 96, 128)
+    terramind, config, _ = load_run_terramind(run_dir)
+    predictor = Watching(terramind, 2, config.run.seed, 64, 16, 4)
+    predictor.run(source, tmp_path / "s2.tif", progress=False)
+    assert len(predictor.seen) == 2 * 2 * 3  # 2 steps x 2 rows x 3 columns of windows
+    pairs = 0
+    for one, two in itertools.combinations(predictor.seen, 2):
+        top, left = max(one[1], two[1]), max(one[2], two[2])
+        bottom, right = min(one[1], two[1]) + 64, min(one[2], two[2]) + 64
+        if one[0] != two[0] or top >= bottom or left >= right:
+            continue
+        pairs += 1
+        # the shared area in each window's pixels, and in its token patches
+        mine, theirs = ([np.s_[..., (top - w[1]) // scale : (bottom - w[1]) // scale,
+                               (left - w[2]) // scale : (right - w[2]) // scale]
+                         for scale in (1, 16)] for w in (one, two))  # fmt: skip
+        assert torch.equal(one[3][mine[0]], two[3][theirs[0]])
+        assert torch.equal(one[4][mine[1]], two[4][theirs[1]])
+        assert not np.array_equal(one[5][mine[0]], two[5][theirs[0]])
+    assert pairs == 2 * 11  # per step: 4 side by side, 3 above each other, 4 diagonal
 
 
 def test_predict_batches_skips_void_windows_and_records_its_settings(
@@ -298,7 +376,8 @@ def test_predict_batches_skips_void_windows_and_records_its_settings(
     overrides = ["--diffusion-steps", "2", "--top-p", "0.5", "--temperature", "0"]  # 0: greedy
     command = ["--checkpoint", str(run_dir), str(source), str(output), "--batch-size", "4"]
     assert main([*command, *overrides]) == 0
-    assert capsys.readouterr().out.count("s1.tif: 8/8 windows") == 1  # stderr: no terminal
+    # every window takes the token step and both diffusion steps; stderr is no terminal
+    assert capsys.readouterr().out.count("s1.tif: 24/24 window steps") == 1
     with rasterio.open(output) as out:
         tags = out.tags()
     assert {key: tags[key] for key in ("diffusion_steps", "top_p", "temperature", "seed")} == {

@@ -37,12 +37,12 @@ def window_starts(length: int, size: int, stride: int) -> list[int]:
 
 @contextlib.contextmanager
 def window_progress(
-    total: int, name: str, bar: bool, lines: bool
+    total: int, name: str, bar: bool, lines: bool, unit: str = "window"
 ) -> Iterator[Callable[[int], None]]:
-    """Yields ``advance(n)``, which counts ``n`` more of ``total`` windows of ``name``: on a
-    tqdm bar (``bar``: stderr is a terminal), else in a line on stdout at most every
-    ``LINE_SECONDS`` and once at the end (``lines``: a log file or a pipe, where a bar would
-    only show at the end), else nowhere."""
+    """Yields ``advance(n)``, which counts ``n`` more of ``total`` windows (or whatever
+    ``unit`` names) of ``name``: on a tqdm bar (``bar``: stderr is a terminal), else in a line on
+    stdout at most every ``LINE_SECONDS`` and once at the end (``lines``: a log file or a
+    pipe, where a bar would only show at the end), else nowhere."""
     started = last = time.monotonic()
     done = shown = 0
 
@@ -51,9 +51,9 @@ def window_progress(
         shown = done
         seconds = time.monotonic() - started
         rate = f"{done / seconds:.2f}" if seconds > 0 else "-"
-        print(f"{name}: {done}/{total} windows, {seconds:.0f} s, {rate} windows/s", flush=True)
+        print(f"{name}: {done}/{total} {unit}s, {seconds:.0f} s, {rate} {unit}s/s", flush=True)
 
-    with tqdm(total=total, desc=name, unit="window", disable=not bar) as counter:
+    with tqdm(total=total, desc=name, unit=unit, disable=not bar) as counter:
 
         def advance(count: int) -> None:
             nonlocal done, last

@@ -2,21 +2,22 @@
 
 A Sentinel-1 GRD GeoTIFF (2 bands, VV and VH sigma0 in dB) of any size becomes a 12-band
 Sentinel-2 L2A GeoTIFF on the same grid: the same CRS, transform and size. TerraMind
-generates overlapping windows of the training tile size, ``--batch-size`` at a time, blended
-with the tapered weight of the DEM predict. The generation's noise is drawn once on the
-scene's grid (:class:`SceneNoise`), so overlapping windows agree and the blend leaves no
-pattern at the window stride. Windows without a valid pixel are skipped. Rows of windows
-stream through a buffer one window high, so memory follows the scene's width. The output
-holds L2A digital numbers as the products do (uint16, reflectance x 10,000, scale 1e-4
-recorded per band) and the generation's settings in its tags; pixels whose SAR is nodata
-are nodata (0).
+generates overlapping windows of the training tile size, ``--batch-size`` at a time, fused
+on the scene's canvas at every step of the generation (:class:`SarToOpticalPredictor`), so
+overlapping windows agree where they overlap and the output shows no window grid. The
+generation's noise is drawn once on the scene's grid (:class:`SceneNoise`). Windows without
+a valid pixel are skipped. The output holds L2A digital numbers as the products do (uint16,
+reflectance x 10,000, scale 1e-4 recorded per band) and the generation's settings in its
+tags; pixels whose SAR is nodata are nodata (0).
 """
 
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -91,11 +92,8 @@ class SceneNoise:
 
     Each token patch (16 x 16 pixels) of the scene has its own seed (``seed``, block row,
     block column): Gumbel noise over the vocabulary for the token at that patch, and the
-    diffusion's starting noise for its pixels. A window on the patch grid reads the blocks
-    it covers, so two overlapping windows draw the same noise where they overlap: where
-    their logits agree they pick the same tokens, and the decoder starts from the same
-    image. Independent draws per window leave a pattern at the window stride instead (each
-    window a different sample, blended at the overlaps).
+    diffusion's starting noise for its pixels. Every window that covers a patch reads the
+    same noise there, whatever the batch, and the scene's canvas starts from it.
     """
 
     def __init__(self, seed: int, patch: int, channels: int, vocabulary: int) -> None:
@@ -109,23 +107,56 @@ class SceneNoise:
         pixels = rng.standard_normal((self.channels, self.patch, self.patch), dtype=np.float32)
         return gumbel, pixels
 
-    def window(self, row: int, col: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[N, V]`` Gumbel noise (tokens in raster order) and ``[C, size, size]`` pixel
-        noise of the window whose top-left pixel is ``(row, col)``, all multiples of the
-        patch."""
-        patch, blocks = self.patch, size // self.patch
-        gumbel = np.empty((blocks, blocks, self.vocabulary), dtype=np.float32)
-        noise = np.empty((self.channels, size, size), dtype=np.float32)
-        for i in range(blocks):
-            for j in range(blocks):
-                tile = np.s_[:, i * patch : (i + 1) * patch, j * patch : (j + 1) * patch]
-                gumbel[i, j], noise[tile] = self.block(row // patch + i, col // patch + j)
-        return torch.from_numpy(gumbel.reshape(blocks * blocks, -1)), torch.from_numpy(noise)
+    def row(self, row: int, blocks: int) -> tuple[np.ndarray, np.ndarray]:
+        """``[blocks, V]`` Gumbel noise and ``[C, patch, blocks x patch]`` pixel noise of the
+        first ``blocks`` blocks of block row ``row``."""
+        drawn = [self.block(row, col) for col in range(blocks)]
+        return np.stack([gumbel for gumbel, _ in drawn]), np.concatenate(
+            [pixels for _, pixels in drawn], axis=2
+        )
+
+
+class Canvas:
+    """A ``[channels, height, width]`` array in a file, read and written by whole rows.
+
+    Plain reads and writes rather than a memory map: a write the disk refuses then raises
+    the ``OSError`` that names the reason, where a mapped page would kill the process.
+    """
+
+    def __init__(self, path: Path, channels: int, height: int, width: int, dtype: type) -> None:
+        self.file = path.open("w+b")
+        self.shape, self.dtype = (channels, width), np.dtype(dtype)
+        self.row_bytes = channels * width * self.dtype.itemsize
+
+    def read(self, row: int, rows: int) -> np.ndarray:
+        """``[channels, rows, width]`` from row ``row`` on."""
+        self.file.seek(row * self.row_bytes)
+        data = np.frombuffer(self.file.read(rows * self.row_bytes), self.dtype)
+        return data.reshape(rows, *self.shape).transpose(1, 0, 2)
+
+    def write(self, row: int, data: np.ndarray) -> None:
+        """``[channels, rows, width]`` from row ``row`` on."""
+        self.file.seek(row * self.row_bytes)
+        self.file.write(np.ascontiguousarray(data.transpose(1, 0, 2), self.dtype).data)
+
+    def close(self) -> None:
+        self.file.close()
 
 
 class SarToOpticalPredictor:
-    """Streams a Sentinel-1 scene through a run's TerraMind, one row of windows at a time,
-    in batches of windows, with the generation's noise drawn on the scene's grid."""
+    """Translates a Sentinel-1 scene with a run's TerraMind by fusing its windows on the
+    scene's canvas (MultiDiffusion: Bar-Tal et al., ICML 2023).
+
+    Every window of the scene takes each step of the generation in lockstep, and after each
+    step the windows' states are averaged where they overlap, on a canvas of the scene from
+    which every window reads its next state: the token logits on the grid of token patches
+    before the one draw of the tokens, then the diffusion's image after every DDIM step
+    (weighted by the DEM predict's taper). Overlapping windows therefore agree wherever
+    they overlap, and the output is the last canvas. The canvases live in files beside the
+    output; each pass streams through them one row of windows at a time, in batches of
+    windows, so memory follows the scene's width, not its area. Windows without a valid
+    pixel take no part.
+    """
 
     def __init__(
         self,
@@ -145,42 +176,23 @@ class SarToOpticalPredictor:
             raise UsageError(
                 f"--overlap {overlap}: the windows' stride, {window} - 2 x {overlap}, must be a "
                 f"multiple of {patch} (TerraMind's token patch), so that overlapping windows "
-                f"share the generation's noise; use a multiple of {patch // 2}"
+                f"share their tokens; use a multiple of {patch // 2}"
             )
         self.terramind, self.steps, self.seed = terramind, steps, seed
         self.window, self.overlap, self.batch_size = window, overlap, batch_size
         self.patch = patch
-        channels, vocabulary = terramind.tokenizer.n_channels, len(terramind.codebook)
-        self.noise = SceneNoise(seed, patch, channels, vocabulary)
+        self.channels, vocabulary = terramind.tokenizer.n_channels, len(terramind.codebook)
+        self.noise = SceneNoise(seed, patch, self.channels, vocabulary)
         weight = taper(window, overlap)
         self.weight = np.outer(weight, weight)
         stats = TERRAMIND_V1
         self.sar_mean, self.sar_std = stats.sar_mean[:, None, None], stats.sar_std[:, None, None]
         self.optical_mean = stats.optical_mean[:, None, None]
         self.optical_std = stats.optical_std[:, None, None]
+        self.device = next(terramind.parameters()).device
         self.windows = self.skipped = 0
         """The windows of the last scene, and those of them without a valid pixel, which
         were not generated."""
-
-    @torch.no_grad()
-    def generate(self, windows: list[np.ndarray], origins: list[tuple[int, int]]) -> np.ndarray:
-        """``[B, 12, w, w]`` L2A DN from ``[2, w, w]`` windows in dB (NaN: nodata) whose
-        top-left pixels lie at ``origins`` of the scene, in one batch."""
-        inputs = self.model_inputs(windows, origins)
-        optical = self.terramind.generate_noise(*inputs).cpu().numpy()
-        return optical * self.optical_std + self.optical_mean
-
-    def model_inputs(
-        self, windows: list[np.ndarray], origins: list[tuple[int, int]]
-    ) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
-        """What ``generate_noise`` takes: the windows standardised on TerraMind's device
-        (nodata at the mean), the diffusion steps, and each window's noise from the scene's."""
-        standard = (np.stack(windows) - self.sar_mean) / self.sar_std
-        standard = np.nan_to_num(standard, nan=0.0).astype(np.float32)
-        sar = torch.from_numpy(standard).to(next(self.terramind.parameters()).device)
-        drawn = [self.noise.window(row, col, self.window) for row, col in origins]
-        gumbel, noise = (torch.stack(parts) for parts in zip(*drawn, strict=True))
-        return sar, self.steps, gumbel, noise
 
     def tags(self) -> dict[str, object]:
         """What the output was generated with, recorded in its tags."""
@@ -196,16 +208,162 @@ class SarToOpticalPredictor:
         self, src_path: Path, dst_path: Path, progress: bool = True, lines: bool = False
     ) -> None:
         """Write through ``write_geotiff``, so a failure or a full disk never leaves a
-        half-written output. ``progress``: a bar; ``lines``: a line now and then on stdout."""
+        half-written output; the canvases go in a temporary folder beside it, removed at the
+        end. ``progress``: a bar; ``lines``: a line now and then on stdout."""
         with open_sar(src_path) as src:
             profile = geotiff_profile(
                 src.height, src.width, len(OPTICAL_BANDS), "uint16", src.crs, src.transform, NODATA
             )
-            with write_geotiff(dst_path, profile) as dst:
+            with write_geotiff(dst_path, profile) as dst, tempfile.TemporaryDirectory(
+                prefix=f".{dst_path.name}.canvas-", dir=dst_path.parent
+            ) as scratch:  # fmt: skip
                 dst.descriptions = OPTICAL_BANDS
                 dst.scales = (1 / REFLECTANCE_SCALE,) * len(OPTICAL_BANDS)
                 dst.update_tags(**{key: str(value) for key, value in self.tags().items()})
-                self._stream(src, dst, progress, lines)
+                self._predict(src, dst, Path(scratch), progress, lines)
+
+    @torch.no_grad()
+    def _predict(
+        self, src: rasterio.DatasetReader, dst: rasterio.io.DatasetWriter, scratch: Path,
+        progress: bool, lines: bool,
+    ) -> None:  # fmt: skip
+        size, patch = self.window, self.patch
+        stride = size - 2 * self.overlap
+        # windows on the token grid: the last ones may reach past the scene (mirrored there)
+        rows = window_starts(-(-src.height // patch) * patch, size, stride)
+        cols = window_starts(-(-src.width // patch) * patch, size, stride)
+        height, width = rows[-1] + size, cols[-1] + size  # the canvas: every window's pixels
+        self.windows, passes = len(rows) * len(cols), 1 + self.steps
+        with contextlib.ExitStack() as files:
+
+            def canvas(name: str, channels: int, scale: int, dtype: type) -> Canvas:
+                shape = (channels, height // scale, width // scale)
+                return files.enter_context(closing(Canvas(scratch / name, *shape, dtype)))
+
+            canvases = [canvas(name, self.channels, 1, np.float32) for name in ("a", "b")]
+            tokens = canvas("tokens", 1, patch, np.int32)
+            with window_progress(self.windows * passes, Path(src.name).name, progress, lines,
+                                 unit="window step") as advance:  # fmt: skip
+                wanted = self._tokens(src, rows, cols, tokens, canvases[0], advance)
+                self.skipped = self.windows - sum(map(len, wanted))
+                for step, t in enumerate(self.terramind.timesteps(self.steps)):
+                    state, following = canvases[step % 2], canvases[1 - step % 2]
+                    self._denoise(t, rows, wanted, state, tokens, following, advance)
+            self._write(src, dst, canvases[self.steps % 2])
+
+    def _rows(self, rows: list[int], flush: Callable[[int, int], None]) -> Iterator[int]:
+        """Yields the index of each window row; after each, calls ``flush(row, done)`` for
+        its first ``done`` pixel rows, which no later window row covers."""
+        for i, row in enumerate(rows):
+            yield i
+            flush(row, (rows[i + 1] if i + 1 < len(rows) else row + self.window) - row)
+
+    def _tokens(
+        self, src: rasterio.DatasetReader, rows: list[int], cols: list[int], tokens: Canvas,
+        canvas: Canvas, advance: Callable[[int], None],
+    ) -> list[list[int]]:  # fmt: skip
+        """The first pass: TerraMind's token logits of every window with a valid pixel,
+        averaged on the grid of token patches where windows overlap (a plain mean, which
+        gives a lone window's logits exactly), then one draw per patch with the scene's
+        Gumbel noise into ``tokens``, and the scene's starting noise into ``canvas``.
+        Returns the columns of the windows generated, per window row."""
+        size, patch, vocabulary = self.window, self.patch, self.noise.vocabulary
+        blocks, across = size // patch, tokens.shape[1]
+        logits = np.zeros((blocks, across, vocabulary), np.float32)
+        counts = np.zeros((blocks, across), np.float32)
+        wanted: list[list[int]] = []
+
+        def flush(row: int, done: int) -> None:
+            for block in range(done // patch):
+                gumbel, pixels = self.noise.row(row // patch + block, across)
+                mean = torch.from_numpy(logits[block] / np.maximum(counts[block], 1)[:, None])
+                drawn = self.terramind.sample_tokens(mean[None], torch.from_numpy(gumbel)[None])
+                tokens.write(row // patch + block, drawn.cpu().numpy()[None])
+                canvas.write(row + block * patch, pixels)
+            for buffer in (logits, counts):
+                shift_up(buffer, done // patch, 0)
+
+        for i in self._rows(rows, flush):
+            row = rows[i]
+            band = self._read(src, row, min(size, src.height - row))
+            wanted.append([col for col in cols if not self._void(band[:, :, col : col + size])])
+            advance(len(cols) - len(wanted[i]))
+            for batch in self._batches(wanted[i]):
+                windows = [self.padded(band[:, :, col : col + size]) for col in batch]
+                found = self.terramind(self.standardised(windows), output="logits")
+                for col, window in zip(batch, found.cpu().numpy(), strict=True):
+                    at = np.s_[:, col // patch : col // patch + blocks]
+                    logits[at] += window.reshape(blocks, blocks, vocabulary)
+                    counts[at] += 1
+                advance(len(batch))
+        return wanted
+
+    def _denoise(
+        self, t: torch.Tensor, rows: list[int], wanted: list[list[int]], state: Canvas,
+        tokens: Canvas, following: Canvas, advance: Callable[[int], None],
+    ) -> None:  # fmt: skip
+        """One diffusion step of every window generated, each from its part of ``state``
+        conditioned on its part of ``tokens``; the windows' new states averaged with the
+        taper where they overlap, into ``following`` (as they were where no window lies)."""
+        size, patch, width = self.window, self.patch, state.shape[1]
+        total = np.zeros((self.channels, size, width), np.float64)
+        weights = np.zeros((size, width), np.float64)
+        band = np.empty(0)
+
+        def flush(row: int, done: int) -> None:
+            kept = band[:, :done].astype(np.float64)  # where no window lies
+            covered = weights[:done] > 0
+            following.write(row, np.divide(total[:, :done], weights[:done], out=kept,
+                                           where=covered))  # fmt: skip
+            shift_up(total, done, 1)
+            shift_up(weights, done, 0)
+
+        for i in self._rows(rows, flush):
+            row = rows[i]
+            band = state.read(row, size)
+            grid = tokens.read(row // patch, size // patch)[0]
+            advance(self.windows // len(rows) - len(wanted[i]))
+            for batch in self._batches(wanted[i]):
+                images = self._on_device(np.stack([band[:, :, col : col + size] for col in batch]))
+                grids = np.stack([grid[:, col // patch : (col + size) // patch] for col in batch])
+                quant = self.terramind.condition(self._on_device(grids).long())
+                stepped = self.step_windows(images, t, quant, row, batch)
+                for col, window in zip(batch, stepped, strict=True):
+                    total[:, :, col : col + size] += window * self.weight
+                    weights[:, col : col + size] += self.weight
+                advance(len(batch))
+
+    def step_windows(
+        self, images: torch.Tensor, t: torch.Tensor, quant: torch.Tensor, row: int,
+        cols: list[int],
+    ) -> np.ndarray:  # fmt: skip
+        """``[B, C, w, w]``: one DDIM step of the windows at ``row``, ``cols``, before they
+        are fused (where a benchmark looks at how far they differ)."""
+        return self.terramind.denoise(images, t, quant).cpu().numpy()
+
+    def _write(self, src: rasterio.DatasetReader, dst: rasterio.io.DatasetWriter,
+               canvas: Canvas) -> None:  # fmt: skip
+        """The last canvas as uint16 L2A DN, nodata where the SAR is."""
+        for row in range(0, src.height, self.window):
+            rows = min(self.window, src.height - row)
+            standard = canvas.read(row, rows)[:, :, : src.width]
+            optical = np.rint(standard * self.optical_std + self.optical_mean)
+            out = np.clip(optical, 1, np.iinfo(np.uint16).max).astype(np.uint16)
+            out[:, np.isnan(self._read(src, row, rows)).any(0)] = NODATA
+            dst.write(out, window=Window(0, row, src.width, rows))
+
+    def _batches(self, cols: list[int]) -> list[list[int]]:
+        size = self.batch_size
+        return [cols[start : start + size] for start in range(0, len(cols), size)]
+
+    def standardised(self, windows: list[np.ndarray]) -> torch.Tensor:
+        """``[B, 2, w, w]`` SAR in dB (NaN: nodata) standardised on TerraMind's device,
+        nodata at the mean."""
+        standard = (np.stack(windows) - self.sar_mean) / self.sar_std
+        return self._on_device(np.nan_to_num(standard, nan=0.0).astype(np.float32))
+
+    def _on_device(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
     def _read(self, src: rasterio.DatasetReader, row: int, rows: int) -> np.ndarray:
         """``[2, rows, width]`` dB, NaN where the raster says nodata."""
@@ -217,62 +375,22 @@ class SarToOpticalPredictor:
         values[np.ma.getmaskarray(data) | ~np.isfinite(values)] = np.nan
         return values
 
-    def _stream(
-        self, src: rasterio.DatasetReader, dst: rasterio.io.DatasetWriter, progress: bool,
-        lines: bool,
-    ) -> None:  # fmt: skip
-        size, stride = self.window, self.window - 2 * self.overlap
-        height, width = src.height, src.width
-        # windows on the token grid: the last ones may reach past the scene (mirrored there)
-        patch = self.patch
-        rows = window_starts(-(-height // patch) * patch, size, stride)
-        cols = window_starts(-(-width // patch) * patch, size, stride)
-        total = np.zeros((len(OPTICAL_BANDS), size, width), dtype=np.float64)
-        weights = np.zeros((size, width), dtype=np.float64)
-        self.windows, self.skipped = len(rows) * len(cols), 0
-        name = Path(src.name).name
-        with window_progress(self.windows, name, progress, lines) as advance:
-            for i, row in enumerate(rows):
-                band = self._read(src, row, min(size, height - row))
-                wanted = [col for col in cols if not self._void(band[:, :, col : col + size])]
-                self.skipped += len(cols) - len(wanted)
-                advance(len(cols) - len(wanted))
-                for start in range(0, len(wanted), self.batch_size):
-                    batch = wanted[start : start + self.batch_size]
-                    windows = [self._padded(band[:, :, col : col + size]) for col in batch]
-                    generated = self.generate(windows, [(row, col) for col in batch])
-                    for col, optical in zip(batch, generated, strict=True):
-                        h, w = band.shape[1], min(size, width - col)
-                        total[:, :h, col : col + w] += optical[:, :h, :w] * self.weight[:h, :w]
-                        weights[:h, col : col + w] += self.weight[:h, :w]
-                    advance(len(batch))
-                done = (rows[i + 1] if i + 1 < len(rows) else height) - row
-                out = self._finish(total, weights, band, done)
-                dst.write(out, window=Window(0, row, width, done))
-                for buffer in (total, weights):
-                    buffer[..., :-done, :] = buffer[..., done:, :]
-                    buffer[..., -done:, :] = 0
-
     @staticmethod
     def _void(sar: np.ndarray) -> bool:
         """No pixel of the window has both bands: every output pixel of it is nodata."""
         return bool(np.isnan(sar).any(0).all())
 
-    def _padded(self, sar: np.ndarray) -> np.ndarray:
+    def padded(self, sar: np.ndarray) -> np.ndarray:
         """Mirror a window that reaches past the scene to the full window size."""
         h, w = sar.shape[1:]
         return np.pad(sar, ((0, 0), (0, self.window - h), (0, self.window - w)), mode="symmetric")
 
-    @staticmethod
-    def _finish(total: np.ndarray, weights: np.ndarray, band: np.ndarray, done: int) -> np.ndarray:
-        """The first ``done`` rows blended, as uint16 DN, nodata where the SAR is (and where
-        only skipped windows lay, which is nodata too)."""
-        void = np.isnan(band[:, :done]).any(0)
-        out = np.divide(total[:, :done], weights[:done], out=np.zeros_like(total[:, :done]),
-                        where=~void)  # fmt: skip
-        out = np.clip(np.rint(out), 1, np.iinfo(np.uint16).max).astype(np.uint16)
-        out[:, void] = NODATA
-        return out
+
+def shift_up(buffer: np.ndarray, rows: int, axis: int) -> None:
+    """Move a row buffer's content ``rows`` back along ``axis``, zeros behind it."""
+    moved = np.moveaxis(buffer, axis, 0)
+    moved[:-rows] = moved[rows:]
+    moved[-rows:] = 0
 
 
 def predict(run_dir: Path, src: Path, dst: Path, options: PredictOptions) -> None:

@@ -180,19 +180,35 @@ class TerraMindSarToOptical(nn.Module):
         noise ``[B, C, H, W]``: TerraTorch's own pipeline (``PipelineCond``: DDIM, trailing
         timesteps, no guidance), with the noise given instead of drawn inside. DDIM's steps
         draw nothing more (eta 0), so the image is a function of tokens and noise."""
-        tokenizer, patch = self.tokenizer, self.tokenizer.patch_size
+        patch = self.tokenizer.patch_size
         height, width = noise.shape[-2:]
-        grid = tokens.reshape(len(tokens), height // patch, width // patch)
-        scheduler = tokenizer.noise_scheduler
-        scheduler.set_timesteps(steps, mode="trailing")
+        quant = self.condition(tokens.reshape(len(tokens), height // patch, width // patch))
         image = noise.to(tokens.device, torch.float32)
-        with self.autocast(tokens.device):
-            quant = tokenizer.tokens_to_embedding(grid)
-            for t in scheduler.timesteps:
-                output = tokenizer.decoder(image, t, quant, orig_res=None)
-                with torch.autocast(tokens.device.type, enabled=False):
-                    image = scheduler.step(output.float(), t, image).prev_sample
-        return image.float()
+        for t in self.timesteps(steps):
+            image = self.denoise(image, t, quant)
+        return image
+
+    def condition(self, grid: torch.Tensor) -> torch.Tensor:
+        """What the diffusion decoder is conditioned on: the FSQ codes of ``[B, h, w]`` token
+        ids laid out on their grid."""
+        with self.autocast(grid.device):
+            return self.tokenizer.tokens_to_embedding(grid)
+
+    def timesteps(self, steps: int) -> torch.Tensor:
+        """The diffusion's timesteps for ``steps`` DDIM steps, as TerraTorch's pipeline sets
+        them (trailing)."""
+        scheduler = self.tokenizer.noise_scheduler
+        scheduler.set_timesteps(steps, mode="trailing")
+        return scheduler.timesteps
+
+    @torch.no_grad()
+    def denoise(self, image: torch.Tensor, t: torch.Tensor, quant: torch.Tensor) -> torch.Tensor:
+        """One DDIM step at timestep ``t`` (of :meth:`timesteps`) of float32 ``[B, C, H, W]``
+        images conditioned on ``quant`` (:meth:`condition`): a step of
+        :meth:`decode_noise`, for a caller that fuses images between steps (predict)."""
+        with self.autocast(image.device):
+            output = self.tokenizer.decoder(image, t, quant, orig_res=None)
+        return self.tokenizer.noise_scheduler.step(output.float(), t, image).prev_sample
 
     def sample_tokens(self, logits: torch.Tensor, gumbel: torch.Tensor) -> torch.Tensor:
         """``[B, N]`` token ids drawn from ``[B, N, V]`` logits as TerraTorch's sampler draws
