@@ -83,7 +83,8 @@ def trained_run(run_dir: Path) -> tuple[Config, dict[str, Any]]:
     if state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(
             f"{path}: checkpoint format {state.get('format', 1)}, this terraplug resumes format "
-            f"{CHECKPOINT_FORMAT} only (an earlier terraplug wrote it); start the run again"
+            f"{CHECKPOINT_FORMAT} only (another version of terraplug wrote it); start the run "
+            f"again in a new folder, or delete {run_dir} to start it there"
         )
     return config_from_plain(state["config"], path), state
 

@@ -770,6 +770,13 @@ class Trainer:
         ctx = self.ctx
         losses = ctx.plugins.exclusive("probe_losses", model=model, batch=batch, ctx=ctx)
         if losses is not None:
+            count = len(batch["idx"])
+            if losses.shape != (count,) or not bool((losses > 0).all()):
+                raise RuntimeError(
+                    f"plugin {ctx.plugins.provider('probe_losses')!r}: probe_losses returned "
+                    f"shape {tuple(losses.shape)} with minimum {losses.min().item():.3g}; "
+                    f"expected ({count},) positive losses"
+                )
             return losses
         losses = ctx.plugins.exclusive("training_forward", model=model, batch=batch, ctx=ctx)
         if losses is None:

@@ -151,7 +151,8 @@ def test_hook_probe_losses(train_run):
     while training still goes through the task's forward."""
 
     class WindowIndexLoss:
-        modes: list = []
+        def __init__(self) -> None:
+            self.modes: list[tuple[bool, bool]] = []
 
         @hookimpl
         def probe_losses(self, model, batch, ctx):
@@ -167,6 +168,14 @@ def test_hook_probe_losses(train_run):
     assert all(value == first for row in rows for value in row["probe_loss"])
     assert first != plain[0]["probe_loss"][0]
     assert [row["train_loss"] for row in rows] == [row["train_loss"] for row in plain]
+
+    class Surrogate:  # a level that is no loss: refused, naming the plugin
+        @hookimpl
+        def probe_losses(self, model, batch, ctx):
+            return -batch["idx"].float()
+
+    with pytest.raises(RuntimeError, match=r"'Surrogate': probe_losses returned shape"):
+        train_run(Surrogate(), out="surrogate", overrides=("train.probe_every=2",))
 
 
 def test_hook_loss_weights(train_run):

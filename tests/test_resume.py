@@ -175,7 +175,7 @@ def test_edits_to_config_toml_before_a_resume_follow_the_resume_rules(
         del process["probe_last"]
     torch.save(state, checkpoint)
     assert main(["--resume", str(out), "--epochs", "3"]) == 2
-    assert f"{checkpoint}: checkpoint format 1, this terraplug resumes format" in (
+    assert f"{checkpoint}: checkpoint format 1, this terraplug resumes format 2" in (
         capsys.readouterr().err
     )
 

@@ -182,3 +182,18 @@ def test_a_folder_split_into_train_and_val_refuses_regions(tmp_path: Path, capsy
     err = capsys.readouterr().err
     assert "arm 'tuned': " in err and "data.val_regions and data.exclude_regions" in err
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_an_archive_keeps_the_search_and_gives_the_same_report(
+    tuned: Path, procedural_dir: Path, tmp_path: Path
+):
+    archive = tmp_path / "archive"
+    first = [*command(procedural_dir, tuned), "--report-only", "--report-dir", str(tmp_path / "a")]
+    assert main([*first, "--archive", str(archive)]) == 0
+    search = Path("tuned", "tuning", "search.json")
+    assert (archive / search).read_bytes() == (tuned / search).read_bytes()
+    again = [*command(procedural_dir, archive), "--report-only", "--report-dir"]
+    assert main([*again, str(tmp_path / "b")]) == 0
+    for name in ("results.md", "results.csv"):
+        assert (tmp_path / "b" / name).read_text() == (tmp_path / "a" / name).read_text(), name

@@ -15,6 +15,7 @@ from core.experiment.schedule import (
     Job,
     Runner,
     archive_runs,
+    check_archive,
     clock,
     collect,
     count_rows,
@@ -31,7 +32,14 @@ from core.experiment.spec import (
     read_spec,
 )
 from core.experiment.summary import check_primaries
-from core.experiment.tune import RunJobs, check_searches, resolve_searches, run_search
+from core.experiment.tune import (
+    SEARCH,
+    RunJobs,
+    check_searches,
+    resolve_searches,
+    run_search,
+    tuning_dir,
+)
 from core.tasks import get_task
 
 
@@ -136,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         check_searches(experiment, task)
         experiment, waiting = resolve_searches(experiment, args.out)
         finished, pending = plan_jobs(experiment, args.out, later=waiting)
+        if args.archive is not None:
+            check_archive(args.out, args.archive)
         if args.report_only and not finished and not args.check:
             raise UsageError(f"--report-only: no finished run in {args.out} to report on")
     except UsageError as error:
@@ -178,10 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     if args.archive is not None:
-        try:
-            archived = archive_runs(experiment, args.out, args.archive)
-        except UsageError as error:
-            return report_error(error)
+        searches = [tuning_dir(Path(), arm) / SEARCH for arm in experiment.arms if arm.tune]
+        archived = archive_runs(experiment, args.out, args.archive, searches)
         print(f"archive: {archived} runs in {args.archive}", flush=True)
     return status
 

@@ -264,18 +264,31 @@ def collect(experiment: Experiment, out: Path) -> Runs:
     return runs
 
 
-def write_bytes(path: Path, data: bytes) -> None:
+def copy_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all: an archive is read back as it is."""
     atomic_write(path, lambda handle: handle.write(data))
 
 
-def archive_runs(experiment: Experiment, out: Path, archive: Path) -> int:
+def check_archive(out: Path, archive: Path) -> None:
+    """Refuse an archive folder that is the experiment folder: the runs are its inputs."""
+    if archive.resolve() == out.resolve():
+        raise UsageError(f"--archive {archive} is the experiment folder itself; name another")
+
+
+def archive_runs(
+    experiment: Experiment, out: Path, archive: Path, records: Collection[Path] = ()
+) -> int:
     """Copy what the report is made of, for every complete run under ``out``, to the same
     layout under ``archive``: ``config.toml``, ``summary.json``, ``val_tiles.csv.gz`` and
     ``metrics.jsonl`` gzipped (no checkpoint, no plots), a folder small enough to commit
-    that ``--report-only --out ARCHIVE`` reads back into the same report. Returns the runs
-    archived."""
-    if archive.resolve() == out.resolve():
-        raise UsageError(f"--archive {archive} is the experiment folder itself; name another")
+    that ``--report-only --out ARCHIVE`` reads back into the same report, and the
+    experiment's own ``records`` (paths relative to ``out``, such as a tuned arm's search).
+    Returns the runs archived."""
+    check_archive(out, archive)
+    for record in records:
+        if (out / record).is_file():
+            (archive / record).parent.mkdir(parents=True, exist_ok=True)
+            copy_atomically(archive / record, (out / record).read_bytes())
     count = 0
     for arm in experiment.arms:
         for seed in experiment.seeds:
@@ -285,9 +298,9 @@ def archive_runs(experiment: Experiment, out: Path, archive: Path) -> int:
             target.mkdir(parents=True, exist_ok=True)
             for name in (CONFIG, SUMMARY, VAL_TILES_CSV):
                 if (run_dir / name).is_file():
-                    write_bytes(target / name, (run_dir / name).read_bytes())
+                    copy_atomically(target / name, (run_dir / name).read_bytes())
             metrics = (run_dir / METRICS).read_bytes()
-            write_bytes(target / ARCHIVED_METRICS, gzip.compress(metrics, mtime=0))  # reproducible
+            copy_atomically(target / ARCHIVED_METRICS, gzip.compress(metrics, mtime=0))
             count += 1
     return count
 
