@@ -124,6 +124,16 @@ def pending(process: psutil.Process, sig: signal.Signals) -> bool:
     return any(mask & (1 << (sig - 1)) for mask in masks)
 
 
+def start_driver(command: list[str], log: Path) -> subprocess.Popen:
+    """``python -m core.experiment`` as a process of its own, to signal as a user would."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with open(log, "w") as handle:
+        return subprocess.Popen(
+            [sys.executable, "-m", "core.experiment", *command],
+            cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
 @pytest.mark.slow
 def test_two_nodes_give_the_local_backends_runs(
     reference: Path, procedural_dir: Path, tmp_path: Path
@@ -150,11 +160,17 @@ def node_processes(node) -> list[psutil.Process]:
 def test_without_an_address_ray_starts_on_this_machine(
     reference: Path, procedural_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # else ray.init joins that cluster
+    """A Ray of its own, even where another cluster runs here and RAY_ADDRESS names it (as
+    ``ray.init()`` without an address would join)."""
     out = tmp_path / "exp"
-    assert main(args(spec(tmp_path), procedural_dir, out, "--backend", "ray")) == 0
+    with cluster({"num_cpus": 1}) as other:
+        monkeypatch.setenv("RAY_ADDRESS", other.address)
+        assert main(args(spec(tmp_path), procedural_dir, out, "--backend", "ray")) == 0
+        theirs = {node.node_id for node in other.list_all_nodes()}
     assert not ray.is_initialized()  # and leaves again
     assert_same_runs(out, reference)
+    nodes = {p["node"] for run in run_dirs(out) for p in placements(run.with_suffix(".log"))}
+    assert len(nodes) == 1 and not nodes & theirs
 
 
 @pytest.mark.slow
@@ -203,12 +219,7 @@ def test_sigint_stops_every_run_and_a_rerun_continues_on_distinct_gpus(
     with cluster({"num_cpus": 2, "num_gpus": 2}) as one:
         command = [*args(spec(tmp_path, num_gpus=1), procedural_dir, out, "--backend", "ray")]
         command += ["--address", one.address]
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        with open(tmp_path / "driver.log", "w") as log:
-            driver = subprocess.Popen(
-                [sys.executable, "-m", "core.experiment", *command],
-                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+        driver = start_driver(command, tmp_path / "driver.log")
         try:
             frozen = freeze_after_first_epoch(*run_dirs(out))
             driver.send_signal(signal.SIGINT)
@@ -230,6 +241,48 @@ def test_sigint_stops_every_run_and_a_rerun_continues_on_distinct_gpus(
     assert_same_runs(out, reference)
     for run in run_dirs(out):
         assert placements(run.with_suffix(".log"))[-1]["command"] == ["--resume", str(run)]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_running_run_and_cancels_the_queued_one(
+    reference: Path, procedural_dir: Path, tmp_path: Path
+):
+    """One one-core node, two runs: one runs, one waits in Ray's queue. SIGTERM to the driver
+    stops the running one as SIGINT does (exit 130, interrupted.json) and cancels the queued
+    one, which never starts; the same command again finishes both."""
+    out = tmp_path / "exp"
+    with cluster({"num_cpus": 1}) as one:
+        command = [*args(spec(tmp_path), procedural_dir, out, "--backend", "ray")]
+        command += ["--address", one.address]
+        driver = start_driver(command, tmp_path / "driver.log")
+        try:
+            wait_for(lambda: any(placements(r.with_suffix(".log")) for r in run_dirs(out)), "a run")
+            running = next(r for r in run_dirs(out) if placements(r.with_suffix(".log")))
+            [frozen] = freeze_after_first_epoch(running)
+            driver.send_signal(signal.SIGTERM)
+            wait_for(lambda: pending(frozen, signal.SIGINT), "SIGINT")
+            frozen.resume()
+            assert driver.wait(timeout=DEADLINE) == 130, (tmp_path / "driver.log").read_text()
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+        [queued] = set(run_dirs(out)) - {running}
+        assert json.loads((running / INTERRUPTED).read_text())["signal"] == "SIGINT"
+        assert not placements(queued.with_suffix(".log")) and not queued.exists()
+        assert main(command) == 0
+    assert_same_runs(out, reference)
+
+
+@pytest.mark.slow
+def test_a_request_no_node_can_meet_exits_2(procedural_dir: Path, tmp_path: Path, capsys):
+    """One GPU per run on a cluster without one: refused at start, not queued for ever."""
+    out = tmp_path / "exp"
+    with cluster({"num_cpus": 1}) as one:
+        command = args(spec(tmp_path, num_gpus=1), procedural_dir, out, "--backend", "ray")
+        assert main([*command, "--address", one.address]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'spec.toml'}: [resources] num_cpus = 1, num_gpus = 1: no node" in err
+    assert not list(out.rglob("*.log"))
 
 
 @pytest.mark.slow
@@ -284,8 +337,9 @@ def test_a_folder_one_node_cannot_see_is_refused(procedural_dir: Path, tmp_path:
     """A node whose raylet lives in a mount namespace of its own, with an empty file system
     over the experiment's folder, like a machine whose local disk holds that path."""
     with cluster() as head:
+        ray_cli = Path(sys.executable).parent / "ray"  # this environment's, activated or not
         own_disk = (
-            f"mount -t tmpfs tmpfs {tmp_path} && exec {shutil.which('ray')} start --block "
+            f"mount -t tmpfs tmpfs {tmp_path} && exec {ray_cli} start --block "
             f"--address {head.address} --num-cpus 1 --object-store-memory {STORE}"
         )
         node = subprocess.Popen(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,6 +115,9 @@ def build_experiment(args: argparse.Namespace) -> Experiment:
         epochs = defaults.run.epochs
     if epochs < 1:
         raise UsageError(f"--epochs must be at least 1, got {epochs}")
+    data = args.data or spec.data
+    if data and args.backend == "ray":  # the path every node is given
+        data = os.path.abspath(data)
     baseline = args.baseline or spec.baseline or BASELINE
     if baseline == BASELINE and all(arm.name != BASELINE for arm in spec.arms):
         baseline = spec.arms[0].name
@@ -122,7 +126,7 @@ def build_experiment(args: argparse.Namespace) -> Experiment:
         seeds=seeds,
         epochs=epochs,
         common=common,
-        data=args.data or spec.data,
+        data=data,
         baseline=baseline,
         primary=spec.primary,
         correction=spec.correction,
@@ -135,6 +139,8 @@ def build_experiment(args: argparse.Namespace) -> Experiment:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.backend == "ray":  # run folders on other nodes: the path every node is given
+        args.out = args.out.absolute()
     started = time.monotonic()
     try:
         experiment = build_experiment(args)
@@ -208,10 +214,17 @@ def backend(args: argparse.Namespace, experiment: Experiment) -> Iterator[RunJob
             Runner(jobs, epochs_left(jobs, epochs), args.jobs or 1, args.threads)
         )
         return
-    from core.experiment.ray_backend import RayRunner, check_shared_storage, connect, disconnect
+    from core.experiment.ray_backend import (
+        RayRunner,
+        check_resources,
+        check_shared_storage,
+        connect,
+        disconnect,
+    )
 
     connect(args.address)
     try:
+        check_resources(experiment.resources, str(args.config or "--arms"))
         check_shared_storage(args.out)
         yield lambda jobs, epochs: run(
             RayRunner(
