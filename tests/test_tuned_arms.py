@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import shutil
 import statistics
 from pathlib import Path
 
@@ -118,6 +119,32 @@ def test_a_rerun_replays_the_search_and_runs_nothing(tuned: Path, procedural_dir
     assert main(command(procedural_dir, tuned)) == 0
     assert "2 of 2 runs already finished, 0 to run" in capsys.readouterr().out
     assert (tuned / "tuned" / "tuning" / "search.json").read_text() == before
+
+
+@pytest.mark.slow
+def test_a_search_stopped_before_its_last_batch_replays_the_rest(
+    tuned: Path, procedural_dir: Path, tmp_path: Path, capsys
+):
+    """The sampler, given the finished trials back, asks for the same last trial's settings,
+    and only that trial runs; it ends as it did before."""
+    out = tmp_path / "exp"
+    shutil.copytree(tuned, out)
+    last = TRIALS - 1  # batches of 2: the last batch holds this trial alone
+    shutil.rmtree(out / "tuned" / "tuning" / f"trial{last}")
+    search = out / "tuned" / "tuning" / "search.json"
+    before = json.loads(search.read_text())
+    # as the first batch left it: its trials, the best of them chosen
+    first = before["trials"][:last]
+    best = min(first, key=lambda trial: trial["value"])
+    search.write_text(json.dumps({**before, "trials": first, "chosen": best}))
+    capsys.readouterr()
+    assert main(command(procedural_dir, out)) == 0
+    started = [line for line in capsys.readouterr().out.splitlines() if " starting " in line]
+    assert len(started) == 1 and f"starting tuned trial {last} seed 1000" in started[0]
+    after = json.loads(search.read_text())
+    assert [t["params"] for t in after["trials"]] == [t["params"] for t in before["trials"]]
+    assert [t["value"] for t in after["trials"]] == [t["value"] for t in before["trials"]]
+    assert after["chosen"]["params"] == before["chosen"]["params"]
 
 
 @pytest.mark.slow
