@@ -17,6 +17,11 @@ EXIT_INTERRUPTED = 130
 """Stopped by SIGINT or SIGTERM (128 + SIGINT, the shell's convention)."""
 
 
+RAY_INSTALL = 'pip install "terraplug[ray]"'
+"""The command that installs the optional Ray backend and Optuna, for the message that
+names it where either is missing; it works inside a checkout and outside one."""
+
+
 class UsageError(Exception):
     """Bad input: the message names the offending option, key, file or plugin."""
 

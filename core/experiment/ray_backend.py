@@ -25,12 +25,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from core.errors import EXIT_FAILED, EXIT_INTERRUPTED, UsageError
+from core.errors import EXIT_FAILED, EXIT_INTERRUPTED, RAY_INSTALL, UsageError
 from core.experiment.schedule import Job, Runner, log_of
 from core.experiment.spec import Resources
 from core.run_folder import CHECKPOINT
 
-INSTALL = 'pip install "terraplug[ray]" -c constraints.txt'
 PLACEMENT = "placement: "
 """The line a node's task writes into the run's log before starting it (JSON follows)."""
 POLL_SECONDS = 0.5
@@ -46,7 +45,7 @@ def connect(address: str | None) -> None:
     try:
         import ray
     except ImportError:
-        raise UsageError(f"--backend ray needs Ray: {INSTALL}") from None
+        raise UsageError(f"--backend ray needs Ray: {RAY_INSTALL}") from None
     sigterm = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(

@@ -26,8 +26,7 @@ import attrs
 
 from core.config import load_config, unstructure
 from core.data.spatial_split import split_folders
-from core.errors import UsageError
-from core.experiment.ray_backend import INSTALL
+from core.errors import RAY_INSTALL, UsageError
 from core.experiment.schedule import Job, is_complete, plan_job, read_rows
 from core.experiment.spec import Arm, Experiment, Param, Search, run_overrides
 from core.plugins import PluginManager
@@ -151,7 +150,7 @@ def run_search(
         import optuna
     except ImportError:
         raise UsageError(
-            f"arm {arm.name!r} declares a search, which needs Optuna: {INSTALL}"
+            f"arm {arm.name!r} declares a search, which needs Optuna: {RAY_INSTALL}"
         ) from None
     search = arm.tune
     assert search is not None
@@ -204,15 +203,15 @@ def score(number: int, params: dict[str, Any], jobs: list[Job], metric: str) -> 
     """A trial's record: its value (the mean over its runs of the metric at their last
     epoch; None if a run did not finish), optimizer steps and training seconds."""
     rows = [read_rows(job.run_dir) if is_complete(job.run_dir) else [] for job in jobs]
-    finished = [run for run in rows if run]
+    complete = [run for run in rows if run]
     value = statistics.fmean(run[-1][metric] for run in rows) if all(rows) else None
     return {
         "trial": number,
         "params": params,
         "value": value,
-        "runs": len(finished),
-        "steps": sum(row.get("steps", 0) for run in finished for row in run),
-        "seconds": sum(row.get("seconds", 0.0) for run in finished for row in run),
+        "runs": len(complete),
+        "steps": sum(row.get("steps", 0) for run in complete for row in run),
+        "seconds": sum(row.get("seconds", 0.0) for run in complete for row in run),
     }
 
 
