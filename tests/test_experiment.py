@@ -582,6 +582,22 @@ def test_the_controls_verdict_follows_the_tests():
     assert "no power" in " ".join(control_verdict(experiment, summary, primary))
 
 
+def test_an_arm_normalised_otherwise_is_not_compared_in_loss_units():
+    """An arm whose losses are in other units (another data.normalisation) gets no change or
+    test in the val_loss columns, and the report says why; its metres still compare."""
+    experiment, plain = controlled(sham_shift=0.0, harmful_shift=4.0)
+    runs = {arm: {s: synthetic_rows(run["val_rmse_m"]) for s, run in seeds.items()}
+            for arm, seeds in plain.per_seed.items() if arm != "bicubic"}  # fmt: skip
+    summary = summarise(
+        experiment, runs, DEM.report_metrics, DEM.terrains, "bicubic", other_units={"stratified"}
+    )
+    stats = summary.stats["stratified"]
+    for column in ("final_val_loss", "val_loss@equal_steps"):
+        assert stats["paired_p"][column] is None and stats["delta_pct"][column] is None, column
+    assert stats["paired_p"]["val_rmse_m"] == plain.stats["stratified"]["paired_p"]["val_rmse_m"]
+    assert "`stratified` normalise the elevations otherwise" in report(experiment, summary)
+
+
 def test_the_questions_plot_shows_each_seeds_pair_and_what_survives():
     """stratified is 0.5 m better than the baseline on every seed (a question that survives
     the correction): its seven paired differences are drawn, in % of the baseline's mean,

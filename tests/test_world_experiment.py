@@ -64,7 +64,10 @@ def test_the_world_experiment_asks_each_question_on_held_out_landscapes(tmp_path
         "balanced_grad": "val_rmse_m",
         "pcgrad": "val_rmse_m",
         "terrain_weights": "val_rmse_m",
+        "global_scale": "val_rmse_m",
     }
+    scale = arm_config(world, "global_scale", tmp_path).data
+    assert scale.normalisation == "global" and scale.global_scale_m == 100.0
 
 
 def weights_of(config: Config) -> dict[str, float]:

@@ -4,7 +4,7 @@ batch-loss outliers marked, and the probe set's loss with the model spikes marke
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from os import PathLike
 from typing import Any
 
@@ -16,6 +16,9 @@ from core.experiment.summary import STAT_ROWS, Summary, probe_series
 from core.plots import domain_order, log_if_positive, run_step_losses, save
 from core.spikes import batch_loss_outliers
 from core.tasks import ReportMetric
+
+LOSS_KEYS = ("train_loss", "val_loss")
+"""Curves in the normalised units of the loss."""
 
 
 def arm_colours(count: int) -> list[Any]:
@@ -49,12 +52,16 @@ def _curve(rows: Sequence[Mapping[str, Any]], key: str) -> list[float]:
 
 
 def plot_loss_curves_by_arm(
-    runs: ArmRuns, path: str | PathLike[str], baseline: str | None = None
+    runs: ArmRuns,
+    path: str | PathLike[str],
+    baseline: str | None = None,
+    other_units: Collection[str] = (),
 ) -> None:
     """Train loss, val loss and val RMSE per epoch for each arm: the mean over seeds with a
     band of ± one std. The seed also picks the validation tiles, so that band holds the
     split's spread too; with a ``baseline`` a second row shows each arm's change in % against
-    the baseline run with the same seed, where only the arm's own effect and noise remain."""
+    the baseline run with the same seed, where only the arm's own effect and noise remain.
+    The arms of ``other_units`` (losses normalised otherwise) stay out of the loss panels."""
     panels = (
         ("train_loss", "train loss"),
         ("val_loss", "val loss"),
@@ -69,7 +76,7 @@ def plot_loss_curves_by_arm(
     for column, (key, title) in enumerate(panels):
         for i, (arm, seeds) in enumerate(runs.items()):
             curves = [_curve(rows, key) for rows in seeds.values()]
-            if not curves:
+            if not curves or (key in LOSS_KEYS and arm in other_units):
                 continue
             epochs, mean, std = _mean_band(curves)
             ax = axes[0][column]
@@ -148,7 +155,7 @@ def plot_domain_metrics_by_arm(
             for seed, row in rows.items()
         }
 
-    colours = arm_colours(len(finals) + 1)  # and the reference
+    colours = arm_colours(len(finals))  # the reference is grey
     for column, (key, reference_key, title) in enumerate(keys):
         groups = {arm: values(seeds, key) for arm, seeds in finals.items()}
         if reference_key and any(

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from core.config import load_config
-from core.experiment.schedule import Runs, collect, collect_tiles, run_dir_of
+from core.experiment.schedule import Runs, collect, collect_tiles, is_complete, run_dir_of
 from core.experiment.spec import Experiment
 from core.experiment.stats import smallest_p
 from core.experiment.summary import (
@@ -279,6 +279,21 @@ def shares_section(experiment: Experiment, summary: Summary) -> list[str]:
     return lines
 
 
+def other_units_note(experiment: Experiment, summary: Summary) -> list[str]:
+    """Which arms' losses are normalised otherwise than the baseline's: their val_loss
+    cells are shown without a comparison, and the loss panels of the plots leave them out."""
+    if not summary.other_units:
+        return []
+    arms = ", ".join(f"`{arm}`" for arm in sorted(summary.other_units))
+    return [
+        "",
+        f"{arms} normalise the elevations otherwise than `{experiment.baseline}` "
+        "(`data.normalisation`): their losses are in other units, so their val_loss cells "
+        "carry no change or test, and loss_curves_by_arm.png leaves them out of the loss "
+        "panels.",
+    ]
+
+
 def markdown(
     experiment: Experiment, summary: Summary, primary: Column, spikes: Sequence[str] = ()
 ) -> str:
@@ -312,6 +327,7 @@ def markdown(
         "At equal optimizer steps: each run read at its last epoch within the fewest steps "
         "any arm took with that seed. Batch-loss outliers and model spikes: see "
         "docs/experiments.md, step_losses_by_arm.png and probe_losses_by_arm.png.",
+        *other_units_note(experiment, summary),
         "",
         "## Controls",
         "",
@@ -376,6 +392,21 @@ def injected_steps(experiment: Experiment, out: Path) -> tuple[tuple[int, ...], 
     return (), 0
 
 
+def loss_scales(experiment: Experiment, out: Path) -> dict[str, tuple[str, float | None]]:
+    """Each arm's normalisation, from the config.toml of its first complete run: the units
+    of its losses (a global scale's size matters, a per-tile one's does not)."""
+    scales = {}
+    for arm in experiment.arms:
+        for seed in experiment.seeds:
+            path = run_dir_of(out, arm, seed) / CONFIG
+            if is_complete(path.parent):
+                data = load_config(path).data
+                scale = data.global_scale_m if data.normalisation == "global" else None
+                scales[arm.name] = (data.normalisation, scale)
+                break
+    return scales
+
+
 def write_report(experiment: Experiment, out: Path, report_dir: Path) -> Summary:
     """Tables, CSV and plots from the complete runs under ``out``."""
     from core.experiment.plots import (
@@ -391,8 +422,17 @@ def write_report(experiment: Experiment, out: Path, report_dir: Path) -> Summary
     task = get_task(experiment.task)
     runs: Runs = collect(experiment, out)
     tiles = collect_tiles(experiment, out)
+    scales = loss_scales(experiment, out)
+    base_scale = scales.get(experiment.baseline)
+    other_units = {arm for arm, scale in scales.items() if scale != base_scale}
     summary = summarise(
-        experiment, runs, task.report_metrics, task.terrains, task.reference_name, tiles
+        experiment,
+        runs,
+        task.report_metrics,
+        task.terrains,
+        task.reference_name,
+        tiles,
+        other_units,
     )
     report_dir.mkdir(parents=True, exist_ok=True)
     primary = primary_column(task.report_metrics)
@@ -401,17 +441,21 @@ def write_report(experiment: Experiment, out: Path, report_dir: Path) -> Summary
     (report_dir / "results.md").write_text(text)
     write_csv(report_dir / "results.csv", experiment, summary)
     baseline = experiment.baseline
-    plot_loss_curves_by_arm(runs, report_dir / "loss_curves_by_arm.png", baseline=baseline)
+    plot_loss_curves_by_arm(
+        runs, report_dir / "loss_curves_by_arm.png", baseline=baseline, other_units=other_units
+    )
     plot_step_losses_by_arm(runs, report_dir / "step_losses_by_arm.png")
     plot_probe_losses_by_arm(runs, report_dir / "probe_losses_by_arm.png")
-    colours = dict(zip(runs, arm_colours(len(runs) + 1), strict=False))
+    colours = dict(zip(runs, arm_colours(len(runs)), strict=True))  # as every figure has them
     if summary.questions and baseline in summary.per_seed:
         plot_questions(summary, baseline, experiment.alpha, colours, report_dir / QUESTIONS_PNG)
     curve = curve_metric(task.report_metrics)
     if tiles and has_region_gains(curve):
-        gains = {
+        shown = {arm.name for arm in experiment.arms if arm.control in (None, "sham")}
+        gains = {  # the frozen, unstable and harmful controls would only stretch the axis
             arm: {seed: region_gains(columns, curve) for seed, columns in seeds.items()}
             for arm, seeds in tiles.items()
+            if arm in shown
         }
         plot_region_gains(
             gains, colours, task.reference_name, curve.label, report_dir / REGION_GAINS_PNG

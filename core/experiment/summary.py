@@ -9,7 +9,7 @@ test is exploratory, corrected per table.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from itertools import accumulate
 from typing import Any
 
@@ -61,6 +61,9 @@ class Column:
     outcome."""
     censored: bool = False
     """Values are None where a run never got there: tested by the exact sign test."""
+    loss_units: bool = False
+    """In the normalised units of the loss, which an arm with another
+    ``data.normalisation`` does not share: such an arm's cells are not compared."""
 
 
 @attrs.frozen
@@ -98,14 +101,14 @@ def tables_for(metrics: Sequence[ReportMetric], domains: Sequence[str]) -> list[
         Column("steps", "optimizer steps", tested=False),
         *fractions,
         Column("val_auc", f"{curve.label}, mean over the curve", better),
-        Column("final_val_loss", "final val_loss"),
+        Column("final_val_loss", "final val_loss", loss_units=True),
         *(Column(m.key, m.label, m.higher_is_better) for m in metrics),
         *spread,
     ]
     equal = [
         Column(f"epoch{EQUAL_STEPS}", "epoch", tested=False),
         Column(f"steps{EQUAL_STEPS}", "optimizer steps", tested=False),
-        Column(f"val_loss{EQUAL_STEPS}", "val_loss"),
+        Column(f"val_loss{EQUAL_STEPS}", "val_loss", loss_units=True),
         *(Column(f"{m.key}{EQUAL_STEPS}", m.label, m.higher_is_better) for m in metrics),
     ]
     tables = [Table("Headline", tuple(headline)), Table("At equal optimizer steps", tuple(equal))]
@@ -362,6 +365,8 @@ class Summary:
     """The corrected level of the primary endpoints' family (``corrected_level``)."""
     shares: dict[str, dict[str, float]] = attrs.Factory(dict)
     """The baseline's ``domain_shares``, averaged over its seeds."""
+    other_units: frozenset[str] = frozenset()
+    """Arms whose losses are in other units than the baseline's (``loss_units`` columns)."""
 
     @property
     def complete_runs(self) -> int:
@@ -432,7 +437,10 @@ def summarise(
     domains: Sequence[str],
     reference_name: str,
     tiles: TileRuns | None = None,
+    other_units: Collection[str] = (),
 ) -> Summary:
+    """Every arm's numbers and paired comparisons; ``other_units``: arms whose losses are
+    normalised otherwise than the baseline's, whose loss columns get no comparison."""
     tiles = tiles or {}
     budgets, goal = step_budgets(runs), baseline_gain(experiment, runs, metrics)
     per_seed = {
@@ -474,7 +482,10 @@ def summarise(
             if column.censored:
                 change = None  # the report gives medians, a run never there counting as last
             cells: dict[str, float | None] = {"paired_p": None}
-            if arm != experiment.baseline and column.tested:
+            comparable = not (column.loss_units and arm in other_units)
+            if not comparable:
+                change = None
+            if arm != experiment.baseline and column.tested and comparable:
                 how = from_tiles.get(name)
                 pair = (tiles.get(arm, {}), base_tiles, *how) if how and arm in tiles else None
                 cells = compare(experiment, column, values, base_values, pair)
@@ -495,7 +506,9 @@ def summarise(
             for seed, rows in runs.get(experiment.baseline, {}).items()
         ]
     )
-    return Summary(per_seed, stats, tables, reference_name, questions, level, shares)
+    return Summary(
+        per_seed, stats, tables, reference_name, questions, level, shares, frozenset(other_units)
+    )
 
 
 def average_shares(runs: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
