@@ -1,6 +1,7 @@
 """dem_sr's validation metrics in physical units (metres, degrees), overall and per terrain.
 
-Losses are computed on per-tile normalised values, which hides how wrong a model is on a
+Losses are computed on normalised values (``data.normalisation``: per tile by default), which
+can hide how wrong a model is on a
 2000 m-relief Himalayan tile compared with a Hungarian plain; these metrics undo the
 normalisation first, as DESIGN.md §5 asks: elevation RMSE and MAE in metres and slope RMSE in
 degrees (Horn's method with each tile's true cell size).

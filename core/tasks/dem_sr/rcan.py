@@ -3,8 +3,8 @@
 Laid out like EDSR-PyTorch's ``src/model/rcan.py``: channel attention -> RCAB -> residual group
 -> head / body / tail with a long skip. Differences, all for DEMs:
 
-* one band in and out, and no RGB mean shift: tiles arrive normalised per tile (zero mean,
-  unit std), so the data layer already does what ``MeanShift`` did;
+* one band in and out, and no RGB mean shift: tiles arrive normalised (zero mean, and unit
+  std per tile or one global scale), so the data layer already does what ``MeanShift`` did;
 * a global bicubic skip: the network predicts the residual over the bicubic upsampled input,
   and the tail's last conv starts at zero, so an untrained model *is* bicubic interpolation
   and training starts from interpolation quality instead of from noise;
