@@ -181,16 +181,19 @@ def test_a_killed_nodes_run_resumes_on_the_other_node(
     killed: dict[str, str] = {}
 
     def kill_a_node_mid_run(nodes) -> None:
-        """Once a run has a checkpoint, SIGKILL every process of the node it runs on."""
+        """Once a run has a checkpoint, SIGKILL the node's raylet and workers, but not the
+        run's own process: that one must end with the task that started it."""
         wait_for(lambda: any((run / CHECKPOINT).is_file() for run in run_dirs(out)), "a run")
         run = next(run for run in run_dirs(out) if (run / CHECKPOINT).is_file())
-        freeze_after_first_epoch(run)  # so the node dies mid-run
+        [frozen] = freeze_after_first_epoch(run)  # so the node dies mid-run
         node_id = placements(run.with_suffix(".log"))[-1]["node"]
         node = next(node for node in nodes if node.node_id == node_id)
         for process in node_processes(node):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.send_signal(signal.SIGKILL)
-        killed.update(run=str(run), node=node_id)
+            if process.pid != frozen.pid:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.send_signal(signal.SIGKILL)
+        _, alive = psutil.wait_procs([frozen], timeout=DEADLINE)
+        killed.update(run=str(run), node=node_id, orphan=str(bool(alive)))
 
     with cluster({"num_cpus": 1}, {"num_cpus": 1}) as two:
         killer = threading.Thread(target=kill_a_node_mid_run, args=(list(two.worker_nodes),))
@@ -199,6 +202,7 @@ def test_a_killed_nodes_run_resumes_on_the_other_node(
         status = main([*command, "--address", two.address])
         killer.join()
     assert status == 0
+    assert killed["orphan"] == "False"  # nothing of the lost attempt kept running
     run = Path(killed["run"])
     first, *retries = placements(run.with_suffix(".log"))
     assert first["node"] == killed["node"] and retries

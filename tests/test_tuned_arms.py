@@ -102,6 +102,9 @@ def test_the_chosen_setting_trains_the_arm_and_the_report_shows_the_search(tuned
     assert f"Budget spent: {TRIALS} of {TRIALS} trials, {TRIALS} runs" in section
     steps = sum(row["steps"] for t in values for row in trial_rows(tuned, t))
     assert f"{steps} optimizer steps" in section
+    for trial in search["trials"]:  # training seconds: the runs' own, summed
+        seconds = sum(row["seconds"] for row in trial_rows(tuned, trial["trial"]))
+        assert trial["seconds"] == pytest.approx(seconds)
     with open(tuned / "results.csv", newline="") as handle:
         rows = {(row["arm"], row["seed"]): row for row in csv.DictReader(handle)}
     final = read_metrics(tuned / "tuned" / "seed0")[-1]["val_rmse_m"]
