@@ -26,9 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import EXIT_FAILED, EXIT_INTERRUPTED, RAY_INSTALL, UsageError
-from core.experiment.schedule import Job, Runner, log_of
+from core.experiment.schedule import Job, Runner, log_of, resume_args
 from core.experiment.spec import Resources
-from core.run_folder import CHECKPOINT
 
 PLACEMENT = "placement: "
 """The line a node's task writes into the run's log before starting it (JSON follows)."""
@@ -111,8 +110,7 @@ def run_on_node(command: list[str], run_dir: str, log: str, stop: str, threads: 
     a task that finds it before the run starts returns 130 without starting it."""
     import ray
 
-    if command[0] != "--resume" and (Path(run_dir) / CHECKPOINT).is_file():
-        command = ["--resume", run_dir]
+    command = resume_args(Path(run_dir)) or command
     gpus = [str(gpu) for gpu in ray.get_gpu_ids()]
     launcher = [sys.executable, "-m", "core.run"]
     if len(gpus) > 1:

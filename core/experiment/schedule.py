@@ -80,17 +80,20 @@ def check_same_settings(experiment: Experiment, arm: Arm, seed: int, run_dir: Pa
         )
 
 
+def resume_args(run_dir: Path) -> list[str]:
+    """``core.run``'s arguments to resume a run that left a checkpoint, else none: read when
+    an experiment starts again, and when a Ray task starts again after its node died."""
+    return ["--resume", str(run_dir)] if (run_dir / CHECKPOINT).is_file() else []
+
+
 def plan_job(experiment: Experiment, arm: Arm, seed: int, run_dir: Path) -> Job:
     """One run's job: none to do when complete, a resume when it left a checkpoint."""
     check_same_settings(experiment, arm, seed, run_dir)
     job = Job(arm, seed, run_dir)
     if is_complete(run_dir):
         return job
-    if (run_dir / CHECKPOINT).is_file():
-        job.command = ["--resume", str(run_dir)]
-    else:
-        overrides = run_overrides(experiment, arm, seed, run_dir)
-        job.command = [arg for s in overrides for arg in ("--set", s)]
+    overrides = run_overrides(experiment, arm, seed, run_dir)
+    job.command = resume_args(run_dir) or [arg for s in overrides for arg in ("--set", s)]
     return job
 
 
