@@ -372,6 +372,25 @@ def ray_nodes(address: str) -> list[dict]:
         ray.shutdown()
 
 
+@pytest.mark.parametrize(
+    ("resources", "message"),
+    [
+        ("num_gpus = 1.5", "'num_gpus' above 1 must be a whole number, got 1.5"),
+        ("num_cpus = 0", "'num_cpus' must be > 0.0"),
+        ("retries = -1", "'retries' must be >= 0"),
+    ],
+)
+def test_bad_resources_exit_2_naming_the_file(resources: str, message: str, tmp_path: Path, capsys):
+    """Checked as the file is read, whichever the backend."""
+    path = tmp_path / "spec.toml"
+    path.write_text(f'[[arms]]\nname = "baseline"\n[resources]\n{resources}\n')
+    out = tmp_path / "exp"
+    assert main(["--config", str(path), "--out", str(out), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and f"@ {path}.resources" in err
+    assert not out.exists()
+
+
 def test_without_ray_the_backend_exits_2_with_the_install_command(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys
 ):

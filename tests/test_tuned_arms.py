@@ -191,6 +191,18 @@ def test_a_search_that_would_read_the_reported_set_exits_2(
     assert not out.exists()
 
 
+def test_a_search_over_a_key_that_does_not_exist_exits_2(
+    procedural_dir: Path, tmp_path: Path, capsys
+):
+    path = spec(tmp_path)
+    path.write_text(path.read_text().replace(KEY, "plugins.terrain_loss.nope"))
+    out = tmp_path / "exp"
+    assert main(["--config", str(path), "--data", str(procedural_dir), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "arm 'tuned': " in err and "(nope) @ plugins.terrain_loss" in err
+    assert not out.exists()
+
+
 def test_excluded_regions_neither_train_nor_validate(procedural_dir: Path):
     data = DataSection(val_regions=TUNING, exclude_regions=REPORTED)
     train, val = load_split(procedural_dir, data, 0)
