@@ -23,6 +23,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
+from core.config import load_config
 from core.experiment import main
 from core.experiment.ray_backend import placements
 from core.run_folder import CHECKPOINT, INTERRUPTED, SUMMARY
@@ -173,34 +174,51 @@ def test_without_an_address_ray_starts_on_this_machine(
     assert len(nodes) == 1 and not nodes & theirs
 
 
+@contextlib.contextmanager
+def a_node_killed_mid_run(nodes: list, out: Path) -> Iterator[dict[str, str]]:
+    """While the body runs the experiment in ``out``: once a run has a checkpoint, SIGKILL
+    its node's raylet and workers, but not the run's own process, which must end with the
+    task that started it. Yields the run, the node and whether the run's process outlived
+    them (``orphan``), filled in when the body is done; the killer's own failure fails the
+    test with its message."""
+    killed: dict[str, str] = {}
+
+    def kill() -> None:
+        try:
+            wait_for(lambda: any((r / CHECKPOINT).is_file() for r in run_dirs(out)), "a run")
+            run = next(run for run in run_dirs(out) if (run / CHECKPOINT).is_file())
+            [frozen] = freeze_after_first_epoch(run)  # so the node dies mid-run
+            node_id = placements(run.with_suffix(".log"))[-1]["node"]
+            node = next(node for node in nodes if node.node_id == node_id)
+            for process in node_processes(node):
+                if process.pid != frozen.pid:
+                    with contextlib.suppress(psutil.NoSuchProcess):
+                        process.send_signal(signal.SIGKILL)
+            _, alive = psutil.wait_procs([frozen], timeout=DEADLINE)
+            killed.update(run=str(run), node=node_id, orphan=str(bool(alive)))
+        except BaseException as error:  # pytest.fail's too
+            killed["error"] = repr(error)
+
+    killer = threading.Thread(target=kill)
+    killer.start()
+    try:
+        yield killed
+    finally:
+        killer.join()
+    assert "error" not in killed, killed["error"]
+
+
 @pytest.mark.slow
 def test_a_killed_nodes_run_resumes_on_the_other_node(
     reference: Path, procedural_dir: Path, tmp_path: Path
 ):
     out = tmp_path / "exp"
-    killed: dict[str, str] = {}
-
-    def kill_a_node_mid_run(nodes) -> None:
-        """Once a run has a checkpoint, SIGKILL the node's raylet and workers, but not the
-        run's own process: that one must end with the task that started it."""
-        wait_for(lambda: any((run / CHECKPOINT).is_file() for run in run_dirs(out)), "a run")
-        run = next(run for run in run_dirs(out) if (run / CHECKPOINT).is_file())
-        [frozen] = freeze_after_first_epoch(run)  # so the node dies mid-run
-        node_id = placements(run.with_suffix(".log"))[-1]["node"]
-        node = next(node for node in nodes if node.node_id == node_id)
-        for process in node_processes(node):
-            if process.pid != frozen.pid:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    process.send_signal(signal.SIGKILL)
-        _, alive = psutil.wait_procs([frozen], timeout=DEADLINE)
-        killed.update(run=str(run), node=node_id, orphan=str(bool(alive)))
-
-    with cluster({"num_cpus": 1}, {"num_cpus": 1}) as two:
-        killer = threading.Thread(target=kill_a_node_mid_run, args=(list(two.worker_nodes),))
-        killer.start()
+    with (
+        cluster({"num_cpus": 1}, {"num_cpus": 1}) as two,
+        a_node_killed_mid_run(list(two.worker_nodes), out) as killed,
+    ):
         command = args(spec(tmp_path), procedural_dir, out, "--backend", "ray")
         status = main([*command, "--address", two.address])
-        killer.join()
     assert status == 0
     assert killed["orphan"] == "False"  # nothing of the lost attempt kept running
     run = Path(killed["run"])
@@ -209,6 +227,31 @@ def test_a_killed_nodes_run_resumes_on_the_other_node(
     assert retries[-1]["node"] != killed["node"]
     assert retries[-1]["command"] == ["--resume", str(run)]  # from the checkpoint it left
     assert_same_runs(out, reference)
+
+
+@pytest.mark.slow
+def test_a_run_whose_retries_are_used_up_fails_and_the_others_finish(
+    reference: Path, procedural_dir: Path, tmp_path: Path, capsys
+):
+    """``retries = 0``: the killed node's run is not started again; the experiment ends with
+    exit 1 naming its log, which says why, and the other run finishes as it would alone."""
+    out = tmp_path / "exp"
+    path = tmp_path / "spec.toml"
+    path.write_text('[[arms]]\nname = "baseline"\n[resources]\nretries = 0\n')
+    with (
+        cluster({"num_cpus": 1}, {"num_cpus": 1}) as two,
+        a_node_killed_mid_run(list(two.worker_nodes), out) as killed,
+    ):
+        command = args(path, procedural_dir, out, "--backend", "ray")
+        status = main([*command, "--address", two.address])
+    assert status == 1
+    run = Path(killed["run"])
+    assert len(placements(run.with_suffix(".log"))) == 1 and not (run / SUMMARY).exists()
+    assert "the run's Ray task failed" in run.with_suffix(".log").read_text()
+    assert f"FAILED baseline seed {run.name[4:]}" in capsys.readouterr().err
+    [other] = set(run_dirs(out)) - {run}
+    local = reference / "baseline" / other.name
+    assert without_timing(read_metrics(other)) == without_timing(read_metrics(local))
 
 
 @pytest.mark.slow
@@ -275,6 +318,22 @@ def test_sigterm_stops_the_running_run_and_cancels_the_queued_one(
         assert not placements(queued.with_suffix(".log")) and not queued.exists()
         assert main(command) == 0
     assert_same_runs(out, reference)
+
+
+@pytest.mark.slow
+def test_relative_paths_reach_the_nodes_as_absolute_ones(
+    procedural_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A node's working directory is not the driver's: --out and --data reach the runs as
+    the absolute paths they name on the driver."""
+    with cluster({"num_cpus": 1}) as one:  # started elsewhere than the driver's directory
+        monkeypatch.chdir(tmp_path)
+        data = Path(os.path.relpath(procedural_dir, tmp_path))
+        command = args(spec(tmp_path), data, Path("exp"), "--seeds", "0", "--epochs", "1")
+        assert main([*command, "--backend", "ray", "--address", one.address]) == 0
+    config = load_config(tmp_path / "exp" / "baseline" / "seed0" / "config.toml")
+    assert config.data.dir == str(procedural_dir)
+    assert config.run.out == str(tmp_path / "exp" / "baseline" / "seed0")
 
 
 @pytest.mark.slow
