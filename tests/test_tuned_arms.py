@@ -1,6 +1,6 @@
 """A tuned arm: Optuna's seeded TPE search over ``terrain_loss``'s per-terrain weights on a
-tuning split of named regions, which never reads the regions the report scores; the chosen
-setting then trains the arm, reported like every other arm."""
+tuning split of named regions, whose trials never train or validate on the regions the
+report scores; the chosen setting then trains the arm, reported like every other arm."""
 
 from __future__ import annotations
 

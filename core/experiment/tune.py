@@ -4,8 +4,8 @@ runs like every other arm.
 The search is Optuna's TPE sampler, seeded. Three spatial sets stay apart: a trial run trains
 on the experiment's data without the tuning regions and without the reported validation
 regions (``data.exclude_regions``), and validates on the tuning regions only
-(``data.val_regions``), so the search never reads the set the report scores. The arm's own
-runs then train with the chosen settings and validate on the experiment's regions.
+(``data.val_regions``), so no trial trains or validates on the set the report scores. The
+arm's own runs then train with the chosen settings and validate on the experiment's regions.
 
 A trial's runs are ordinary runs in ``<out>/<arm>/tuning/trial<k>/seed<s>/``, run by the
 experiment's backend, so a restarted search replays its finished trials into the sampler,
