@@ -322,15 +322,16 @@ def test_sigterm_stops_the_running_run_and_cancels_the_queued_one(
 
 @pytest.mark.slow
 def test_relative_paths_reach_the_nodes_as_absolute_ones(
-    procedural_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    procedural_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ):
     """A node's working directory is not the driver's: --out and --data reach the runs as
-    the absolute paths they name on the driver."""
+    the absolute paths they name on the driver. The start line says the run is queued."""
     with cluster({"num_cpus": 1}) as one:  # started elsewhere than the driver's directory
         monkeypatch.chdir(tmp_path)
         data = Path(os.path.relpath(procedural_dir, tmp_path))
         command = args(spec(tmp_path), data, Path("exp"), "--seeds", "0", "--epochs", "1")
         assert main([*command, "--backend", "ray", "--address", one.address]) == 0
+    assert f"queued baseline seed 0 -> {tmp_path / 'exp'}" in capsys.readouterr().out
     config = load_config(tmp_path / "exp" / "baseline" / "seed0" / "config.toml")
     assert config.data.dir == str(procedural_dir)
     assert config.run.out == str(tmp_path / "exp" / "baseline" / "seed0")

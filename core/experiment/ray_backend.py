@@ -198,7 +198,10 @@ class RayRun:
 
 class RayRunner(Runner):
     """The local scheduler's loop and progress lines, with each run a Ray task asking for
-    ``resources``; Ray queues what the cluster cannot hold yet, so ``jobs`` 0 submits all."""
+    ``resources``; Ray queues what the cluster cannot hold yet, so ``jobs`` 0 submits all,
+    and a start line says a run is queued (its log's placement line says where it started)."""
+
+    verbs = ("queued", "queued to resume")
 
     def __init__(
         self, pending: list[Job], total_epochs: int, jobs: int, threads: int, resources: Resources

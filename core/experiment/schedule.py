@@ -135,11 +135,14 @@ def clock(seconds: float) -> str:
 class Runner:
     """Runs the pending jobs, ``jobs`` at a time, printing progress as epochs finish."""
 
+    verbs = ("starting", "resuming")
+    """What a start line says of a new run and of a resumed one."""
+
     def __init__(self, pending: list[Job], total_epochs: int, jobs: int, threads: int) -> None:
         self.queue = list(pending)
         self.total_epochs = total_epochs
         self.jobs = max(1, jobs)
-        self.env = child_env(self.jobs, threads)
+        self.threads = threads
         self.running: list[Job] = []
         self.failed: list[Job] = []
         self.epochs_done = 0
@@ -150,7 +153,7 @@ class Runner:
         job.epochs_seen = count_rows(job.run_dir)
         job.started = time.monotonic()
         job.process = self.launch(job)
-        how = "resuming" if job.command[0] == "--resume" else "starting"
+        how = self.verbs[job.command[0] == "--resume"]
         print(f"{self.stamp()} {how} {job.arm.name} seed {job.seed} -> {job.run_dir}", flush=True)
 
     def launch(self, job: Job) -> Process:
@@ -160,7 +163,7 @@ class Runner:
                 [sys.executable, "-m", "core.run", *job.command],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=self.env,
+                env=child_env(self.jobs, self.threads),
             )
 
     def stamp(self) -> str:
