@@ -74,10 +74,11 @@ RATIO = re.compile(
                 "loader_workers2_vs_small_model",
             },
         ),
-        (
+        pytest.param(
             "experiment_backends.py",
             [],
             {"ray_wall_vs_local", "ray_start_latency_vs_local"},
+            marks=pytest.mark.ray_cluster,
         ),
         (
             "terramind_memory.py",

@@ -136,6 +136,7 @@ def start_driver(command: list[str], log: Path) -> subprocess.Popen:
 
 
 @pytest.mark.slow
+@pytest.mark.ray_cluster
 def test_two_nodes_give_the_local_backends_runs(
     reference: Path, procedural_dir: Path, tmp_path: Path
 ):
@@ -158,6 +159,7 @@ def node_processes(node) -> list[psutil.Process]:
 
 
 @pytest.mark.slow
+@pytest.mark.ray_cluster
 def test_without_an_address_ray_starts_on_this_machine(
     reference: Path, procedural_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
@@ -209,6 +211,7 @@ def a_node_killed_mid_run(nodes: list, out: Path) -> Iterator[dict[str, str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.ray_cluster
 def test_a_killed_nodes_run_resumes_on_the_other_node(
     reference: Path, procedural_dir: Path, tmp_path: Path
 ):
@@ -230,6 +233,7 @@ def test_a_killed_nodes_run_resumes_on_the_other_node(
 
 
 @pytest.mark.slow
+@pytest.mark.ray_cluster
 def test_a_run_whose_retries_are_used_up_fails_and_the_others_finish(
     reference: Path, procedural_dir: Path, tmp_path: Path, capsys
 ):
@@ -255,6 +259,7 @@ def test_a_run_whose_retries_are_used_up_fails_and_the_others_finish(
 
 
 @pytest.mark.slow
+@pytest.mark.ray_cluster
 def test_sigint_stops_every_run_and_a_rerun_continues_on_distinct_gpus(
     reference: Path, procedural_dir: Path, tmp_path: Path
 ):
@@ -291,6 +296,7 @@ def test_sigint_stops_every_run_and_a_rerun_continues_on_distinct_gpus(
 
 
 @pytest.mark.slow
+@pytest.mark.ray_cluster
 def test_sigterm_stops_the_running_run_and_cancels_the_queued_one(
     reference: Path, procedural_dir: Path, tmp_path: Path
 ):
@@ -321,6 +327,7 @@ def test_sigterm_stops_the_running_run_and_cancels_the_queued_one(
 
 
 @pytest.mark.slow
+@pytest.mark.ray_cluster
 def test_relative_paths_reach_the_nodes_as_absolute_ones(
     procedural_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ):
@@ -338,6 +345,7 @@ def test_relative_paths_reach_the_nodes_as_absolute_ones(
 
 
 @pytest.mark.slow
+@pytest.mark.ray_cluster
 def test_a_request_no_node_can_meet_exits_2(procedural_dir: Path, tmp_path: Path, capsys):
     """One GPU per run on a cluster without one: refused at start, not queued for ever."""
     out = tmp_path / "exp"
@@ -350,6 +358,7 @@ def test_a_request_no_node_can_meet_exits_2(procedural_dir: Path, tmp_path: Path
 
 
 @pytest.mark.slow
+@pytest.mark.ray_cluster
 def test_a_run_asking_for_two_gpus_starts_a_process_on_each(procedural_dir: Path, tmp_path: Path):
     """``accelerate launch`` inside the run's allocation: two processes (on the CPU over
     gloo here, as on a machine without GPUs), seeing the run's two devices."""
@@ -366,6 +375,7 @@ def test_a_run_asking_for_two_gpus_starts_a_process_on_each(procedural_dir: Path
 
 
 @pytest.mark.slow
+@pytest.mark.ray_cluster
 def test_a_tuned_arms_search_runs_its_trials_on_the_cluster(
     procedural_dir: Path, tmp_path: Path, capsys
 ):
@@ -393,6 +403,7 @@ def can_mount_privately() -> bool:
 
 
 @pytest.mark.slow
+@pytest.mark.ray_cluster
 @pytest.mark.skipif(
     not can_mount_privately(),
     reason="a node with a file system of its own needs a mount namespace (root and unshare)",
