@@ -110,7 +110,12 @@ def test_two_providers_of_an_exclusive_hook_is_an_error_naming_both():
 
 
 def test_exclusive_hooks_are_the_firstresult_specs():
-    assert set(manager().exclusive_hooks()) == {"batch_plan", "training_forward", "backward"}
+    assert set(manager().exclusive_hooks()) == {
+        "batch_plan",
+        "training_forward",
+        "probe_losses",
+        "backward",
+    }
 
 
 def test_single_exclusive_provider_is_called():
