@@ -7,9 +7,9 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from core.config import load_config
+from core.config import Config, load_config
 from core.experiment.schedule import Runs, collect, collect_tiles, is_complete, run_dir_of
-from core.experiment.spec import Experiment
+from core.experiment.spec import Arm, Experiment
 from core.experiment.stats import smallest_p
 from core.experiment.summary import (
     EQUAL_STEPS,
@@ -380,30 +380,34 @@ def primary_column(metrics: Sequence[ReportMetric]) -> Column:
     return Column("final_val_loss", "final val_loss")
 
 
+def first_run_config(experiment: Experiment, out: Path, arm: Arm) -> Config | None:
+    """The config.toml of ``arm``'s first complete run: what every seed of it shares."""
+    for seed in experiment.seeds:
+        run_dir = run_dir_of(out, arm, seed)
+        if is_complete(run_dir):
+            return load_config(run_dir / CONFIG)
+    return None
+
+
 def injected_steps(experiment: Experiment, out: Path) -> tuple[tuple[int, ...], int]:
     """The ``unstable`` control's ``optim.lr_spike_steps`` and ``train.probe_every``, from
-    the config.toml of its first complete run (every seed has the same)."""
+    its runs' config (every seed has the same)."""
     arm = experiment.control("unstable")
-    for seed in experiment.seeds if arm is not None else ():
-        path = run_dir_of(out, arm, seed) / CONFIG
-        if path.is_file():
-            config = load_config(path)
-            return tuple(config.optim.lr_spike_steps), config.train.probe_every
-    return (), 0
+    config = first_run_config(experiment, out, arm) if arm is not None else None
+    if config is None:
+        return (), 0
+    return tuple(config.optim.lr_spike_steps), config.train.probe_every
 
 
 def loss_scales(experiment: Experiment, out: Path) -> dict[str, tuple[str, float | None]]:
-    """Each arm's normalisation, from the config.toml of its first complete run: the units
-    of its losses (a global scale's size matters, a per-tile one's does not)."""
+    """Each arm's normalisation, from its runs' config: the units of its losses (a global
+    scale's size matters, a per-tile one's does not)."""
     scales = {}
     for arm in experiment.arms:
-        for seed in experiment.seeds:
-            path = run_dir_of(out, arm, seed) / CONFIG
-            if is_complete(path.parent):
-                data = load_config(path).data
-                scale = data.global_scale_m if data.normalisation == "global" else None
-                scales[arm.name] = (data.normalisation, scale)
-                break
+        if (config := first_run_config(experiment, out, arm)) is not None:
+            data = config.data
+            scale = data.global_scale_m if data.normalisation == "global" else None
+            scales[arm.name] = (data.normalisation, scale)
     return scales
 
 
