@@ -536,7 +536,9 @@ def test_arm_syntax():
     ]
 
 
-def controlled(sham_shift: float, harmful_shift: float, seeds: int = 7):
+def controlled(
+    sham_shift: float, harmful_shift: float, seeds: int = 7, stratified_shift: float = -0.5
+):
     """An experiment with sham and harmful controls whose final RMSE is the baseline's per
     seed plus a shift and a seed-dependent wobble (differences with a spread, as real runs)."""
     spec = "baseline;stratified;sham;harmful"
@@ -549,7 +551,7 @@ def controlled(sham_shift: float, harmful_shift: float, seeds: int = 7):
     )
     wobble = [0.03, -0.02, 0.01, -0.04, 0.02, 0.0, -0.01][:seeds]
     level = {seed: 10.0 + 3 * seed for seed in range(seeds)}  # seeds differ a lot: pairing
-    shifts = {"baseline": 0.0, "stratified": -0.5, "sham": sham_shift, "harmful": harmful_shift}
+    shifts = {"baseline": 0.0, "stratified": stratified_shift, "sham": sham_shift, "harmful": harmful_shift}
     runs = {
         arm: {s: synthetic_rows(level[s] + shift + (wobble[s] if arm != "baseline" else 0))
               for s in range(seeds)}
@@ -616,6 +618,13 @@ def test_the_questions_plot_shows_each_seeds_pair_and_what_survives():
     assert list(dots.get_offsets()[:, 0]) == pytest.approx(expected, rel=1e-12)
     assert mean.get_offsets()[0, 0] == pytest.approx(statistics.fmean(expected), rel=1e-12)
     assert tuple(mean.get_facecolor()[0]) != (1.0, 1.0, 1.0, 1.0)  # filled: it survives
+
+    # stratified as good as the baseline (the wobble alone): the same row, an open marker
+    experiment, summary = controlled(sham_shift=0.0, harmful_shift=4.0, stratified_shift=0.0)
+    assert summary.stats["stratified"]["adjusted_p"]["val_rmse_m"] > experiment.alpha
+    figure = questions_figure(summary, "baseline", experiment.alpha, {"stratified": "C1"})
+    _, mean = figure.axes[0].collections
+    assert tuple(mean.get_facecolor()[0]) == (1.0, 1.0, 1.0, 1.0)  # white: it does not
 
 
 def test_the_region_gains_plot_draws_each_regions_mean_over_seeds():
