@@ -108,9 +108,10 @@ def freeze_after_first_epoch(*runs: Path) -> list[psutil.Process]:
         for run in set(runs) - set(frozen):
             attempts = placements(run.with_suffix(".log"))
             children = psutil.Process(attempts[-1]["pid"]).children() if attempts else []
-            if children and (run / CHECKPOINT).is_file():
-                children[0].suspend()
-                frozen[run] = children[0]
+            runs_process = [child for child in children if "core.run" in child.cmdline()]
+            if runs_process and (run / CHECKPOINT).is_file():
+                runs_process[0].suspend()
+                frozen[run] = runs_process[0]
                 assert not (run / SUMMARY).exists(), f"{run} ended before it was frozen"
         return len(frozen) == len(runs)
 
@@ -123,6 +124,34 @@ def pending(process: psutil.Process, sig: signal.Signals) -> bool:
     status = Path(f"/proc/{process.pid}/status").read_text().splitlines()
     masks = [int(line.split()[1], 16) for line in status if line[:6] in ("SigPnd", "ShdPnd")]
     return any(mask & (1 << (sig - 1)) for mask in masks)
+
+
+SIGNAL_DEADLINE = 60
+"""Seconds from the driver's signal to SIGINT at its frozen runs: the driver writes a stop
+file at once and each task looks for it every half second; a minute covers a loaded machine."""
+
+
+def wait_for_sigint(frozen: list[psutil.Process], out: Path, driver_log: Path) -> None:
+    """Until every frozen run has SIGINT pending; otherwise fail with what the chain from the
+    driver's stop file to the run's signal shows: the stop files, each task's process, the
+    driver's output."""
+    deadline = time.monotonic() + SIGNAL_DEADLINE
+    while not all(pending(process, signal.SIGINT) for process in frozen):
+        if time.monotonic() > deadline:
+            tasks = []
+            for process in frozen:
+                try:
+                    parent = process.parent()
+                    task = f"{parent.pid} {parent.status()} {' '.join(parent.cmdline())[:80]}"
+                except (psutil.NoSuchProcess, AttributeError):
+                    task = "gone"
+                tasks.append(f"run {process.pid} ({process.status()}), task {task}")
+            pytest.fail(
+                f"no SIGINT at the runs within {SIGNAL_DEADLINE} s; stop files: "
+                f"{sorted(p.name for p in out.glob('*/*.stop'))}; {'; '.join(tasks)}; "
+                f"driver: {driver_log.read_text()[-2000:]}"
+            )
+        time.sleep(0.01)
 
 
 def start_driver(command: list[str], log: Path) -> subprocess.Popen:
@@ -275,7 +304,7 @@ def test_sigint_stops_every_run_and_a_rerun_continues_on_distinct_gpus(
         try:
             frozen = freeze_after_first_epoch(*run_dirs(out))
             driver.send_signal(signal.SIGINT)
-            wait_for(lambda: all(pending(run, signal.SIGINT) for run in frozen), "SIGINT")
+            wait_for_sigint(frozen, out, tmp_path / "driver.log")
             for process in frozen:
                 process.resume()
             assert driver.wait(timeout=DEADLINE) == 130, (tmp_path / "driver.log").read_text()
@@ -313,7 +342,7 @@ def test_sigterm_stops_the_running_run_and_cancels_the_queued_one(
             running = next(r for r in run_dirs(out) if placements(r.with_suffix(".log")))
             [frozen] = freeze_after_first_epoch(running)
             driver.send_signal(signal.SIGTERM)
-            wait_for(lambda: pending(frozen, signal.SIGINT), "SIGINT")
+            wait_for_sigint([frozen], out, tmp_path / "driver.log")
             frozen.resume()
             assert driver.wait(timeout=DEADLINE) == 130, (tmp_path / "driver.log").read_text()
         finally:
