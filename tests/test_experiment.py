@@ -450,7 +450,7 @@ def test_the_documented_experiment_files_load(tmp_path: Path):
         paths.append(tmp_path / f"example{number}.toml")
         paths[-1].write_text(example)
     results = Path(__file__).resolve().parent.parent / "docs" / "results"
-    paths += [results / "globe" / "experiment.toml", results / "srtm-experiment.toml"]
+    paths += [results / "globe" / "experiment.toml", results / "srtm" / "experiment.toml"]
     for path in paths:
         experiment = build_experiment(
             build_parser().parse_args(["--config", str(path), "--out", "x"])
@@ -523,6 +523,31 @@ def test_a_partial_experiment_still_gives_a_report(tmp_path: Path):
     assert (tmp_path / "curves.png").stat().st_size and (tmp_path / "bars.png").stat().st_size
 
 
+def test_a_baseline_no_better_than_bicubic_gives_no_fractions_of_a_gain():
+    """The baseline ends worse than bicubic (as on the world's pooled validation set): there
+    is no gain to take fractions of, so no run gets a steps-to cell or a sign test (not a
+    column of "never" for every arm), and the legend says why with both numbers."""
+    args = ["--arms", "baseline;stratified", "--seeds", "0,1", "--out", "x"]
+    experiment = build_experiment(build_parser().parse_args(args))
+    runs = {arm: {s: synthetic_rows(1.0 + s) for s in (0, 1)} for arm in ("baseline", "stratified")}
+    for rows in runs["baseline"].values():
+        for row in rows:
+            row["val_rmse_m_bicubic"] = 0.5 * row["val_rmse_m"]  # bicubic twice as good
+    summary = summarise_dem(experiment, runs)
+    for arm in ("baseline", "stratified"):
+        for run in summary.per_seed[arm].values():
+            assert not [name for name in run if name.startswith("steps_to_")], arm
+        assert summary.stats[arm]["paired_p"]["steps_to_50pct"] is None
+    table = report(experiment, summary)
+    assert "never" not in table
+    headline = table.split("## Headline")[1].splitlines()
+    line = next(row for row in headline if row.startswith("| `stratified` |"))
+    assert "| – | – | – |" in line  # the three fractions
+    assert "none, since `baseline` ends no better than bicubic in val RMSE (m) (1.5 against" in (
+        table
+    )
+
+
 def test_arm_syntax():
     arms = parse_arms(" baseline ; stratified,terrain_loss|optim.lr=5e-4|data.batch_size=20 ;")
     assert [(a.name, a.plugins, a.overrides, a.slug) for a in arms] == [
@@ -551,7 +576,12 @@ def controlled(
     )
     wobble = [0.03, -0.02, 0.01, -0.04, 0.02, 0.0, -0.01][:seeds]
     level = {seed: 10.0 + 3 * seed for seed in range(seeds)}  # seeds differ a lot: pairing
-    shifts = {"baseline": 0.0, "stratified": stratified_shift, "sham": sham_shift, "harmful": harmful_shift}
+    shifts = {
+        "baseline": 0.0,
+        "stratified": stratified_shift,
+        "sham": sham_shift,
+        "harmful": harmful_shift,
+    }
     runs = {
         arm: {s: synthetic_rows(level[s] + shift + (wobble[s] if arm != "baseline" else 0))
               for s in range(seeds)}

@@ -277,12 +277,9 @@ def run_metrics(
         f"val_loss{EQUAL_STEPS}": equal.get("val_loss"),
     }
     reference = final.get(curve.reference) if curve.reference else None
-    for fraction in FRACTIONS if curve.reference else ():
-        reached = None
-        if reference is not None and baseline_gain is not None:
-            goal = fraction / 100 * baseline_gain
-            reached = steps_to_fraction(points, reference, goal, curve)
-        values[f"steps_to_{fraction}pct"] = reached
+    for fraction in FRACTIONS if reference is not None and baseline_gain is not None else ():
+        goal = fraction / 100 * baseline_gain
+        values[f"steps_to_{fraction}pct"] = steps_to_fraction(points, reference, goal, curve)
     if has_region_gains(curve):
         values[REGION_SPREAD] = region_gain_spread(tiles, curve)
     for metric in metrics:
