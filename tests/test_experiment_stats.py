@@ -23,7 +23,13 @@ from core.experiment.stats import (
     sign_test_p,
     smallest_p,
 )
-from core.experiment.summary import REGION_SPREAD, column_names, domain_shares, region_gains
+from core.experiment.summary import (
+    REGION_GAIN,
+    REGION_SPREAD,
+    column_names,
+    domain_shares,
+    region_gains,
+)
 from core.tasks import TileMetric, get_task
 from tests.test_experiment import synthetic_rows
 
@@ -247,3 +253,25 @@ def test_the_spread_of_the_regions_gain_over_bicubic(tmp_path: Path):
     assert "spread of the regions' gain (pp)" in markdown(
         experiment, summary, primary_column(DEM.report_metrics)
     )
+
+
+def test_which_region_carries_the_pooled_metric():
+    """The baseline's regions: shares of the tiles and of the squared error behind the pooled
+    RMSE, with each region's gain over bicubic; one region of large errors carries the
+    pooled metric whatever its number of tiles, and the report's table says so."""
+    rmse = np.array([1.0, 1.0, 1.0, 10.0])
+    columns = with_bicubic(rmse, np.array([2.0, 2.0, 2.0, 8.0]), ["a", "a", "a", "b"])
+    columns["pixels"] = np.full(4, 100.0)
+    columns["sq_err_m2"] = np.square(rmse) * columns["pixels"]
+    path_args = ["--arms", "baseline;a", "--seeds", "0,1", "--out", "x"]
+    experiment = build_experiment(build_parser().parse_args(path_args))
+    runs = {arm: {s: synthetic_rows(10.0) for s in range(2)} for arm in ("baseline", "a")}
+    per_run = {"baseline": {s: columns for s in range(2)}}
+    summary = summarise(experiment, runs, DEM.report_metrics, DEM.terrains, "bicubic", per_run)
+    shares = summary.region_shares
+    assert shares["validation tiles"] == {"a": 0.75, "b": 0.25}
+    assert shares["val RMSE (m): sq_err_m2"] == pytest.approx({"a": 300 / 10300, "b": 1e4 / 10300})
+    assert shares[REGION_GAIN] == pytest.approx({"a": 50.0, "b": -25.0})  # 1 vs 2 m, 10 vs 8 m
+    text = markdown(experiment, summary, primary_column(DEM.report_metrics))
+    assert "## Which region carries each measure (`baseline`)" in text
+    assert "| b | 25.0 | 97.1 | -25.0 |" in text  # tiles, squared error, gain over bicubic

@@ -13,6 +13,7 @@ from core.experiment.spec import Arm, Experiment
 from core.experiment.stats import smallest_p
 from core.experiment.summary import (
     EQUAL_STEPS,
+    REGION_GAIN,
     STAT_ROWS,
     Column,
     Summary,
@@ -279,6 +280,38 @@ def shares_section(experiment: Experiment, summary: Summary) -> list[str]:
     return lines
 
 
+def regions_section(experiment: Experiment, summary: Summary) -> list[str]:
+    """Which held-out region carries how much of each measure, and its gain over the
+    reference, for the baseline (mean over seeds): a pooled metric is mostly its regions with
+    the largest errors."""
+    if not summary.region_shares:
+        return []
+    labels = list(summary.region_shares)
+    names = list(dict.fromkeys(r for shares in summary.region_shares.values() for r in shares))
+    header = [REGION_GAIN.replace("the reference", summary.reference_name) if label ==
+              REGION_GAIN else label for label in labels]  # fmt: skip
+    lines = [
+        f"## Which region carries each measure (`{experiment.baseline}`)",
+        "",
+        "Each validation region's share in %, mean over the seeds: of the validation tiles, "
+        "of val_loss and of the sum behind the primary metric; and its gain over the "
+        "reference in the primary metric, pooled over its tiles (region_gains_by_arm.png).",
+        "",
+        "| region | " + " | ".join(header) + " |",
+        "| --- | " + " | ".join("---" for _ in labels) + " |",
+    ]
+    for name in names:
+        cells = (
+            f"{summary.region_shares[label].get(name, 0.0):+.1f}"
+            if label == REGION_GAIN
+            else f"{100 * summary.region_shares[label].get(name, 0.0):.1f}"
+            for label in labels
+        )
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
 def other_units_note(experiment: Experiment, summary: Summary) -> list[str]:
     """Which arms' losses are normalised otherwise than the baseline's: their val_loss
     cells are shown without a comparison, and the loss panels of the plots leave them out."""
@@ -360,6 +393,7 @@ def markdown(
         "",
         *questions_section(experiment, summary, columns),
         *shares_section(experiment, summary),
+        *regions_section(experiment, summary),
     ]
     for table in summary.tables:
         lines.extend([f"## {table.title}", ""])

@@ -37,6 +37,8 @@ EQUAL_STEPS = "@equal_steps"
 """Suffix of the columns read at the epoch where every arm has had the same steps."""
 FRACTIONS = (50, 80, 95)
 """The fractions of the baseline's gain over the reference whose steps the report gives."""
+REGION_GAIN = "gain over the reference (%)"
+"""The measure of ``Summary.region_shares`` that is no share: each region's gain."""
 REGION_SPREAD = "region_gain_spread"
 """The column of the spread over the validation regions of each region's gain over the
 reference (:func:`region_gain_spread`)."""
@@ -328,15 +330,33 @@ def domain_shares(
         "training loss": {d: counts.get(d, 0) * loss for d, loss in losses.items()},
     }
     if tiles is not None:
-        names = [str(d) for d in np.unique(tiles["terrain"])]
-        measures["validation tiles"] = {d: float(np.sum(tiles["terrain"] == d)) for d in names}
-        pooled = {"val_loss": "loss"}
-        if metric.tiles is not None:
-            pooled[f"{metric.label}: {metric.tiles.numerator}"] = metric.tiles.numerator
-        for label, column in pooled.items():
-            if column in tiles:
-                inside = tiles["terrain"]
-                measures[label] = {d: float(tiles[column][inside == d].sum()) for d in names}
+        measures.update(tile_measures(tiles, "terrain", metric))
+    return as_shares(measures)
+
+
+def region_shares(tiles: Tiles | None, metric: ReportMetric) -> dict[str, dict[str, float]]:
+    """Which validation region (a held-out landscape) carries how much of the validation
+    tiles, of ``val_loss`` and of the sum behind the metric, in one run: a pooled metric is
+    mostly the regions whose errors are largest, whatever their number of tiles."""
+    return {} if tiles is None else as_shares(tile_measures(tiles, "region", metric))
+
+
+def tile_measures(tiles: Tiles, by: str, metric: ReportMetric) -> dict[str, dict[str, float]]:
+    """Per value of the tiles' column ``by``: its tiles, its val_loss and the metric's
+    numerator summed over them."""
+    names = [str(d) for d in np.unique(tiles[by])]
+    measures = {"validation tiles": {d: float(np.sum(tiles[by] == d)) for d in names}}
+    pooled = {"val_loss": "loss"}
+    if metric.tiles is not None:
+        pooled[f"{metric.label}: {metric.tiles.numerator}"] = metric.tiles.numerator
+    for label, column in pooled.items():
+        if column in tiles:
+            measures[label] = {d: float(tiles[column][tiles[by] == d].sum()) for d in names}
+    return measures
+
+
+def as_shares(measures: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    """Each measure's values as fractions of its total (a measure that sums to 0 left out)."""
     return {
         label: {d: v / sum(values.values()) for d, v in values.items()}
         for label, values in measures.items()
@@ -362,6 +382,9 @@ class Summary:
     """The corrected level of the primary endpoints' family (``corrected_level``)."""
     shares: dict[str, dict[str, float]] = attrs.Factory(dict)
     """The baseline's ``domain_shares``, averaged over its seeds."""
+    region_shares: dict[str, dict[str, float]] = attrs.Factory(dict)
+    """The baseline's ``region_shares``, averaged over its seeds, and under
+    ``REGION_GAIN`` each region's gain over the reference (%, ``region_gains``)."""
     other_units: frozenset[str] = frozenset()
     """Arms whose losses are in other units than the baseline's (``loss_units`` columns)."""
 
@@ -497,14 +520,25 @@ def summarise(
             stats[arm]["detectable_80"][name] = detectable_change(spread, int(count), level, POWER)
     exclude = {reference_name, experiment.baseline} | {a.name for a in experiment.arms if a.control}
     correct(experiment, per_seed, stats, tables, questions, exclude)
+    curve, base_runs = curve_metric(metrics), runs.get(experiment.baseline, {})
     shares = average_shares(
-        [
-            domain_shares(rows, tiles.get(experiment.baseline, {}).get(seed), curve_metric(metrics))
-            for seed, rows in runs.get(experiment.baseline, {}).items()
-        ]
+        [domain_shares(rows, base_tiles.get(seed), curve) for seed, rows in base_runs.items()]
     )
+    by_region = [region_shares(base_tiles.get(seed), curve) for seed in base_runs]
+    if has_region_gains(curve):
+        for seed, run in zip(base_runs, by_region, strict=True):
+            if (seed_tiles := base_tiles.get(seed)) is not None:
+                run[REGION_GAIN] = region_gains(seed_tiles, curve)
     return Summary(
-        per_seed, stats, tables, reference_name, questions, level, shares, frozenset(other_units)
+        per_seed,
+        stats,
+        tables,
+        reference_name,
+        questions,
+        level,
+        shares,
+        region_shares=average_shares(by_region),
+        other_units=frozenset(other_units),
     )
 
 
