@@ -290,6 +290,14 @@ def test_default_task_trains_on_procedural_pairs_and_validates_on_the_real_ones(
     assert "6 real BigEarthNet" in out and all(p.name in out for p in real.patches)
 
 
+@pytest.mark.parametrize("key", ["val_regions", "exclude_regions"])
+def test_the_default_data_refuses_regions_it_cannot_split_by(tmp_path: Path, key: str) -> None:
+    """It validates on the six BigEarthNet pairs whatever the regions say: an error naming
+    the key, before any pair is read."""
+    with pytest.raises(DataError, match=rf"built-in sar2opt data .*data\.{key} cannot change"):
+        task_datasets(tmp_path, f"data.{key}=['S2A_MSIL2A']")
+
+
 def test_a_data_folder_is_split_as_before_without_the_real_pairs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

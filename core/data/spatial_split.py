@@ -82,13 +82,20 @@ def split_folders(folder: Path, data: DataSection) -> tuple[Path, Path] | None:
     train, val = folder / "train", folder / "val"
     if not (train.is_dir() and val.is_dir()):
         return None
-    if keys := [key for key in ("val_regions", "exclude_regions") if getattr(data, key)]:
-        raise DataError(
-            f"{folder} is split into train/ and val/ already, which "
-            f"{' and '.join(f'data.{key}' for key in keys)} cannot change; give a folder "
-            "of rasters without those subfolders"
-        )
+    refuse_regions(
+        data,
+        f"{folder} is split into train/ and val/ already",
+        "give a folder of rasters without those subfolders",
+    )
     return train, val
+
+
+def refuse_regions(data: DataSection, split: str, remedy: str) -> None:
+    """A split made already (``split`` says how) ignores ``data.val_regions`` and
+    ``data.exclude_regions``: either is a ``DataError`` naming the key and ``remedy``."""
+    if keys := [key for key in ("val_regions", "exclude_regions") if getattr(data, key)]:
+        named = " and ".join(f"data.{key}" for key in keys)
+        raise DataError(f"{split}, which {named} cannot change; {remedy}")
 
 
 def split_windows(dataset: Any, data: DataSection, seed: int) -> SpatialSplit:

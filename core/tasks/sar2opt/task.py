@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from core.config import Config
 from core.context import RunContext
+from core.data.spatial_split import refuse_regions
 from core.errors import UsageError
 from core.keyed_cache import cached_rows, fingerprint
 from core.run_folder import CACHE
@@ -120,8 +121,15 @@ class SarToOptical:
         """Train on every procedural pair, validate on the six real BigEarthNet pairs.
 
         Six pairs are too few to train on, but validating on them puts every run's pixel
-        metrics on real imagery. ``data.val_fraction`` applies to a ``--data`` folder only.
+        metrics on real imagery. ``data.val_fraction``, ``data.val_regions`` and
+        ``data.exclude_regions`` apply to a ``--data`` folder only (the last two refused here).
         """
+        refuse_regions(
+            config.data,
+            "the built-in sar2opt data trains on procedural pairs and validates on six "
+            "BigEarthNet pairs",
+            "give --data a folder of pairs to split by region",
+        )
         quiet = not ctx.accelerator.is_main_process
         size = config.data.tile_size or DEFAULT_TILE_SIZE
         with ctx.accelerator.main_process_first():
