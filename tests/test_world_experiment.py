@@ -13,6 +13,7 @@ import pytest
 
 from core.config import Config, load_config
 from core.experiment import build_experiment, build_parser, check_arms
+from core.experiment.report import write_report
 from core.experiment.spec import Experiment, run_overrides
 from core.experiment.summary import check_primaries
 from core.tasks import get_task
@@ -137,3 +138,20 @@ def test_the_tuning_scores_follow_from_the_kept_tiles_of_the_tuning_landscapes()
         for arm in {row["arm"] for row in scores}
     }
     assert min(means, key=means.get) == "gamma0.25"  # the declared rule: the lowest mean
+
+
+def test_the_committed_report_is_the_committed_runs(tmp_path: Path):
+    """docs/results/README.md: the report rebuilt from world/runs/ (every run's config,
+    summary, per-tile errors and metrics) equals the committed one, table for table; every
+    arm has its 10 seeds of 1440 steps and validates on the 13 held-out landscapes."""
+    archive = RESULTS / "world" / "runs"
+    args = ["--config", str(WORLD), "--out", str(archive)]
+    experiment = build_experiment(build_parser().parse_args(args))
+    summary = write_report(experiment, archive, tmp_path)
+    for name in ("results.md", "results.csv"):
+        assert (tmp_path / name).read_text() == (RESULTS / "world" / name).read_text(), name
+    assert summary.complete_runs == 120
+    for arm in experiment.arms:
+        assert sorted(summary.per_seed[arm.name]) == list(range(10)), arm.name
+        assert {run["steps"] for run in summary.per_seed[arm.name].values()} == {1440}
+    assert set(summary.region_shares["validation tiles"]) == set(VALIDATION)
