@@ -256,22 +256,34 @@ def test_the_spread_of_the_regions_gain_over_bicubic(tmp_path: Path):
 
 
 def test_which_region_carries_the_pooled_metric():
-    """The baseline's regions: shares of the tiles and of the squared error behind the pooled
-    RMSE, with each region's gain over bicubic; one region of large errors carries the
-    pooled metric whatever its number of tiles, and the report's table says so."""
+    """The baseline's regions, averaged over its seeds: shares of the tiles, of val_loss and
+    of the squared error behind the pooled RMSE, with each region's gain over bicubic; one
+    region of large errors carries the pooled metric whatever its number of tiles, and the
+    report's table says so. A seed without a region's tiles leaves that region's gain to the
+    others; tiles that are each their own region (a tile folder's files) give no table."""
     rmse = np.array([1.0, 1.0, 1.0, 10.0])
-    columns = with_bicubic(rmse, np.array([2.0, 2.0, 2.0, 8.0]), ["a", "a", "a", "b"])
-    columns["pixels"] = np.full(4, 100.0)
-    columns["sq_err_m2"] = np.square(rmse) * columns["pixels"]
-    path_args = ["--arms", "baseline;a", "--seeds", "0,1", "--out", "x"]
-    experiment = build_experiment(build_parser().parse_args(path_args))
+    first = with_bicubic(rmse, np.array([2.0, 2.0, 2.0, 8.0]), ["a", "a", "a", "b"])
+    first["loss"] = np.array([0.1, 0.1, 0.1, 0.7])
+    second = with_bicubic(rmse, np.array([4.0, 4.0, 4.0, 8.0]), ["a", "a", "a", "c"])
+    second["loss"] = np.array([0.1, 0.1, 0.1, 0.7])
+    args = ["--arms", "baseline;a", "--seeds", "0,1", "--out", "x"]
+    experiment = build_experiment(build_parser().parse_args(args))
     runs = {arm: {s: synthetic_rows(10.0) for s in range(2)} for arm in ("baseline", "a")}
-    per_run = {"baseline": {s: columns for s in range(2)}}
+    per_run = {"baseline": {0: first, 1: second}}
     summary = summarise(experiment, runs, DEM.report_metrics, DEM.terrains, "bicubic", per_run)
     shares = summary.region_shares
-    assert shares["validation tiles"] == {"a": 0.75, "b": 0.25}
-    assert shares["val RMSE (m): sq_err_m2"] == pytest.approx({"a": 300 / 10300, "b": 1e4 / 10300})
-    assert shares[REGION_GAIN] == pytest.approx({"a": 50.0, "b": -25.0})  # 1 vs 2 m, 10 vs 8 m
+    assert shares["validation tiles"] == {"a": 0.75, "b": 0.125, "c": 0.125}  # b, c: one seed
+    assert shares["val_loss"] == pytest.approx({"a": 0.3, "b": 0.35, "c": 0.35})
+    squared = shares["val RMSE (m): sq_err_m2"]
+    assert squared == pytest.approx({"a": 300 / 10300, "b": 5e3 / 10300, "c": 5e3 / 10300})
+    # a: 1 m against 2 and 4 m; b and c each from their own seed alone, not halved by a zero
+    assert shares[REGION_GAIN] == pytest.approx({"a": 62.5, "b": -25.0, "c": -25.0})
     text = markdown(experiment, summary, primary_column(DEM.report_metrics))
     assert "## Which region carries each measure (`baseline`)" in text
-    assert "| b | 25.0 | 97.1 | -25.0 |" in text  # tiles, squared error, gain over bicubic
+    assert "| a | 75.0 | 30.0 | 2.9 | +62.5 |" in text  # tiles, val_loss, squared error, gain
+    own = with_bicubic(rmse, np.full(4, 2.0), ["t0", "t1", "t2", "t3"])
+    alone = summarise(
+        experiment, runs, DEM.report_metrics, DEM.terrains, "bicubic", {"baseline": {0: own}}
+    )
+    assert alone.region_shares == {}
+    assert "Which region" not in markdown(experiment, alone, primary_column(DEM.report_metrics))

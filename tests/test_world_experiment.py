@@ -142,8 +142,9 @@ def test_the_tuning_scores_follow_from_the_kept_tiles_of_the_tuning_landscapes()
 
 def test_the_committed_report_is_the_committed_runs(tmp_path: Path):
     """docs/results/README.md: the report rebuilt from world/runs/ (every run's config,
-    summary, per-tile errors and metrics) equals the committed one, table for table; every
-    arm has its 10 seeds of 1440 steps and validates on the 13 held-out landscapes."""
+    summary, per-tile errors and metrics) has the committed tables byte for byte; every arm
+    has its 10 seeds of 1440 steps, and the baseline validates on the 13 held-out
+    landscapes."""
     archive = RESULTS / "world" / "runs"
     args = ["--config", str(WORLD), "--out", str(archive)]
     experiment = build_experiment(build_parser().parse_args(args))

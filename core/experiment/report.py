@@ -328,10 +328,13 @@ def other_units_note(experiment: Experiment, summary: Summary) -> list[str]:
 
 
 def fractions_note(experiment: Experiment, summary: Summary, curve: Column) -> str:
-    """How the steps-to-a-fraction columns read. A baseline that ends no better than the
-    reference on the curve's metric has no gain to take fractions of: the columns stay
-    empty, and the note says why."""
+    """How the steps-to-a-fraction columns read, as a sentence of the legend (nothing for a
+    task without them). A baseline that ends no better than the reference on the curve's
+    metric has no gain to take fractions of: the columns stay empty, and the note says why."""
     reference, baseline = summary.reference_name, experiment.baseline
+    columns = [c.name for table in summary.tables for c in table.columns]
+    if not any(name.startswith("steps_to_") for name in columns):
+        return ""  # no reference on the curve: no such columns, nothing to say
     reached = any(
         name.startswith("steps_to_")
         for seeds in summary.per_seed.values()
@@ -344,13 +347,13 @@ def fractions_note(experiment: Experiment, summary: Summary, curve: Column) -> s
         return (
             f"Steps to a fraction of the gain: none, since `{baseline}` ends no better than "
             f"{reference} in {curve.label} ({base:.4g} against {ref:.4g}): there is no gain "
-            "to take fractions of, and the mean over the curve is the convergence measure."
+            "to take fractions of, and the mean over the curve is the convergence measure. "
         )
     return (
         "Steps to a fraction of the gain: the first validation step at which the run has "
         "that fraction of the baseline's mean final gain over the reference, the median over "
         "seeds (a run that never got there counts as later than any), tested by the exact "
-        "sign test."
+        "sign test. "
     )
 
 
@@ -380,7 +383,7 @@ def markdown(
         f"p < {experiment.alpha}, † one that survives the {CORRECTED[experiment.correction]} "
         "correction over its family: the primary endpoints (bold), or the table's other, "
         "exploratory tests (controls, budgets, tests null by construction and duplicates "
-        f"left out). {fractions_note(experiment, summary, primary)} "
+        f"left out). {fractions_note(experiment, summary, primary)}"
         "At equal optimizer steps: each run read at its last epoch within the fewest steps "
         "any arm took with that seed. Batch-loss outliers and model spikes: see "
         "docs/experiments.md, step_losses_by_arm.png and probe_losses_by_arm.png.",

@@ -335,23 +335,30 @@ def domain_shares(
 
 
 def region_shares(tiles: Tiles | None, metric: ReportMetric) -> dict[str, dict[str, float]]:
-    """Which validation region (a held-out landscape) carries how much of the validation
-    tiles, of ``val_loss`` and of the sum behind the metric, in one run: a pooled metric is
-    mostly the regions whose errors are largest, whatever their number of tiles."""
-    return {} if tiles is None else as_shares(tile_measures(tiles, "region", metric))
+    """Which validation region (a held-out landscape or named region) carries how much of
+    the validation tiles, of ``val_loss`` and of the sum behind the metric, in one run: a
+    pooled metric is mostly the regions whose errors are largest, whatever their number of
+    tiles. Empty without regions to compare: fewer than two, or each tile its own (a tile
+    folder's regions are its files)."""
+    regions = None if tiles is None else tiles.get("region")
+    if regions is None or not 1 < len(np.unique(regions)) < len(regions):
+        return {}
+    return as_shares(tile_measures(tiles, "region", metric))
 
 
 def tile_measures(tiles: Tiles, by: str, metric: ReportMetric) -> dict[str, dict[str, float]]:
     """Per value of the tiles' column ``by``: its tiles, its val_loss and the metric's
     numerator summed over them."""
-    names = [str(d) for d in np.unique(tiles[by])]
-    measures = {"validation tiles": {d: float(np.sum(tiles[by] == d)) for d in names}}
+    groups = {str(value): tiles[by] == value for value in np.unique(tiles[by])}
+    measures = {"validation tiles": {d: float(np.sum(inside)) for d, inside in groups.items()}}
     pooled = {"val_loss": "loss"}
     if metric.tiles is not None:
         pooled[f"{metric.label}: {metric.tiles.numerator}"] = metric.tiles.numerator
     for label, column in pooled.items():
         if column in tiles:
-            measures[label] = {d: float(tiles[column][tiles[by] == d].sum()) for d in names}
+            measures[label] = {
+                d: float(tiles[column][inside].sum()) for d, inside in groups.items()
+            }
     return measures
 
 
@@ -472,9 +479,9 @@ def summarise(
         }
         for arm, seeds in runs.items()
     }
-    reference = {
+    reference = {  # every run validates on the same tiles; the baseline's, read last, win
         seed: values
-        for seeds in runs.values()
+        for _, seeds in sorted(runs.items(), key=lambda arm: arm[0] == experiment.baseline)
         for seed, rows in seeds.items()
         if (values := reference_metrics(rows[-1], metrics, domains)) is not None
     }
@@ -524,11 +531,13 @@ def summarise(
     shares = average_shares(
         [domain_shares(rows, base_tiles.get(seed), curve) for seed, rows in base_runs.items()]
     )
-    by_region = [region_shares(base_tiles.get(seed), curve) for seed in base_runs]
-    if has_region_gains(curve):
-        for seed, run in zip(base_runs, by_region, strict=True):
-            if (seed_tiles := base_tiles.get(seed)) is not None:
-                run[REGION_GAIN] = region_gains(seed_tiles, curve)
+    by_region = average_shares([region_shares(base_tiles.get(seed), curve) for seed in base_runs])
+    if by_region and has_region_gains(curve):
+        gains = [region_gains(base_tiles[seed], curve) for seed in base_runs if seed in base_tiles]
+        by_region[REGION_GAIN] = {  # over the seeds that have the region
+            region: float(np.mean([run[region] for run in gains if region in run]))
+            for region in dict.fromkeys(region for run in gains for region in run)
+        }
     return Summary(
         per_seed,
         stats,
@@ -537,7 +546,7 @@ def summarise(
         questions,
         level,
         shares,
-        region_shares=average_shares(by_region),
+        region_shares=by_region,
         other_units=frozenset(other_units),
     )
 
