@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from core.config import Config, load_config
@@ -259,52 +259,60 @@ def questions_section(
 
 def shares_section(experiment: Experiment, summary: Summary) -> list[str]:
     """Which domain carries how much of each measure, for the baseline (mean over seeds)."""
-    if not summary.shares:
-        return []
-    labels = list(summary.shares)
-    names = list(dict.fromkeys(d for shares in summary.shares.values() for d in shares))
-    lines = [
-        f"## Which terrain carries each measure (`{experiment.baseline}`)",
-        "",
+    return shares_table(
+        f"Which terrain carries each measure (`{experiment.baseline}`)",
         "Each terrain's share in %, mean over the seeds: of the training windows and the "
         "training loss (last epoch, `[loss]` base weights), of the validation tiles, of "
         "val_loss and of the sum behind the primary metric (its numerator over the tiles).",
-        "",
-        "| terrain | " + " | ".join(labels) + " |",
-        "| --- | " + " | ".join("---" for _ in labels) + " |",
-    ]
-    for name in names:
-        cells = (f"{100 * summary.shares[label].get(name, 0.0):.1f}" for label in labels)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append("")
-    return lines
+        "terrain",
+        summary.shares,
+        summary.reference_name,
+    )
 
 
 def regions_section(experiment: Experiment, summary: Summary) -> list[str]:
     """Which held-out region carries how much of each measure, and its gain over the
     reference, for the baseline (mean over seeds): a pooled metric is mostly its regions with
     the largest errors."""
-    if not summary.region_shares:
-        return []
-    labels = list(summary.region_shares)
-    names = list(dict.fromkeys(r for shares in summary.region_shares.values() for r in shares))
-    header = [REGION_GAIN.replace("the reference", summary.reference_name) if label ==
-              REGION_GAIN else label for label in labels]  # fmt: skip
-    lines = [
-        f"## Which region carries each measure (`{experiment.baseline}`)",
-        "",
+    return shares_table(
+        f"Which region carries each measure (`{experiment.baseline}`)",
         "Each validation region's share in %, mean over the seeds: of the validation tiles, "
         "of val_loss and of the sum behind the primary metric; and its gain over the "
         "reference in the primary metric, pooled over its tiles (region_gains_by_arm.png).",
+        "region",
+        summary.region_shares,
+        summary.reference_name,
+    )
+
+
+def shares_table(
+    title: str,
+    legend: str,
+    row: str,
+    shares: Mapping[str, Mapping[str, float]],
+    reference: str,
+) -> list[str]:
+    """A section of one row per ``row`` (terrain, region) and one column per measure, each
+    cell its share in %, or for ``REGION_GAIN`` its gain over ``reference`` in %; nothing
+    without shares."""
+    if not shares:
+        return []
+    labels = list(shares)
+    names = list(dict.fromkeys(name for values in shares.values() for name in values))
+    header = [label.replace("the reference", reference) for label in labels]
+    lines = [
+        f"## {title}",
         "",
-        "| region | " + " | ".join(header) + " |",
+        legend,
+        "",
+        f"| {row} | " + " | ".join(header) + " |",
         "| --- | " + " | ".join("---" for _ in labels) + " |",
     ]
     for name in names:
         cells = (
-            f"{summary.region_shares[label].get(name, 0.0):+.1f}"
+            f"{shares[label].get(name, 0.0):+.1f}"
             if label == REGION_GAIN
-            else f"{100 * summary.region_shares[label].get(name, 0.0):.1f}"
+            else f"{100 * shares[label].get(name, 0.0):.1f}"
             for label in labels
         )
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
