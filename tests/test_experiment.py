@@ -9,8 +9,11 @@ import itertools
 import json
 import math
 import re
+import signal
 import statistics
+import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -42,6 +45,7 @@ from core.experiment.spec import run_overrides
 from core.experiment.stats import adjust, paired_test
 from core.experiment.summary import Column
 from core.plots import run_step_losses
+from core.run_folder import CHECKPOINT, INTERRUPTED, SUMMARY
 from core.spikes import batch_loss_outliers
 from core.tasks import get_task
 from core.tasks.dem_sr.terrain import TERRAINS
@@ -790,3 +794,37 @@ def test_the_run_count_leaves_out_the_tasks_reference_whatever_its_name(
     assert f"report: {out / 'results.md'} (2 of 2 runs)" in result.stdout
     assert "2 of 2 runs complete" in (out / "results.md").read_text()
     assert "noisy input (reference)" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_sigint_stops_an_experiment_started_with_sigint_ignored(
+    procedural_dir: Path, tmp_path: Path
+):
+    """A script's background job (``cmd &``) starts with SIGINT ignored, which Python would
+    keep: the driver handles SIGINT all the same, and its running run stops with exit 130
+    and interrupted.json, never finishing."""
+    out = tmp_path / "exp"
+    args = tiny_run_args(procedural_dir, out, "--arms", "baseline", "--seeds", "0")
+    args[args.index("--epochs") + 1] = "200"  # far longer than the test waits
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "core.experiment", *args],
+        cwd=Path(__file__).resolve().parent.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
+    run = out / "baseline" / "seed0"
+    try:
+        deadline = time.monotonic() + 600  # a loaded 2-core machine starts a run slowly
+        while not (run / CHECKPOINT).is_file():
+            assert driver.poll() is None and time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.1)
+        driver.send_signal(signal.SIGINT)
+        output, _ = driver.communicate(timeout=600)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 130, output
+    assert json.loads((run / INTERRUPTED).read_text())["signal"] == "SIGINT"
+    assert not (run / SUMMARY).exists()

@@ -140,17 +140,33 @@ def test_the_tuning_scores_follow_from_the_kept_tiles_of_the_tuning_landscapes()
     assert min(means, key=means.get) == "gamma0.25"  # the declared rule: the lowest mean
 
 
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
 def test_the_committed_report_is_the_committed_runs(tmp_path: Path):
     """docs/results/README.md: the report rebuilt from world/runs/ (every run's config,
-    summary, per-tile errors and metrics) has the committed tables byte for byte; every arm
-    has its 10 seeds of 1440 steps, and the baseline validates on the 13 held-out
-    landscapes."""
+    summary, per-tile errors and metrics) has the committed tables, results.md byte for byte
+    and results.csv to the float sums' last bits; every arm has its 10 seeds of 1440 steps,
+    and the baseline validates on the 13 held-out landscapes."""
     archive = RESULTS / "world" / "runs"
     args = ["--config", str(WORLD), "--out", str(archive)]
     experiment = build_experiment(build_parser().parse_args(args))
     summary = write_report(experiment, archive, tmp_path)
-    for name in ("results.md", "results.csv"):
-        assert (tmp_path / name).read_text() == (RESULTS / "world" / name).read_text(), name
+    assert (tmp_path / "results.md").read_text() == (RESULTS / "world" / "results.md").read_text()
+    rebuilt, committed = (
+        read_csv(folder / "results.csv") for folder in (tmp_path, RESULTS / "world")
+    )
+    assert [row.keys() for row in rebuilt] == [row.keys() for row in committed]
+    for new, old in zip(rebuilt, committed, strict=True):
+        for key, value in old.items():
+            try:
+                # the bootstrap's float sums may differ in their last bits between machines
+                # (numpy's pairwise summation follows memory alignment): ulps, not digits
+                assert float(new[key]) == pytest.approx(float(value), rel=1e-9, abs=1e-12)
+            except ValueError:  # names, and empty cells
+                assert new[key] == value, (old["arm"], old["seed"], key)
     assert summary.complete_runs == 120
     for arm in experiment.arms:
         assert sorted(summary.per_seed[arm.name]) == list(range(10)), arm.name
