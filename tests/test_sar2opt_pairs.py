@@ -337,9 +337,12 @@ def test_values_that_look_offset_in_an_offset_product_are_warned_about(
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         PairDataset.from_folder(tmp_path, TERRAMIND_V1, size=64, strict=True)
-    assert len(caught) == warned
+    # only the offset's warning: another library may warn once per process, whichever test
+    # of a worker's random order reaches it first
+    offset = [w for w in caught if "pairs.l2a_offset" in str(w.message)]
+    assert len(offset) == warned, [str(w.message) for w in caught]
     if warned:
-        message = str(caught[0].message)
+        message = str(offset[0].message)
         assert str(optical_path) in message and next(iter(tags)) in message
         assert "set --set pairs.l2a_offset=1000" in message
     with warnings.catch_warnings():
