@@ -86,6 +86,12 @@ class DataSection:
     global_scale_m: float = attrs.field(default=100.0, validator=check.positive)
     """The one scale of ``normalisation = "global"``, in metres."""
 
+    @property
+    def global_scale(self) -> float | None:
+        """The one scale every window is divided by, or None for per-window scales: what
+        sets the units of a run's losses."""
+        return self.global_scale_m if self.normalisation == "global" else None
+
 
 @attrs.define
 class OptimSection:

@@ -468,15 +468,13 @@ def injected_steps(experiment: Experiment, out: Path) -> tuple[tuple[int, ...], 
     return tuple(config.optim.lr_spike_steps), config.train.probe_every
 
 
-def loss_scales(experiment: Experiment, out: Path) -> dict[str, tuple[str, float | None]]:
-    """Each arm's normalisation, from its runs' config: the units of its losses (a global
-    scale's size matters, a per-tile one's does not)."""
+def loss_scales(experiment: Experiment, out: Path) -> dict[str, float | None]:
+    """Each arm's elevation scale, from its runs' config (``DataSection.global_scale``, None
+    for per-window scales): the units of its losses."""
     scales = {}
     for arm in experiment.arms:
         if (config := first_run_config(experiment, out, arm)) is not None:
-            data = config.data
-            scale = data.global_scale_m if data.normalisation == "global" else None
-            scales[arm.name] = (data.normalisation, scale)
+            scales[arm.name] = config.data.global_scale
     return scales
 
 

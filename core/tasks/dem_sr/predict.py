@@ -24,7 +24,7 @@ from core.data.windows import taper, window_progress, window_starts
 from core.errors import DataError, UsageError
 from core.inference import TrainedRun
 from core.tasks import PredictOptions
-from core.tasks.dem_sr.data.dataset import global_scale, normalisation
+from core.tasks.dem_sr.data.dataset import normalisation
 from core.tasks.dem_sr.terrain import TERRAINS, terrain_index
 
 DEFAULT_BATCH_SIZE = 16
@@ -92,7 +92,7 @@ class Predictor:
     @torch.no_grad()
     def predict_windows(self, windows: list[np.ndarray]) -> list[np.ndarray]:
         """Super-resolve equally sized LR windows (metres, NaN voids) in one batch."""
-        scale_m = global_scale(self.trained.config.data)
+        scale_m = self.trained.config.data.global_scale
         chunk = [normalise(w, scale_m) for w in windows]
         device = self.trained.ctx.device
         lr = torch.from_numpy(np.stack([c[0] for c in chunk]))[:, None].to(device)

@@ -471,11 +471,6 @@ def normalisation(lr: np.ndarray, global_scale_m: float | None = None) -> tuple[
     return float(lr[valid].mean()), max(float(lr[valid].std()), MIN_STD_M)
 
 
-def global_scale(data: DataSection) -> float | None:
-    """The one scale every window is divided by, or None for per-window scales."""
-    return data.global_scale_m if data.normalisation == "global" else None
-
-
 def load_split(
     data_path: Path, data: DataSection, seed: int, *, quiet: bool = True
 ) -> tuple[TileDataset, TileDataset]:
@@ -490,7 +485,7 @@ def load_split(
         "tile_size": data.tile_size or 48,
         "strict": data.strict,
         "quiet": quiet,
-        "global_scale_m": global_scale(data),
+        "global_scale_m": data.global_scale,
     }
     if folders := split_folders(Path(data_path), data):
         train, val = (TileDataset.from_folder(folder, data.scale, **settings) for folder in folders)
